@@ -1,0 +1,140 @@
+"""The prune plan: per MoE layer, the scores, the experts kept (or the clusters merged) and k.
+
+A plan is JSON so that it can be inspected, edited by hand and reapplied (``edgeprune prune --plan``).
+Each layer has ``groups``: a list of new experts, each a list of ``[original expert, weight]`` pairs; a
+plain prune has one member of weight 1 per group, a merge (UNCURL) several with usage weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edgeprune.errors import ConfigError
+from edgeprune.pruning.calibration import LayerStats
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    num_experts: int
+    scores: list[float]
+    groups: list[list[tuple[int, float]]]
+
+    @property
+    def k(self) -> int:
+        return len(self.groups)
+
+    @property
+    def kept(self) -> list[int]:
+        """The expert that represents each group (its first member: the kept one, or the merge reference)."""
+        return [g[0][0] for g in self.groups]
+
+
+@dataclass
+class PrunePlan:
+    method: str
+    layers: list[LayerPlan]
+    source: Optional[str] = None
+    task: Optional[str] = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def folds(self) -> bool:
+        """True when every MoE layer keeps one expert: the router folds away and the model is dense."""
+        return all(lp.k == 1 for lp in self.layers)
+
+    def summary(self) -> dict:
+        return {"method": self.method, "k_per_layer": {str(lp.layer): lp.k for lp in self.layers},
+                "kept": {str(lp.layer): lp.kept for lp in self.layers}, "folded": self.folds}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrunePlan":
+        layers = [LayerPlan(int(lp["layer"]), int(lp["num_experts"]), [float(s) for s in lp["scores"]],
+                            [[(int(e), float(w)) for e, w in g] for g in lp["groups"]]) for lp in d["layers"]]
+        return cls(d["method"], layers, d.get("source"), d.get("task"), d.get("options", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PrunePlan":
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: plan file not found") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: not a valid prune plan ({type(exc).__name__}: {exc})") from None
+
+
+def validate_k(k: int, num_experts: int, top_k: int, layer: int) -> None:
+    """1 <= k <= Z, and k >= the model's top-k routing unless k = 1 (where the router folds away)."""
+    if k < 1:
+        raise ConfigError(f"layer {layer}: k={k} experts; keep at least 1")
+    if k > num_experts:
+        raise ConfigError(f"layer {layer}: k={k} experts but the layer has only Z={num_experts}")
+    if 1 < k < top_k:
+        raise ConfigError(f"layer {layer}: k={k} is below the model's top-{top_k} routing; use k=1 (fold) "
+                          f"or k>={top_k}")
+
+
+def adaptive_k(usage: np.ndarray, coverage: float) -> int:
+    """Smallest number of experts whose routing mass (usage share, sorted) reaches ``coverage``."""
+    if not 0 < coverage <= 1:
+        raise ConfigError(f"coverage must be in (0, 1], got {coverage}")
+    mass = np.sort(usage)[::-1].cumsum()
+    return int(np.searchsorted(mass, coverage - 1e-9) + 1)
+
+
+def validate_plan(plan: PrunePlan, model) -> None:
+    """Check a (possibly hand-edited) plan against ``model`` before any weights move."""
+    blocks = model.moe_blocks()
+    if sorted(lp.layer for lp in plan.layers) != sorted(blocks):
+        raise ConfigError(f"plan covers layers {[lp.layer for lp in plan.layers]} but the model's MoE layers are "
+                          f"{sorted(blocks)}")
+    for lp in plan.layers:
+        z = blocks[lp.layer].num_experts
+        validate_k(lp.k, z, blocks[lp.layer].top_k, lp.layer)
+        members = [e for g in lp.groups for e, _ in g]
+        if any(not 0 <= e < z for e in members):
+            raise ConfigError(f"layer {lp.layer}: expert index out of range 0..{z - 1} in {members}")
+        if len(set(members)) != len(members):
+            raise ConfigError(f"layer {lp.layer}: an expert appears in two groups")
+        if any(not g for g in lp.groups):
+            raise ConfigError(f"layer {lp.layer}: empty group")
+
+
+def make_plan(method: str, scores: dict[int, np.ndarray], num_experts: dict[int, int], top_k: dict[int, int],
+              k: Optional[int] = None, coverage: Optional[float] = None,
+              stats: Optional[dict[int, LayerStats]] = None, merge: bool = False, seed: int = 0,
+              **meta) -> PrunePlan:
+    """Keep the top-``k`` experts by score per layer (or an adaptive k from routing ``coverage``);
+    with ``merge`` (UNCURL) cluster the experts into k groups instead."""
+    if (k is None) == (coverage is None):
+        raise ConfigError("give exactly one of --experts K or --coverage SHARE")
+    layers = []
+    for layer in sorted(scores):
+        s = np.asarray(scores[layer], dtype=float)
+        if coverage is not None:
+            if stats is None:
+                raise ConfigError("--coverage needs calibration statistics (a method that runs on task data)")
+            k_l = max(adaptive_k(stats[layer].usage, coverage), top_k[layer])
+        else:
+            k_l = k
+        validate_k(k_l, num_experts[layer], top_k[layer], layer)
+        if merge:
+            from edgeprune.pruning.merge import uncurl_clusters
+
+            groups = uncurl_clusters(stats[layer], k_l, seed=seed)
+        else:
+            order = sorted(range(len(s)), key=lambda e: (-s[e], e))
+            groups = [[(e, 1.0)] for e in sorted(order[:k_l])]
+        layers.append(LayerPlan(layer, num_experts[layer], [round(float(x), 6) for x in s], groups))
+    return PrunePlan(method, layers, **meta)

@@ -1,0 +1,206 @@
+"""The CPU fine-tuning loop shared by the original, the dense baseline, progressive pruning and recovery.
+
+Engineered for 2 CPU cores (DESIGN.md section 2): examples are tokenised once, batches are drawn from
+length-sorted buckets and padded to the longest in the batch (SST-2 phrases average ~10 tokens, so most
+batches are far shorter than ``max_length``), bf16 autocast where the CPU has native bf16, and the word
+embeddings are frozen by default (half of MiniLM's parameters; fewer optimizer updates).
+
+Optional knowledge distillation from a teacher's logits (Hinton et al. 2015):
+loss = (1 - a) * CE(y, z_s) + a * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from edgeprune.tasks import Example
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU has native bf16 arithmetic (AVX-512 BF16 or AMX); bf16 autocast is slower elsewhere."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one fine-tuning run (recorded next to the checkpoint)."""
+
+    max_steps: int = 600
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    router_learning_rate: Optional[float] = None
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    bf16: bool = field(default_factory=cpu_has_bf16)
+    freeze_embeddings: bool = True
+    only_router: bool = False
+    distill_alpha: float = 0.0
+    distill_temperature: float = 2.0
+    seed: int = 0
+    max_length: int = 128
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples, unpadded."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Encoded:
+    """Tokenise once (truncating to ``max_length``); pairs get token type ids."""
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)
+    tti = enc.get("token_type_ids") or [[0] * len(ids) for ids in enc["input_ids"]]
+    return Encoded(enc["input_ids"], tti, [e.label for e in examples])
+
+
+def collate(enc: Encoded, idx: Sequence[int], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pad the examples ``idx`` to the longest of them."""
+    width = max(len(enc.input_ids[i]) for i in idx)
+    ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+    tti = np.zeros((len(idx), width), dtype=np.int64)
+    mask = np.zeros((len(idx), width), dtype=np.int64)
+    for row, i in enumerate(idx):
+        n = len(enc.input_ids[i])
+        ids[row, :n] = enc.input_ids[i]
+        tti[row, :n] = enc.token_type_ids[i]
+        mask[row, :n] = 1
+    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(tti),
+            "attention_mask": torch.from_numpy(mask), "labels": torch.tensor([enc.labels[i] for i in idx])}
+
+
+def bucketed_batches(enc: Encoded, batch_size: int, rng: random.Random, bucket: int = 50) -> list[list[int]]:
+    """One epoch of batches: shuffle, sort by length inside chunks of ``bucket`` batches, shuffle the batches."""
+    order = list(range(len(enc)))
+    rng.shuffle(order)
+    batches = []
+    chunk = batch_size * bucket
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: len(enc.input_ids[i]))
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    router_lr = cfg.router_learning_rate or cfg.learning_rate
+    groups = {"decay": [], "no_decay": [], "router": []}
+    for name, p in model.named_parameters():
+        if cfg.only_router and ".router." not in name:
+            p.requires_grad_(False)
+        elif cfg.freeze_embeddings and "word_embeddings" in name:
+            p.requires_grad_(False)
+        if not p.requires_grad:
+            continue
+        if ".router." in name:
+            groups["router"].append(p)
+        elif p.ndim < 2 or "LayerNorm" in name:
+            groups["no_decay"].append(p)
+        else:
+            groups["decay"].append(p)
+    return [{"params": groups["decay"], "weight_decay": cfg.weight_decay},
+            {"params": groups["no_decay"], "weight_decay": 0.0},
+            {"params": groups["router"], "weight_decay": 0.0, "lr": router_lr}]
+
+
+StepCallback = Callable[[int, torch.nn.Module, dict[str, torch.Tensor]], None]
+
+
+def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optional[torch.nn.Module] = None,
+          on_step: Optional[StepCallback] = None, desc: str = "fine-tune", progress: bool = True) -> dict:
+    """Fine-tune ``model`` in place for ``cfg.max_steps`` steps; returns timing and loss statistics.
+
+    ``on_step(step, model, batch)`` runs after every optimizer step (progressive pruning hooks in here).
+    """
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model.train()
+    groups = [g for g in _param_groups(model, cfg) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    warmup = int(cfg.warmup_ratio * cfg.max_steps)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    if teacher is not None:
+        teacher.eval()
+    batches: list[list[int]] = []
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    for step in range(cfg.max_steps):
+        if not batches:
+            batches = bucketed_batches(enc, cfg.batch_size, rng)
+        batch = collate(enc, batches.pop())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = model(**batch)
+            loss = out.loss
+            if teacher is not None and cfg.distill_alpha > 0:
+                with torch.no_grad():
+                    t_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+                temp = cfg.distill_temperature
+                kd = F.kl_div(F.log_softmax(out.logits.float() / temp, -1), F.softmax(t_logits / temp, -1),
+                              reduction="batchmean") * temp * temp
+                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if on_step is not None:
+            on_step(step, model, batch)
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    bar.close()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return {"steps": cfg.max_steps, "seconds": round(time.perf_counter() - t0, 1),
+            "final_loss": float(np.mean(losses[-50:])) if losses else math.nan}
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, enc: Encoded, batch_size: int = 64, progress: bool = False,
+                   desc: str = "evaluate") -> np.ndarray:
+    """Logits for every example, in order (length-sorted internally for speed)."""
+    model.eval()
+    order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
+    out = np.zeros((len(enc), model.config.num_labels), dtype=np.float32)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+        idx = order[start : start + batch_size]
+        batch = collate(enc, idx)
+        batch.pop("labels")
+        out[idx] = model(**batch).logits.float().numpy()
+    return out
+
+
+def accuracy(logits: np.ndarray, labels: Sequence[int]) -> float:
+    """Share of argmax predictions equal to the labels."""
+    return float((logits.argmax(-1) == np.asarray(labels)).mean())

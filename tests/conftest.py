@@ -1,0 +1,48 @@
+"""Tiny models and tokenizers built from config classes: nothing is downloaded."""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeprune.models import BertMoeConfig, BertMoeForSequenceClassification
+from edgeprune.tasks import get_task, load_split
+
+
+def tiny_config(num_experts: int = 4, layers: int = 2, top_k: int = 1, num_labels: int = 2, vocab: int = 200,
+                **kw) -> BertMoeConfig:
+    return BertMoeConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128, num_experts=num_experts,
+                         num_experts_per_tok=top_k, num_labels=num_labels, **kw)
+
+
+def tiny_moe(seed: int = 0, **kw) -> BertMoeForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertMoeForSequenceClassification(tiny_config(**kw)).eval()
+
+
+def make_tokenizer(out: Path, n_words: int = 300):
+    """A BERT WordPiece tokenizer whose vocabulary is the commonest sst2 words (built locally)."""
+    from transformers import BertTokenizerFast
+
+    words = collections.Counter(w for ex in load_split(get_task("sst2"), "validation", limit=2000)
+                                for w in ex.text.lower().split())
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in words.most_common(n_words)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(out)
+    return tok, len(vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
