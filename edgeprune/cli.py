@@ -110,6 +110,89 @@ def baseline(task, data, steps, dense_dir, force) -> None:
     _print_meta(out, load_meta(out))
 
 
+def prune_options(fn):
+    from edgeprune.pruning.pipeline import all_methods
+
+    @click.option("--model", "model_dir", type=click.Path(file_okay=False),
+                  help="Local MoE checkpoint fine-tuned on the task (default: the embedded default original).")
+    @click.option("--method", default="reap", show_default=True, type=click.Choice(all_methods()),
+                  help="Expert scoring / pruning method.")
+    @click.option("--experts", "k", type=int, help="Experts to keep per layer (1 folds the router).")
+    @click.option("--coverage", type=float, help="Adaptive k: smallest expert set covering this share of routing.")
+    @click.option("--calibration-examples", default=1024, show_default=True, type=click.IntRange(1))
+    @click.option("--pretrained", type=click.Path(file_okay=False),
+                  help="chowdhury2024: the MoE checkpoint before task fine-tuning (default: recorded one).")
+    @click.option("--seed", default=0, show_default=True)
+    @functools.wraps(fn)
+    def wrapper(method, k, coverage, calibration_examples, pretrained, seed, **kw):
+        from edgeprune.pruning.pipeline import PruneConfig
+
+        options = {}
+        if pretrained and method == "chowdhury2024":
+            options["pretrained"] = pretrained
+        if method in ("random", "uncurl"):
+            options["seed"] = seed
+        experts = k if k is not None else (None if coverage is not None else 1)
+        cfg = PruneConfig(method=method, method_options=options, experts=experts, coverage=coverage,
+                          calibration_examples=calibration_examples, seed=seed)
+        return fn(prune_cfg=cfg, **kw)
+
+    return wrapper
+
+
+def resolve_original(model_dir, task, data) -> Path:
+    """``--model DIR`` or the embedded default original of the task (built and cached on first use)."""
+    from edgeprune.original import OriginalSpec, ensure_original
+
+    if model_dir:
+        return Path(model_dir)
+    return ensure_original(OriginalSpec(task, data, "moe"))
+
+
+@main.command()
+@data_options
+@prune_options
+@click.option("--out", "out", type=click.Path(dir_okay=False), default="prune_plan.json", show_default=True,
+              help="Where to write the plan (JSON).")
+def score(task, data, prune_cfg, model_dir, out) -> None:
+    """Score experts on task data and write a prune plan (JSON) to inspect, edit and reapply."""
+    from edgeprune.pruning.pipeline import score as run_score
+
+    prune_cfg.validate()
+    original_dir = resolve_original(model_dir, task, data)
+    plan = run_score(original_dir, task, data, prune_cfg)
+    plan.save(out)
+    for lp in plan.layers:
+        click.echo(f"layer {lp.layer}: keep {lp.kept} of {lp.num_experts}" +
+                   (f" (merge groups {[[e for e, _ in g] for g in lp.groups]})" if plan.method == "uncurl" else ""))
+    click.echo(f"plan: {out}")
+
+
+@main.command()
+@data_options
+@prune_options
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Apply this plan instead of scoring.")
+@click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
+@click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Weight of distillation from the original's logits during recovery (0: labels only).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output checkpoint directory.")
+def prune(task, data, prune_cfg, model_dir, plan_file, recovery_steps, distill, out) -> None:
+    """Prune (or merge) to k experts per layer, fold the router at k = 1, recover; save a checkpoint."""
+    from edgeprune.cache import atomic_dir
+    from edgeprune.pruning.pipeline import prune as run_prune, save_pruned
+    from edgeprune.pruning.plan import PrunePlan
+
+    prune_cfg.recovery_steps = recovery_steps
+    prune_cfg.distill_alpha = distill
+    prune_cfg.validate()
+    plan = PrunePlan.load(plan_file) if plan_file else None
+    original_dir = resolve_original(model_dir, task, data)
+    model, plan, info = run_prune(original_dir, task, data, prune_cfg, plan=plan)
+    with atomic_dir(out) as tmp:
+        save_pruned(model, original_dir, tmp, plan, info)
+    click.echo(f"{type(model).__name__}: k per layer {plan.summary()['k_per_layer']}; checkpoint: {out}")
+
+
 def _print_meta(out: Path, meta: dict) -> None:
     click.echo(f"{meta['kind']} {meta['task']}: validation accuracy {meta['validation_accuracy']:.4f}, "
                f"{meta['parameters'] / 1e6:.1f}M parameters, fine-tune {meta['train']['seconds']} s")

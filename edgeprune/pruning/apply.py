@@ -2,8 +2,9 @@
 
 After pruning, a layer keeps the kept experts and the router keeps only their rows, so the softmax is
 renormalised over the kept experts (top-1: g = softmax over kept; top-k: the k largest renormalised).
-A merged group (UNCURL) gets the merged weights and, per the paper, a re-initialised router row (the
-router is then trained alone for a few steps: :func:`edgeprune.pruning.recover.train_router`).
+A merged group (UNCURL) gets the merged weights and the usage-weighted average of its members' router
+rows (deterministic; UNCURL then re-initialises the router and trains it alone for a few steps:
+:func:`edgeprune.pruning.recover.train_router`).
 
 At k = 1 everywhere the renormalised gate is exactly 1: every MoE layer is a plain FFN and the model is
 saved as the dense class of the family (``BertForSequenceClassification``), which every exporter supports.
@@ -46,8 +47,8 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True) -> to
             merged = merge_experts(experts, [w for _, w in group])
             for k, v in merged.items():
                 dst[pre + adapter.expert_prefix(layer, j) + k] = v
-            if len(group) == 1:
-                new_router[j] = router[group[0][0]]
+            total = sum(w for _, w in group)
+            new_router[j] = sum(w / total * router[e] for e, w in group)
         dst[pre + adapter.router_key(layer)] = new_router
     new.load_state_dict(dst)
     new.eval()

@@ -1,0 +1,174 @@
+"""The pruning stage: score -> plan -> apply (fold at k = 1) -> recover. ``edgeprune score``,
+``edgeprune prune`` and ``edgeprune build`` all call these functions with a :class:`PruneConfig`."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from edgeprune.errors import ConfigError, ModelError
+from edgeprune.original import DataSpec, load_meta
+from edgeprune.pruning.apply import apply_plan
+from edgeprune.pruning.calibration import collect_routing
+from edgeprune.pruning.methods import METHODS, method_config, score_experts
+from edgeprune.pruning.plan import PrunePlan, make_plan, validate_k
+from edgeprune.pruning.progressive import ProgressiveDropper
+from edgeprune.pruning.recover import recover, train_router
+from edgeprune.tasks import Task
+from edgeprune.tokenization import copy_tokenizer, load_tokenizer
+from edgeprune.training import encode
+
+PROGRESSIVE = {"chen2022-progressive": False, "chen2022-eager": True}
+
+
+def all_methods() -> list[str]:
+    return list(METHODS) + list(PROGRESSIVE)
+
+
+@dataclass
+class PruneConfig:
+    """How to prune: method (+ its options), k experts per layer or a routing-mass coverage, calibration
+    size, recovery budget. Validated before any model is loaded."""
+
+    method: str = "reap"
+    method_options: dict = field(default_factory=dict)
+    experts: Optional[int] = 1
+    coverage: Optional[float] = None
+    calibration_examples: int = 1024
+    recovery_steps: int = 200
+    distill_alpha: float = 0.5
+    window: int = 25
+    beta: float = 0.5
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.method not in all_methods():
+            raise ConfigError(f"unknown pruning method {self.method!r}; known: {', '.join(all_methods())}")
+        if self.method in METHODS:
+            method_config(self.method, **self.method_options)
+        if (self.experts is None) == (self.coverage is None):
+            raise ConfigError("give exactly one of --experts K or --coverage SHARE")
+        if self.experts is not None and self.experts < 1:
+            raise ConfigError(f"--experts must be >= 1, got {self.experts}")
+        if self.method == "chen2022-eager" and self.experts != 1:
+            raise ConfigError("chen2022-eager reaches one expert per layer; use --experts 1")
+        if self.method in PROGRESSIVE and self.recovery_steps < 2 * self.window:
+            raise ConfigError(f"{self.method} drops experts during fine-tuning: give --recovery-steps >= "
+                              f"{2 * self.window}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ConfigError(f"distill alpha must be in [0, 1], got {self.distill_alpha}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_model(model_dir: str | Path) -> torch.nn.Module:
+    """A local Hugging Face checkpoint of a supported MoE family."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from edgeprune.models.registry import adapter_for
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir}: not a Hugging Face checkpoint directory (no config.json)")
+    adapter_for(AutoConfig.from_pretrained(model_dir))
+    return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+
+
+def check_labels(model: torch.nn.Module, task: Task) -> None:
+    if model.config.num_labels != task.num_labels:
+        raise ConfigError(f"the model has {model.config.num_labels} labels but task {task.name} has "
+                          f"{task.num_labels} ({', '.join(task.labels)})")
+
+
+def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig, model=None,
+          progress: bool = True) -> PrunePlan:
+    """Calibrate on the task's training split (bounded) and make the plan of ``cfg``."""
+    cfg.validate()
+    if cfg.method in PROGRESSIVE:
+        raise ConfigError(f"{cfg.method} makes its plan while fine-tuning; run `edgeprune prune` instead")
+    model = model if model is not None else load_model(original_dir)
+    check_labels(model, task)
+    mcfg = method_config(cfg.method, **cfg.method_options)
+    blocks = model.moe_blocks()
+    for layer, b in blocks.items():
+        if cfg.experts is not None:
+            validate_k(cfg.experts, b.num_experts, b.top_k, layer)
+    stats = None
+    if mcfg.needs_calibration or cfg.coverage is not None or mcfg.merges:
+        tok = load_tokenizer(original_dir)
+        enc = encode(data.load(task, "train", limit=cfg.calibration_examples), tok, task.max_length)
+        stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress)
+    scores = score_experts(mcfg, model, stats, source_dir=str(original_dir))
+    return make_plan(cfg.method, scores, {i: b.num_experts for i, b in blocks.items()},
+                     {i: b.top_k for i, b in blocks.items()}, k=cfg.experts, coverage=cfg.coverage, stats=stats,
+                     merge=mcfg.merges, seed=cfg.seed, source=str(original_dir), task=task.name,
+                     options=dict(cfg.method_options, calibration_examples=cfg.calibration_examples))
+
+
+def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig, plan: Optional[PrunePlan] = None,
+          progress: bool = True) -> tuple[torch.nn.Module, PrunePlan, dict]:
+    """Prune the original in ``original_dir`` by ``plan`` (or by ``cfg``'s method), then recover.
+
+    Returns the pruned model (the dense class when every layer keeps one expert), the plan and a record
+    of what was done (timings, recovery losses)."""
+    cfg.validate()
+    original = load_model(original_dir)
+    check_labels(original, task)
+    tok = load_tokenizer(original_dir)
+    train_enc = encode(data.load(task, "train"), tok, task.max_length)
+    info: dict = {"config": cfg.to_dict()}
+    t0 = time.perf_counter()
+    if plan is None and cfg.method in PROGRESSIVE:
+        model = copy.deepcopy(original)
+        dropper = ProgressiveDropper(model, cfg.recovery_steps, window=cfg.window, beta=cfg.beta,
+                                     min_experts=cfg.experts or 1, eager=PROGRESSIVE[cfg.method])
+        info["recovery"] = recover(model, train_enc, cfg.recovery_steps, teacher=original,
+                                   distill_alpha=cfg.distill_alpha, max_length=task.max_length, progress=progress,
+                                   seed=cfg.seed, on_step=dropper, desc=cfg.method)
+        plan = _top_alive(dropper.plan(cfg.method, source=str(original_dir), task=task.name), cfg.experts)
+        dropper.reset()
+        pruned = apply_plan(model, plan)
+        info["seconds"] = round(time.perf_counter() - t0, 1)
+        return pruned, plan, info
+    if plan is None:
+        plan = score(original_dir, task, data, cfg, model=original, progress=progress)
+    pruned = apply_plan(original, plan)
+    info["score_and_apply_seconds"] = round(time.perf_counter() - t0, 1)
+    if plan.method == "uncurl" and not plan.folds:
+        info["router"] = train_router(pruned, train_enc, int(cfg.method_options.get("router_steps", 50)),
+                                      teacher=original, max_length=task.max_length, progress=progress)
+    info["recovery"] = recover(pruned, train_enc, cfg.recovery_steps, teacher=original,
+                               distill_alpha=cfg.distill_alpha, max_length=task.max_length, progress=progress,
+                               seed=cfg.seed)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    return pruned, plan, info
+
+
+def _top_alive(plan: PrunePlan, k: Optional[int]) -> PrunePlan:
+    """Chen et al.'s threshold may leave more than k alive: keep the k with the largest alpha."""
+    if k is None:
+        return plan
+    for lp in plan.layers:
+        if lp.k > k:
+            alive = [g[0][0] for g in lp.groups]
+            best = sorted(alive, key=lambda e: -lp.scores[e])[:k]
+            lp.groups = [[(e, 1.0)] for e in sorted(best)]
+    return plan
+
+
+def save_pruned(model: torch.nn.Module, original_dir: str | Path, out: str | Path, plan: PrunePlan,
+                info: dict) -> None:
+    """Checkpoint + tokenizer + ``prune_plan.json`` + ``edgeprune_prune.json`` into ``out``."""
+    out = Path(out)
+    model.save_pretrained(out)
+    copy_tokenizer(original_dir, out)
+    plan.save(out / "prune_plan.json")
+    meta = load_meta(original_dir)
+    (out / "edgeprune_prune.json").write_text(json.dumps({"original": str(original_dir), "task": meta.get("task"),
+                                                          "plan": plan.summary(), **info}, indent=1, default=str))

@@ -1,0 +1,35 @@
+"""Recovery fine-tuning after pruning (a bounded number of steps, optionally distilled from the original's
+logits) and UNCURL's router-only training after merging."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from edgeprune.training import Encoded, TrainConfig, train
+
+
+def train_router(model: torch.nn.Module, enc: Encoded, steps: int, teacher: Optional[torch.nn.Module] = None,
+                 max_length: int = 128, progress: bool = True, seed: int = 0) -> dict:
+    """UNCURL step 5: re-initialise every router (N(0, initializer_range)) and train only the routers."""
+    blocks = model.moe_blocks()
+    if all(b.num_experts == 1 for b in blocks.values()) or steps <= 0:
+        return {"steps": 0}
+    torch.manual_seed(seed)
+    for b in blocks.values():
+        torch.nn.init.normal_(b.router.weight, std=model.config.initializer_range)
+    cfg = TrainConfig(max_steps=steps, learning_rate=1e-3, only_router=True, warmup_ratio=0.0,
+                      distill_alpha=0.5 if teacher is not None else 0.0, seed=seed, max_length=max_length)
+    return train(model, enc, cfg, teacher=teacher, desc="uncurl router", progress=progress)
+
+
+def recover(model: torch.nn.Module, enc: Encoded, steps: int, teacher: Optional[torch.nn.Module] = None,
+            distill_alpha: float = 0.5, learning_rate: float = 5e-5, max_length: int = 128,
+            progress: bool = True, seed: int = 0, on_step=None, desc: str = "recover") -> dict:
+    """Fine-tune the pruned model for ``steps`` steps; with a teacher, distil from its logits (weight
+    ``distill_alpha``, temperature 2)."""
+    if steps <= 0:
+        return {"steps": 0, "seconds": 0.0}
+    cfg = TrainConfig(max_steps=steps, learning_rate=learning_rate, seed=seed, max_length=max_length,
+                      distill_alpha=distill_alpha if teacher is not None else 0.0)
+    return train(model, enc, cfg, teacher=teacher, on_step=on_step, desc=desc, progress=progress)

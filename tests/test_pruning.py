@@ -1,0 +1,165 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+from edgeprune.errors import ConfigError
+from edgeprune.pruning.apply import apply_plan, fold_to_dense
+from edgeprune.pruning.calibration import collect_routing
+from edgeprune.pruning.merge import align_to, merge_experts, uncurl_clusters
+from edgeprune.pruning.methods import method_config, score_experts, METHODS
+from edgeprune.pruning.pipeline import PruneConfig
+from edgeprune.pruning.plan import PrunePlan, adaptive_k, make_plan, validate_k
+from edgeprune.pruning.progressive import ProgressiveDropper
+from edgeprune.training import Encoded, TrainConfig, train
+from tests.conftest import tiny_moe
+from tests.test_model import batch
+
+
+def enc(n=24, seed=0, vocab=200):
+    rng = np.random.default_rng(seed)
+    ids = [[2] + rng.integers(5, vocab, rng.integers(3, 12)).tolist() + [3] for _ in range(n)]
+    return Encoded(ids, [[0] * len(i) for i in ids], rng.integers(0, 2, n).tolist())
+
+
+def plan_for(model, k, method="frequency", **kw):
+    e = enc()
+    stats = collect_routing(model, e, progress=False)
+    scores = score_experts(method_config(method, **kw), model, stats)
+    blocks = model.moe_blocks()
+    return make_plan(method, scores, {i: b.num_experts for i, b in blocks.items()},
+                     {i: b.top_k for i, b in blocks.items()}, k=k, stats=stats,
+                     merge=method_config(method).merges)
+
+
+def test_keeping_every_expert_changes_nothing():
+    model = tiny_moe(num_experts=4, layers=4)
+    pruned = apply_plan(model, plan_for(model, 4))
+    torch.testing.assert_close(pruned(**batch()).logits, model(**batch()).logits, atol=0, rtol=0)
+
+
+def test_fold_equals_moe_restricted_to_the_expert_with_gate_one(tmp_path):
+    model = tiny_moe(num_experts=4, layers=4)
+    plan = plan_for(model, 1)
+    one = apply_plan(model, plan, fold=False)
+    assert all(b.num_experts == 1 for b in one.moe_blocks().values())
+    dense = apply_plan(model, plan)
+    assert type(dense) is BertForSequenceClassification
+    torch.testing.assert_close(dense(**batch()).logits, one(**batch()).logits, atol=1e-6, rtol=1e-6)
+    # by hand: the expert's FFN with gate 1 in every MoE layer
+    for layer, lp in zip(model.config.moe_layers, plan.layers):
+        src = model.moe_blocks()[layer].experts[lp.kept[0]]
+        dst = dense.bert.encoder.layer[layer]
+        assert torch.equal(dst.intermediate.dense.weight, src.w_in.weight)
+        assert torch.equal(dst.output.dense.weight, src.w_out.weight)
+    dense.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bert"
+    assert type(AutoModelForSequenceClassification.from_pretrained(tmp_path)) is BertForSequenceClassification
+
+
+def test_plan_round_trips_through_json(tmp_path):
+    model = tiny_moe(num_experts=8)
+    plan = plan_for(model, 2, method="uncurl")
+    plan.save(tmp_path / "p.json")
+    again = PrunePlan.load(tmp_path / "p.json")
+    assert again == plan
+    torch.testing.assert_close(apply_plan(model, again)(**batch()).logits,
+                               apply_plan(model, plan)(**batch()).logits)
+
+
+def test_merging_identical_experts_gives_that_expert_back():
+    model = tiny_moe(num_experts=2)
+    e = model.moe_blocks()[1].experts[0]
+    sd = {k: v.detach() for k, v in e.state_dict().items()}
+    perm = torch.randperm(sd["w_in.weight"].shape[0])
+    shuffled = {"w_in.weight": sd["w_in.weight"][perm], "w_in.bias": sd["w_in.bias"][perm],
+                "w_out.weight": sd["w_out.weight"][:, perm], "w_out.bias": sd["w_out.bias"]}
+    merged = merge_experts([sd, shuffled], [0.3, 0.7])
+    for k in sd:
+        torch.testing.assert_close(merged[k], sd[k])
+    assert torch.equal(align_to(sd, shuffled)["w_in.weight"], sd["w_in.weight"])
+
+
+def test_uncurl_clusters_cover_all_experts_reference_first():
+    model = tiny_moe(num_experts=8)
+    stats = collect_routing(model, enc(), progress=False)[1]
+    groups = uncurl_clusters(stats, 3)
+    assert len(groups) == 3
+    assert sorted(e for g in groups for e, _ in g) == list(range(8))
+    for g in groups:
+        assert np.isclose(sum(w for _, w in g), 1.0, atol=1e-5)
+        assert stats.counts[g[0][0]] == max(stats.counts[e] for e, _ in g)
+
+
+@pytest.mark.parametrize("method", ["frequency", "chen2022", "reap", "random", "uncurl"])
+def test_every_method_makes_a_valid_plan(method):
+    model = tiny_moe(num_experts=8)
+    for k in (1, 2, 4):
+        plan = plan_for(model, k, method=method)
+        assert all(lp.k == k for lp in plan.layers)
+        out = apply_plan(model, plan)(**batch()).logits
+        assert torch.isfinite(out).all()
+
+
+def test_chowdhury_router_norm_change(tmp_path):
+    pre = tiny_moe(num_experts=4)
+    pre.bert.save_pretrained(tmp_path)
+    ft = tiny_moe(num_experts=4)
+    ft.load_state_dict(pre.state_dict())
+    with torch.no_grad():
+        ft.moe_blocks()[1].router.weight[2] *= 3.0
+    scores = score_experts(method_config("chowdhury2024", pretrained=str(tmp_path)), ft, None)
+    assert int(np.argmax(scores[1])) == 2 and np.allclose(np.delete(scores[1], 2), 0, atol=1e-6)
+    with pytest.raises(ConfigError, match="chowdhury2024 needs the pretrained MoE's router: pass --pretrained"):
+        score_experts(method_config("chowdhury2024"), ft, None)
+
+
+def test_k_validation_messages():
+    with pytest.raises(ConfigError, match="layer 1: k=0 experts; keep at least 1"):
+        validate_k(0, 8, 1, 1)
+    with pytest.raises(ConfigError, match="layer 3: k=9 experts but the layer has only Z=8"):
+        validate_k(9, 8, 1, 3)
+    with pytest.raises(ConfigError, match="k=2 is below the model's top-4 routing; use k=1"):
+        validate_k(2, 8, 4, 1)
+    validate_k(1, 8, 4, 1)
+    with pytest.raises(ConfigError, match="unknown pruning method 'magic'"):
+        PruneConfig(method="magic").validate()
+    with pytest.raises(ConfigError, match="method random has no option 'beta'"):
+        method_config("random", beta=1)
+    with pytest.raises(ConfigError, match="give exactly one of --experts K or --coverage SHARE"):
+        PruneConfig(experts=2, coverage=0.9).validate()
+
+
+def test_adaptive_k_covers_mass():
+    assert adaptive_k(np.array([0.5, 0.3, 0.1, 0.1]), 0.8) == 2
+    assert adaptive_k(np.array([0.5, 0.3, 0.1, 0.1]), 0.81) == 3
+    assert adaptive_k(np.array([0.25] * 4), 1.0) == 4
+
+
+def test_bad_plan_file(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text('{"method": "x"}')
+    with pytest.raises(ConfigError, match="p.json: not a valid prune plan"):
+        PrunePlan.load(f)
+    model = tiny_moe(num_experts=4)
+    plan = plan_for(model, 1)
+    plan.layers[0].groups = [[(7, 1.0)]]
+    with pytest.raises(ConfigError, match=r"layer 1: expert index out of range 0..3"):
+        apply_plan(model, plan)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_progressive_dropping_reaches_one_expert(eager):
+    model = tiny_moe(num_experts=8)
+    model.train()
+    steps = 40
+    dropper = ProgressiveDropper(model, steps, window=5, beta=0.9, eager=eager)
+    train(model, enc(64), TrainConfig(max_steps=steps, batch_size=8, bf16=False), on_step=dropper, progress=False)
+    alive = int(model.moe_blocks()[1].alive.sum())
+    assert alive == 1 if eager else alive < 8
+    plan = dropper.plan("chen2022-progressive")
+    assert plan.layers[0].k == alive
+    if eager:
+        assert dropper.history[0]["step"] == steps // 2
