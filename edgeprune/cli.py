@@ -193,6 +193,100 @@ def prune(task, data, prune_cfg, model_dir, plan_file, recovery_steps, distill, 
     click.echo(f"{type(model).__name__}: k per layer {plan.summary()['k_per_layer']}; checkpoint: {out}")
 
 
+@main.command()
+def targets() -> None:
+    """List the target profiles (targets/*.toml)."""
+    from edgeprune.export.targets import available, load_target
+
+    for name, path in available().items():
+        t = load_target(str(path))
+        b = t.budgets
+        click.echo(f"{name:11s} {t.quantization.precision:12s} ort={str(t.runtime.ort_format).lower():5s} "
+                   f"shapes={'fixed' if t.export.fixed_shapes else 'dynamic':7s} budgets: <= {b.max_size_mb} MB, "
+                   f"p95 <= {b.max_p95_latency_ms} ms, drop <= {b.max_accuracy_drop} pts. {t.description}")
+
+
+@main.command()
+@data_options
+@prune_options
+@click.option("--target", "target_name", default="x86_64", show_default=True,
+              help="Target profile name (see `edgeprune targets`) or path to a .toml profile.")
+@click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Apply this plan instead of scoring.")
+@click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
+@click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--eval-examples", type=click.IntRange(1), help="Validate on this many examples (default: all).")
+@click.option("--latency-iters", default=100, show_default=True, type=click.IntRange(5))
+@click.option("--out", type=click.Path(file_okay=False), help="Artifact directory [default: build/<task>-<target>].")
+def build(task, data, prune_cfg, model_dir, target_name, plan_file, recovery_steps, distill, eval_examples,
+          latency_iters, out) -> None:
+    """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
+    from edgeprune.build import BuildConfig, build as run_build
+    from edgeprune.export.targets import load_target
+
+    target = load_target(target_name)
+    prune_cfg.recovery_steps = recovery_steps
+    prune_cfg.distill_alpha = distill
+    prune_cfg.validate()
+    if plan_file:
+        from edgeprune.pruning.plan import PrunePlan
+
+        PrunePlan.load(plan_file)
+    out = Path(out or f"build/{task.name}-{target.name}")
+    cfg = BuildConfig(task=task, target=target, out=out, data=data, model_dir=model_dir, prune=prune_cfg,
+                      plan_file=plan_file, eval_examples=eval_examples, latency_iters=latency_iters,
+                      command=" ".join(["edgeprune"] + sys.argv[1:]))
+    final, report = run_build(cfg)
+    q, sp, size = report["quality"], report["speed"], report["size"]
+    click.echo(f"accuracy {q['artifact_accuracy']:.4f} (original {q['original_accuracy']:.4f}, drop "
+               f"{q['accuracy_drop_points']} points, agreement {q['agreement']:.4f}); "
+               f"{size['artifact_mb']:.1f} MB ({size['size_ratio']}x smaller); p50 {sp['artifact_onnxruntime']['p50_ms']} ms "
+               f"({sp['p50_speedup']}x faster than the original)")
+    click.echo(f"artifact: {final}")
+    click.echo(f"report:   {final / 'report.md'}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--budget", "budget_file", type=click.Path(dir_okay=False),
+              help="TOML with a [budgets] table (a target profile works) replacing the artifact's target budgets.")
+@click.option("--max-size-mb", type=float)
+@click.option("--max-p95-latency-ms", type=float)
+@click.option("--max-accuracy-drop", type=float, help="Points of accuracy vs the original.")
+@click.option("--min-agreement", type=float)
+def check(directory, budget_file, **overrides) -> None:
+    """Check an artifact's report against budgets: exit 0 if all hold, 1 with one line per violation."""
+    from edgeprune.check import load_artifact, resolve_budgets, violations
+
+    report, manifest = load_artifact(directory)
+    budgets = resolve_budgets(manifest, budget_file, overrides)
+    bad = violations(report, budgets)
+    if bad:
+        for line in bad:
+            click.echo(f"budget violated: {line}", err=True)
+        sys.exit(1)
+    click.echo(f"all budgets hold ({directory})")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--pair", "pairs", multiple=True, help="Second text of a pair task, once per text.")
+@click.option("--proba", is_flag=True, help="Print the probabilities of every label (JSON).")
+def predict(directory, texts, pairs, proba) -> None:
+    """Classify TEXTS with a built artifact (ONNX Runtime only)."""
+    from edgeprune.runtime import EdgeModel
+
+    model = EdgeModel(directory)
+    if pairs and len(pairs) != len(texts):
+        raise click.UsageError(f"{len(texts)} texts but {len(pairs)} --pair values; give one --pair per text")
+    if proba:
+        for text, p in zip(texts, model.predict_proba(list(texts), list(pairs) or None)):
+            click.echo(json.dumps({"text": text, **{l: round(float(x), 4) for l, x in zip(model.labels, p)}}))
+    else:
+        for text, label in zip(texts, model.predict(list(texts), list(pairs) or None)):
+            click.echo(f"{label}\t{text}")
+
+
 def _print_meta(out: Path, meta: dict) -> None:
     click.echo(f"{meta['kind']} {meta['task']}: validation accuracy {meta['validation_accuracy']:.4f}, "
                f"{meta['parameters'] / 1e6:.1f}M parameters, fine-tune {meta['train']['seconds']} s")

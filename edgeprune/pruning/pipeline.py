@@ -80,10 +80,14 @@ def load_model(model_dir: str | Path) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
 
 
-def check_labels(model: torch.nn.Module, task: Task) -> None:
+def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig) -> None:
+    """Labels match the task and k fits every layer: checked before any heavy work."""
     if model.config.num_labels != task.num_labels:
         raise ConfigError(f"the model has {model.config.num_labels} labels but task {task.name} has "
                           f"{task.num_labels} ({', '.join(task.labels)})")
+    if cfg.experts is not None:
+        for layer, b in model.moe_blocks().items():
+            validate_k(cfg.experts, b.num_experts, b.top_k, layer)
 
 
 def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig, model=None,
@@ -93,12 +97,9 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     if cfg.method in PROGRESSIVE:
         raise ConfigError(f"{cfg.method} makes its plan while fine-tuning; run `edgeprune prune` instead")
     model = model if model is not None else load_model(original_dir)
-    check_labels(model, task)
+    check_model(model, task, cfg)
     mcfg = method_config(cfg.method, **cfg.method_options)
     blocks = model.moe_blocks()
-    for layer, b in blocks.items():
-        if cfg.experts is not None:
-            validate_k(cfg.experts, b.num_experts, b.top_k, layer)
     stats = None
     if mcfg.needs_calibration or cfg.coverage is not None or mcfg.merges:
         tok = load_tokenizer(original_dir)
@@ -119,7 +120,7 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     of what was done (timings, recovery losses)."""
     cfg.validate()
     original = load_model(original_dir)
-    check_labels(original, task)
+    check_model(original, task, cfg)
     tok = load_tokenizer(original_dir)
     train_enc = encode(data.load(task, "train"), tok, task.max_length)
     info: dict = {"config": cfg.to_dict()}

@@ -1,0 +1,218 @@
+"""``edgeprune build``: original -> prune (+ recover) -> export (+ parity) -> optimise / quantize -> validate
+-> report, model card, budgets. One calling convention per stage; stages whose inputs did not change are
+reused from the cache (keyed by the hash of their inputs); the artifact directory is replaced atomically.
+
+A build whose budgets fail leaves the previous artifact in ``--out`` untouched and puts the rejected one,
+with its report, in ``<out>.rejected`` for inspection; the command exits 1.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+
+from edgeprune import __version__
+from edgeprune.cache import atomic_dir, cache_root, dir_sha256, fingerprint
+from edgeprune.check import violations
+from edgeprune.errors import BudgetError
+from edgeprune.export.targets import Target
+from edgeprune.original import DataSpec, OriginalSpec, ensure_original
+from edgeprune.pruning.pipeline import PruneConfig, check_model, load_model, prune, save_pruned
+from edgeprune.pruning.plan import PrunePlan
+from edgeprune.report import model_card, report_markdown
+from edgeprune.tasks import Task
+from edgeprune.tokenization import load_tokenizer
+from edgeprune.training import encode
+
+
+@dataclass
+class BuildConfig:
+    """Everything a build depends on; written next to the artifact as ``build_config.json``."""
+
+    task: Task
+    target: Target
+    out: Path
+    data: DataSpec = field(default_factory=DataSpec)
+    model_dir: Optional[str] = None
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    plan_file: Optional[str] = None
+    eval_examples: Optional[int] = None
+    parity_examples: int = 256
+    latency_iters: int = 100
+    throughput_iters: int = 10
+    command: str = ""
+
+    def to_dict(self) -> dict:
+        return {"task": self.task.name, "target": self.target.to_dict(), "out": str(self.out),
+                "data": asdict(self.data), "model": self.model_dir, "prune": self.prune.to_dict(),
+                "plan_file": self.plan_file, "eval_examples": self.eval_examples,
+                "parity_examples": self.parity_examples, "latency_iters": self.latency_iters,
+                "command": self.command}
+
+
+def log(msg: str) -> None:
+    print(f"[edgeprune] {msg}", flush=True)
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import optimum
+    import torch
+    import transformers
+
+    return {"edgeprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "optimum": getattr(optimum, "__version__", "?"), "python": platform.python_version()}
+
+
+def stage_prune(cfg: BuildConfig, original_dir: Path, original_hash: str) -> Path:
+    plan = PrunePlan.load(cfg.plan_file) if cfg.plan_file else None
+    key = fingerprint("prune", original_hash, cfg.prune.to_dict(), cfg.data.key(), cfg.task.name,
+                      plan.to_json() if plan else None)
+    out = cache_root() / "stages" / f"prune-{key}"
+    if (out / "prune_plan.json").is_file():
+        log(f"prune: reusing {out}")
+        return out
+    log(f"prune: {cfg.prune.method}, k={cfg.prune.experts or 'adaptive'}, recovery {cfg.prune.recovery_steps} steps")
+    model, plan, info = prune(original_dir, cfg.task, cfg.data, cfg.prune, plan=plan)
+    with atomic_dir(out) as tmp:
+        save_pruned(model, original_dir, tmp, plan, info)
+    return out
+
+
+def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
+    from edgeprune.export.onnx_export import export_onnx, parity
+    from edgeprune.export.quantize import fix_shapes, mobile_usability, optimize, quantize, to_ort_format
+
+    t = cfg.target
+    key = fingerprint("export", dir_sha256(pruned_dir), asdict(t.export), asdict(t.quantization),
+                      asdict(t.optimization), t.runtime.ort_format, t.runtime.mobile_usability, cfg.parity_examples)
+    out = cache_root() / "stages" / f"export-{key}"
+    if (out / "export.json").is_file():
+        log(f"export: reusing {out}")
+        return out
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(pruned_dir).eval()  # MoE (k > 1) or folded BERT
+    fixed = (t.export.batch_size, t.export.sequence_length) if t.export.fixed_shapes else None
+    info: dict = {}
+    with atomic_dir(out) as tmp:
+        log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes"))
+        info["exporter"] = export_onnx(model, pruned_dir, tmp / "fp32.onnx", t)
+        if fixed:
+            fix_shapes(tmp / "fp32.onnx", *fixed)
+        sample = type(val_enc)(val_enc.input_ids[: cfg.parity_examples], val_enc.token_type_ids[: cfg.parity_examples],
+                               val_enc.labels[: cfg.parity_examples])
+        info["parity_fp32"] = parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed[1] if fixed else None)
+        log(f"export: parity with PyTorch ok (max logit diff {info['parity_fp32']['max_abs_logit_diff']:.2e})")
+        info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, model.config.num_attention_heads,
+                                   model.config.hidden_size)
+        log(f"quantize: {t.quantization.precision}")
+        info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample)
+        for f in ("fp32.onnx", "opt.onnx"):
+            (tmp / f).unlink()
+        if t.runtime.ort_format:
+            to_ort_format(tmp / "model.onnx", tmp / "model.ort")
+        if t.runtime.mobile_usability:
+            log("mobile usability check (NNAPI / CoreML)")
+            info["mobile_usability"] = mobile_usability(tmp / "model.onnx")
+        info["input_names"] = [i.name for i in onnx.load(str(tmp / "model.onnx")).graph.input]
+        (tmp / "export.json").write_text(json.dumps(info, indent=1))
+    return out
+
+
+def original_logits_cached(original_dir: Path, original_hash: str, cfg: BuildConfig, enc, original) -> np.ndarray:
+    from edgeprune.validate import original_logits
+
+    key = fingerprint("logits", original_hash, cfg.data.key(), cfg.task.name, cfg.eval_examples)
+    path = cache_root() / "stages" / f"logits-{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    logits = original_logits(original, enc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path.with_suffix(".tmp.npy"), logits)
+    path.with_suffix(".tmp.npy").replace(path)
+    return logits
+
+
+def build(cfg: BuildConfig) -> tuple[Path, dict]:
+    """Run the whole pipeline; returns the artifact directory and the report. Raises BudgetError (exit 1)
+    when a budget fails, leaving the previous artifact in place."""
+    from edgeprune.validate import quality, session_memory, speed
+
+    t0 = time.perf_counter()
+    cfg.prune.validate()
+    if cfg.model_dir:
+        original_dir = Path(cfg.model_dir)
+    else:
+        log(f"original: default MoE for {cfg.task.name} (built once, then cached)")
+        original_dir = ensure_original(OriginalSpec(cfg.task, cfg.data, "moe"))
+    original = load_model(original_dir)
+    check_model(original, cfg.task, cfg.prune)
+    original_hash = dir_sha256(original_dir)
+    tok = load_tokenizer(original_dir)
+    val_enc = encode(cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples), tok, cfg.task.max_length)
+    pruned_dir = stage_prune(cfg, original_dir, original_hash)
+    export_dir = stage_export(cfg, pruned_dir, val_enc)
+    export_info = json.loads((export_dir / "export.json").read_text())
+    t = cfg.target
+    fixed = (t.export.batch_size, t.export.sequence_length) if t.export.fixed_shapes else None
+    log(f"validate: {len(val_enc)} validation examples, latency at batch {t.budgets.latency_batch}, "
+        f"{t.budgets.latency_seq_len} tokens, {t.runtime.threads} thread(s)")
+    ref_logits = original_logits_cached(original_dir, original_hash, cfg, val_enc, original)
+    artifact_model = export_dir / "model.onnx"
+    q = quality(ref_logits, artifact_model, val_enc, fixed_length=fixed[1] if fixed else None)
+    sp = speed(original, artifact_model, t.runtime.threads, t.budgets.latency_batch, t.budgets.latency_seq_len,
+               iters=cfg.latency_iters, throughput_iters=cfg.throughput_iters, fixed=fixed)
+    mem = session_memory(artifact_model, t.runtime.threads)
+    original_mb = round(sum(f.stat().st_size for f in original_dir.glob("*.safetensors")) / 1e6, 3)
+    artifact_mb = round(artifact_model.stat().st_size / 1e6, 3)
+    plan = PrunePlan.load(pruned_dir / "prune_plan.json")
+    prune_info = json.loads((pruned_dir / "edgeprune_prune.json").read_text())
+    report = {
+        "task": cfg.task.name, "target": t.name, "original": str(original_dir), "original_sha256": original_hash,
+        "plan": plan.summary(), "prune": {k: v for k, v in prune_info.items() if k in ("recovery", "router", "seconds")},
+        "export": export_info, "quality": q, "speed": sp, "memory": mem,
+        "size": {"original_mb": original_mb, "artifact_mb": artifact_mb,
+                 "artifact_ort_mb": round((export_dir / "model.ort").stat().st_size / 1e6, 3)
+                 if (export_dir / "model.ort").is_file() else None,
+                 "size_ratio": round(original_mb / artifact_mb, 2)},
+        "budgets": asdict(t.budgets), "data": {"validation_split": "validation", "examples": len(val_enc),
+                                               "note": "validation split of the task data; not a held-out test set"},
+    }
+    report["violations"] = violations(report, t.budgets)
+    report["build_seconds"] = round(time.perf_counter() - t0, 1)
+    manifest = {
+        "task": cfg.task.name, "labels": list(cfg.task.labels), "max_length": cfg.task.max_length,
+        "pair": cfg.task.is_pair, "input_names": export_info["input_names"], "target": t.name,
+        "fixed_shape": list(fixed) if fixed else None, "threads": t.runtime.threads,
+        "precision": t.quantization.precision, "quantization": export_info.get("quantization"),
+        "prune_plan": plan.summary(), "source_checkpoint": str(original_dir), "source_sha256": original_hash,
+        "versions": versions(), "command": cfg.command, "budgets": asdict(t.budgets),
+        "files": ["model.onnx"] + (["model.ort"] if (export_dir / "model.ort").is_file() else []),
+    }
+    final = Path(cfg.out)
+    dest = final if not report["violations"] else final.parent / f"{final.name}.rejected"
+    with atomic_dir(dest) as tmp:
+        for f in ("model.onnx", "model.ort"):
+            if (export_dir / f).is_file():
+                shutil.copy2(export_dir / f, tmp / f)
+        shutil.copy2(original_dir / "tokenizer.json", tmp / "tokenizer.json")
+        shutil.copy2(pruned_dir / "prune_plan.json", tmp / "prune_plan.json")
+        (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        (tmp / "report.md").write_text(report_markdown(report))
+        (tmp / "README.md").write_text(model_card(report, manifest))
+        (tmp / "build_config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    if report["violations"]:
+        raise BudgetError("budgets failed (previous artifact kept; this one is in "
+                          f"{dest}):\n" + "\n".join(f"  - {v}" for v in report["violations"]))
+    return final, report

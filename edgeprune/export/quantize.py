@@ -1,0 +1,166 @@
+"""Per-target graph optimisation and quantization, with ONNX Runtime's own tools.
+
+* fusions: ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert")`` (Attention,
+  SkipLayerNormalization, BiasGelu, EmbedLayerNormalization);
+* int8 dynamic: ``onnxruntime.quantization.quantize_dynamic`` (MatMul / Attention weights per channel,
+  Gather = embeddings when the target asks). On a fused graph shape inference cannot see through the
+  contrib ops, so ``DefaultTensorType=FLOAT`` is passed (DESIGN.md section 2, ORT 1.32);
+* int8 static QDQ: ``quantize_static`` with a calibration reader over task examples (option);
+* fp16: ``OnnxModel.convert_float_to_float16(keep_io_types=True)`` of ONNX Runtime's transformer tools (its
+  fork of onnxconverter-common's converter; the original leaves ``Cast(to=float)`` nodes whose outputs it
+  retypes, which ORT 1.32 rejects: "Type (tensor(float16)) of output arg ... does not match");
+* fixed shapes: ``onnxruntime.tools.onnx_model_utils.make_dim_param_fixed``;
+* ORT format: an ORT session that saves its optimised model with ``session.save_model_format = ORT``,
+  which is what ``python -m onnxruntime.tools.convert_onnx_models_to_ort`` does;
+* mobile usability: ``onnxruntime.tools.mobile_helpers.usability_checker`` (NNAPI / CoreML partitions).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+
+from edgeprune.errors import ExportError
+from edgeprune.export.targets import Target
+from edgeprune.training import Encoded, collate
+
+
+def optimize(src: Path, dst: Path, target: Target, num_heads: int, hidden_size: int) -> list[str]:
+    """Transformer fusions (or just ORT's basic graph optimisations); returns the fused op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    if not target.optimization.fuse:
+        onnx.save(onnx.load(str(src)), str(dst))
+        return []
+    try:
+        opt = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                             opt_level=1)  # portable: no hardware-specific layouts in the saved graph
+    except Exception as exc:
+        raise ExportError(f"ORT transformer optimisation failed: {type(exc).__name__}: {exc}") from None
+    opt.save_model_to_file(str(dst))
+    stats = opt.get_fused_operator_statistics()
+    return [f"{k}={v}" for k, v in stats.items() if v]
+
+
+class _Reader:
+    """Calibration data reader for static quantization (task examples, padded per batch)."""
+
+    def __init__(self, enc: Encoded, names: set[str], batch_size: int = 8, fixed: Optional[tuple[int, int]] = None):
+        self.batches = []
+        for start in range(0, len(enc), batch_size):
+            b = collate(enc, list(range(start, min(len(enc), start + batch_size))))
+            feeds = {k: v.numpy() for k, v in b.items() if k in names}
+            if fixed:
+                from edgeprune.export.onnx_export import pad_to
+
+                feeds = pad_to(feeds, *fixed)
+            self.batches.append(feeds)
+        self.it = iter(self.batches)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.batches)
+
+
+def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = None) -> dict:
+    """Apply the target's precision to ``src``; returns what was done."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    q = target.quantization
+    info: dict = {"precision": q.precision}
+    try:
+        if q.precision == "fp32":
+            onnx.save(onnx.load(str(src)), str(dst))
+        elif q.precision == "fp16":
+            from onnxruntime.transformers.onnx_model import OnnxModel
+
+            model = OnnxModel(onnx.load(str(src)))
+            model.convert_float_to_float16(keep_io_types=True)
+            model.save_model_to_file(str(dst))
+        elif q.precision == "int8-dynamic":
+            ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if q.quantize_embeddings else [])
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops, per_channel=q.per_channel,
+                             reduce_range=q.reduce_range, weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            info["op_types"] = ops
+        else:  # int8-static (QDQ)
+            if calib is None or len(calib) == 0:
+                raise ExportError("int8-static quantization needs calibration examples")
+            names = {i.name for i in onnx.load(str(src)).graph.input}
+            fixed = (target.export.batch_size, target.export.sequence_length) if target.export.fixed_shapes else None
+            quantize_static(str(src), str(dst), _Reader(calib, names, fixed=fixed), quant_format=QuantFormat.QDQ,
+                            per_channel=q.per_channel, reduce_range=q.reduce_range,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+            info["calibration_examples"] = len(calib)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{q.precision} quantization failed: {type(exc).__name__}: {exc}") from None
+    return info
+
+
+def fix_shapes(path: Path, batch: int, length: int) -> None:
+    """Make the batch and sequence dimensions static (NNAPI / CoreML need it)."""
+    from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
+
+    model = onnx.load(str(path))
+    for name, value in (("batch_size", batch), ("sequence_length", length)):
+        make_dim_param_fixed(model.graph, name, value)
+    onnx.save(model, str(path))
+
+
+def to_ort_format(src: Path, dst: Path) -> None:
+    """Save ``src`` in ORT format (basic optimisations, as the ORT Mobile converter does)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(dst)
+    opts.add_session_config_entry("session.save_model_format", "ORT")
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportError(f"conversion to ORT format failed: {type(exc).__name__}: {exc}") from None
+
+
+def mobile_usability(path: Path) -> dict:
+    """The ORT mobile usability checker's verdict: would NNAPI / CoreML take this graph?"""
+    from onnxruntime.tools.mobile_helpers import usability_checker
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("edgeprune.usability")
+    logger.handlers = [Keep()]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        ok = usability_checker.analyze_model(Path(path), skip_optimize=False, logger=logger)
+    except Exception as exc:
+        return {"verdict": f"checker failed: {type(exc).__name__}: {exc}", "details": lines[-20:]}
+    verdicts = [l for l in lines if l.startswith("Model should perform well")]
+    unsupported = [l for l in lines if "Unsupported ops" in l or "unsupported" in l.lower()][:6]
+    return {"nnapi_or_coreml_may_work": bool(ok), "verdicts": verdicts, "notes": unsupported}
+
+
+def size_mb(path: Path) -> float:
+    return round(Path(path).stat().st_size / 1e6, 3)
+
+
+def numpy_inputs(names: list[str], batch: int, length: int, vocab_size: int = 30522, seed: int = 0) -> dict:
+    """Synthetic inputs for latency runs (random ids past the special tokens, full attention)."""
+    rng = np.random.default_rng(seed)
+    feeds = {"input_ids": rng.integers(min(1000, vocab_size // 2), vocab_size, (batch, length), dtype=np.int64),
+             "attention_mask": np.ones((batch, length), dtype=np.int64),
+             "token_type_ids": np.zeros((batch, length), dtype=np.int64)}
+    return {k: v for k, v in feeds.items() if k in names}

@@ -1,0 +1,147 @@
+"""Target profiles are data: ``targets/<name>.toml`` (one per target, reasoning in ``notes``).
+
+Schema (every key checked; an unknown key or a bad value is a one-line error naming it)::
+
+    name, description, notes
+    [export]        opset, fixed_shapes, batch_size, sequence_length
+    [quantization]  precision = "int8-dynamic" | "int8-static" | "fp16" | "fp32", per_channel, reduce_range,
+                    quantize_embeddings, calibration_examples
+    [optimization]  fuse (ORT transformer fusions: Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm)
+    [runtime]       provider, ort_format, threads, mobile_usability
+    [budgets]       max_size_mb, max_p95_latency_ms, latency_batch, latency_seq_len, max_accuracy_drop,
+                    min_agreement
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from edgeprune.errors import ConfigError
+
+PRECISIONS = ("int8-dynamic", "int8-static", "fp16", "fp32")
+
+
+@dataclass
+class ExportSpec:
+    opset: int = 17
+    fixed_shapes: bool = False
+    batch_size: int = 1
+    sequence_length: int = 64
+
+
+@dataclass
+class QuantSpec:
+    precision: str = "int8-dynamic"
+    per_channel: bool = True
+    reduce_range: bool = False
+    quantize_embeddings: bool = True
+    calibration_examples: int = 256
+
+
+@dataclass
+class OptimSpec:
+    fuse: bool = True
+
+
+@dataclass
+class RuntimeSpec:
+    provider: str = "CPUExecutionProvider"
+    ort_format: bool = False
+    threads: int = 1
+    mobile_usability: bool = False
+
+
+@dataclass
+class Budgets:
+    max_size_mb: Optional[float] = None
+    max_p95_latency_ms: Optional[float] = None
+    latency_batch: int = 1
+    latency_seq_len: int = 64
+    max_accuracy_drop: Optional[float] = None
+    min_agreement: Optional[float] = None
+
+
+@dataclass
+class Target:
+    name: str
+    description: str = ""
+    notes: str = ""
+    export: ExportSpec = field(default_factory=ExportSpec)
+    quantization: QuantSpec = field(default_factory=QuantSpec)
+    optimization: OptimSpec = field(default_factory=OptimSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    budgets: Budgets = field(default_factory=Budgets)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {"export": ExportSpec, "quantization": QuantSpec, "optimization": OptimSpec, "runtime": RuntimeSpec,
+            "budgets": Budgets}
+
+
+def targets_dir() -> Path:
+    """``$EDGEPRUNE_TARGETS`` or the repository's ``targets/``."""
+    import os
+
+    return Path(os.environ.get("EDGEPRUNE_TARGETS", Path(__file__).resolve().parents[2] / "targets"))
+
+
+def available() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(targets_dir().glob("*.toml"))}
+
+
+def _typed(section: str, cls, values: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown field [{section}].{key} (known: {', '.join(known)})")
+        default = getattr(cls(), key)
+        expected = type(default) if default is not None else (int, float)
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and expected in (int, float, (int, float)))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"{where}: [{section}].{key} = {value!r} should be "
+                              f"{getattr(expected, '__name__', 'a number')}")
+        out[key] = value
+    obj = cls(**out)
+    if section == "quantization" and obj.precision not in PRECISIONS:
+        raise ConfigError(f"{where}: [quantization].precision {obj.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if section == "runtime" and obj.threads < 1:
+        raise ConfigError(f"{where}: [runtime].threads must be >= 1")
+    return obj
+
+
+def load_target(name_or_path: str) -> Target:
+    """A target by name (``targets/<name>.toml``) or by path to a custom TOML file."""
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" or path.exists()):
+        known = available()
+        if name_or_path not in known:
+            raise ConfigError(f"unknown target {name_or_path!r}; known: {', '.join(known)} "
+                              f"(or give a path to a .toml profile)")
+        path = known[name_or_path]
+    if not path.is_file():
+        raise ConfigError(f"{path}: target profile not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    where = str(path)
+    top = {k: v for k, v in data.items() if k not in SECTIONS}
+    for key in top:
+        if key not in ("name", "description", "notes"):
+            raise ConfigError(f"{where}: unknown field {key!r} (sections: {', '.join(SECTIONS)})")
+    sections = {}
+    for sec, cls in SECTIONS.items():
+        values = data.get(sec, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: [{sec}] must be a table")
+        sections[sec] = _typed(sec, cls, values, where)
+    return Target(name=str(top.get("name", path.stem)), description=str(top.get("description", "")),
+                  notes=str(top.get("notes", "")), source=str(path), **sections)

@@ -1,0 +1,92 @@
+"""Human-readable outputs of a build: ``report.md`` (the side-by-side numbers) and the model card
+``README.md`` (what the artifact is, how to use it, its limits). Both are rendered from ``report.json``."""
+from __future__ import annotations
+
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def report_markdown(r: dict) -> str:
+    q, sp, size, mem = r["quality"], r["speed"], r["size"], r.get("memory", {})
+    o, a = sp["original_torch_fp32"], sp["artifact_onnxruntime"]
+    lines = [f"# edgeprune report: {r['task']} on {r['target']}", "",
+             f"Original: `{r['original']}` (sha256 {r['original_sha256'][:12]}). Plan: {r['plan']['method']}, "
+             f"k per layer {r['plan']['k_per_layer']}, folded to dense: {r['plan']['folded']}.", "",
+             "## Side by side", "",
+             _row("", "original (PyTorch fp32)", "artifact (ONNX Runtime)", "ratio"),
+             _row("---", "---", "---", "---"),
+             _row(f"accuracy ({q['examples']} validation examples)", q["original_accuracy"], q["artifact_accuracy"],
+                  f"drop {q['accuracy_drop_points']} points"),
+             _row("prediction agreement", "", q["agreement"], ""),
+             _row("size on disk (MB)", size["original_mb"], size["artifact_mb"], f"{size['size_ratio']}x smaller"),
+             _row(f"p50 latency, batch {sp['batch']}, {sp['sequence_length']} tokens, {sp['threads']} thread (ms)",
+                  o["p50_ms"], a["p50_ms"], f"{sp['p50_speedup']}x faster"),
+             _row("p95 latency (ms)", o["p95_ms"], a["p95_ms"], f"{sp['p95_speedup']}x faster")]
+    if "throughput_ratio" in sp:
+        lines.append(_row(f"throughput, batch {sp['throughput_batch']} (examples/s)", sp["original_throughput_per_s"],
+                          sp["artifact_throughput_per_s"], f"{sp['throughput_ratio']}x"))
+    if "peak_rss_mb" in mem:
+        lines.append(_row("peak RSS of an app process running the artifact (MB)", "", mem["peak_rss_mb"],
+                          f"{mem['session_mb']} MB above a bare onnxruntime import"))
+    lines += ["", f"Latency and memory are measured on the build host: {sp['note']}.",
+              f"Accuracy is on the task's {r['data']['validation_split']} split ({r['data']['note']}).", "",
+              "## Export", "",
+              f"- exporter: {r['export']['exporter']}; parity with PyTorch (fp32 ONNX, "
+              f"{r['export']['parity_fp32']['examples']} examples): max logit difference "
+              f"{r['export']['parity_fp32']['max_abs_logit_diff']:.2e}, agreement {r['export']['parity_fp32']['agreement']}",
+              f"- fusions: {', '.join(r['export']['fusions']) or 'none'}",
+              f"- quantization: {r['export']['quantization']}"]
+    if "mobile_usability" in r["export"]:
+        mu = r["export"]["mobile_usability"]
+        lines += [f"- ORT mobile usability checker: NNAPI or CoreML may work: {mu.get('nnapi_or_coreml_may_work')}"]
+        lines += [f"  - {v}" for v in mu.get("verdicts", [])]
+    lines += ["", "## Budgets", ""]
+    b = r["budgets"]
+    lines.append(f"max size {b['max_size_mb']} MB, max p95 {b['max_p95_latency_ms']} ms, max accuracy drop "
+                 f"{b['max_accuracy_drop']} points, min agreement {b['min_agreement']}")
+    lines.append("")
+    lines += ([f"- VIOLATED: {v}" for v in r["violations"]] or ["All budgets hold."])
+    return "\n".join(lines) + "\n"
+
+
+def model_card(r: dict, m: dict) -> str:
+    q, sp, size = r["quality"], r["speed"], r["size"]
+    pair = "texts, pairs=[...]" if m["pair"] else "texts"
+    return f"""# {m['task']} classifier for {m['target']} (edgeprune)
+
+A task-pruned {'dense' if r['plan']['folded'] else 'Mixture-of-Experts'} transformer in ONNX
+({m['precision']}), made by edgeprune from the MoE checkpoint `{m['source_checkpoint']}`
+(sha256 {m['source_sha256'][:12]}) with the plan {r['plan']['method']}, k per MoE layer {r['plan']['k_per_layer']}.
+
+- Labels, in output order: {', '.join(m['labels'])}
+- Inputs: {', '.join(m['input_names'])} (int64), at most {m['max_length']} tokens{', fixed shape ' + str(m['fixed_shape']) if m['fixed_shape'] else ''}
+- Files: {', '.join(m['files'])}, tokenizer.json, edgeprune.json (manifest), report.json / report.md
+
+## Use
+
+```python
+from edgeprune.runtime import EdgeModel   # needs only onnxruntime, tokenizers, numpy
+model = EdgeModel("path/to/this/directory")
+model.predict({pair})        # label names
+model.predict_proba({pair})  # probabilities, columns in label order
+```
+
+or `edgeprune predict DIR "some text"`.
+
+## Quality and cost (validation split, build host)
+
+| | original | this model |
+| --- | --- | --- |
+| accuracy | {q['original_accuracy']} | {q['artifact_accuracy']} |
+| agreement with the original | | {q['agreement']} |
+| size (MB) | {size['original_mb']} | {size['artifact_mb']} |
+| p50 latency, batch {sp['batch']}, {sp['sequence_length']} tokens (ms) | {sp['original_torch_fp32']['p50_ms']} | {sp['artifact_onnxruntime']['p50_ms']} |
+
+## Limitations
+
+- Accuracy is measured on the task's validation split, not on a held-out test set.
+- Latency is the build host's ({sp['threads']} thread): a proxy for the device; the ratios carry over better.
+- Inputs longer than {m['max_length']} tokens are truncated.
+- Built with: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.
+"""

@@ -1,0 +1,89 @@
+"""Running an edgeprune artifact from an app: ONNX Runtime, tokenizers and numpy only (no torch, no
+transformers), so it works wherever ONNX Runtime does.
+
+    from edgeprune.runtime import EdgeModel
+    model = EdgeModel("build/sst2-arm64")
+    model.predict(["a gorgeous, witty film"])          # ['positive']
+    model.predict_proba(["premise"], pairs=["hypothesis"])
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from edgeprune.errors import ModelError
+
+MANIFEST = "edgeprune.json"
+
+
+class EdgeModel:
+    """A built artifact directory (``model.onnx`` or ``model.ort``, ``tokenizer.json``, ``edgeprune.json``)."""
+
+    def __init__(self, path: str | Path, threads: Optional[int] = None, prefer_ort: bool = True):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise ModelError(f"{self.path}: no {MANIFEST}; is this an edgeprune build output?")
+        self.manifest = json.loads(manifest.read_text())
+        self.labels: list[str] = list(self.manifest["labels"])
+        self.max_length: int = int(self.manifest["max_length"])
+        self.fixed = self.manifest.get("fixed_shape")  # [batch, length] or None
+        model_file = self.path / ("model.ort" if prefer_ort and (self.path / "model.ort").is_file() else "model.onnx")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or int(self.manifest.get("threads", 0) or 0)
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.max_length if not self.fixed else min(self.max_length, self.fixed[1]))
+        self.tokenizer.no_padding()
+
+    def _feeds(self, texts: Sequence[str], pairs: Optional[Sequence[str]]) -> dict[str, np.ndarray]:
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
+        inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        encs = self.tokenizer.encode_batch(inputs)
+        width = self.fixed[1] if self.fixed else max(len(e.ids) for e in encs)
+        feeds = {n: np.zeros((len(encs), width), dtype=np.int64) for n in ("input_ids", "attention_mask",
+                                                                             "token_type_ids")}
+        for row, e in enumerate(encs):
+            n = len(e.ids)
+            feeds["input_ids"][row, :n] = e.ids
+            feeds["attention_mask"][row, :n] = e.attention_mask
+            feeds["token_type_ids"][row, :n] = e.type_ids
+        return {k: v for k, v in feeds.items() if k in self.input_names}
+
+    def logits(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None, batch_size: int = 32) -> np.ndarray:
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(pairs, str):
+            pairs = [pairs]
+        if len(texts) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        step = self.fixed[0] if self.fixed else batch_size
+        out = []
+        for start in range(0, len(texts), step):
+            chunk = list(texts[start : start + step])
+            pchunk = list(pairs[start : start + step]) if pairs is not None else None
+            feeds = self._feeds(chunk, pchunk)
+            n = len(chunk)
+            if self.fixed and n < self.fixed[0]:
+                feeds = {k: np.concatenate([v, np.zeros((self.fixed[0] - n, v.shape[1]), v.dtype)]) for k, v in feeds.items()}
+            out.append(self.session.run(["logits"], feeds)[0][:n].astype(np.float32))
+        return np.concatenate(out)
+
+    def predict_proba(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> np.ndarray:
+        """Class probabilities, columns in the order of :attr:`labels`."""
+        z = self.logits(texts, pairs)
+        z = z - z.max(axis=-1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=-1, keepdims=True)
+
+    def predict(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> list[str]:
+        """Label names."""
+        return [self.labels[i] for i in self.logits(texts, pairs).argmax(axis=-1)]

@@ -1,0 +1,123 @@
+"""Validation side by side with the original, in one run: accuracy and agreement on the task's
+validation split, latency p50/p95 at batch 1 and throughput at batch 32 (original in PyTorch fp32, the
+artifact in ONNX Runtime, same thread count), size on disk, and the peak memory of an app process that
+loads the artifact with ONNX Runtime (measured in a fresh subprocess: what an app would see).
+
+Latency here is the build host's: a proxy for the device. Ratios (original / artifact) carry over better
+than milliseconds, and the report says so.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from edgeprune.export.onnx_export import onnx_logits, session, truncate
+from edgeprune.export.quantize import numpy_inputs
+from edgeprune.training import Encoded, accuracy, predict_logits
+
+
+def timeit(fn: Callable[[], object], warmup: int, iters: int) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    out = np.empty(iters)
+    for i in range(iters):
+        t = time.perf_counter()
+        fn()
+        out[i] = time.perf_counter() - t
+    return out * 1e3
+
+
+def latency_torch(model: torch.nn.Module, batch: int, length: int, threads: int, warmup: int, iters: int) -> np.ndarray:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    feeds = {k: torch.from_numpy(v) for k, v in numpy_inputs(["input_ids", "attention_mask", "token_type_ids"],
+                                                              batch, length, model.config.vocab_size).items()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return timeit(lambda: model(**feeds), warmup, iters)
+    finally:
+        torch.set_num_threads(old)
+
+
+def latency_onnx(path: Path, batch: int, length: int, threads: int, warmup: int, iters: int,
+                 vocab_size: int = 30522) -> np.ndarray:
+    sess = session(path, threads)
+    feeds = numpy_inputs([i.name for i in sess.get_inputs()], batch, length, vocab_size)
+    return timeit(lambda: sess.run(None, feeds), warmup, iters)
+
+
+_MEM_PROBE = """
+import json, resource, sys
+import numpy as np, onnxruntime as ort
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+opts = ort.SessionOptions(); opts.intra_op_num_threads = int(sys.argv[2]); opts.log_severity_level = 3
+s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+shape = [d if isinstance(d, int) else v for d, v in zip(s.get_inputs()[0].shape, (1, 64))]
+feeds = {i.name: np.ones(shape, dtype=np.int64) for i in s.get_inputs()}
+for _ in range(3): s.run(None, feeds)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_rss_mb": peak / 1024, "session_mb": (peak - base) / 1024}))
+"""
+
+
+def session_memory(path: Path, threads: int = 1) -> dict:
+    """Peak RSS of a fresh process that imports onnxruntime, loads ``path`` and runs it (batch 1, 64 tokens);
+    ``session_mb`` is the part above the bare onnxruntime import."""
+    out = subprocess.run([sys.executable, "-c", _MEM_PROBE, str(path), str(threads)], capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "probe failed"}
+    return {k: round(v, 1) for k, v in json.loads(out.stdout).items()}
+
+
+def percentiles(ms: np.ndarray) -> dict:
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3)}
+
+
+def speed(original: torch.nn.Module, artifact: Path, threads: int, batch: int, length: int,
+          iters: int = 100, throughput_batch: int = 32, throughput_iters: int = 10,
+          fixed: Optional[tuple[int, int]] = None) -> dict:
+    """Latency at ``batch`` and throughput at ``throughput_batch``, original vs artifact, with ratios."""
+    res: dict = {"threads": threads, "batch": batch, "sequence_length": length,
+                 "note": "measured on the build host; a proxy for the device (ratios carry over better)"}
+    o = percentiles(latency_torch(original, batch, length, threads, max(3, iters // 10), iters))
+    a_len = fixed[1] if fixed else length
+    vocab = original.config.vocab_size
+    a = percentiles(latency_onnx(artifact, fixed[0] if fixed else batch, a_len, threads, max(3, iters // 10), iters,
+                                 vocab))
+    res["original_torch_fp32"] = o
+    res["artifact_onnxruntime"] = a
+    res["p50_speedup"] = round(o["p50_ms"] / a["p50_ms"], 2)
+    res["p95_speedup"] = round(o["p95_ms"] / a["p95_ms"], 2)
+    if fixed is None:
+        ot = latency_torch(original, throughput_batch, length, threads, 2, throughput_iters)
+        at = latency_onnx(artifact, throughput_batch, length, threads, 2, throughput_iters, vocab)
+        res["throughput_batch"] = throughput_batch
+        res["original_throughput_per_s"] = round(throughput_batch / (np.median(ot) / 1e3), 1)
+        res["artifact_throughput_per_s"] = round(throughput_batch / (np.median(at) / 1e3), 1)
+        res["throughput_ratio"] = round(res["artifact_throughput_per_s"] / res["original_throughput_per_s"], 2)
+    else:
+        res["throughput"] = f"not measured: the artifact has a fixed batch of {fixed[0]}"
+    return res
+
+
+def quality(original_logits: np.ndarray, artifact: Path, enc: Encoded, fixed_length: Optional[int] = None) -> dict:
+    """Accuracy of original and artifact, agreement of their predictions, on the same examples."""
+    got = onnx_logits(artifact, truncate(enc, fixed_length) if fixed_length else enc, fixed_length=fixed_length)
+    orig_acc = accuracy(original_logits, enc.labels)
+    art_acc = accuracy(got, enc.labels)
+    return {"examples": len(enc), "original_accuracy": round(orig_acc, 4), "artifact_accuracy": round(art_acc, 4),
+            "accuracy_drop_points": round(100 * (orig_acc - art_acc), 2),
+            "agreement": round(float((original_logits.argmax(-1) == got.argmax(-1)).mean()), 4)}
+
+
+def original_logits(model: torch.nn.Module, enc: Encoded) -> np.ndarray:
+    return predict_logits(model, enc, progress=True, desc="original on validation")

@@ -1,0 +1,167 @@
+"""End-to-end builds on a tiny MoE (seconds each): every target, parity, budgets, atomicity, bad input."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeprune.cli import main
+from edgeprune.export.targets import load_target
+from tests.conftest import tiny_moe
+
+FAST = ["--calibration-examples", "64", "--recovery-steps", "4", "--eval-examples", "48", "--latency-iters", "5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_original(tmp_path_factory, tiny_tokenizer):
+    tok, vocab = tiny_tokenizer
+    d = tmp_path_factory.mktemp("orig")
+    model = tiny_moe(num_experts=4, vocab=vocab)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def loose_targets(tmp_path, monkeypatch):
+    """The real target profiles with budgets a random tiny model can meet."""
+    tdir = tmp_path / "targets"
+    tdir.mkdir()
+    repo = Path(__file__).resolve().parents[1] / "targets"
+    for f in repo.glob("*.toml"):
+        text = f.read_text()
+        text = re.sub(r"max_accuracy_drop = [0-9.]+", "max_accuracy_drop = 100.0", text)
+        text = re.sub(r"min_agreement = [0-9.]+", "min_agreement = 0.0", text)
+        (tdir / f.name).write_text(text)
+    monkeypatch.setenv("EDGEPRUNE_TARGETS", str(tdir))
+    return tdir
+
+
+def run(args, code=0):
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == code, res.output
+    return res
+
+
+@pytest.mark.parametrize("target,k", [("x86_64", 1), ("arm64", 2), ("mobile-gpu", 1)])
+def test_build_end_to_end(tmp_path, cache, tiny_original, loose_targets, target, k):
+    out = tmp_path / "art"
+    res = run(["build", "--model", str(tiny_original), "--target", target, "--experts", str(k), "--out", str(out)]
+              + FAST)
+    assert f"artifact: {out}" in res.output
+    for f in ("model.onnx", "tokenizer.json", "edgeprune.json", "report.json", "report.md", "README.md"):
+        assert (out / f).is_file(), f
+    t = load_target(target)
+    assert (out / "model.ort").is_file() == t.runtime.ort_format
+    manifest = json.loads((out / "edgeprune.json").read_text())
+    assert manifest["labels"] == ["negative", "positive"] and manifest["target"] == target
+    assert manifest["prune_plan"]["folded"] == (k == 1)
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["parity_fp32"]["max_abs_logit_diff"] < 1e-3
+    assert report["export"]["exporter"] == ("optimum" if k == 1 else "torch.onnx+dense_dispatch")
+    assert report["speed"]["p50_speedup"] > 0 and report["memory"]["peak_rss_mb"] > 0
+    if t.runtime.mobile_usability:
+        assert "nnapi_or_coreml_may_work" in report["export"]["mobile_usability"]
+    run(["check", str(out)])
+    res = run(["predict", str(out), "a gorgeous film", "", "ünïcödé ☃ " * 200])
+    assert len(res.output.strip().splitlines()) == 3
+    # rebuilding reuses the prune and export stages
+    res = run(["build", "--model", str(tiny_original), "--target", target, "--experts", str(k), "--out", str(out)]
+              + FAST)
+    assert "prune: reusing" in res.output and "export: reusing" in res.output
+
+
+def test_budgets_fail_and_keep_previous_artifact(tmp_path, cache, tiny_original, loose_targets):
+    out = tmp_path / "art"
+    run(["build", "--model", str(tiny_original), "--target", "x86_64", "--out", str(out)] + FAST)
+    before = (out / "report.json").read_bytes()
+    strict = tmp_path / "strict.toml"
+    strict.write_text((loose_targets / "x86_64.toml").read_text().replace("max_size_mb = 30.0", "max_size_mb = 0.001"))
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", str(strict), "--out", str(out)]
+                             + FAST)
+    assert res.exit_code == 1
+    assert "exceeds the budget of 0.001 MB" in res.output
+    assert (out / "report.json").read_bytes() == before
+    assert (tmp_path / "art.rejected" / "report.json").is_file()
+    res = CliRunner().invoke(main, ["check", str(out), "--max-size-mb", "0.001", "--min-agreement", "1.01"])
+    assert res.exit_code == 1
+    assert "budget violated: size" in res.output and "agreement" in res.output
+    assert len([l for l in res.output.splitlines() if l.startswith("budget violated")]) == 2
+    run(["check", str(out), "--budget", str(loose_targets / "x86_64.toml")])
+
+
+def test_parity_check_fails_on_corrupted_weight(tmp_path, tiny_original):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from edgeprune.errors import ExportError
+    from edgeprune.export.onnx_export import export_onnx, parity
+    from edgeprune.training import Encoded
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_original).eval()
+    target = load_target("x86_64")
+    export_onnx(model, tiny_original, tmp_path / "m.onnx", target)
+    rng = np.random.default_rng(0)
+    ids = [[2] + rng.integers(5, 100, 8).tolist() + [3] for _ in range(16)]
+    enc = Encoded(ids, [[0] * 10] * 16, [0] * 16)
+    assert parity(tmp_path / "m.onnx", model, enc)["max_abs_logit_diff"] < 1e-4
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)  # the PyTorch side changes: the exported graph no longer matches
+    with pytest.raises(ExportError, match="ONNX export lost parity with PyTorch on 16 task examples"):
+        parity(tmp_path / "m.onnx", model, enc)
+
+
+def test_killed_build_leaves_previous_artifact(tmp_path, cache, tiny_original, loose_targets):
+    out = tmp_path / "art"
+    run(["build", "--model", str(tiny_original), "--target", "x86_64", "--out", str(out)] + FAST)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    env = dict(os.environ, EDGEPRUNE_CACHE=str(tmp_path / "other-cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "edgeprune.cli", "build", "--model", str(tiny_original),
+                             "--target", "x86_64", "--experts", "2", "--out", str(out), "--recovery-steps", "100000"]
+                            + FAST[:2] + FAST[4:], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:  # kill it while it is recovering
+        if b"prune:" in line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--target", "riscv"], 2, "unknown target 'riscv'; known: arm64, mobile-gpu, x86_64"),
+    (["--experts", "0"], 2, "--experts must be >= 1, got 0"),
+    (["--experts", "9"], 2, "layer 1: k=9 experts but the layer has only Z=4"),
+    (["--task", "agnews"], 2, "the model has 2 labels but task agnews has 4"),
+    (["--task", "mnli"], 3, "task mnli ships no data; pass --train-file"),
+    (["--plan", "nope.json"], 2, "nope.json: plan file not found"),
+])
+def test_bad_input_one_line_error(tmp_path, cache, tiny_original, loose_targets, args, code, message):
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--out", str(tmp_path / "o")] + FAST + args)
+    assert res.exit_code == code, res.output
+    assert res.output.strip() == f"error: {message}" or message in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_target_fields(tmp_path):
+    from edgeprune.errors import ConfigError
+
+    bad = tmp_path / "t.toml"
+    bad.write_text('[quantization]\nprecision = "int4"\n')
+    with pytest.raises(ConfigError, match=r"t.toml: \[quantization\].precision 'int4' is not one of"):
+        load_target(str(bad))
+    bad.write_text('[runtime]\nthreads = "two"\n')
+    with pytest.raises(ConfigError, match=r"t.toml: \[runtime\].threads = 'two' should be int"):
+        load_target(str(bad))
+    bad.write_text('[budgets]\nmax_size = 3\n')
+    with pytest.raises(ConfigError, match=r"t.toml: unknown field \[budgets\].max_size"):
+        load_target(str(bad))
+    with pytest.raises(ConfigError, match="missing.toml: target profile not found"):
+        load_target(str(tmp_path / "missing.toml"))
