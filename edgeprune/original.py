@@ -60,7 +60,7 @@ class OriginalSpec:
     dense_dir: Optional[str] = None
     steps: Optional[int] = None
     learning_rate: float = 1e-4
-    router_learning_rate: Optional[float] = None
+    router_learning_rate: Optional[float] = 1e-3  # new routers learn from scratch: 10x the encoder's rate
     seed: int = 0
 
     def train_config(self) -> TrainConfig:

@@ -1,0 +1,139 @@
+"""Side-by-side benchmark: the original MoE vs the edgeprune artifact, per task and target, in one run.
+
+    python scripts/benchmark.py                     # sst2 agnews x x86_64 arm64 mobile-gpu -> results/benchmark.*
+
+For each task and target it runs the real `edgeprune build` pipeline (default method and k = 1), then
+measures in the same process, with the same thread count and inputs: the original MoE in PyTorch fp32
+(the reference), the artifact, the dense baseline exported and quantized the same way (the floor for
+k = 1: folding must cost nothing over a natively dense model), and the original exported to ONNX fp32
+with all its experts (dense dispatch; separates what pruning buys from what ONNX Runtime buys).
+Latency: p50/p95 at batch 1, 64 tokens, 1 thread; throughput at batch 32. Ratios are vs the original.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from edgeprune.build import BuildConfig, build, stage_export
+from edgeprune.errors import BudgetError
+from edgeprune.export.quantize import size_mb
+from edgeprune.export.targets import load_target
+from edgeprune.original import DataSpec, OriginalSpec, ensure_original
+from edgeprune.pruning.pipeline import PruneConfig, load_model
+from edgeprune.tasks import get_task
+from edgeprune.tokenization import load_tokenizer
+from edgeprune.training import encode
+from edgeprune.validate import latency_onnx, original_logits, percentiles, quality
+
+
+def measure(path: Path, ref_logits, va, t, vocab, iters) -> dict:
+    fixed = (t.export.batch_size, t.export.sequence_length) if t.export.fixed_shapes else None
+    q = quality(ref_logits, path, va, fixed_length=fixed[1] if fixed else None)
+    lat = percentiles(latency_onnx(path, fixed[0] if fixed else 1, 64, t.runtime.threads, 10, iters, vocab))
+    out = {"accuracy": q["artifact_accuracy"], "agreement": q["agreement"], "size_mb": size_mb(path), **lat}
+    if not fixed:
+        tp = latency_onnx(path, 32, 64, t.runtime.threads, 2, 10, vocab)
+        out["throughput_per_s"] = round(32 / (np.median(tp) / 1e3), 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "agnews"])
+    ap.add_argument("--targets", nargs="+", default=["x86_64", "arm64", "mobile-gpu"])
+    ap.add_argument("--method", default="reap")
+    ap.add_argument("--recovery-steps", type=int, default=200)
+    ap.add_argument("--latency-iters", type=int, default=200)
+    ap.add_argument("--out", default="results/benchmark")
+    args = ap.parse_args()
+    rows = []
+    for name in args.tasks:
+        task = get_task(name)
+        odir = ensure_original(OriginalSpec(task, kind="moe"))
+        ddir = ensure_original(OriginalSpec(task, kind="dense"))
+        original = load_model(odir)
+        va = encode(DataSpec().load(task, "validation"), load_tokenizer(odir), task.max_length)
+        ref = original_logits(original, va)
+        vocab = original.config.vocab_size
+        for tname in args.targets:
+            t = load_target(tname)
+            cfg = BuildConfig(task=task, target=t, out=Path(f"build/bench-{name}-{tname}"),
+                              prune=PruneConfig(method=args.method, experts=1, recovery_steps=args.recovery_steps),
+                              latency_iters=args.latency_iters, command="scripts/benchmark.py")
+            try:
+                art, report = build(cfg)
+                ok = True
+            except BudgetError as exc:
+                art = cfg.out.parent / f"{cfg.out.name}.rejected"
+                report = json.loads((art / "report.json").read_text())
+                ok = False
+            sp = report["speed"]
+            dense_art = stage_export(cfg, ddir, va)
+            dense = measure(dense_art / "model.onnx", ref, va, t, vocab, args.latency_iters)
+            row = {"task": name, "target": tname, "budgets_hold": ok, "violations": report["violations"],
+                   "original": {"accuracy": report["quality"]["original_accuracy"],
+                                "size_mb": report["size"]["original_mb"], **sp["original_torch_fp32"],
+                                "throughput_per_s": sp.get("original_throughput_per_s")},
+                   "artifact": {"accuracy": report["quality"]["artifact_accuracy"],
+                                "agreement": report["quality"]["agreement"], "size_mb": report["size"]["artifact_mb"],
+                                **sp["artifact_onnxruntime"], "throughput_per_s": sp.get("artifact_throughput_per_s")},
+                   "dense_baseline": dense}
+            if tname != "mobile-gpu":
+                fp32 = replace(t, quantization=replace(t.quantization, precision="fp32"),
+                               optimization=replace(t.optimization, fuse=False),
+                               runtime=replace(t.runtime, ort_format=False, mobile_usability=False))
+                try:
+                    full = stage_export(replace(cfg, target=fp32), odir, va)
+                    row["original_onnx_fp32"] = measure(full / "model.onnx", ref, va, fp32, vocab, args.latency_iters)
+                except Exception as exc:  # report, do not hide
+                    row["original_onnx_fp32"] = {"error": f"{type(exc).__name__}: {exc}"}
+            o = row["original"]
+            for key in ("artifact", "dense_baseline", "original_onnx_fp32"):
+                r = row.get(key)
+                if r and "p50_ms" in r:
+                    r["p50_speedup"] = round(o["p50_ms"] / r["p50_ms"], 2)
+                    r["size_ratio"] = round(o["size_mb"] / r["size_mb"], 2)
+            a, d = row["artifact"], row["dense_baseline"]
+            row["artifact_vs_dense"] = {"p50": round(a["p50_ms"] / d["p50_ms"], 3),
+                                        "size": round(a["size_mb"] / d["size_mb"], 3)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write(args, rows)
+
+
+def write(args, rows) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = "python " + " ".join(sys.argv)
+    out.with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows}, indent=1))
+    lines = ["# Benchmark: original MoE vs edgeprune artifact", "", f"Produced by `{cmd}` on the build host "
+             "(2 cores); latency at batch 1, 64 tokens, 1 thread (a proxy for the device); throughput at batch 32. "
+             "Accuracy on the full validation split. Method: " + args.method + ", k = 1 (folded), recovery "
+             f"{args.recovery_steps} steps.", "",
+             "| task | target | model | accuracy | agreement | size MB | p50 ms | p95 ms | batch-32 /s | p50 speed-up | size ratio |",
+             "|" + " --- |" * 11]
+    for r in rows:
+        for key, label in (("original", "original MoE, PyTorch fp32"), ("artifact", "edgeprune artifact"),
+                           ("dense_baseline", "dense baseline, same export"),
+                           ("original_onnx_fp32", "original MoE, ONNX fp32, all experts")):
+            m = r.get(key)
+            if not m:
+                continue
+            if "error" in m:
+                lines.append(f"| {r['task']} | {r['target']} | {label} | export failed: {m['error'][:80]} | | | | | | | |")
+                continue
+            lines.append(f"| {r['task']} | {r['target']} | {label} | {m.get('accuracy', '')} | {m.get('agreement', '')} | "
+                         f"{m['size_mb']} | {m['p50_ms']} | {m['p95_ms']} | {m.get('throughput_per_s') or ''} | "
+                         f"{m.get('p50_speedup', '')} | {m.get('size_ratio', '')} |")
+        lines.append(f"| {r['task']} | {r['target']} | artifact / dense baseline | | | {r['artifact_vs_dense']['size']} | "
+                     f"{r['artifact_vs_dense']['p50']} | | | | |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

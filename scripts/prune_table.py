@@ -1,0 +1,108 @@
+"""Every pruning method at k = 1, 2, 4 (Z = 8) on each task: validation accuracy before and after recovery,
+against the original and the dense baseline. Writes results/prune_table.{md,json}.
+
+    python scripts/prune_table.py                                   # sst2 agnews rte, Z = 8
+    python scripts/prune_table.py --tasks sst2 --experts 16 32 --factors 2 4 8 --out results/prune_factors
+
+CPU budget (2 cores): calibration on --calibration-examples training examples, --recovery-steps steps of
+recovery (distilled from the original, alpha 0.5), accuracy on the first --eval-examples validation examples
+(seeded subsample); the header of the results file states the settings used.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+from edgeprune.original import DataSpec, OriginalSpec, ensure_original, load_meta
+from edgeprune.pruning.apply import apply_plan
+from edgeprune.pruning.pipeline import PROGRESSIVE, PruneConfig, load_model, prune, score
+from edgeprune.pruning.recover import recover, train_router
+from edgeprune.tasks import get_task
+from edgeprune.tokenization import load_tokenizer
+from edgeprune.training import accuracy, encode, predict_logits
+
+METHODS = ["random", "frequency", "chen2022", "chowdhury2024", "reap", "uncurl", "chen2022-progressive",
+           "chen2022-eager"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "agnews", "rte"])
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--experts", nargs="+", type=int, default=[8], help="Z of the originals")
+    ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 4], help="experts kept (with Z = 8)")
+    ap.add_argument("--factors", nargs="*", type=int, default=[], help="pruning factors Z/k instead of --ks")
+    ap.add_argument("--calibration-examples", type=int, default=512)
+    ap.add_argument("--recovery-steps", type=int, default=100)
+    ap.add_argument("--eval-examples", type=int, default=2000)
+    ap.add_argument("--out", default="results/prune_table")
+    args = ap.parse_args()
+    rows = []
+    for name in args.tasks:
+        task = get_task(name)
+        data = DataSpec()
+        dense = load_meta(ensure_original(OriginalSpec(task, kind="dense")))
+        val = data.load(task, "validation", limit=args.eval_examples)
+        for z in args.experts:
+            odir = ensure_original(OriginalSpec(task, kind="moe", num_experts=z))
+            original = load_model(odir)
+            tok = load_tokenizer(odir)
+            va = encode(val, tok, task.max_length)
+            tr = encode(data.load(task, "train"), tok, task.max_length)
+            orig_acc = accuracy(predict_logits(original, va), va.labels)
+            ks = [z // f for f in args.factors] if args.factors else args.ks
+            for k in ks:
+                for method in args.methods:
+                    if method == "chen2022-eager" and k != 1:
+                        continue
+                    t0 = time.perf_counter()
+                    cfg = PruneConfig(method=method, experts=k, calibration_examples=args.calibration_examples,
+                                      recovery_steps=args.recovery_steps, window=max(5, args.recovery_steps // 8))
+                    if method in PROGRESSIVE:
+                        model, plan, _ = prune(odir, task, data, cfg, progress=False)
+                        before = None
+                    else:
+                        plan = score(odir, task, data, cfg, model=original, progress=False)
+                        model = apply_plan(original, plan)
+                        before = accuracy(predict_logits(model, va), va.labels)
+                        if method == "uncurl" and not plan.folds:
+                            train_router(model, tr, 50, teacher=original, max_length=task.max_length, progress=False)
+                        recover(model, tr, args.recovery_steps, teacher=original, max_length=task.max_length,
+                                progress=False)
+                    after = accuracy(predict_logits(model, va), va.labels)
+                    row = {"task": name, "Z": z, "k": k, "factor": z // k, "method": method,
+                           "before": None if before is None else round(before, 4), "after": round(after, 4),
+                           "original": round(orig_acc, 4), "dense": dense["validation_accuracy"],
+                           "retained": round(after / orig_acc, 4), "kept": plan.summary()["kept"],
+                           "seconds": round(time.perf_counter() - t0, 1)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    write(args, rows)
+
+
+def write(args, rows) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = "python " + " ".join(sys.argv)
+    settings = (f"calibration {args.calibration_examples} training examples; recovery {args.recovery_steps} steps "
+                f"(batch 32, distilled from the original, alpha 0.5); accuracy on {args.eval_examples} validation "
+                f"examples (seeded subsample; the dense baseline column is on the full validation split)")
+    out.with_suffix(".json").write_text(json.dumps({"command": cmd, "settings": settings, "rows": rows}, indent=1))
+    lines = ["# Expert pruning: methods x k", "", f"Produced by `{cmd}`.", "", f"Settings (CPU budget): {settings}.",
+             "`before` = right after pruning (router renormalised / folded), `after` = after recovery;"
+             " `retained` = after / original.", "",
+             "| task | Z | k | method | before | after | original | dense baseline | retained | kept experts per layer |",
+             "|" + " --- |" * 10]
+    for r in rows:
+        b = "" if r["before"] is None else f"{r['before']:.4f}"
+        lines.append(f"| {r['task']} | {r['Z']} | {r['k']} | {r['method']} | {b} | {r['after']:.4f} | "
+                     f"{r['original']:.4f} | {r['dense']:.4f} | {r['retained']:.4f} | {r['kept']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
