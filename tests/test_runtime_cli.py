@@ -1,0 +1,110 @@
+"""The app runtime (no torch) and the CLI commands around the build."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeprune.cli import main
+from tests.test_build import FAST, run, tiny_original, loose_targets  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_original):
+    import os
+
+    out = tmp_path_factory.mktemp("art") / "sst2"
+    env_cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("EDGEPRUNE_CACHE")
+    os.environ["EDGEPRUNE_CACHE"] = str(env_cache)
+    try:
+        CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "x86_64", "--out", str(out)]
+                           + FAST)
+    finally:
+        if old is None:
+            os.environ.pop("EDGEPRUNE_CACHE")
+        else:
+            os.environ["EDGEPRUNE_CACHE"] = old
+    # the tiny model is random: its accuracy budget may fail, in which case the artifact is in .rejected
+    return out if out.exists() else out.parent / "sst2.rejected"
+
+
+def test_runtime_imports_no_torch_and_handles_odd_inputs(artifact):
+    code = f"""
+import sys, json
+from edgeprune.runtime import EdgeModel
+m = EdgeModel({str(artifact)!r})
+texts = ["a gorgeous, witty film", "", "x " * 5000, "très émouvant 映画 ☃"]
+labels = m.predict(texts)
+p = m.predict_proba(texts)
+print(json.dumps({{"labels": labels, "sums": p.sum(1).tolist(), "empty": m.predict([]),
+                  "mods": sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "transformers"))}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout)
+    assert res["mods"] == []
+    assert len(res["labels"]) == 4 and set(res["labels"]) <= {"negative", "positive"}
+    assert np.allclose(res["sums"], 1.0, atol=1e-5)
+    assert res["empty"] == []
+
+
+def test_runtime_tokenizes_like_transformers(artifact, tiny_original):
+    from transformers import AutoTokenizer
+
+    from edgeprune.runtime import EdgeModel
+
+    build_cfg = json.loads((artifact / "build_config.json").read_text())
+    assert build_cfg["task"] == "sst2"
+    m = EdgeModel(artifact)
+    texts = ["the best film of the year", "dull and lifeless", "an uneven but often moving story"]
+    tok = AutoTokenizer.from_pretrained(tiny_original)
+    enc = tok(texts, padding=True, return_tensors="np")
+    ids = m.tokenizer.encode_batch(texts)
+    for row, e in enumerate(ids):
+        n = len(e.ids)
+        assert e.ids == enc["input_ids"][row][:n].tolist()
+
+
+def test_predict_cli_and_errors(artifact, tmp_path):
+    res = run(["predict", str(artifact), "--proba", "good", "bad"])
+    lines = [json.loads(l) for l in res.output.strip().splitlines()]
+    assert [l["text"] for l in lines] == ["good", "bad"]
+    assert abs(lines[0]["negative"] + lines[0]["positive"] - 1) < 1e-3
+    res = CliRunner().invoke(main, ["predict", str(tmp_path), "x"])
+    assert res.exit_code == 4 and "no edgeprune.json; is this an edgeprune build output?" in res.output
+    res = CliRunner().invoke(main, ["check", str(tmp_path)])
+    assert res.exit_code == 4 and "no report.json / edgeprune.json" in res.output
+
+
+def test_help_lists_every_subcommand():
+    res = run(["--help"])
+    for cmd in ("build", "check", "predict", "targets", "tasks", "original", "baseline", "score", "prune"):
+        assert cmd in res.output
+    assert "x86_64" in run(["targets"]).output
+
+
+def test_score_writes_plan_and_prune_reapplies_it(tmp_path, cache, tiny_original):
+    plan = tmp_path / "plan.json"
+    res = run(["score", "--model", str(tiny_original), "--method", "uncurl", "--experts", "2",
+               "--calibration-examples", "32", "--out", str(plan)])
+    assert "layer 1: keep" in res.output
+    data = json.loads(plan.read_text())
+    assert data["method"] == "uncurl" and len(data["layers"][0]["groups"]) == 2
+    data["layers"][0]["groups"] = [[[0, 1.0]]]  # hand edit: keep expert 0 only
+    plan.write_text(json.dumps(data))
+    out = tmp_path / "pruned"
+    res = run(["prune", "--model", str(tiny_original), "--plan", str(plan), "--recovery-steps", "2", "--out", str(out)])
+    assert "BertForSequenceClassification" in res.output
+    assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
+    assert json.loads((out / "prune_plan.json").read_text())["layers"][0]["groups"] == [[[0, 1.0]]]
+
+
+def test_original_command_errors():
+    res = CliRunner().invoke(main, ["original", "--task", "mnli"])
+    assert res.exit_code == 3
+    assert res.output.strip() == ("error: task mnli ships no data; pass --train-file (TSV, CSV or JSONL with columns "
+                                  "premise, hypothesis, label)")
+    res = CliRunner().invoke(main, ["original", "--task", "nope"])
+    assert res.exit_code == 2 and "unknown task 'nope'" in res.output
