@@ -6,13 +6,12 @@ runs the same check at the end. A budget left unset (``None``) is not checked.
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
-from edgeprune.errors import ConfigError, ModelError
-from edgeprune.export.targets import Budgets, _typed
+from edgeprune.errors import ModelError
+from edgeprune.export.targets import Budgets, _typed, read_toml
 
 
 def measured(report: dict) -> dict:
@@ -51,12 +50,7 @@ def violations(report: dict, budgets: Budgets) -> list[str]:
 def load_budget_file(path: str | Path) -> Budgets:
     """Budgets from a TOML file: a ``[budgets]`` table (a target profile works) or top-level keys."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: budget file not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    data = read_toml(path, "budget file")
     values = data.get("budgets", data if "budgets" not in data else {})
     values = {k: v for k, v in values.items() if not isinstance(v, dict) and k not in ("name", "description", "notes")}
     return _typed("budgets", Budgets, values, str(path))

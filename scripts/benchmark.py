@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from edgeprune.export.quantize import size_mb
 from edgeprune.export.targets import load_target
 from edgeprune.original import DataSpec, OriginalSpec, ensure_original
 from edgeprune.pruning.pipeline import PruneConfig, load_model
+from edgeprune.results import command_line, write_results
 from edgeprune.tasks import get_task
 from edgeprune.tokenization import load_tokenizer
 from edgeprune.training import encode
@@ -68,7 +68,7 @@ def main() -> None:
             try:
                 art, report = build(cfg)
                 ok = True
-            except BudgetError as exc:
+            except BudgetError:
                 art = cfg.out.parent / f"{cfg.out.name}.rejected"
                 report = json.loads((art / "report.json").read_text())
                 ok = False
@@ -107,10 +107,7 @@ def main() -> None:
 
 
 def write(args, rows) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python " + " ".join(sys.argv)
-    out.with_suffix(".json").write_text(json.dumps({"command": cmd, "rows": rows}, indent=1))
+    cmd = command_line()
     lines = ["# Benchmark: original MoE vs edgeprune artifact", "", f"Produced by `{cmd}` on the build host "
              "(2 cores); latency at batch 1, 64 tokens, 1 thread (a proxy for the device); throughput at batch 32. "
              "Accuracy on the full validation split. Method: " + args.method + ", k = 1 (folded), recovery "
@@ -132,7 +129,7 @@ def write(args, rows) -> None:
                          f"{m.get('p50_speedup', '')} | {m.get('size_ratio', '')} |")
         lines.append(f"| {r['task']} | {r['target']} | artifact / dense baseline | | | {r['artifact_vs_dense']['size']} | "
                      f"{r['artifact_vs_dense']['p50']} | | | | |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, {"rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ import json
 import math
 import os
 import platform
-import sys
-from pathlib import Path
 
 import torch
 
 from edgeprune.original import OriginalSpec, ensure_original, load_meta
+from edgeprune.results import command_line, write_results
 from edgeprune.tasks import get_task
 
 
@@ -52,13 +51,10 @@ def main() -> None:
                          "usage": usage, "balance": {k: round(balance(u), 3) for k, u in usage.items()},
                          "moe_dir": str(moe_dir), "dense_dir": str(dense_dir)})
             print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python " + " ".join(sys.argv)
-    meta = {"command": cmd, "host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    cmd = command_line()
+    meta = {"host": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "torch_threads": torch.get_num_threads()}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"# Originals and dense baselines", "", f"Produced by `{cmd}` ({meta['host']}).",
+    lines = ["# Originals and dense baselines", "", f"Produced by `{cmd}` ({meta['host']}).",
              "Validation split of each task (agnews: a fixed seeded 10% of train). Batch 32, bf16 autocast,",
              "word embeddings frozen; the MoE is MiniLM-L6 upcycled (every other layer, drop-upcycling r=0.2).", "",
              "| task | Z | steps | MoE acc | dense acc | MoE params | dense params | MoE MB | dense MB | MoE s | dense s | "
@@ -72,8 +68,8 @@ def main() -> None:
     for r in rows:
         for layer, u in r["usage"].items():
             lines.append(f"- {r['task']} Z={r['experts']} layer {layer}: {', '.join(f'{x:.3f}' for x in u)}")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    write_results(args.out, {"meta": meta, "rows": rows}, lines)
+    print(f"wrote {args.out}.md and {args.out}.json")
 
 
 if __name__ == "__main__":

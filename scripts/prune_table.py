@@ -11,16 +11,14 @@ recovery (distilled from the original, alpha 0.5), accuracy on the first --eval-
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import sys
 import time
-from pathlib import Path
 
 from edgeprune.original import DataSpec, OriginalSpec, ensure_original, load_meta
 from edgeprune.pruning.apply import apply_plan
 from edgeprune.pruning.pipeline import PROGRESSIVE, PruneConfig, load_model, prune, score
 from edgeprune.pruning.recover import recover, train_router
+from edgeprune.results import command_line, write_results
 from edgeprune.tasks import get_task
 from edgeprune.tokenization import load_tokenizer
 from edgeprune.training import accuracy, encode, predict_logits
@@ -85,13 +83,10 @@ def main() -> None:
 
 
 def write(args, rows) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python " + " ".join(sys.argv)
+    cmd = command_line()
     settings = (f"calibration {args.calibration_examples} training examples; recovery {args.recovery_steps} steps "
                 f"(batch 32, distilled from the original, alpha 0.5); accuracy on {args.eval_examples} validation "
                 f"examples (seeded subsample; the dense baseline column is on the full validation split)")
-    out.with_suffix(".json").write_text(json.dumps({"command": cmd, "settings": settings, "rows": rows}, indent=1))
     lines = ["# Expert pruning: methods x k", "", f"Produced by `{cmd}`.", "", f"Settings (CPU budget): {settings}.",
              "`before` = right after pruning (router renormalised / folded), `after` = after recovery;"
              " `retained` = after / original.", "",
@@ -101,7 +96,7 @@ def write(args, rows) -> None:
         b = "" if r["before"] is None else f"{r['before']:.4f}"
         lines.append(f"| {r['task']} | {r['Z']} | {r['k']} | {r['method']} | {b} | {r['after']:.4f} | "
                      f"{r['original']:.4f} | {r['dense']:.4f} | {r['retained']:.4f} | {r['kept']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, {"settings": settings, "rows": rows}, lines)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import re
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,28 @@ def tiny_tokenizer(tmp_path_factory):
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_original(tmp_path_factory, tiny_tokenizer):
+    tok, vocab = tiny_tokenizer
+    d = tmp_path_factory.mktemp("orig")
+    model = tiny_moe(num_experts=4, vocab=vocab)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def loose_targets(tmp_path, monkeypatch):
+    """The real target profiles with budgets a random tiny model can meet."""
+    tdir = tmp_path / "targets"
+    tdir.mkdir()
+    repo = Path(__file__).resolve().parents[1] / "targets"
+    for f in repo.glob("*.toml"):
+        text = f.read_text()
+        text = re.sub(r"max_accuracy_drop = [0-9.]+", "max_accuracy_drop = 100.0", text)
+        text = re.sub(r"min_agreement = [0-9.]+", "min_agreement = 0.0", text)
+        (tdir / f.name).write_text(text)
+    monkeypatch.setenv("EDGEPRUNE_TARGETS", str(tdir))
+    return tdir

@@ -6,10 +6,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from edgeprune.errors import ConfigError
-from edgeprune.pruning.apply import apply_plan, fold_to_dense
+from edgeprune.pruning.apply import apply_plan
 from edgeprune.pruning.calibration import collect_routing
 from edgeprune.pruning.merge import align_to, merge_experts, uncurl_clusters
-from edgeprune.pruning.methods import method_config, score_experts, METHODS
+from edgeprune.pruning.methods import method_config, score_experts
 from edgeprune.pruning.pipeline import PruneConfig
 from edgeprune.pruning.plan import PrunePlan, adaptive_k, make_plan, validate_k
 from edgeprune.pruning.progressive import ProgressiveDropper

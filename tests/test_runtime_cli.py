@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgeprune.cli import main
-from tests.test_build import FAST, run, tiny_original, loose_targets  # noqa: F401 (fixtures)
+from tests.test_build import FAST, run
 
 
 @pytest.fixture(scope="module")

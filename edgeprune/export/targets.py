@@ -117,6 +117,16 @@ def _typed(section: str, cls, values: dict, where: str):
     return obj
 
 
+def read_toml(path: Path, what: str) -> dict:
+    """Parse a TOML file or raise a one-line error naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
 def load_target(name_or_path: str) -> Target:
     """A target by name (``targets/<name>.toml``) or by path to a custom TOML file."""
     path = Path(name_or_path)
@@ -126,12 +136,7 @@ def load_target(name_or_path: str) -> Target:
             raise ConfigError(f"unknown target {name_or_path!r}; known: {', '.join(known)} "
                               f"(or give a path to a .toml profile)")
         path = known[name_or_path]
-    if not path.is_file():
-        raise ConfigError(f"{path}: target profile not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    data = read_toml(path, "target profile")
     where = str(path)
     top = {k: v for k, v in data.items() if k not in SECTIONS}
     for key in top:
