@@ -84,6 +84,37 @@ def tasks() -> None:
 
 
 @main.command()
+@click.option("--dense", "dense_dir", type=click.Path(file_okay=False, exists=True),
+              help="Local dense BERT checkpoint (default: the packaged MiniLM-L6).")
+@click.option("--experts", "num_experts", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--top-k", default=1, show_default=True, type=click.IntRange(1), help="Experts per token.")
+@click.option("--drop-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--moe-layers", help="Comma-separated layer indices (default: every other layer, 1, 3, ...).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+def upcycle(dense_dir, num_experts, top_k, drop_fraction, moe_layers, seed, out) -> None:
+    """Sparse-upcycle a dense BERT checkpoint into a BERT-MoE (the "pretrained MoE")."""
+    from edgeprune.cache import atomic_dir
+    from edgeprune.errors import ConfigError
+    from edgeprune.models.upcycle import upcycle as run_upcycle
+
+    try:
+        layers = [int(x) for x in moe_layers.split(",")] if moe_layers else None
+    except ValueError:
+        raise ConfigError(f"--moe-layers {moe_layers!r}: give comma-separated layer indices, e.g. 1,3,5") from None
+    if top_k > num_experts:
+        raise ConfigError(f"--top-k {top_k} is larger than --experts {num_experts}")
+    with atomic_dir(out) as tmp:
+        try:
+            moe = run_upcycle(dense_dir, tmp, num_experts=num_experts, num_experts_per_tok=top_k,
+                              drop_fraction=drop_fraction, moe_layers=layers, seed=seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    click.echo(f"BERT-MoE: {num_experts} experts in layers {moe.config.moe_layers}, "
+               f"{sum(p.numel() for p in moe.parameters()) / 1e6:.1f}M parameters -> {out}")
+
+
+@main.command()
 @data_options
 @moe_options
 def original(task, data, num_experts, drop_fraction, steps, dense_dir, force) -> None:

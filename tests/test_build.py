@@ -136,3 +136,17 @@ def test_bad_target_fields(tmp_path):
         load_target(str(bad))
     with pytest.raises(ConfigError, match="missing.toml: target profile not found"):
         load_target(str(tmp_path / "missing.toml"))
+
+
+def test_static_qdq_target(tmp_path, cache, tiny_original, loose_targets):
+    custom = tmp_path / "static.toml"
+    text = (loose_targets / "x86_64.toml").read_text().replace('precision = "int8-dynamic"', 'precision = "int8-static"')
+    custom.write_text(text.replace("fuse = true", "fuse = false"))
+    out = tmp_path / "art"
+    run(["build", "--model", str(tiny_original), "--target", str(custom), "--out", str(out)] + FAST)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["quantization"]["precision"] == "int8-static"

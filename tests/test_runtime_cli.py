@@ -108,3 +108,25 @@ def test_original_command_errors():
                                   "premise, hypothesis, label)")
     res = CliRunner().invoke(main, ["original", "--task", "nope"])
     assert res.exit_code == 2 and "unknown task 'nope'" in res.output
+
+
+def test_upcycle_command(tmp_path, tiny_tokenizer):
+    import torch
+    from transformers import AutoModel, BertConfig, BertModel
+
+    tok, vocab = tiny_tokenizer
+    dense_dir = tmp_path / "dense"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(dense_dir)
+    tok.save_pretrained(dense_dir)
+    out = tmp_path / "moe"
+    res = run(["upcycle", "--dense", str(dense_dir), "--experts", "16", "--moe-layers", "0,2", "--out", str(out)])
+    assert "16 experts in layers [0, 2]" in res.output
+    moe = AutoModel.from_pretrained(out)
+    assert type(moe).__name__ == "BertMoeModel" and (out / "tokenizer.json").is_file()
+    res = CliRunner().invoke(main, ["upcycle", "--dense", str(dense_dir), "--moe-layers", "1;3", "--out", str(out)])
+    assert res.exit_code == 2 and "--moe-layers '1;3': give comma-separated layer indices" in res.output
+    res = CliRunner().invoke(main, ["upcycle", "--dense", str(dense_dir), "--moe-layers", "9", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "out of range for 4 layers" in res.output
+    assert not (tmp_path / "x").exists()
