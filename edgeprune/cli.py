@@ -58,7 +58,7 @@ def data_options(fn):
 
 
 def moe_options(fn):
-    @click.option("--experts", "num_experts", default=8, show_default=True, type=click.IntRange(1),
+    @click.option("--num-experts", "num_experts", default=8, show_default=True, type=click.IntRange(1),
                   help="Experts per MoE layer of the upcycled default original (Z).")
     @click.option("--drop-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1),
                   help="Drop-upcycling: share of each expert's hidden units re-initialised.")
@@ -86,7 +86,8 @@ def tasks() -> None:
 @main.command()
 @click.option("--dense", "dense_dir", type=click.Path(file_okay=False, exists=True),
               help="Local dense BERT checkpoint (default: the packaged MiniLM-L6).")
-@click.option("--experts", "num_experts", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--num-experts", "num_experts", default=8, show_default=True, type=click.IntRange(1),
+              help="Experts per MoE layer (Z).")
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(1), help="Experts per token.")
 @click.option("--drop-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--moe-layers", help="Comma-separated layer indices (default: every other layer, 1, 3, ...).")
@@ -103,7 +104,7 @@ def upcycle(dense_dir, num_experts, top_k, drop_fraction, moe_layers, seed, out)
     except ValueError:
         raise ConfigError(f"--moe-layers {moe_layers!r}: give comma-separated layer indices, e.g. 1,3,5") from None
     if top_k > num_experts:
-        raise ConfigError(f"--top-k {top_k} is larger than --experts {num_experts}")
+        raise ConfigError(f"--top-k {top_k} is larger than --num-experts {num_experts}")
     with atomic_dir(out) as tmp:
         try:
             moe = run_upcycle(dense_dir, tmp, num_experts=num_experts, num_experts_per_tok=top_k,

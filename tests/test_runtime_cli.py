@@ -121,7 +121,7 @@ def test_upcycle_command(tmp_path, tiny_tokenizer):
                          intermediate_size=64)).save_pretrained(dense_dir)
     tok.save_pretrained(dense_dir)
     out = tmp_path / "moe"
-    res = run(["upcycle", "--dense", str(dense_dir), "--experts", "16", "--moe-layers", "0,2", "--out", str(out)])
+    res = run(["upcycle", "--dense", str(dense_dir), "--num-experts", "16", "--moe-layers", "0,2", "--out", str(out)])
     assert "16 experts in layers [0, 2]" in res.output
     moe = AutoModel.from_pretrained(out)
     assert type(moe).__name__ == "BertMoeModel" and (out / "tokenizer.json").is_file()
