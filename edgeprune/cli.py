@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from edgeprune.errors import EdgepruneError
+
+# Models and data come from local directories only: never from a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 class Group(click.Group):

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import collections
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests download nothing: fail loudly if anything tries
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from edgeprune.models import BertMoeConfig, BertMoeForSequenceClassification
 from edgeprune.tasks import get_task, load_split
