@@ -24,14 +24,14 @@ def enc(n=24, seed=0, vocab=200):
     return Encoded(ids, [[0] * len(i) for i in ids], rng.integers(0, 2, n).tolist())
 
 
-def plan_for(model, k, method="frequency", **kw):
+def plan_for(model, k, method="frequency", gate_scale=False, **kw):
     e = enc()
     stats = collect_routing(model, e, progress=False)
     scores = score_experts(method_config(method, **kw), model, stats)
     blocks = model.moe_blocks()
     return make_plan(method, scores, {i: b.num_experts for i, b in blocks.items()},
                      {i: b.top_k for i, b in blocks.items()}, k=k, stats=stats,
-                     merge=method_config(method).merges)
+                     merge=method_config(method).merges, gate_scale=gate_scale)
 
 
 def test_keeping_every_expert_changes_nothing():
@@ -163,3 +163,22 @@ def test_progressive_dropping_reaches_one_expert(eager):
     assert plan.layers[0].k == alive
     if eager:
         assert dropper.history[0]["step"] == steps // 2
+
+
+def test_fold_keeps_the_switch_gate_scale():
+    model = tiny_moe(num_experts=4, layers=2)
+    e = enc()
+    stats = collect_routing(model, e, progress=False)
+    scores = score_experts(method_config("frequency"), model, stats)
+    plan = make_plan("frequency", scores, {1: 4}, {1: 1}, k=1, stats=stats)
+    g = stats[1].gate_sum.sum() / stats[1].tokens
+    assert plan.layers[0].output_scale == pytest.approx(g, abs=1e-6)
+    assert 0.25 <= g < 1.0
+    plain = make_plan("frequency", scores, {1: 4}, {1: 1}, k=1, stats=stats, gate_scale=False)
+    assert plain.layers[0].output_scale == 1.0
+    a, b = apply_plan(model, plan), apply_plan(model, plain)
+    kept = plan.layers[0].kept[0]
+    src = model.moe_blocks()[1].experts[kept]
+    torch.testing.assert_close(a.bert.encoder.layer[1].output.dense.weight, src.w_out.weight * g)
+    torch.testing.assert_close(b.bert.encoder.layer[1].output.dense.weight, src.w_out.weight)
+    assert PrunePlan.from_dict(json.loads(plan.to_json())).layers[0].output_scale == plan.layers[0].output_scale

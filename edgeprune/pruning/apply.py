@@ -45,6 +45,8 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True) -> to
         for j, group in enumerate(lp.groups):
             experts = [{k: src[pre + adapter.expert_prefix(layer, e) + k] for k in EXPERT_KEYS} for e, _ in group]
             merged = merge_experts(experts, [w for _, w in group])
+            if lp.output_scale != 1.0:
+                merged = {k: v * lp.output_scale if k.startswith("w_out") else v for k, v in merged.items()}
             for k, v in merged.items():
                 dst[pre + adapter.expert_prefix(layer, j) + k] = v
             total = sum(w for _, w in group)

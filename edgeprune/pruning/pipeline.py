@@ -44,6 +44,7 @@ class PruneConfig:
     distill_alpha: float = 0.5
     window: int = 25
     beta: float = 0.5
+    gate_scale: bool = True
     seed: int = 0
 
     def validate(self) -> None:
@@ -100,15 +101,14 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     check_model(model, task, cfg)
     mcfg = method_config(cfg.method, **cfg.method_options)
     blocks = model.moe_blocks()
-    stats = None
-    if mcfg.needs_calibration or cfg.coverage is not None or mcfg.merges:
-        tok = load_tokenizer(original_dir)
-        enc = encode(data.load(task, "train", limit=cfg.calibration_examples), tok, task.max_length)
-        stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress)
+    # Calibrate for every method (cheap): data-free methods still need the gate statistics for the fold scale.
+    tok = load_tokenizer(original_dir)
+    enc = encode(data.load(task, "train", limit=cfg.calibration_examples), tok, task.max_length)
+    stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress)
     scores = score_experts(mcfg, model, stats, source_dir=str(original_dir))
     return make_plan(cfg.method, scores, {i: b.num_experts for i, b in blocks.items()},
                      {i: b.top_k for i, b in blocks.items()}, k=cfg.experts, coverage=cfg.coverage, stats=stats,
-                     merge=mcfg.merges, seed=cfg.seed, source=str(original_dir), task=task.name,
+                     merge=mcfg.merges, seed=cfg.seed, gate_scale=cfg.gate_scale, source=str(original_dir), task=task.name,
                      options=dict(cfg.method_options, calibration_examples=cfg.calibration_examples))
 
 

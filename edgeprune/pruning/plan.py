@@ -19,10 +19,19 @@ from edgeprune.pruning.calibration import LayerStats
 
 @dataclass
 class LayerPlan:
+    """One MoE layer: ``groups`` are the new experts; ``output_scale`` multiplies their outputs (W_out, b_out).
+
+    With Switch top-1 routing the original scales each expert's output by its gate g (about 0.2 with 8
+    experts here); at k = 1 the renormalised gate becomes exactly 1, a 1/g jump in the FFN output. The plan
+    then sets ``output_scale`` to the layer's mean top-1 gate on the calibration tokens, so the folded FFN
+    keeps the output scale the rest of the network was trained with (1.0 = the plain fold).
+    """
+
     layer: int
     num_experts: int
     scores: list[float]
     groups: list[list[tuple[int, float]]]
+    output_scale: float = 1.0
 
     @property
     def k(self) -> int:
@@ -60,7 +69,8 @@ class PrunePlan:
     @classmethod
     def from_dict(cls, d: dict) -> "PrunePlan":
         layers = [LayerPlan(int(lp["layer"]), int(lp["num_experts"]), [float(s) for s in lp["scores"]],
-                            [[(int(e), float(w)) for e, w in g] for g in lp["groups"]]) for lp in d["layers"]]
+                            [[(int(e), float(w)) for e, w in g] for g in lp["groups"]],
+                            float(lp.get("output_scale", 1.0))) for lp in d["layers"]]
         return cls(d["method"], layers, d.get("source"), d.get("task"), d.get("options", {}))
 
     @classmethod
@@ -114,9 +124,10 @@ def validate_plan(plan: PrunePlan, model) -> None:
 def make_plan(method: str, scores: dict[int, np.ndarray], num_experts: dict[int, int], top_k: dict[int, int],
               k: Optional[int] = None, coverage: Optional[float] = None,
               stats: Optional[dict[int, LayerStats]] = None, merge: bool = False, seed: int = 0,
-              **meta) -> PrunePlan:
+              gate_scale: bool = True, **meta) -> PrunePlan:
     """Keep the top-``k`` experts by score per layer (or an adaptive k from routing ``coverage``);
-    with ``merge`` (UNCURL) cluster the experts into k groups instead."""
+    with ``merge`` (UNCURL) cluster the experts into k groups instead. With ``gate_scale`` and statistics,
+    a layer folded to one expert from top-1 routing gets ``output_scale`` = its mean top-1 gate."""
     if (k is None) == (coverage is None):
         raise ConfigError("give exactly one of --experts K or --coverage SHARE")
     layers = []
@@ -136,5 +147,8 @@ def make_plan(method: str, scores: dict[int, np.ndarray], num_experts: dict[int,
         else:
             order = sorted(range(len(s)), key=lambda e: (-s[e], e))
             groups = [[(e, 1.0)] for e in sorted(order[:k_l])]
-        layers.append(LayerPlan(layer, num_experts[layer], [round(float(x), 6) for x in s], groups))
+        scale = 1.0
+        if gate_scale and stats is not None and k_l == 1 and top_k[layer] == 1 and stats[layer].tokens:
+            scale = round(float(stats[layer].gate_sum.sum() / stats[layer].tokens), 6)
+        layers.append(LayerPlan(layer, num_experts[layer], [round(float(x), 6) for x in s], groups, scale))
     return PrunePlan(method, layers, **meta)
