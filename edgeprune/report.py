@@ -29,7 +29,7 @@ def report_markdown(r: dict) -> str:
     if "peak_rss_mb" in mem:
         lines.append(_row("peak RSS of an app process running the artifact (MB)", "", mem["peak_rss_mb"],
                           f"{mem['session_mb']} MB above a bare onnxruntime import"))
-    lines += ["", f"Latency and memory are measured on the build host: {sp['note']}.",
+    lines += ["", f"Latency and memory: {sp['note']}.",
               f"Accuracy is on the task's {r['data']['validation_split']} split ({r['data']['note']}).", "",
               "## Export", "",
               f"- exporter: {r['export']['exporter']}; parity with PyTorch (fp32 ONNX, "

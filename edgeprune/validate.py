@@ -57,14 +57,21 @@ def latency_onnx(path: Path, batch: int, length: int, threads: int, warmup: int,
 _MEM_PROBE = """
 import json, resource, sys
 import numpy as np, onnxruntime as ort
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_mb():
+    # VmHWM belongs to this process image; ru_maxrss on Linux keeps the parent's peak across fork + exec
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = peak_mb()
 opts = ort.SessionOptions(); opts.intra_op_num_threads = int(sys.argv[2]); opts.log_severity_level = 3
 s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
 shape = [d if isinstance(d, int) else v for d, v in zip(s.get_inputs()[0].shape, (1, 64))]
 feeds = {i.name: np.ones(shape, dtype=np.int64) for i in s.get_inputs()}
 for _ in range(3): s.run(None, feeds)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_rss_mb": peak / 1024, "session_mb": (peak - base) / 1024}))
+peak = peak_mb()
+print(json.dumps({"peak_rss_mb": peak, "session_mb": peak - base}))
 """
 
 

@@ -150,3 +150,21 @@ def test_static_qdq_target(tmp_path, cache, tiny_original, loose_targets):
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["quantization"]["precision"] == "int8-static"
+
+
+def test_session_memory_is_the_probe_process_not_its_parent(tmp_path):
+    """ru_maxrss survives fork + exec on Linux: a large parent must not inflate the app-process peak."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeprune.validate import session_memory
+
+    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq"])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    ballast = np.ones(600 * 2**20, dtype=np.uint8)  # 600 MB resident in this (parent) process
+    mem = session_memory(path)
+    assert ballast.sum() > 0
+    assert 0 < mem["peak_rss_mb"] < 400, mem
