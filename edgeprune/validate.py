@@ -23,35 +23,46 @@ from edgeprune.export.quantize import numpy_inputs
 from edgeprune.training import Encoded, accuracy, predict_logits
 
 
-def timeit(fn: Callable[[], object], warmup: int, iters: int) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    out = np.empty(iters)
-    for i in range(iters):
-        t = time.perf_counter()
-        fn()
-        out[i] = time.perf_counter() - t
-    return out * 1e3
-
-
-def latency_torch(model: torch.nn.Module, batch: int, length: int, threads: int, warmup: int, iters: int) -> np.ndarray:
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+def torch_runner(model: torch.nn.Module, batch: int, length: int) -> Callable[[], object]:
+    """One forward pass of ``model`` on random ids of shape (batch, length), no autograd."""
     feeds = {k: torch.from_numpy(v) for k, v in numpy_inputs(["input_ids", "attention_mask", "token_type_ids"],
                                                               batch, length, model.config.vocab_size).items()}
     model.eval()
-    try:
+
+    def run():
         with torch.no_grad():
-            return timeit(lambda: model(**feeds), warmup, iters)
-    finally:
-        torch.set_num_threads(old)
+            return model(**feeds)
+    return run
 
 
-def latency_onnx(path: Path, batch: int, length: int, threads: int, warmup: int, iters: int,
-                 vocab_size: int = 30522) -> np.ndarray:
+def onnx_runner(path: Path, batch: int, length: int, threads: int, vocab_size: int = 30522) -> Callable[[], object]:
+    """One ONNX Runtime run of ``path`` (a fresh session with ``threads`` intra-op threads)."""
     sess = session(path, threads)
     feeds = numpy_inputs([i.name for i in sess.get_inputs()], batch, length, vocab_size)
-    return timeit(lambda: sess.run(None, feeds), warmup, iters)
+    return lambda: sess.run(None, feeds)
+
+
+def interleaved(runners: dict[str, Callable[[], object]], threads: int, warmup: int, iters: int,
+                rounds: int = 10) -> dict[str, np.ndarray]:
+    """Milliseconds per call of each runner, measured in ``rounds`` alternating blocks so that the host's
+    drift (frequency, other load) falls on every model alike and the ratios stay fair."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for fn in runners.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        per_round = max(1, -(-iters // rounds))
+        for _ in range(rounds):
+            for name, fn in runners.items():
+                for _ in range(per_round):
+                    t = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t) * 1e3)
+        return {name: np.asarray(v) for name, v in times.items()}
+    finally:
+        torch.set_num_threads(old)
 
 
 _MEM_PROBE = """
@@ -89,27 +100,34 @@ def percentiles(ms: np.ndarray) -> dict:
     return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3)}
 
 
+def throughput(ms: np.ndarray, batch: int) -> float:
+    return round(batch / (float(np.median(ms)) / 1e3), 1)
+
+
 def speed(original: torch.nn.Module, artifact: Path, threads: int, batch: int, length: int,
           iters: int = 100, throughput_batch: int = 32, throughput_iters: int = 10,
           fixed: Optional[tuple[int, int]] = None) -> dict:
     """Latency at ``batch`` and throughput at ``throughput_batch``, original vs artifact, with ratios."""
     res: dict = {"threads": threads, "batch": batch, "sequence_length": length,
-                 "note": "measured on the build host; a proxy for the device (ratios carry over better)"}
-    o = percentiles(latency_torch(original, batch, length, threads, max(3, iters // 10), iters))
-    a_len = fixed[1] if fixed else length
+                 "note": "measured on the build host, original and artifact in alternating rounds; a proxy for "
+                         "the device (ratios carry over better)"}
     vocab = original.config.vocab_size
-    a = percentiles(latency_onnx(artifact, fixed[0] if fixed else batch, a_len, threads, max(3, iters // 10), iters,
-                                 vocab))
+    a_batch, a_len = fixed if fixed else (batch, length)
+    ms = interleaved({"original": torch_runner(original, batch, length),
+                      "artifact": onnx_runner(artifact, a_batch, a_len, threads, vocab)},
+                     threads, max(3, iters // 10), iters)
+    o, a = percentiles(ms["original"]), percentiles(ms["artifact"])
     res["original_torch_fp32"] = o
     res["artifact_onnxruntime"] = a
     res["p50_speedup"] = round(o["p50_ms"] / a["p50_ms"], 2)
     res["p95_speedup"] = round(o["p95_ms"] / a["p95_ms"], 2)
     if fixed is None:
-        ot = latency_torch(original, throughput_batch, length, threads, 2, throughput_iters)
-        at = latency_onnx(artifact, throughput_batch, length, threads, 2, throughput_iters, vocab)
+        tp = interleaved({"original": torch_runner(original, throughput_batch, length),
+                          "artifact": onnx_runner(artifact, throughput_batch, length, threads, vocab)},
+                         threads, 2, throughput_iters, rounds=min(5, throughput_iters))
         res["throughput_batch"] = throughput_batch
-        res["original_throughput_per_s"] = round(throughput_batch / (np.median(ot) / 1e3), 1)
-        res["artifact_throughput_per_s"] = round(throughput_batch / (np.median(at) / 1e3), 1)
+        res["original_throughput_per_s"] = throughput(tp["original"], throughput_batch)
+        res["artifact_throughput_per_s"] = throughput(tp["artifact"], throughput_batch)
         res["throughput_ratio"] = round(res["artifact_throughput_per_s"] / res["original_throughput_per_s"], 2)
     else:
         res["throughput"] = f"not measured: the artifact has a fixed batch of {fixed[0]}"

@@ -7,7 +7,8 @@ measures in the same process, with the same thread count and inputs: the origina
 (the reference), the artifact, the dense baseline exported and quantized the same way (the floor for
 k = 1: folding must cost nothing over a natively dense model), and the original exported to ONNX fp32
 with all its experts (dense dispatch; separates what pruning buys from what ONNX Runtime buys).
-Latency: p50/p95 at batch 1, 64 tokens, 1 thread; throughput at batch 32. Ratios are vs the original.
+Latency: p50/p95 at batch 1, 64 tokens, 1 thread; throughput at batch 32; every model of a row is timed in
+alternating rounds (edgeprune.validate.interleaved) so that host drift falls on all alike. Ratios are vs the original.
 """
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 from edgeprune.build import BuildConfig, build, stage_export
 from edgeprune.errors import BudgetError
@@ -28,18 +27,32 @@ from edgeprune.results import command_line, write_results
 from edgeprune.tasks import get_task
 from edgeprune.tokenization import load_tokenizer
 from edgeprune.training import encode
-from edgeprune.validate import latency_onnx, original_logits, percentiles, quality
+from edgeprune.validate import (interleaved, onnx_runner, original_logits, percentiles, quality,
+                                throughput, torch_runner)
 
 
-def measure(path: Path, ref_logits, va, t, vocab, iters) -> dict:
-    fixed = (t.export.batch_size, t.export.sequence_length) if t.export.fixed_shapes else None
-    q = quality(ref_logits, path, va, fixed_length=fixed[1] if fixed else None)
-    lat = percentiles(latency_onnx(path, fixed[0] if fixed else 1, 64, t.runtime.threads, 10, iters, vocab))
-    out = {"accuracy": q["artifact_accuracy"], "agreement": q["agreement"], "size_mb": size_mb(path), **lat}
-    if not fixed:
-        tp = latency_onnx(path, 32, 64, t.runtime.threads, 2, 10, vocab)
-        out["throughput_per_s"] = round(32 / (np.median(tp) / 1e3), 1)
-    return out
+def accuracy_row(path: Path, ref_logits, va, t) -> dict:
+    fixed = t.export.sequence_length if t.export.fixed_shapes else None
+    q = quality(ref_logits, path, va, fixed_length=fixed)
+    return {"accuracy": q["artifact_accuracy"], "agreement": q["agreement"], "size_mb": size_mb(path)}
+
+
+def measure_speed(row: dict, original, paths: dict[str, Path], t, iters: int) -> None:
+    """Latency (batch 1, 64 tokens) and batch-32 throughput of the original in PyTorch and every ONNX model,
+    all in alternating rounds in this process (same threads, same inputs)."""
+    vocab, threads = original.config.vocab_size, t.runtime.threads
+    batch = t.export.batch_size if t.export.fixed_shapes else 1
+    ms = interleaved({"original": torch_runner(original, 1, 64),
+                      **{k: onnx_runner(p, batch, 64, threads, vocab) for k, p in paths.items()}},
+                     threads, 10, iters)
+    for key, v in ms.items():
+        row[key].update(percentiles(v))
+    if not t.export.fixed_shapes:
+        tp = interleaved({"original": torch_runner(original, 32, 64),
+                          **{k: onnx_runner(p, 32, 64, threads, vocab) for k, p in paths.items()}},
+                         threads, 2, 10, rounds=5)
+        for key, v in tp.items():
+            row[key]["throughput_per_s"] = throughput(v, 32)
 
 
 def main() -> None:
@@ -59,7 +72,6 @@ def main() -> None:
         original = load_model(odir)
         va = encode(DataSpec().load(task, "validation"), load_tokenizer(odir), task.max_length)
         ref = original_logits(original, va)
-        vocab = original.config.vocab_size
         for tname in args.targets:
             t = load_target(tname)
             cfg = BuildConfig(task=task, target=t, out=Path(f"build/bench-{name}-{tname}"),
@@ -72,26 +84,24 @@ def main() -> None:
                 art = cfg.out.parent / f"{cfg.out.name}.rejected"
                 report = json.loads((art / "report.json").read_text())
                 ok = False
-            sp = report["speed"]
             dense_art = stage_export(cfg, ddir, va)
-            dense = measure(dense_art / "model.onnx", ref, va, t, vocab, args.latency_iters)
             row = {"task": name, "target": tname, "budgets_hold": ok, "violations": report["violations"],
                    "original": {"accuracy": report["quality"]["original_accuracy"],
-                                "size_mb": report["size"]["original_mb"], **sp["original_torch_fp32"],
-                                "throughput_per_s": sp.get("original_throughput_per_s")},
-                   "artifact": {"accuracy": report["quality"]["artifact_accuracy"],
-                                "agreement": report["quality"]["agreement"], "size_mb": report["size"]["artifact_mb"],
-                                **sp["artifact_onnxruntime"], "throughput_per_s": sp.get("artifact_throughput_per_s")},
-                   "dense_baseline": dense}
+                                "size_mb": report["size"]["original_mb"]},
+                   "artifact": accuracy_row(art / "model.onnx", ref, va, t),
+                   "dense_baseline": accuracy_row(dense_art / "model.onnx", ref, va, t)}
+            paths = {"artifact": art / "model.onnx", "dense_baseline": dense_art / "model.onnx"}
             if tname != "mobile-gpu":
                 fp32 = replace(t, quantization=replace(t.quantization, precision="fp32"),
                                optimization=replace(t.optimization, fuse=False),
                                runtime=replace(t.runtime, ort_format=False, mobile_usability=False))
                 try:
-                    full = stage_export(replace(cfg, target=fp32), odir, va)
-                    row["original_onnx_fp32"] = measure(full / "model.onnx", ref, va, fp32, vocab, args.latency_iters)
+                    full = stage_export(replace(cfg, target=fp32), odir, va) / "model.onnx"
+                    row["original_onnx_fp32"] = accuracy_row(full, ref, va, fp32)
+                    paths["original_onnx_fp32"] = full
                 except Exception as exc:  # report, do not hide
                     row["original_onnx_fp32"] = {"error": f"{type(exc).__name__}: {exc}"}
+            measure_speed(row, original, paths, t, args.latency_iters)
             o = row["original"]
             for key in ("artifact", "dense_baseline", "original_onnx_fp32"):
                 r = row.get(key)
@@ -109,7 +119,8 @@ def main() -> None:
 def write(args, rows) -> None:
     cmd = command_line()
     lines = ["# Benchmark: original MoE vs edgeprune artifact", "", f"Produced by `{cmd}` on the build host "
-             "(2 cores); latency at batch 1, 64 tokens, 1 thread (a proxy for the device); throughput at batch 32. "
+             "(2 cores); latency at batch 1, 64 tokens, 1 thread (a proxy for the device); throughput at batch 32; "
+             "all models of a row timed in the same process in alternating rounds. "
              "Accuracy on the full validation split. Method: " + args.method + ", k = 1 (folded), recovery "
              f"{args.recovery_steps} steps.", "",
              "| task | target | model | accuracy | agreement | size MB | p50 ms | p95 ms | batch-32 /s | p50 speed-up | size ratio |",
