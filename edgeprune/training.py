@@ -14,6 +14,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -126,6 +127,26 @@ def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 StepCallback = Callable[[int, torch.nn.Module, dict[str, torch.Tensor]], None]
+
+
+class TeacherCache:
+    """A teacher whose logits are memoised by batch content: runs that share a teacher and a seed see the same
+    bucketed batches, so a sweep over pruning methods pays for the teacher's forward passes once."""
+
+    def __init__(self, teacher: torch.nn.Module):
+        self.teacher = teacher
+        self.memo: dict[bytes, torch.Tensor] = {}
+
+    def eval(self) -> "TeacherCache":
+        self.teacher.eval()
+        return self
+
+    def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        key = bytes(str(tuple(ids.shape)), "ascii") + ids.numpy().tobytes() + mask.numpy().tobytes()
+        if key not in self.memo:
+            self.memo[key] = self.teacher(**batch).logits
+        return SimpleNamespace(logits=self.memo[key])
 
 
 def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optional[torch.nn.Module] = None,

@@ -21,7 +21,7 @@ from edgeprune.pruning.recover import recover, train_router
 from edgeprune.results import command_line, write_results
 from edgeprune.tasks import get_task
 from edgeprune.tokenization import load_tokenizer
-from edgeprune.training import accuracy, encode, predict_logits
+from edgeprune.training import TeacherCache, accuracy, encode, predict_logits
 
 METHODS = ["random", "frequency", "chen2022", "chowdhury2024", "reap", "uncurl", "chen2022-progressive",
            "chen2022-eager"]
@@ -52,6 +52,7 @@ def main() -> None:
             va = encode(val, tok, task.max_length)
             tr = encode(data.load(task, "train"), tok, task.max_length)
             orig_acc = accuracy(predict_logits(original, va), va.labels)
+            teacher = TeacherCache(original)  # same seeded batches in every cell: one teacher pass
             ks = [z // f for f in args.factors] if args.factors else args.ks
             for k in ks:
                 for method in args.methods:
@@ -68,8 +69,8 @@ def main() -> None:
                         model = apply_plan(original, plan)
                         before = accuracy(predict_logits(model, va), va.labels)
                         if method == "uncurl" and not plan.folds:
-                            train_router(model, tr, 50, teacher=original, max_length=task.max_length, progress=False)
-                        recover(model, tr, args.recovery_steps, teacher=original, max_length=task.max_length,
+                            train_router(model, tr, 50, teacher=teacher, max_length=task.max_length, progress=False)
+                        recover(model, tr, args.recovery_steps, teacher=teacher, max_length=task.max_length,
                                 progress=False)
                     after = accuracy(predict_logits(model, va), va.labels)
                     row = {"task": name, "Z": z, "k": k, "factor": z // k, "method": method,

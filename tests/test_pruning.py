@@ -13,7 +13,7 @@ from edgeprune.pruning.methods import method_config, score_experts
 from edgeprune.pruning.pipeline import PruneConfig
 from edgeprune.pruning.plan import PrunePlan, adaptive_k, make_plan, validate_k
 from edgeprune.pruning.progressive import ProgressiveDropper
-from edgeprune.training import Encoded, TrainConfig, train
+from edgeprune.training import Encoded, TeacherCache, TrainConfig, train
 from tests.conftest import tiny_moe
 from tests.test_model import batch
 
@@ -182,3 +182,20 @@ def test_fold_keeps_the_switch_gate_scale():
     torch.testing.assert_close(a.bert.encoder.layer[1].output.dense.weight, src.w_out.weight * g)
     torch.testing.assert_close(b.bert.encoder.layer[1].output.dense.weight, src.w_out.weight)
     assert PrunePlan.from_dict(json.loads(plan.to_json())).layers[0].output_scale == plan.layers[0].output_scale
+
+
+def test_teacher_cache_distils_exactly_like_the_teacher_and_runs_it_once_per_batch():
+    teacher = tiny_moe(seed=1)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    cfg = TrainConfig(max_steps=6, batch_size=8, bf16=False, distill_alpha=0.5)
+    plain, cached = tiny_moe(), tiny_moe()
+    train(plain, enc(32), cfg, teacher=teacher, progress=False)
+    direct_calls = len(calls)
+    memo = TeacherCache(teacher)
+    train(cached, enc(32), cfg, teacher=memo, progress=False)
+    for a, b in zip(plain.parameters(), cached.parameters()):
+        torch.testing.assert_close(a, b)
+    calls.clear()
+    train(tiny_moe(), enc(32), cfg, teacher=memo, progress=False)  # same seeded batches: all from the memo
+    assert direct_calls == 6 and 0 < len(memo.memo) <= 6 and calls == []
