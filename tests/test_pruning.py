@@ -34,9 +34,12 @@ def plan_for(model, k, method="frequency", gate_scale=False, **kw):
                      merge=method_config(method).merges, gate_scale=gate_scale)
 
 
-def test_keeping_every_expert_changes_nothing():
+@pytest.mark.parametrize("gate_scale", [False, True])
+def test_keeping_every_expert_changes_nothing(gate_scale):
     model = tiny_moe(num_experts=4, layers=4)
-    pruned = apply_plan(model, plan_for(model, 4))
+    plan = plan_for(model, 4, gate_scale=gate_scale)
+    assert all(lp.output_scale == 1.0 for lp in plan.layers)
+    pruned = apply_plan(model, plan)
     torch.testing.assert_close(pruned(**batch()).logits, model(**batch()).logits, atol=0, rtol=0)
 
 
@@ -182,6 +185,26 @@ def test_fold_keeps_the_switch_gate_scale():
     torch.testing.assert_close(a.bert.encoder.layer[1].output.dense.weight, src.w_out.weight * g)
     torch.testing.assert_close(b.bert.encoder.layer[1].output.dense.weight, src.w_out.weight)
     assert PrunePlan.from_dict(json.loads(plan.to_json())).layers[0].output_scale == plan.layers[0].output_scale
+
+
+@pytest.mark.parametrize("method", ["frequency", "uncurl"])
+def test_pruned_top1_layer_keeps_the_mean_gate_of_the_original(method):
+    """k = 2 of 4: the renormalised gate grows; output_scale = mean original / mean pruned top-1 gate, checked
+    against the pruned model's own routing on the calibration tokens (merged router rows included)."""
+    model = tiny_moe(num_experts=4, layers=2)
+    e = enc()
+    stats = collect_routing(model, e, progress=False)
+    plan = plan_for(model, 2, method=method, gate_scale=True)
+    plain = apply_plan(model, plan_for(model, 2, method=method, gate_scale=False))
+    after = collect_routing(plain, e, progress=False)
+    mean_gate = lambda st: st.gate_sum.sum() / st.tokens  # noqa: E731
+    expected = mean_gate(stats[1]) / mean_gate(after[1])
+    assert expected < 0.95  # the renormalised gate did grow
+    assert plan.layers[0].output_scale == pytest.approx(expected, rel=1e-4)
+    scaled = apply_plan(model, plan)
+    for a, b in zip(scaled.moe_blocks()[1].experts, plain.moe_blocks()[1].experts):
+        torch.testing.assert_close(a.w_out.weight, b.w_out.weight * plan.layers[0].output_scale)
+        torch.testing.assert_close(a.w_in.weight, b.w_in.weight)
 
 
 def test_teacher_cache_distils_exactly_like_the_teacher_and_runs_it_once_per_batch():

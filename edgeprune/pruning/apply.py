@@ -2,6 +2,8 @@
 
 After pruning, a layer keeps the kept experts and the router keeps only their rows, so the softmax is
 renormalised over the kept experts (top-1: g = softmax over kept; top-k: the k largest renormalised).
+With top-1 (Switch) routing that makes the gate, and so the FFN output, grow; the plan's ``output_scale``
+(:func:`edgeprune.pruning.plan.gate_output_scale`) is multiplied into the experts' output weights to undo it.
 A merged group (UNCURL) gets the merged weights and the usage-weighted average of its members' router
 rows (deterministic; UNCURL then re-initialises the router and trains it alone for a few steps:
 :func:`edgeprune.pruning.recover.train_router`).

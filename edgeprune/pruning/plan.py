@@ -22,9 +22,10 @@ class LayerPlan:
     """One MoE layer: ``groups`` are the new experts; ``output_scale`` multiplies their outputs (W_out, b_out).
 
     With Switch top-1 routing the original scales each expert's output by its gate g (about 0.2 with 8
-    experts here); at k = 1 the renormalised gate becomes exactly 1, a 1/g jump in the FFN output. The plan
-    then sets ``output_scale`` to the layer's mean top-1 gate on the calibration tokens, so the folded FFN
-    keeps the output scale the rest of the network was trained with (1.0 = the plain fold).
+    experts here); after pruning the softmax runs over the kept experts only and the gate grows (to exactly 1
+    at k = 1: a 1/g jump in the FFN output). The plan then sets ``output_scale`` (:func:`gate_output_scale`:
+    mean original top-1 gate / mean pruned top-1 gate on the calibration tokens), so the pruned FFN keeps the
+    output scale the rest of the network was trained with (1.0 = plain renormalisation).
     """
 
     layer: int
@@ -127,7 +128,7 @@ def make_plan(method: str, scores: dict[int, np.ndarray], num_experts: dict[int,
               gate_scale: bool = True, **meta) -> PrunePlan:
     """Keep the top-``k`` experts by score per layer (or an adaptive k from routing ``coverage``);
     with ``merge`` (UNCURL) cluster the experts into k groups instead. With ``gate_scale`` and statistics,
-    a layer folded to one expert from top-1 routing gets ``output_scale`` = its mean top-1 gate."""
+    a top-1 layer gets the ``output_scale`` of :func:`gate_output_scale` (at k = 1: its mean top-1 gate)."""
     if (k is None) == (coverage is None):
         raise ConfigError("give exactly one of --experts K or --coverage SHARE")
     layers = []
@@ -148,7 +149,38 @@ def make_plan(method: str, scores: dict[int, np.ndarray], num_experts: dict[int,
             order = sorted(range(len(s)), key=lambda e: (-s[e], e))
             groups = [[(e, 1.0)] for e in sorted(order[:k_l])]
         scale = 1.0
-        if gate_scale and stats is not None and k_l == 1 and top_k[layer] == 1 and stats[layer].tokens:
-            scale = round(float(stats[layer].gate_sum.sum() / stats[layer].tokens), 6)
+        if gate_scale and stats is not None and top_k[layer] == 1 and stats[layer].tokens:
+            scale = round(gate_output_scale(stats[layer], groups), 6)
         layers.append(LayerPlan(layer, num_experts[layer], [round(float(x), 6) for x in s], groups, scale))
     return PrunePlan(method, layers, **meta)
+
+
+def gate_output_scale(stats: LayerStats, groups: list[list[tuple[int, float]]]) -> float:
+    """Output scale that keeps a top-1 (Switch) layer's FFN output magnitude after pruning.
+
+    Switch routing multiplies the chosen expert's output by its gate g_top(x) = max_e softmax(h(x))_e. After
+    pruning, the softmax runs over the k kept router rows only (a merged group's row is the weighted mean of
+    its members' rows, so its logit is the same mean of theirs: the router has no bias), and g'_top grows,
+    to exactly 1 at k = 1. The scale is mean_t g_top(x_t) / mean_t g'_top(x_t) over the calibration tokens:
+    at k = 1 the layer's mean top-1 gate (from every calibration token), otherwise from the sampled router
+    logit rows. Keeping every expert unmerged gives 1.
+    """
+    z = len(stats.counts)
+    if len(groups) == 1:
+        return float(stats.gate_sum.sum() / stats.tokens)
+    if len(groups) == z and all(len(g) == 1 for g in groups):
+        return 1.0
+    h = stats.logit_matrix().astype(np.float64)
+    if not len(h):
+        return 1.0
+    mix = np.zeros((z, len(groups)))
+    for j, group in enumerate(groups):
+        total = sum(w for _, w in group)
+        for e, w in group:
+            mix[e, j] = w / total
+
+    def top_gate(logits: np.ndarray) -> float:
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return float((p.max(1) / p.sum(1)).mean())
+
+    return top_gate(h) / top_gate(h @ mix)
