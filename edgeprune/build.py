@@ -90,7 +90,8 @@ def stage_prune(cfg: BuildConfig, original_dir: Path, original_hash: str) -> Pat
 
 def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
     from edgeprune.export.onnx_export import export_onnx, parity
-    from edgeprune.export.quantize import fix_shapes, mobile_usability, optimize, quantize, to_ort_format
+    from edgeprune.export.quantize import (fix_shapes, mark_disabled_optimizers, mobile_usability, optimize, quantize,
+                                          to_ort_format)
 
     t = cfg.target
     key = fingerprint("export", dir_sha256(pruned_dir), asdict(t.export), asdict(t.quantization),
@@ -117,6 +118,8 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
                                    model.config.hidden_size)
         log(f"quantize: {t.quantization.precision}")
         info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample)
+        info["ort_disabled_optimizers"] = t.optimization.ort_disabled_optimizers
+        mark_disabled_optimizers(tmp / "model.onnx", info["ort_disabled_optimizers"])
         for f in ("fp32.onnx", "opt.onnx"):
             (tmp / f).unlink()
         if t.runtime.ort_format:
@@ -194,6 +197,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         "task": cfg.task.name, "labels": list(cfg.task.labels), "max_length": cfg.task.max_length,
         "pair": cfg.task.is_pair, "input_names": export_info["input_names"], "target": t.name,
         "fixed_shape": list(fixed) if fixed else None, "threads": t.runtime.threads,
+        "ort_disabled_optimizers": export_info.get("ort_disabled_optimizers", []),
         "precision": t.quantization.precision, "quantization": export_info.get("quantization"),
         "prune_plan": plan.summary(), "source_checkpoint": str(original_dir), "source_sha256": original_hash,
         "versions": versions(), "command": cfg.command, "budgets": asdict(t.budgets),

@@ -37,7 +37,10 @@ class EdgeModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or int(self.manifest.get("threads", 0) or 0)
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
+        # optimizers the build measured as slower for this graph (e.g. SkipLayerNormFusion): see the target notes
+        self.disabled_optimizers: list[str] = list(self.manifest.get("ort_disabled_optimizers") or [])
+        self.session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=self.disabled_optimizers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_length if not self.fixed else min(self.max_length, self.fixed[1]))

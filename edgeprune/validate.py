@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edgeprune.export.onnx_export import onnx_logits, session, truncate
-from edgeprune.export.quantize import numpy_inputs
+from edgeprune.export.quantize import disabled_optimizers, numpy_inputs
 from edgeprune.training import Encoded, accuracy, predict_logits
 
 
@@ -77,7 +77,8 @@ def peak_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 base = peak_mb()
 opts = ort.SessionOptions(); opts.intra_op_num_threads = int(sys.argv[2]); opts.log_severity_level = 3
-s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=[n for n in sys.argv[3].split(",") if n])
 shape = [d if isinstance(d, int) else v for d, v in zip(s.get_inputs()[0].shape, (1, 64))]
 feeds = {i.name: np.ones(shape, dtype=np.int64) for i in s.get_inputs()}
 for _ in range(3): s.run(None, feeds)
@@ -89,8 +90,9 @@ print(json.dumps({"peak_rss_mb": peak, "session_mb": peak - base}))
 def session_memory(path: Path, threads: int = 1) -> dict:
     """Peak RSS of a fresh process that imports onnxruntime, loads ``path`` and runs it (batch 1, 64 tokens);
     ``session_mb`` is the part above the bare onnxruntime import."""
-    out = subprocess.run([sys.executable, "-c", _MEM_PROBE, str(path), str(threads)], capture_output=True, text=True,
-                         timeout=300)
+    disabled = ",".join(disabled_optimizers(path))
+    out = subprocess.run([sys.executable, "-c", _MEM_PROBE, str(path), str(threads), disabled], capture_output=True,
+                         text=True, timeout=300)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "probe failed"}
     return {k: round(v, 1) for k, v in json.loads(out.stdout).items()}

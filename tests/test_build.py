@@ -152,6 +152,40 @@ def test_static_qdq_target(tmp_path, cache, tiny_original, loose_targets):
     assert report["export"]["quantization"]["precision"] == "int8-static"
 
 
+def test_unfused_layer_norm_and_fast_gelu_target(tmp_path, cache, tiny_original, loose_targets):
+    """skip_layer_norm = false keeps Add + LayerNormalization in the graph and every session (validation, memory
+    probe, EdgeModel) disables ORT's SkipLayerNormFusion; gelu_approximation = true gives FastGelu."""
+    custom = tmp_path / "unfused.toml"
+    custom.write_text((loose_targets / "x86_64.toml").read_text().replace(
+        "fuse = true", "fuse = true\nskip_layer_norm = false\ngelu_approximation = true"))
+    out = tmp_path / "art"
+    run(["build", "--model", str(tiny_original), "--target", str(custom), "--out", str(out)] + FAST)
+    import onnx
+
+    from edgeprune.export.quantize import disabled_optimizers
+    from edgeprune.runtime import EdgeModel
+
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops and "FastGelu" in ops
+    assert disabled_optimizers(out / "model.onnx") == ["SkipLayerNormFusion"]
+    assert json.loads((out / "edgeprune.json").read_text())["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
+    assert EdgeModel(out).disabled_optimizers == ["SkipLayerNormFusion"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["ort_disabled_optimizers"] == ["SkipLayerNormFusion"] and report["memory"]["peak_rss_mb"] > 0
+    import onnxruntime as ort
+
+    from edgeprune.export.quantize import numpy_inputs
+
+    model = EdgeModel(out)
+    feeds = numpy_inputs(model.input_names, 2, 12, vocab_size=100)
+    refused = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(model.session.run(None, feeds)[0], refused.run(None, feeds)[0], atol=1e-4)
+    with pytest.raises(Exception, match=r"\[optimization\].skip_layer_norm = 'no' should be bool"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(custom.read_text().replace("skip_layer_norm = false", 'skip_layer_norm = "no"'))
+        load_target(str(bad))
+
+
 def test_session_memory_is_the_probe_process_not_its_parent(tmp_path):
     """ru_maxrss survives fork + exec on Linux: a large parent must not inflate the app-process peak."""
     import onnx

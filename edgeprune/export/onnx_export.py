@@ -71,14 +71,18 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
 
 
 def session(path: str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads."""
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (and the optimizers the model's metadata
+    says to disable: :func:`edgeprune.export.quantize.disabled_optimizers`)."""
     import onnxruntime as ort
+
+    from edgeprune.export.quantize import disabled_optimizers
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled_optimizers(Path(path)))
 
 
 def onnx_logits(path: str | Path, enc: Encoded, batch_size: int = 32, fixed_length: int | None = None,

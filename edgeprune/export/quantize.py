@@ -35,9 +35,15 @@ def optimize(src: Path, dst: Path, target: Target, num_heads: int, hidden_size: 
     if not target.optimization.fuse:
         onnx.save(onnx.load(str(src)), str(dst))
         return []
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = target.optimization.skip_layer_norm
+    options.enable_gelu_approximation = target.optimization.gelu_approximation
     try:
         opt = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                             opt_level=1)  # portable: no hardware-specific layouts in the saved graph
+                             opt_level=1,  # portable: no hardware-specific layouts in the saved graph
+                             optimization_options=options)
     except Exception as exc:
         raise ExportError(f"ORT transformer optimisation failed: {type(exc).__name__}: {exc}") from None
     opt.save_model_to_file(str(dst))
@@ -105,6 +111,27 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
     return info
 
 
+DISABLED_KEY = "edgeprune.ort_disabled_optimizers"
+
+
+def mark_disabled_optimizers(path: Path, names: list[str]) -> None:
+    """Record in the model's metadata the ORT optimizers its sessions must disable (comma-separated), so the
+    .onnx file says how to load it; edgeprune's own sessions read it (:func:`disabled_optimizers`)."""
+    if not names:
+        return
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, DISABLED_KEY: ",".join(names)})
+    onnx.save(model, str(path))
+
+
+def disabled_optimizers(path: Path) -> list[str]:
+    """The ORT optimizers recorded by :func:`mark_disabled_optimizers` (none for .ort files or unmarked models)."""
+    if Path(path).suffix != ".onnx":
+        return []
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return [n for n in props.get(DISABLED_KEY, "").split(",") if n]
+
+
 def fix_shapes(path: Path, batch: int, length: int) -> None:
     """Make the batch and sequence dimensions static (NNAPI / CoreML need it)."""
     from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
@@ -125,7 +152,8 @@ def to_ort_format(src: Path, dst: Path) -> None:
     opts.add_session_config_entry("session.save_model_format", "ORT")
     opts.log_severity_level = 3
     try:
-        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled_optimizers(src))
     except Exception as exc:
         raise ExportError(f"conversion to ORT format failed: {type(exc).__name__}: {exc}") from None
 

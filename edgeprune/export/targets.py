@@ -6,7 +6,9 @@ Schema (every key checked; an unknown key or a bad value is a one-line error nam
     [export]        opset, fixed_shapes, batch_size, sequence_length
     [quantization]  precision = "int8-dynamic" | "int8-static" | "fp16" | "fp32", per_channel, reduce_range,
                     quantize_embeddings, calibration_examples
-    [optimization]  fuse (ORT transformer fusions: Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm)
+    [optimization]  fuse (ORT transformer fusions: Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm),
+                    skip_layer_norm (false: keep residual Add + LayerNormalization unfused, also at session
+                    load), gelu_approximation (BiasGelu -> FastGelu, the tanh form)
     [runtime]       provider, ort_format, threads, mobile_usability
     [budgets]       max_size_mb, max_p95_latency_ms, latency_batch, latency_seq_len, max_accuracy_drop,
                     min_agreement
@@ -43,6 +45,14 @@ class QuantSpec:
 @dataclass
 class OptimSpec:
     fuse: bool = True
+    skip_layer_norm: bool = True
+    gelu_approximation: bool = False
+
+    @property
+    def ort_disabled_optimizers(self) -> list[str]:
+        """ONNX Runtime optimizers every session of the artifact must disable (ORT would otherwise fuse
+        Add + LayerNormalization into SkipLayerNormalization again when it loads the model)."""
+        return [] if self.skip_layer_norm else ["SkipLayerNormFusion"]
 
 
 @dataclass
