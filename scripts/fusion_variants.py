@@ -59,9 +59,10 @@ def main() -> None:
                       **{k: onnx_runner(p, 1, 64, t.runtime.threads, original.config.vocab_size)
                          for k, p in paths.items()}}, t.runtime.threads, 10, args.latency_iters)
     orig = percentiles(ms.pop("original"))
-    base = float(percentiles(ms["profile as it is"])["p50_ms"])
     for name, v in ms.items():
         rows[name].update(percentiles(v))
+    base = rows["profile as it is"]["p50_ms"]
+    for name in ms:
         rows[name]["speedup_vs_original"] = round(orig["p50_ms"] / rows[name]["p50_ms"], 2)
         rows[name]["p50_vs_profile"] = round(rows[name]["p50_ms"] / base, 3)
     print(json.dumps({"original": orig, **rows}, indent=1))

@@ -19,7 +19,7 @@ import torch
 
 from edgeprune.models.registry import adapter_for
 from edgeprune.pruning.merge import merge_experts
-from edgeprune.pruning.plan import PrunePlan, validate_plan
+from edgeprune.pruning.plan import PrunePlan, group_mixing, validate_plan
 
 EXPERT_KEYS = ("w_in.weight", "w_in.bias", "w_out.weight", "w_out.bias")
 
@@ -43,7 +43,6 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True) -> to
     pre = adapter.base_prefix
     for layer, lp in by_layer.items():
         router = src[pre + adapter.router_key(layer)]
-        new_router = dst[pre + adapter.router_key(layer)]
         for j, group in enumerate(lp.groups):
             experts = [{k: src[pre + adapter.expert_prefix(layer, e) + k] for k in EXPERT_KEYS} for e, _ in group]
             merged = merge_experts(experts, [w for _, w in group])
@@ -51,9 +50,8 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True) -> to
                 merged = {k: v * lp.output_scale if k.startswith("w_out") else v for k, v in merged.items()}
             for k, v in merged.items():
                 dst[pre + adapter.expert_prefix(layer, j) + k] = v
-            total = sum(w for _, w in group)
-            new_router[j] = sum(w / total * router[e] for e, w in group)
-        dst[pre + adapter.router_key(layer)] = new_router
+        mix = torch.from_numpy(group_mixing(lp.groups, router.shape[0])).to(router.dtype)
+        dst[pre + adapter.router_key(layer)] = mix.T @ router
     new.load_state_dict(dst)
     new.eval()
     if fold and plan.folds:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from scipy.special import softmax
 
 from edgeprune.errors import ConfigError
 from edgeprune.pruning.calibration import LayerStats
@@ -173,14 +174,16 @@ def gate_output_scale(stats: LayerStats, groups: list[list[tuple[int, float]]]) 
     h = stats.logit_matrix().astype(np.float64)
     if not len(h):
         return 1.0
-    mix = np.zeros((z, len(groups)))
+    top_gate = lambda logits: float(softmax(logits, axis=1).max(1).mean())  # noqa: E731
+    return top_gate(h) / top_gate(h @ group_mixing(groups, z))
+
+
+def group_mixing(groups: list[list[tuple[int, float]]], num_experts: int) -> np.ndarray:
+    """(num_experts, k) matrix whose column j holds group j's member weights normalised to sum to 1: the
+    pruned router's row j is ``mixing[:, j] @ rows`` (a kept expert's own row, or a merged group's weighted mean)."""
+    mix = np.zeros((num_experts, len(groups)))
     for j, group in enumerate(groups):
         total = sum(w for _, w in group)
         for e, w in group:
             mix[e, j] = w / total
-
-    def top_gate(logits: np.ndarray) -> float:
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        return float((p.max(1) / p.sum(1)).mean())
-
-    return top_gate(h) / top_gate(h @ mix)
+    return mix
