@@ -153,13 +153,12 @@ def test_static_qdq_target(tmp_path, cache, tiny_original, loose_targets):
 
 
 def test_unfused_layer_norm_and_fast_gelu_target(tmp_path, cache, tiny_original, loose_targets):
-    """skip_layer_norm = false keeps Add + LayerNormalization in the graph and every session (validation, memory
-    probe, EdgeModel) disables ORT's SkipLayerNormFusion; gelu_approximation = true gives FastGelu."""
-    custom = tmp_path / "unfused.toml"
-    custom.write_text((loose_targets / "x86_64.toml").read_text().replace(
-        "fuse = true", "fuse = true\nskip_layer_norm = false\ngelu_approximation = true"))
+    """The CPU profiles set skip_layer_norm = false (Add + LayerNormalization stay in the graph and every session:
+    validation, memory probe, EdgeModel, disables ORT's SkipLayerNormFusion) and gelu_approximation = true
+    (FastGelu); a profile that sets them back gets the fully fused graph."""
     out = tmp_path / "art"
-    run(["build", "--model", str(tiny_original), "--target", str(custom), "--out", str(out)] + FAST)
+    run(["build", "--model", str(tiny_original), "--target", str(loose_targets / "x86_64.toml"), "--out", str(out)]
+        + FAST)
     import onnx
 
     from edgeprune.export.quantize import disabled_optimizers
@@ -180,9 +179,20 @@ def test_unfused_layer_norm_and_fast_gelu_target(tmp_path, cache, tiny_original,
     feeds = numpy_inputs(model.input_names, 2, 12, vocab_size=100)
     refused = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(model.session.run(None, feeds)[0], refused.run(None, feeds)[0], atol=1e-4)
+
+    fused = tmp_path / "fused.toml"
+    unfused_text = (loose_targets / "x86_64.toml").read_text()
+    assert "skip_layer_norm = false" in unfused_text and "gelu_approximation = true" in unfused_text
+    fused.write_text(unfused_text.replace("skip_layer_norm = false", "skip_layer_norm = true")
+                     .replace("gelu_approximation = true", "gelu_approximation = false"))
+    out_fused = tmp_path / "fused"
+    run(["build", "--model", str(tiny_original), "--target", str(fused), "--out", str(out_fused)] + FAST)
+    ops = {n.op_type for n in onnx.load(str(out_fused / "model.onnx")).graph.node}
+    assert "SkipLayerNormalization" in ops and "BiasGelu" in ops and "FastGelu" not in ops
+    assert disabled_optimizers(out_fused / "model.onnx") == [] and EdgeModel(out_fused).disabled_optimizers == []
     with pytest.raises(Exception, match=r"\[optimization\].skip_layer_norm = 'no' should be bool"):
         bad = tmp_path / "bad.toml"
-        bad.write_text(custom.read_text().replace("skip_layer_norm = false", 'skip_layer_norm = "no"'))
+        bad.write_text(unfused_text.replace("skip_layer_norm = false", 'skip_layer_norm = "no"'))
         load_target(str(bad))
 
 
