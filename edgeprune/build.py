@@ -182,7 +182,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     prune_info = json.loads((pruned_dir / "edgeprune_prune.json").read_text())
     report = {
         "task": cfg.task.name, "target": t.name, "original": str(original_dir), "original_sha256": original_hash,
-        "plan": plan.summary(), "prune": {k: v for k, v in prune_info.items() if k in ("recovery", "router", "seconds")},
+        "plan": plan.summary(), "prune": {k: v for k, v in prune_info.items() if k in ("recovery", "router", "ffn", "seconds")},
         "export": export_info, "quality": q, "speed": sp, "memory": mem,
         "size": {"original_mb": original_mb, "artifact_mb": artifact_mb,
                  "artifact_ort_mb": round((export_dir / "model.ort").stat().st_size / 1e6, 3)
@@ -199,7 +199,8 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         "fixed_shape": list(fixed) if fixed else None, "threads": t.runtime.threads,
         "ort_disabled_optimizers": export_info.get("ort_disabled_optimizers", []),
         "precision": t.quantization.precision, "quantization": export_info.get("quantization"),
-        "prune_plan": plan.summary(), "source_checkpoint": str(original_dir), "source_sha256": original_hash,
+        "prune_plan": plan.summary(), "ffn_width": (prune_info.get("ffn") or {}).get("intermediate_size"),
+        "source_checkpoint": str(original_dir), "source_sha256": original_hash,
         "versions": versions(), "command": cfg.command, "budgets": asdict(t.budgets),
         "files": ["model.onnx"] + (["model.ort"] if (export_dir / "model.ort").is_file() else []),
     }

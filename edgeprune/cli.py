@@ -209,11 +209,13 @@ def score(task, data, prune_cfg, model_dir, out) -> None:
 @data_options
 @prune_options
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Apply this plan instead of scoring.")
+@click.option("--ffn-keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="With --experts 1: keep this share of each folded FFN's neurons (task-aware saliency).")
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Weight of distillation from the original's logits during recovery (0: labels only).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output checkpoint directory.")
-def prune(task, data, prune_cfg, model_dir, plan_file, recovery_steps, distill, out) -> None:
+def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, recovery_steps, distill, out) -> None:
     """Prune (or merge) to k experts per layer, fold the router at k = 1, recover; save a checkpoint."""
     from edgeprune.cache import atomic_dir
     from edgeprune.pruning.pipeline import prune as run_prune, save_pruned
@@ -221,6 +223,7 @@ def prune(task, data, prune_cfg, model_dir, plan_file, recovery_steps, distill, 
 
     prune_cfg.recovery_steps = recovery_steps
     prune_cfg.distill_alpha = distill
+    prune_cfg.ffn_keep = ffn_keep
     prune_cfg.validate()
     plan = PrunePlan.load(plan_file) if plan_file else None
     original_dir = resolve_original(model_dir, task, data)
@@ -249,13 +252,15 @@ def targets() -> None:
 @click.option("--target", "target_name", default="x86_64", show_default=True,
               help="Target profile name (see `edgeprune targets`) or path to a .toml profile.")
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Apply this plan instead of scoring.")
+@click.option("--ffn-keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="With --experts 1: keep this share of each folded FFN's neurons (task-aware saliency).")
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--eval-examples", type=click.IntRange(1), help="Validate on this many examples (default: all).")
 @click.option("--latency-iters", default=100, show_default=True, type=click.IntRange(5))
 @click.option("--out", type=click.Path(file_okay=False), help="Artifact directory [default: build/<task>-<target>].")
-def build(task, data, prune_cfg, model_dir, target_name, plan_file, recovery_steps, distill, eval_examples,
-          latency_iters, out) -> None:
+def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, recovery_steps, distill,
+          eval_examples, latency_iters, out) -> None:
     """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
     from edgeprune.build import BuildConfig, build as run_build
     from edgeprune.export.targets import load_target
@@ -263,6 +268,7 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, recovery_ste
     target = load_target(target_name)
     prune_cfg.recovery_steps = recovery_steps
     prune_cfg.distill_alpha = distill
+    prune_cfg.ffn_keep = ffn_keep
     prune_cfg.validate()
     if plan_file:
         from edgeprune.pruning.plan import PrunePlan

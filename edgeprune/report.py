@@ -7,12 +7,18 @@ def _row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def _ffn(r: dict) -> str:
+    """', FFN width 1536 -> 1152 (--ffn-keep 0.75)' when the folded FFNs were slimmed, else ''."""
+    ffn = r.get("prune", {}).get("ffn")
+    return f", FFN width {ffn['intermediate_size'][0]} -> {ffn['intermediate_size'][1]} (--ffn-keep {ffn['keep']})" if ffn else ""
+
+
 def report_markdown(r: dict) -> str:
     q, sp, size, mem = r["quality"], r["speed"], r["size"], r.get("memory", {})
     o, a = sp["original_torch_fp32"], sp["artifact_onnxruntime"]
     lines = [f"# edgeprune report: {r['task']} on {r['target']}", "",
              f"Original: `{r['original']}` (sha256 {r['original_sha256'][:12]}). Plan: {r['plan']['method']}, "
-             f"k per layer {r['plan']['k_per_layer']}, folded to dense: {r['plan']['folded']}.", "",
+             f"k per layer {r['plan']['k_per_layer']}, folded to dense: {r['plan']['folded']}{_ffn(r)}.", "",
              "## Side by side", "",
              _row("", "original (PyTorch fp32)", "artifact (ONNX Runtime)", "ratio"),
              _row("---", "---", "---", "---"),
@@ -57,7 +63,7 @@ def model_card(r: dict, m: dict) -> str:
 
 A task-pruned {'dense' if r['plan']['folded'] else 'Mixture-of-Experts'} transformer in ONNX
 ({m['precision']}), made by edgeprune from the MoE checkpoint `{m['source_checkpoint']}`
-(sha256 {m['source_sha256'][:12]}) with the plan {r['plan']['method']}, k per MoE layer {r['plan']['k_per_layer']}.
+(sha256 {m['source_sha256'][:12]}) with the plan {r['plan']['method']}, k per MoE layer {r['plan']['k_per_layer']}{_ffn(r)}.
 
 - Labels, in output order: {', '.join(m['labels'])}
 - Inputs: {', '.join(m['input_names'])} (int64), at most {m['max_length']} tokens{', fixed shape ' + str(m['fixed_shape']) if m['fixed_shape'] else ''}

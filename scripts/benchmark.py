@@ -1,12 +1,15 @@
 """Side-by-side benchmark: the original MoE vs the edgeprune artifact, per task and target, in one run.
 
     python scripts/benchmark.py                     # sst2 agnews x x86_64 arm64 mobile-gpu -> results/benchmark.*
+    python scripts/benchmark.py --ffn-keep 0.75 --recovery-steps 600 --out results/benchmark_ffn
+                                                    # plus width pruning of the folded FFNs (edgeprune.pruning.neurons)
 
 For each task and target it runs the real `edgeprune build` pipeline (default method and k = 1), then
 measures in the same process, with the same thread count and inputs: the original MoE in PyTorch fp32
 (the reference), the artifact, the dense baseline exported and quantized the same way (the floor for
 k = 1: folding must cost nothing over a natively dense model), and the original exported to ONNX fp32
-with all its experts (dense dispatch; separates what pruning buys from what ONNX Runtime buys).
+with all its experts (dense dispatch; separates what pruning buys from what ONNX Runtime buys). With
+--ffn-keep < 1 the artifact is narrower than the dense baseline, which then stops being its floor.
 Latency: p50/p95 at batch 1, 64 tokens, 1 thread; throughput at batch 32; every model of a row is timed in
 alternating rounds (edgeprune.validate.interleaved) so that host drift falls on all alike. Ratios are vs the original.
 """
@@ -61,6 +64,7 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", default=["x86_64", "arm64", "mobile-gpu"])
     ap.add_argument("--method", default="reap")
     ap.add_argument("--recovery-steps", type=int, default=200)
+    ap.add_argument("--ffn-keep", type=float, default=1.0, help="share of the folded FFN neurons to keep")
     ap.add_argument("--latency-iters", type=int, default=200)
     ap.add_argument("--out", default="results/benchmark")
     args = ap.parse_args()
@@ -75,7 +79,8 @@ def main() -> None:
         for tname in args.targets:
             t = load_target(tname)
             cfg = BuildConfig(task=task, target=t, out=Path(f"build/bench-{name}-{tname}"),
-                              prune=PruneConfig(method=args.method, experts=1, recovery_steps=args.recovery_steps),
+                              prune=PruneConfig(method=args.method, experts=1, recovery_steps=args.recovery_steps,
+                                                ffn_keep=args.ffn_keep),
                               latency_iters=args.latency_iters, command="scripts/benchmark.py")
             try:
                 art, report = build(cfg)
@@ -121,8 +126,9 @@ def write(args, rows) -> None:
     lines = ["# Benchmark: original MoE vs edgeprune artifact", "", f"Produced by `{cmd}` on the build host "
              "(2 cores); latency at batch 1, 64 tokens, 1 thread (a proxy for the device); throughput at batch 32; "
              "all models of a row timed in the same process in alternating rounds. "
-             "Accuracy on the full validation split. Method: " + args.method + ", k = 1 (folded), recovery "
-             f"{args.recovery_steps} steps.", "",
+             "Accuracy on the full validation split. Method: " + args.method + ", k = 1 (folded)"
+             + (f", FFN neurons kept {args.ffn_keep} (--ffn-keep)" if args.ffn_keep < 1 else "")
+             + f", recovery {args.recovery_steps} steps.", "",
              "| task | target | model | accuracy | agreement | size MB | p50 ms | p95 ms | batch-32 /s | p50 speed-up | size ratio |",
              "|" + " --- |" * 11]
     for r in rows:

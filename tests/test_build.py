@@ -49,6 +49,22 @@ def test_build_end_to_end(tmp_path, cache, tiny_original, loose_targets, target,
     assert "prune: reusing" in res.output and "export: reusing" in res.output
 
 
+def test_build_with_slimmed_ffn(tmp_path, cache, tiny_original, loose_targets):
+    """--ffn-keep 0.5: the folded FFNs keep half their neurons, export and parity hold, the report says so."""
+    out = tmp_path / "art"
+    res = run(["build", "--model", str(tiny_original), "--target", "x86_64", "--ffn-keep", "0.5", "--out", str(out)]
+              + FAST)
+    assert "neuron saliency" in res.output or f"artifact: {out}" in res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["prune"]["ffn"]["intermediate_size"] == [64, 32]
+    assert report["export"]["parity_fp32"]["max_abs_logit_diff"] < 1e-3
+    assert json.loads((out / "edgeprune.json").read_text())["ffn_width"] == [64, 32]
+    assert "FFN width 64 -> 32 (--ffn-keep 0.5)" in (out / "report.md").read_text()
+    assert "FFN width 64 -> 32" in (out / "README.md").read_text()
+    res = run(["predict", str(out), "a gorgeous film"])
+    assert res.output.split("\t")[0] in ("negative", "positive")
+
+
 def test_budgets_fail_and_keep_previous_artifact(tmp_path, cache, tiny_original, loose_targets):
     out = tmp_path / "art"
     run(["build", "--model", str(tiny_original), "--target", "x86_64", "--out", str(out)] + FAST)
@@ -112,6 +128,9 @@ def test_killed_build_leaves_previous_artifact(tmp_path, cache, tiny_original, l
     (["--task", "agnews"], 2, "the model has 2 labels but task agnews has 4"),
     (["--task", "mnli"], 3, "task mnli ships no data; pass --train-file"),
     (["--plan", "nope.json"], 2, "nope.json: plan file not found"),
+    (["--experts", "2", "--ffn-keep", "0.5"], 2,
+     "--ffn-keep prunes neurons of the folded dense FFN: use it with --experts 1"),
+    (["--method", "chen2022-eager", "--ffn-keep", "0.5"], 2, "--ffn-keep needs a one-shot method"),
 ])
 def test_bad_input_one_line_error(tmp_path, cache, tiny_original, loose_targets, args, code, message):
     res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--out", str(tmp_path / "o")] + FAST + args)

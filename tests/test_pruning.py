@@ -222,3 +222,63 @@ def test_teacher_cache_distils_exactly_like_the_teacher_and_runs_it_once_per_bat
     calls.clear()
     train(tiny_moe(), enc(32), cfg, teacher=memo, progress=False)  # same seeded batches: all from the memo
     assert direct_calls == 6 and 0 < len(memo.memo) <= 6 and calls == []
+
+
+def _folded(seed=0):
+    model = tiny_moe(num_experts=4, layers=2, seed=seed)
+    return apply_plan(model, plan_for(model, 1))
+
+
+def test_ffn_slimming_drops_exactly_the_neurons_that_contribute_nothing(tmp_path):
+    """Neurons whose W_out column is zero have saliency 0: slimming them away leaves the logits as they were."""
+    from edgeprune.models.registry import BERT_MOE
+    from edgeprune.pruning.neurons import neuron_saliency, slim_ffn
+
+    dense = _folded()
+    dead = {0: [1, 5, 9, 12, 17, 20, 26, 31, 33, 40, 41, 47, 50, 55, 58, 63], 1: list(range(0, 64, 4))}
+    with torch.no_grad():
+        for layer, cols in dead.items():
+            dense.bert.encoder.layer[layer].output.dense.weight[:, cols] = 0
+    sal = neuron_saliency(dense, BERT_MOE, enc(), progress=False)
+    assert all(np.all(sal[l][c] == 0) and np.sum(sal[l] > 0) == 64 - 16 for l, c in dead.items())
+    slim, info = slim_ffn(dense, BERT_MOE, sal, keep=0.75)
+    assert info["intermediate_size"] == [64, 48] and slim.config.intermediate_size == 48
+    assert slim.bert.encoder.layer[1].intermediate.dense.weight.shape == (48, 32)
+    torch.testing.assert_close(slim(**batch()).logits, dense(**batch()).logits, atol=1e-5, rtol=1e-5)
+    slim.save_pretrained(tmp_path)
+    back = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert type(back) is BertForSequenceClassification and back.config.intermediate_size == 48
+    full, _ = slim_ffn(dense, BERT_MOE, sal, keep=1.0)
+    torch.testing.assert_close(full(**batch()).logits, dense(**batch()).logits, atol=0, rtol=0)
+
+
+def test_neuron_saliency_is_mean_abs_activation_times_output_column_norm():
+    """s_j = mean over non-padding tokens of |a_j| * ||W_out[:, j]||_2, checked against a direct computation."""
+    from edgeprune.models.registry import BERT_MOE
+    from edgeprune.pruning.neurons import neuron_saliency
+    from edgeprune.training import collate
+
+    dense = _folded(seed=1)
+    e = enc(n=10)
+    seen = []
+    layer = dense.bert.encoder.layer[1]
+    h = layer.intermediate.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    b = collate(e, list(range(10)))
+    b.pop("labels")
+    with torch.no_grad():
+        dense(**b)
+    h.remove()
+    mask = b["attention_mask"].reshape(-1).bool()
+    want = seen[0].reshape(-1, 64)[mask].abs().mean(0) * layer.output.dense.weight.detach().norm(dim=0)
+    got = neuron_saliency(dense, BERT_MOE, e, batch_size=3, progress=False)[1]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5)
+
+
+def test_ffn_keep_messages():
+    with pytest.raises(ConfigError, match=r"--ffn-keep must be in \(0, 1\], got 0"):
+        PruneConfig(ffn_keep=0).validate()
+    with pytest.raises(ConfigError, match="--ffn-keep prunes neurons of the folded dense FFN: use it with --experts 1"):
+        PruneConfig(experts=2, ffn_keep=0.5).validate()
+    with pytest.raises(ConfigError, match="--ffn-keep needs a one-shot method"):
+        PruneConfig(method="chen2022-eager", ffn_keep=0.5).validate()
+    PruneConfig(ffn_keep=0.5).validate()

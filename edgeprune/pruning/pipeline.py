@@ -13,9 +13,11 @@ import torch
 
 from edgeprune.errors import ConfigError, ModelError
 from edgeprune.original import DataSpec, load_meta
+from edgeprune.models.registry import adapter_for
 from edgeprune.pruning.apply import apply_plan
 from edgeprune.pruning.calibration import collect_routing
 from edgeprune.pruning.methods import METHODS, method_config, score_experts
+from edgeprune.pruning.neurons import neuron_saliency, slim_ffn
 from edgeprune.pruning.plan import PrunePlan, make_plan, validate_k
 from edgeprune.pruning.progressive import ProgressiveDropper
 from edgeprune.pruning.recover import recover, train_router
@@ -45,6 +47,7 @@ class PruneConfig:
     window: int = 25
     beta: float = 0.5
     gate_scale: bool = True
+    ffn_keep: float = 1.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -56,6 +59,13 @@ class PruneConfig:
             raise ConfigError("give exactly one of --experts K or --coverage SHARE")
         if self.experts is not None and self.experts < 1:
             raise ConfigError(f"--experts must be >= 1, got {self.experts}")
+        if not 0 < self.ffn_keep <= 1:
+            raise ConfigError(f"--ffn-keep must be in (0, 1], got {self.ffn_keep}")
+        if self.ffn_keep < 1 and self.experts != 1:
+            raise ConfigError("--ffn-keep prunes neurons of the folded dense FFN: use it with --experts 1")
+        if self.ffn_keep < 1 and self.method in PROGRESSIVE:
+            raise ConfigError(f"--ffn-keep needs a one-shot method ({self.method} recovers while dropping experts, "
+                              "before neurons could be pruned)")
         if self.method == "chen2022-eager" and self.experts != 1:
             raise ConfigError("chen2022-eager reaches one expert per layer; use --experts 1")
         if self.method in PROGRESSIVE and self.recovery_steps < 2 * self.window:
@@ -140,6 +150,13 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     if plan is None:
         plan = score(original_dir, task, data, cfg, model=original, progress=progress)
     pruned = apply_plan(original, plan)
+    if cfg.ffn_keep < 1:
+        if not plan.folds:
+            raise ConfigError("--ffn-keep needs a plan that keeps one expert in every layer (the folded model)")
+        adapter = adapter_for(original.config)
+        saliency = neuron_saliency(pruned, adapter, train_enc, max_examples=cfg.calibration_examples,
+                                   progress=progress)
+        pruned, info["ffn"] = slim_ffn(pruned, adapter, saliency, cfg.ffn_keep)
     info["score_and_apply_seconds"] = round(time.perf_counter() - t0, 1)
     if plan.method == "uncurl" and not plan.folds:
         info["router"] = train_router(pruned, train_enc, int(cfg.method_options.get("router_steps", 50)),

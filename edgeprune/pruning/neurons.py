@@ -1,0 +1,99 @@
+"""Width pruning of the folded expert: keep the task's most salient FFN neurons (k = 1 only).
+
+Expert pruning stops at the dense model: once the router is folded away (k = 1) the artifact costs what a
+natively dense model of the family costs. ``--ffn-keep P`` goes one step further, inside the one expert left
+per layer: neuron j of layer l (row j of ``W_in``, column j of ``W_out``, FFN(x) = W_out act(W_in x + b_in) +
+b_out) gets the task-aware saliency
+
+    s_j = E_x[ |a_j(x)| ] * ||W_out[:, j]||_2,    a(x) = act(W_in x + b_in),
+
+averaged over the non-padding tokens of calibration examples of the task: the expected size of the neuron's
+contribution to the FFN output. It is the structured, per-neuron form of Wanda's ``|W_ij| * ||X_j||_2``
+(Sun et al. 2024, "A Simple and Effective Pruning Approach for Large Language Models") and the neuron-level
+analogue of REAP's ``g_j(x) * ||E_j(x)||_2`` for experts (Lasby et al. 2025). Every layer keeps the
+``round(P * d_ff)`` neurons with the largest saliency (one ``intermediate_size`` for the whole model, so the
+result is still a plain checkpoint of the dense family); recovery fine-tuning follows, as after expert pruning.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from edgeprune.models.registry import MoEAdapter
+from edgeprune.training import Encoded, collate
+
+
+def _module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    return model.get_submodule(dotted)
+
+
+def ffn_paths(model: torch.nn.Module, adapter: MoEAdapter) -> dict[int, tuple[str, str]]:
+    """Per layer, the module paths of the dense FFN's input and output projections (from the adapter's ffn_map)."""
+    w_in = adapter.ffn_map["w_in.weight"].rsplit(".", 1)[0]
+    w_out = adapter.ffn_map["w_out.weight"].rsplit(".", 1)[0]
+    n = model.config.num_hidden_layers
+    return {l: (adapter.base_prefix + adapter.dense_prefix(l) + w_in, adapter.base_prefix + adapter.dense_prefix(l) + w_out)
+            for l in range(n)}
+
+
+@torch.no_grad()
+def neuron_saliency(model: torch.nn.Module, adapter: MoEAdapter, enc: Encoded, max_examples: int = 1024,
+                    batch_size: int = 64, progress: bool = True) -> dict[int, np.ndarray]:
+    """s_j = mean over non-padding tokens of |a_j| times ||W_out[:, j]||_2, per layer (see the module docstring)."""
+    paths = ffn_paths(model, adapter)
+    sums = {l: None for l in paths}
+    state = {"mask": None, "tokens": 0}
+
+    def hook(layer):
+        def pre(_module, inputs):
+            a = inputs[0].detach().float().abs().reshape(-1, inputs[0].shape[-1])
+            s = (a * state["mask"]).sum(0)
+            sums[layer] = s if sums[layer] is None else sums[layer] + s
+        return pre
+
+    handles = [_module(model, out_path).register_forward_pre_hook(hook(l)) for l, (_, out_path) in paths.items()]
+    n = min(len(enc), max_examples)
+    order = sorted(range(n), key=lambda i: len(enc.input_ids[i]))
+    model.eval()
+    try:
+        for start in tqdm(range(0, n, batch_size), desc="neuron saliency", disable=not progress, unit="batch"):
+            batch = collate(enc, order[start : start + batch_size])
+            batch.pop("labels")
+            state["mask"] = batch["attention_mask"].reshape(-1, 1).float()
+            state["tokens"] += int(batch["attention_mask"].sum())
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for l, (_, out_path) in paths.items():
+        w_norm = _module(model, out_path).weight.detach().float().norm(dim=0)
+        out[l] = (sums[l] / max(1, state["tokens"]) * w_norm).numpy()
+    return out
+
+
+def slim_ffn(model: torch.nn.Module, adapter: MoEAdapter, saliency: dict[int, np.ndarray], keep: float) -> tuple[torch.nn.Module, dict]:
+    """A new dense model whose every FFN keeps the ``round(keep * d_ff)`` most salient neurons (input unchanged)."""
+    d_ff = model.config.intermediate_size
+    width = max(1, int(round(keep * d_ff)))
+    kept = {l: np.sort(np.argsort(-s, kind="stable")[:width]) for l, s in saliency.items()}
+    config = copy.deepcopy(model.config)
+    config.intermediate_size = width
+    new = type(model)(config)
+    src, dst = model.state_dict(), new.state_dict()
+    for key in dst:
+        dst[key] = src[key].clone() if src[key].shape == dst[key].shape else dst[key]
+    for l, (in_path, out_path) in ffn_paths(model, adapter).items():
+        idx = torch.from_numpy(kept[l])
+        dst[in_path + ".weight"] = src[in_path + ".weight"][idx].clone()
+        dst[in_path + ".bias"] = src[in_path + ".bias"][idx].clone()
+        dst[out_path + ".weight"] = src[out_path + ".weight"][:, idx].clone()
+        dst[out_path + ".bias"] = src[out_path + ".bias"].clone()
+    new.load_state_dict(dst)
+    new.eval()
+    share = {l: float(saliency[l][kept[l]].sum() / max(saliency[l].sum(), 1e-12)) for l in kept}
+    return new, {"keep": keep, "intermediate_size": [d_ff, width],
+                 "saliency_kept_share": {str(l): round(v, 4) for l, v in share.items()}}
