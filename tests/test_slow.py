@@ -31,3 +31,16 @@ def test_default_build_meets_arm64_budgets(tmp_path):
     assert report["plan"]["folded"]
     assert report["quality"]["accuracy_drop_points"] <= 1.0
     assert report["size"]["size_ratio"] >= 6
+
+
+def test_slimmed_build_keeps_accuracy(tmp_path):
+    """--ffn-keep 0.5 on the default sst2 original: half the FFN neurons, at most 0.5 points lost (the issue's
+    goal), smaller than the folded model alone (results/benchmark_ffn.md has the latency side by side)."""
+    out = tmp_path / "sst2-arm64-ffn"
+    res = CliRunner().invoke(main, ["build", "--task", "sst2", "--target", "arm64", "--ffn-keep", "0.5",
+                                    "--recovery-steps", "1000", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["prune"]["ffn"]["intermediate_size"] == [1536, 768]
+    assert report["quality"]["accuracy_drop_points"] <= 0.5
+    assert report["size"]["size_ratio"] >= 9

@@ -1,9 +1,10 @@
-"""Width pruning of the folded expert: keep the task's most salient FFN neurons (k = 1 only).
+"""Width pruning of the folded model: keep the task's most salient FFN neurons (k = 1 only).
 
 Expert pruning stops at the dense model: once the router is folded away (k = 1) the artifact costs what a
-natively dense model of the family costs. ``--ffn-keep P`` goes one step further, inside the one expert left
-per layer: neuron j of layer l (row j of ``W_in``, column j of ``W_out``, FFN(x) = W_out act(W_in x + b_in) +
-b_out) gets the task-aware saliency
+natively dense model of the family costs. ``--ffn-keep P`` goes one step further, inside every FFN of the
+folded model (the folded experts and the layers that were dense in the original alike: the dense family has a
+single ``intermediate_size``). Neuron j of layer l (row j of ``W_in``, column j of ``W_out``, FFN(x) =
+W_out act(W_in x + b_in) + b_out) gets the task-aware saliency
 
     s_j = E_x[ |a_j(x)| ] * ||W_out[:, j]||_2,    a(x) = act(W_in x + b_in),
 
@@ -11,8 +12,9 @@ averaged over the non-padding tokens of calibration examples of the task: the ex
 contribution to the FFN output. It is the structured, per-neuron form of Wanda's ``|W_ij| * ||X_j||_2``
 (Sun et al. 2024, "A Simple and Effective Pruning Approach for Large Language Models") and the neuron-level
 analogue of REAP's ``g_j(x) * ||E_j(x)||_2`` for experts (Lasby et al. 2025). Every layer keeps the
-``round(P * d_ff)`` neurons with the largest saliency (one ``intermediate_size`` for the whole model, so the
-result is still a plain checkpoint of the dense family); recovery fine-tuning follows, as after expert pruning.
+``round(P * d_ff)`` neurons with the largest saliency, so the result is still a plain checkpoint of the dense
+family that every exporter takes; recovery fine-tuning (distilled from the original) follows, as after expert
+pruning, and needs more steps than expert pruning alone (results/benchmark_ffn.md: 1000).
 """
 from __future__ import annotations
 
