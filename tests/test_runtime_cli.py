@@ -92,6 +92,8 @@ def test_score_writes_plan_and_prune_reapplies_it(tmp_path, cache, tiny_original
     assert "layer 1: keep" in res.output
     data = json.loads(plan.read_text())
     assert data["method"] == "uncurl" and len(data["layers"][0]["groups"]) == 2
+    two = tmp_path / "plan_k2.json"
+    two.write_text(plan.read_text())
     data["layers"][0]["groups"] = [[[0, 1.0]]]  # hand edit: keep expert 0 only
     plan.write_text(json.dumps(data))
     out = tmp_path / "pruned"
@@ -99,6 +101,16 @@ def test_score_writes_plan_and_prune_reapplies_it(tmp_path, cache, tiny_original
     assert "BertForSequenceClassification" in res.output
     assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
     assert json.loads((out / "prune_plan.json").read_text())["layers"][0]["groups"] == [[[0, 1.0]]]
+    slim = tmp_path / "slim"
+    run(["prune", "--model", str(tiny_original), "--plan", str(plan), "--ffn-keep", "0.25", "--recovery-steps", "2",
+         "--out", str(slim)])
+    assert json.loads((slim / "config.json").read_text())["intermediate_size"] == 16
+    assert json.loads((slim / "edgeprune_prune.json").read_text())["ffn"]["intermediate_size"] == [64, 16]
+    res = CliRunner().invoke(main, ["prune", "--model", str(tiny_original), "--plan", str(two), "--ffn-keep", "0.5",
+                                    "--out", str(tmp_path / "no")])
+    assert res.exit_code == 2 and res.output.strip() == (
+        "error: --ffn-keep needs a plan that keeps one expert in every layer (the folded model)")
+    assert not (tmp_path / "no").exists()
 
 
 def test_original_command_errors():
