@@ -177,6 +177,11 @@ def prune_options(fn):
     return wrapper
 
 
+ffn_keep_option = click.option(
+    "--ffn-keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+    help="With --experts 1: keep this share of each folded FFN's neurons (task-aware saliency).")
+
+
 def resolve_original(model_dir, task, data) -> Path:
     """``--model DIR`` or the embedded default original of the task (built and cached on first use)."""
     from edgeprune.original import OriginalSpec, ensure_original
@@ -209,8 +214,7 @@ def score(task, data, prune_cfg, model_dir, out) -> None:
 @data_options
 @prune_options
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Apply this plan instead of scoring.")
-@click.option("--ffn-keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="With --experts 1: keep this share of each folded FFN's neurons (task-aware saliency).")
+@ffn_keep_option
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Weight of distillation from the original's logits during recovery (0: labels only).")
@@ -252,8 +256,7 @@ def targets() -> None:
 @click.option("--target", "target_name", default="x86_64", show_default=True,
               help="Target profile name (see `edgeprune targets`) or path to a .toml profile.")
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Apply this plan instead of scoring.")
-@click.option("--ffn-keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="With --experts 1: keep this share of each folded FFN's neurons (task-aware saliency).")
+@ffn_keep_option
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--eval-examples", type=click.IntRange(1), help="Validate on this many examples (default: all).")

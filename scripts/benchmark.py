@@ -1,7 +1,7 @@
 """Side-by-side benchmark: the original MoE vs the edgeprune artifact, per task and target, in one run.
 
     python scripts/benchmark.py                     # sst2 agnews x x86_64 arm64 mobile-gpu -> results/benchmark.*
-    python scripts/benchmark.py --ffn-keep 0.75 --recovery-steps 600 --out results/benchmark_ffn
+    python scripts/benchmark.py --ffn-keep 0.5 --recovery-steps 1000 --out results/benchmark_ffn
                                                     # plus width pruning of the folded FFNs (edgeprune.pruning.neurons)
 
 For each task and target it runs the real `edgeprune build` pipeline (default method and k = 1), then

@@ -44,12 +44,13 @@ def main() -> None:
         original = load_model(odir)
         va = encode(DataSpec().load(task, "validation"), load_tokenizer(odir), task.max_length)
         ohash = dir_sha256(odir)
-        paths, task_rows = {}, {}
+        paths, task_rows, ref = {}, {}, None
         for keep in args.keeps:
             steps = 200 if keep == 1.0 else args.recovery_steps
             cfg = BuildConfig(task=task, target=t, out=Path("build/unused"),
                               prune=PruneConfig(method=args.method, experts=1, recovery_steps=steps, ffn_keep=keep))
-            ref = original_logits_cached(odir, ohash, cfg, va, original)
+            if ref is None:  # the original's logits depend on task and data only, not on the prune config
+                ref = original_logits_cached(odir, ohash, cfg, va, original)
             pruned = stage_prune(cfg, odir, ohash)
             paths[keep] = stage_export(cfg, pruned, va) / "model.onnx"
             q = quality(ref, paths[keep], va)

@@ -12,6 +12,7 @@ validation data), recording per MoE layer, over non-padding tokens only:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -45,6 +46,17 @@ class LayerStats:
                 "mean_gate": [round(float(g / c), 4) if c else 0.0 for g, c in zip(self.gate_sum, self.counts)]}
 
 
+def calibration_batches(enc: Encoded, max_examples: int, batch_size: int, desc: str,
+                        progress: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """The first ``max_examples`` examples, sorted by length (little padding) and collated without labels."""
+    n = min(len(enc), max_examples)
+    order = sorted(range(n), key=lambda i: len(enc.input_ids[i]))
+    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
+        batch = collate(enc, order[start : start + batch_size])
+        batch.pop("labels")
+        yield batch
+
+
 @torch.no_grad()
 def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 2048, batch_size: int = 64,
                     max_logit_rows: int = 20000, progress: bool = True) -> dict[int, LayerStats]:
@@ -52,16 +64,13 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
     blocks = model.moe_blocks()
     stats = {i: LayerStats(*(np.zeros(b.num_experts) for _ in range(4))) for i, b in blocks.items()}
     n = min(len(enc), max_examples)
-    order = sorted(range(n), key=lambda i: len(enc.input_ids[i]))
     rows_per_batch = max(1, max_logit_rows * batch_size // max(1, n))
     gen = np.random.default_rng(0)
     model.eval()
     for b in blocks.values():
         b.record_expert_norms = True
     try:
-        for start in tqdm(range(0, n, batch_size), desc="calibrate", disable=not progress, unit="batch"):
-            batch = collate(enc, order[start : start + batch_size])
-            batch.pop("labels")
+        for batch in calibration_batches(enc, max_examples, batch_size, "calibrate", progress):
             model(**batch)
             keep = batch["attention_mask"].reshape(-1).bool()
             for i, block in blocks.items():

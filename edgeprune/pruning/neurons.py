@@ -22,14 +22,10 @@ import copy
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from edgeprune.models.registry import MoEAdapter
-from edgeprune.training import Encoded, collate
-
-
-def _module(model: torch.nn.Module, dotted: str) -> torch.nn.Module:
-    return model.get_submodule(dotted)
+from edgeprune.pruning.calibration import calibration_batches
+from edgeprune.training import Encoded
 
 
 def ffn_paths(model: torch.nn.Module, adapter: MoEAdapter) -> dict[int, tuple[str, str]]:
@@ -56,14 +52,10 @@ def neuron_saliency(model: torch.nn.Module, adapter: MoEAdapter, enc: Encoded, m
             sums[layer] = s if sums[layer] is None else sums[layer] + s
         return pre
 
-    handles = [_module(model, out_path).register_forward_pre_hook(hook(l)) for l, (_, out_path) in paths.items()]
-    n = min(len(enc), max_examples)
-    order = sorted(range(n), key=lambda i: len(enc.input_ids[i]))
+    handles = [model.get_submodule(out_path).register_forward_pre_hook(hook(l)) for l, (_, out_path) in paths.items()]
     model.eval()
     try:
-        for start in tqdm(range(0, n, batch_size), desc="neuron saliency", disable=not progress, unit="batch"):
-            batch = collate(enc, order[start : start + batch_size])
-            batch.pop("labels")
+        for batch in calibration_batches(enc, max_examples, batch_size, "neuron saliency", progress):
             state["mask"] = batch["attention_mask"].reshape(-1, 1).float()
             state["tokens"] += int(batch["attention_mask"].sum())
             model(**batch)
@@ -72,7 +64,7 @@ def neuron_saliency(model: torch.nn.Module, adapter: MoEAdapter, enc: Encoded, m
             h.remove()
     out = {}
     for l, (_, out_path) in paths.items():
-        w_norm = _module(model, out_path).weight.detach().float().norm(dim=0)
+        w_norm = model.get_submodule(out_path).weight.detach().float().norm(dim=0)
         out[l] = (sums[l] / max(1, state["tokens"]) * w_norm).numpy()
     return out
 
@@ -86,14 +78,14 @@ def slim_ffn(model: torch.nn.Module, adapter: MoEAdapter, saliency: dict[int, np
     config.intermediate_size = width
     new = type(model)(config)
     src, dst = model.state_dict(), new.state_dict()
-    for key in dst:
-        dst[key] = src[key].clone() if src[key].shape == dst[key].shape else dst[key]
+    for key in dst:  # everything outside W_in, b_in, W_out keeps its shape (b_out included)
+        if src[key].shape == dst[key].shape:
+            dst[key] = src[key].clone()
     for l, (in_path, out_path) in ffn_paths(model, adapter).items():
         idx = torch.from_numpy(kept[l])
         dst[in_path + ".weight"] = src[in_path + ".weight"][idx].clone()
         dst[in_path + ".bias"] = src[in_path + ".bias"][idx].clone()
         dst[out_path + ".weight"] = src[out_path + ".weight"][:, idx].clone()
-        dst[out_path + ".bias"] = src[out_path + ".bias"].clone()
     new.load_state_dict(dst)
     new.eval()
     share = {l: float(saliency[l][kept[l]].sum() / max(saliency[l].sum(), 1e-12)) for l in kept}

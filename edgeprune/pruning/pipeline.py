@@ -129,6 +129,8 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     Returns the pruned model (the dense class when every layer keeps one expert), the plan and a record
     of what was done (timings, recovery losses)."""
     cfg.validate()
+    if plan is not None and cfg.ffn_keep < 1 and not plan.folds:
+        raise ConfigError("--ffn-keep needs a plan that keeps one expert in every layer (the folded model)")
     original = load_model(original_dir)
     check_model(original, task, cfg)
     tok = load_tokenizer(original_dir)
@@ -151,8 +153,6 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
         plan = score(original_dir, task, data, cfg, model=original, progress=progress)
     pruned = apply_plan(original, plan)
     if cfg.ffn_keep < 1:
-        if not plan.folds:
-            raise ConfigError("--ffn-keep needs a plan that keeps one expert in every layer (the folded model)")
         adapter = adapter_for(original.config)
         saliency = neuron_saliency(pruned, adapter, train_enc, max_examples=cfg.calibration_examples,
                                    progress=progress)
