@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from edgeprune import __version__
-from edgeprune.cache import atomic_dir, cache_root, dir_sha256, fingerprint
+from edgeprune.cache import atomic_dir, cache_root, dir_sha256, fingerprint, reusable, seal
 from edgeprune.check import violations
 from edgeprune.errors import BudgetError
 from edgeprune.export.targets import Target
@@ -78,14 +78,29 @@ def stage_prune(cfg: BuildConfig, original_dir: Path, original_hash: str) -> Pat
     key = fingerprint("prune", original_hash, cfg.prune.to_dict(), cfg.data.key(), cfg.task.name,
                       plan.to_json() if plan else None)
     out = cache_root() / "stages" / f"prune-{key}"
-    if (out / "prune_plan.json").is_file():
-        log(f"prune: reusing {out}")
+    if reusable(out, log):
+        log(f"prune: reusing {out} (files verified)")
         return out
     log(f"prune: {cfg.prune.method}, k={cfg.prune.experts or 'adaptive'}, recovery {cfg.prune.recovery_steps} steps")
     model, plan, info = prune(original_dir, cfg.task, cfg.data, cfg.prune, plan=plan)
     with atomic_dir(out) as tmp:
         save_pruned(model, original_dir, tmp, plan, info)
+        seal(tmp)
     return out
+
+
+def ort_model_type(model) -> Optional[str]:
+    """The ORT transformer optimizer's model type for ``model`` (a dense sibling's or an MoE family's)."""
+    from edgeprune.errors import ModelError
+    from edgeprune.models.registry import adapter_for, dense_adapter_for
+
+    if model.config.model_type == "bert":
+        return "bert"
+    try:
+        return adapter_for(model.config).ort_model_type
+    except ModelError:
+        a = dense_adapter_for(model)
+        return None if a is None else None
 
 
 def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
@@ -97,25 +112,34 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
     key = fingerprint("export", dir_sha256(pruned_dir), asdict(t.export), asdict(t.quantization),
                       asdict(t.optimization), t.runtime.ort_format, t.runtime.mobile_usability, cfg.parity_examples)
     out = cache_root() / "stages" / f"export-{key}"
-    if (out / "export.json").is_file():
-        log(f"export: reusing {out}")
-        return out
+    fixed = (t.export.batch_size, t.export.sequence_length) if t.export.fixed_shapes else None
+    sample = type(val_enc)(val_enc.input_ids[: cfg.parity_examples], val_enc.token_type_ids[: cfg.parity_examples],
+                           val_enc.labels[: cfg.parity_examples], val_enc.pad_id)
+    if reusable(out, log):
+        from edgeprune.export.onnx_export import onnx_logits
+
+        # the quantized graph's logits on the parity sample must be those recorded when it was built
+        info = json.loads((out / "export.json").read_text())
+        got = onnx_logits(out / "model.onnx", sample, fixed_length=fixed[1] if fixed else None)
+        want = np.load(out / "parity_logits.npy")
+        if got.shape == want.shape and np.allclose(got, want, atol=1e-4):
+            log(f"export: reusing {out} (files verified, parity re-checked)")
+            return out
+        log(f"cache: {out.name} no longer reproduces its recorded logits; rebuilding it")
+        shutil.rmtree(out, ignore_errors=True)
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(pruned_dir).eval()  # MoE (k > 1) or folded BERT
-    fixed = (t.export.batch_size, t.export.sequence_length) if t.export.fixed_shapes else None
     info: dict = {}
     with atomic_dir(out) as tmp:
         log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes"))
         info["exporter"] = export_onnx(model, pruned_dir, tmp / "fp32.onnx", t)
         if fixed:
             fix_shapes(tmp / "fp32.onnx", *fixed)
-        sample = type(val_enc)(val_enc.input_ids[: cfg.parity_examples], val_enc.token_type_ids[: cfg.parity_examples],
-                               val_enc.labels[: cfg.parity_examples])
         info["parity_fp32"] = parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed[1] if fixed else None)
         log(f"export: parity with PyTorch ok (max logit diff {info['parity_fp32']['max_abs_logit_diff']:.2e})")
         info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, model.config.num_attention_heads,
-                                   model.config.hidden_size)
+                                   model.config.hidden_size, ort_model_type(model))
         log(f"quantize: {t.quantization.precision}")
         info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample)
         info["ort_disabled_optimizers"] = t.optimization.ort_disabled_optimizers
@@ -129,6 +153,10 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
             info["mobile_usability"] = mobile_usability(tmp / "model.onnx")
         info["input_names"] = [i.name for i in onnx.load(str(tmp / "model.onnx")).graph.input]
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
+        from edgeprune.export.onnx_export import onnx_logits
+
+        np.save(tmp / "parity_logits.npy", onnx_logits(tmp / "model.onnx", sample, fixed_length=fixed[1] if fixed else None))
+        seal(tmp)
     return out
 
 
@@ -159,9 +187,9 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         log(f"original: default MoE for {cfg.task.name} (built once, then cached)")
         original_dir = ensure_original(OriginalSpec(cfg.task, cfg.data, "moe"))
     original = load_model(original_dir)
-    check_model(original, cfg.task, cfg.prune)
-    original_hash = dir_sha256(original_dir)
     tok = load_tokenizer(original_dir)
+    check_model(original, cfg.task, cfg.prune, tok)
+    original_hash = dir_sha256(original_dir)
     val_enc = encode(cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples), tok, cfg.task.max_length)
     pruned_dir = stage_prune(cfg, original_dir, original_hash)
     export_dir = stage_export(cfg, pruned_dir, val_enc)

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from edgeprune.cache import atomic_dir, cache_root, file_sha256, fingerprint
+from edgeprune.cache import atomic_dir, cache_root, file_sha256, fingerprint, reusable, seal
 from edgeprune.errors import ModelError
 from edgeprune.tasks import Task, load_split
 from edgeprune.tasks.loading import Columns
@@ -86,13 +86,14 @@ def ensure_pretrained(spec: OriginalSpec, progress: bool = True) -> Path:
     from edgeprune.models.upcycle import upcycle
 
     out = spec.pretrained_dir()
-    if (out / "model.safetensors").is_file():
+    if reusable(out):
         return out
     if progress:
         print(f"upcycling {spec.dense_dir or 'packaged MiniLM-L6'} into {spec.num_experts} experts -> {out}")
     with atomic_dir(out) as tmp:
         upcycle(spec.dense_dir, tmp, num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
                 drop_fraction=spec.drop_fraction, seed=spec.seed)
+        seal(tmp)
     return out
 
 
@@ -109,7 +110,7 @@ def ensure_original(spec: OriginalSpec, force: bool = False, progress: bool = Tr
     from edgeprune.pruning.calibration import collect_routing
 
     out = spec.directory()
-    if (out / META).is_file() and not force:
+    if not force and reusable(out):
         return out
     task = spec.task
     train_ex = spec.data.load(task, "train")
@@ -144,4 +145,5 @@ def ensure_original(spec: OriginalSpec, force: bool = False, progress: bool = Tr
         copy_tokenizer(start_dir, tmp)
         meta["size_bytes"] = (tmp / "model.safetensors").stat().st_size
         (tmp / META).write_text(json.dumps(meta, indent=1))
+        seal(tmp)
     return out

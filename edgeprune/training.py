@@ -63,6 +63,7 @@ class Encoded:
     input_ids: list[list[int]]
     token_type_ids: list[list[int]]
     labels: list[int]
+    pad_id: int = 0  # the tokenizer's padding id (decoder classifiers find the last token by it)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -74,11 +75,20 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Encoded:
     pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)
     tti = enc.get("token_type_ids") or [[0] * len(ids) for ids in enc["input_ids"]]
-    return Encoded(enc["input_ids"], tti, [e.label for e in examples])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Encoded(enc["input_ids"], tti, [e.label for e in examples], pad)
 
 
-def collate(enc: Encoded, idx: Sequence[int], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad the examples ``idx`` to the longest of them."""
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` without the inputs that ``model``'s forward does not take (decoders have no token types)."""
+    if "token_type_ids" in batch and not getattr(model.config, "type_vocab_size", 0):
+        return {k: v for k, v in batch.items() if k != "token_type_ids"}
+    return batch
+
+
+def collate(enc: Encoded, idx: Sequence[int], pad_id: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Pad the examples ``idx`` to the longest of them (with the tokenizer's padding id)."""
+    pad_id = enc.pad_id if pad_id is None else pad_id
     width = max(len(enc.input_ids[i]) for i in idx)
     ids = np.full((len(idx), width), pad_id, dtype=np.int64)
     tti = np.zeros((len(idx), width), dtype=np.int64)
@@ -105,19 +115,32 @@ def bucketed_batches(enc: Encoded, batch_size: int, rng: random.Random, bucket: 
     return batches
 
 
+def router_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the router parameters of an MoE of a registered family (empty for a dense model)."""
+    from edgeprune.errors import ModelError
+    from edgeprune.models.registry import adapter_for
+
+    try:
+        adapter = adapter_for(model.config)
+    except ModelError:
+        return set()
+    return {k for layer in adapter.blocks(model) for k in adapter.router_keys(model, layer)}
+
+
 def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     router_lr = cfg.router_learning_rate or cfg.learning_rate
     groups = {"decay": [], "no_decay": [], "router": []}
+    routers = router_parameter_names(model)
     for name, p in model.named_parameters():
-        if cfg.only_router and ".router." not in name:
+        if cfg.only_router and name not in routers:
             p.requires_grad_(False)
-        elif cfg.freeze_embeddings and "word_embeddings" in name:
+        elif cfg.freeze_embeddings and ("word_embeddings" in name or "embed_tokens" in name):
             p.requires_grad_(False)
         if not p.requires_grad:
             continue
-        if ".router." in name:
+        if name in routers:
             groups["router"].append(p)
-        elif p.ndim < 2 or "LayerNorm" in name:
+        elif p.ndim < 2 or "LayerNorm" in name or "norm" in name.rsplit(".", 2)[-2]:
             groups["no_decay"].append(p)
         else:
             groups["decay"].append(p)
@@ -179,11 +202,11 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
             batches = bucketed_batches(enc, cfg.batch_size, rng)
         batch = collate(enc, batches.pop())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = model(**batch)
+            out = model(**model_inputs(model, batch))
             loss = out.loss
             if teacher is not None and cfg.distill_alpha > 0:
                 with torch.no_grad():
-                    t_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+                    t_logits = teacher(**model_inputs(model, {k: v for k, v in batch.items() if k != "labels"})).logits.float()
                 temp = cfg.distill_temperature
                 kd = F.kl_div(F.log_softmax(out.logits.float() / temp, -1), F.softmax(t_logits / temp, -1),
                               reduction="batchmean") * temp * temp
@@ -218,7 +241,7 @@ def predict_logits(model: torch.nn.Module, enc: Encoded, batch_size: int = 64, p
         idx = order[start : start + batch_size]
         batch = collate(enc, idx)
         batch.pop("labels")
-        out[idx] = model(**batch).logits.float().numpy()
+        out[idx] = model(**model_inputs(model, batch)).logits.float().numpy()
     return out
 
 

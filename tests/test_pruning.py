@@ -9,6 +9,9 @@ from edgeprune.errors import ConfigError
 from edgeprune.pruning.apply import apply_plan
 from edgeprune.pruning.calibration import collect_routing
 from edgeprune.pruning.merge import align_to, merge_experts, uncurl_clusters
+from edgeprune.models.families.bert_moe import ADAPTER as BERT_ADAPTER
+
+ROLES = BERT_ADAPTER.expert_roles
 from edgeprune.pruning.methods import method_config, score_experts
 from edgeprune.pruning.pipeline import PruneConfig
 from edgeprune.pruning.plan import PrunePlan, adaptive_k, make_plan, validate_k
@@ -79,10 +82,10 @@ def test_merging_identical_experts_gives_that_expert_back():
     perm = torch.randperm(sd["w_in.weight"].shape[0])
     shuffled = {"w_in.weight": sd["w_in.weight"][perm], "w_in.bias": sd["w_in.bias"][perm],
                 "w_out.weight": sd["w_out.weight"][:, perm], "w_out.bias": sd["w_out.bias"]}
-    merged = merge_experts([sd, shuffled], [0.3, 0.7])
+    merged = merge_experts([sd, shuffled], [0.3, 0.7], ROLES)
     for k in sd:
         torch.testing.assert_close(merged[k], sd[k])
-    assert torch.equal(align_to(sd, shuffled)["w_in.weight"], sd["w_in.weight"])
+    assert torch.equal(align_to(sd, shuffled, ROLES)["w_in.weight"], sd["w_in.weight"])
 
 
 def test_uncurl_clusters_cover_all_experts_reference_first():
@@ -231,7 +234,7 @@ def _folded(seed=0):
 
 def test_ffn_slimming_drops_exactly_the_neurons_that_contribute_nothing(tmp_path):
     """Neurons whose W_out column is zero have saliency 0: slimming them away leaves the logits as they were."""
-    from edgeprune.models.registry import BERT_MOE
+    from edgeprune.models.families.bert_moe import ADAPTER as BERT_MOE
     from edgeprune.pruning.neurons import neuron_saliency, slim_ffn
 
     dense = _folded()
@@ -254,7 +257,7 @@ def test_ffn_slimming_drops_exactly_the_neurons_that_contribute_nothing(tmp_path
 
 def test_neuron_saliency_is_mean_abs_activation_times_output_column_norm():
     """s_j = mean over non-padding tokens of |a_j| * ||W_out[:, j]||_2, checked against a direct computation."""
-    from edgeprune.models.registry import BERT_MOE
+    from edgeprune.models.families.bert_moe import ADAPTER as BERT_MOE
     from edgeprune.pruning.neurons import neuron_saliency
     from edgeprune.training import collate
 

@@ -1,13 +1,17 @@
 """ONNX export with a parity check against PyTorch on real task inputs.
 
-* A folded model (every MoE layer kept one expert) is a plain ``BertForSequenceClassification``: it goes
-  through optimum's exporter (``optimum.exporters.onnx.main_export``), like any BERT.
-* A model with k > 1 experts cannot go through the stock exporters (data-dependent dispatch, DESIGN.md
-  section 2), so it is exported with ``torch.onnx.export`` under :func:`~edgeprune.models.dense_dispatch`:
-  every kept expert is computed and combined with the top-k routing weights (cheap for small k).
+* A folded BERT-MoE is a plain ``BertForSequenceClassification``: it goes through optimum's exporter
+  (``optimum.exporters.onnx.main_export``), like any BERT.
+* Every other model (an MoE with k > 1 of any family, a family kept with one expert, a folded decoder such as
+  Mistral or Qwen3) is exported with ``torch.onnx.export`` under the family adapter's export patch
+  (:meth:`~edgeprune.models.adapter.MoEAdapter.export_patch`: every kept expert computed and combined with the
+  routing weights, the router skipped at one expert) and, for decoders, transformers' attention-mask functions
+  replaced by optimum's vmap-free ones (``sdpa_mask_without_vmap``), without which no transformers decoder traces.
+  A traced MoE could silently keep only the experts the example input reached; the dense dispatch has no such
+  branch, and :func:`parity` on real task inputs at several shapes gates every export.
 
-Inputs are ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64), output ``logits``; batch and
-sequence axes are dynamic unless the target fixes them.
+Inputs are ``input_ids``, ``attention_mask`` and, for BERT, ``token_type_ids`` (int64), output ``logits``;
+batch and sequence axes are dynamic unless the target fixes them.
 """
 from __future__ import annotations
 
@@ -22,17 +26,40 @@ import torch
 
 from edgeprune.errors import ExportError
 from edgeprune.export.targets import Target
-from edgeprune.models import dense_dispatch
-from edgeprune.training import Encoded, collate, predict_logits
+from edgeprune.training import Encoded, collate, model_inputs, predict_logits
 
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
 
+@contextlib.contextmanager
+def traceable_masks():
+    """transformers' mask functions replaced by optimum's vmap-free ones (as optimum's ModelPatcher does);
+    restored on exit."""
+    import transformers.masking_utils as mu
+    from optimum.exporters.onnx import model_patcher as mp
+
+    saved = (mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"], mu.ALL_MASK_ATTENTION_FUNCTIONS["eager"],
+             mu.find_packed_sequence_indices)
+    try:
+        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", mp.sdpa_mask_without_vmap)
+        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("eager", mp.eager_mask_without_vmap)
+        mu.find_packed_sequence_indices = mp.find_packed_sequence_indices_patched
+        yield
+    finally:
+        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", saved[0])
+        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("eager", saved[1])
+        mu.find_packed_sequence_indices = saved[2]
+
+
 def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | Path, target: Target) -> str:
-    """Export to ``out_path``; returns the exporter used (``optimum`` or ``torch.onnx+dense_dispatch``)."""
+    """Export to ``out_path``; returns the exporter used (``optimum``, ``torch.onnx+dense_dispatch`` for an MoE,
+    ``torch.onnx`` for another dense model)."""
+    from edgeprune.errors import ModelError
+    from edgeprune.models.registry import adapter_for
+
     out_path = Path(out_path)
     spec = target.export
-    if not hasattr(model, "moe_blocks"):
+    if model.config.model_type == "bert":
         from optimum.exporters.onnx import main_export
 
         shapes = {"batch_size": spec.batch_size, "sequence_length": spec.sequence_length} if spec.fixed_shapes else {}
@@ -45,10 +72,16 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
                 raise ExportError(f"optimum export of {model_dir} failed: {type(exc).__name__}: {exc}") from None
             shutil.move(str(Path(tmp) / "model.onnx"), out_path)
         return "optimum"
+    try:
+        adapter = adapter_for(model.config)
+    except ModelError:
+        adapter = None
     b, s = (spec.batch_size, spec.sequence_length) if spec.fixed_shapes else (2, 16)
-    dummy = (torch.ones(b, s, dtype=torch.long), torch.ones(b, s, dtype=torch.long),
-             torch.zeros(b, s, dtype=torch.long))
-    axes = None if spec.fixed_shapes else {n: {0: "batch_size", 1: "sequence_length"} for n in INPUT_NAMES}
+    full = {"input_ids": torch.ones(b, s, dtype=torch.long), "attention_mask": torch.ones(b, s, dtype=torch.long),
+            "token_type_ids": torch.zeros(b, s, dtype=torch.long)}
+    feeds = model_inputs(model, full)
+    names = [n for n in INPUT_NAMES if n in feeds]
+    axes = None if spec.fixed_shapes else {n: {0: "batch_size", 1: "sequence_length"} for n in names}
     if axes is not None:
         axes["logits"] = {0: "batch_size"}
 
@@ -57,17 +90,19 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        def forward(self, *inputs):
+            return self.m(**dict(zip(names, inputs))).logits
 
     model.eval()
+    patch = adapter.export_patch(model) if adapter is not None else contextlib.nullcontext()
     try:
-        with dense_dispatch(model), torch.no_grad():
-            torch.onnx.export(Wrapper(model), dummy, str(out_path), input_names=INPUT_NAMES, output_names=["logits"],
-                              dynamic_axes=axes, opset_version=spec.opset, dynamo=False)
+        with patch, traceable_masks(), torch.no_grad():
+            torch.onnx.export(Wrapper(model), tuple(feeds[n] for n in names), str(out_path), input_names=names,
+                              output_names=["logits"], dynamic_axes=axes, opset_version=spec.opset, dynamo=False)
     except Exception as exc:
-        raise ExportError(f"torch.onnx export of the MoE failed: {type(exc).__name__}: {exc}") from None
-    return "torch.onnx+dense_dispatch"
+        raise ExportError(f"torch.onnx export of the {model.config.model_type} model failed: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return "torch.onnx+dense_dispatch" if adapter is not None else "torch.onnx"
 
 
 def session(path: str | Path, threads: int = 1):
@@ -99,7 +134,7 @@ def onnx_logits(path: str | Path, enc: Encoded, batch_size: int = 32, fixed_leng
         batch = collate(enc, idx)
         feeds = {k: v.numpy() for k, v in batch.items() if k in names}
         if fixed_length is not None or fixed_batch:
-            feeds = pad_to(feeds, fixed_batch or len(idx), fixed_length or feeds["input_ids"].shape[1])
+            feeds = pad_to(feeds, fixed_batch or len(idx), fixed_length or feeds["input_ids"].shape[1], enc.pad_id)
         logits = sess.run(["logits"], feeds)[0][: len(idx)].astype(np.float32)
         if out is None:
             out = np.zeros((len(enc), logits.shape[1]), dtype=np.float32)
@@ -107,11 +142,11 @@ def onnx_logits(path: str | Path, enc: Encoded, batch_size: int = 32, fixed_leng
     return out
 
 
-def pad_to(feeds: dict[str, np.ndarray], batch: int, length: int) -> dict[str, np.ndarray]:
+def pad_to(feeds: dict[str, np.ndarray], batch: int, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Pad (or truncate) every input to ``batch`` x ``length`` for fixed-shape models."""
     out = {}
     for k, v in feeds.items():
-        z = np.zeros((batch, length), dtype=v.dtype)
+        z = np.full((batch, length), pad_id if k == "input_ids" else 0, dtype=v.dtype)
         n, m = min(batch, v.shape[0]), min(length, v.shape[1])
         z[:n, :m] = v[:n, :m]
         out[k] = z
@@ -120,7 +155,7 @@ def pad_to(feeds: dict[str, np.ndarray], batch: int, length: int) -> dict[str, n
 
 def truncate(enc: Encoded, length: int) -> Encoded:
     """Encoded examples cut to ``length`` tokens (fixed-shape targets see at most that many)."""
-    return Encoded([i[:length] for i in enc.input_ids], [t[:length] for t in enc.token_type_ids], enc.labels)
+    return Encoded([i[:length] for i in enc.input_ids], [t[:length] for t in enc.token_type_ids], enc.labels, enc.pad_id)
 
 
 def parity(onnx_path: str | Path, model: torch.nn.Module, enc: Encoded, atol: float = 1e-3,

@@ -28,11 +28,14 @@ from edgeprune.export.targets import Target
 from edgeprune.training import Encoded, collate
 
 
-def optimize(src: Path, dst: Path, target: Target, num_heads: int, hidden_size: int) -> list[str]:
-    """Transformer fusions (or just ORT's basic graph optimisations); returns the fused op counts."""
+def optimize(src: Path, dst: Path, target: Target, num_heads: int, hidden_size: int,
+             model_type: Optional[str] = "bert") -> list[str]:
+    """Transformer fusions of the ORT transformer optimizer for ``model_type`` (``bert`` for BERT and BERT-MoE),
+    or none where no optimizer model type fits the family (ONNX Runtime then applies its own graph
+    optimisations when the session loads); returns the fused op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
-    if not target.optimization.fuse:
+    if not target.optimization.fuse or model_type != "bert":
         onnx.save(onnx.load(str(src)), str(dst))
         return []
     from onnxruntime.transformers.fusion_options import FusionOptions

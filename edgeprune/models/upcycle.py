@@ -52,13 +52,14 @@ def upcycle_model(dense: torch.nn.Module, num_experts: int = 8, moe_layers: list
     for key, value in src.items():
         if key in dst:
             dst[key] = value.clone()
+    expert_prefix, ffn_map = adapter.extra["expert_prefix"], adapter.extra["ffn_map"]
     for layer in config.moe_layers:
-        dense_prefix = adapter.dense_prefix(layer)
+        dense_prefix = adapter.extra["dense_prefix"](layer)
         for e in range(config.experts_in(layer)):
-            for exp_key, dense_key in adapter.ffn_map.items():
-                dst[adapter.expert_prefix(layer, e) + exp_key] = src[dense_prefix + dense_key].clone()
+            for exp_key, dense_key in ffn_map.items():
+                dst[expert_prefix(layer, e) + exp_key] = src[dense_prefix + dense_key].clone()
             if drop_fraction > 0:
-                _drop_reinit(dst, adapter.expert_prefix(layer, e), drop_fraction, gen)
+                _drop_reinit(dst, expert_prefix(layer, e), drop_fraction, gen)
     moe.load_state_dict(dst)
     return moe
 

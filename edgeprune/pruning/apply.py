@@ -1,57 +1,53 @@
-"""Applying a prune plan to a model, and folding the router away at k = 1.
+"""Applying a prune plan to a model of any registered family, and folding the router away at k = 1.
 
-After pruning, a layer keeps the kept experts and the router keeps only their rows, so the softmax is
-renormalised over the kept experts (top-1: g = softmax over kept; top-k: the k largest renormalised).
-With top-1 (Switch) routing that makes the gate, and so the FFN output, grow; the plan's ``output_scale``
-(:func:`edgeprune.pruning.plan.gate_output_scale`) is multiplied into the experts' output weights to undo it.
-A merged group (UNCURL) gets the merged weights and the usage-weighted average of its members' router
-rows (deterministic; UNCURL then re-initialises the router and trains it alone for a few steps:
-:func:`edgeprune.pruning.recover.train_router`).
+After pruning, a layer keeps the kept experts and every per-expert router parameter keeps only their rows
+(weight, bias, score-correction bias), so the family's own routing rule runs unchanged over the kept experts:
+a pruned model equals the original whose router logits for the dropped experts are -inf. The config's expert
+count becomes k and its top-k min(top-k, k); the model is saved as the same family class. With top-1
+(Switch) routing the renormalised gate grows; the plan's ``output_scale``
+(:func:`edgeprune.pruning.plan.gate_output_scale`) is multiplied into the experts' output projections to undo
+it. A merged group (UNCURL) gets the merged weights and the usage-weighted average of its members' router
+parameters (UNCURL then re-initialises the router and trains it alone: :func:`edgeprune.pruning.recover.train_router`).
 
-At k = 1 everywhere the renormalised gate is exactly 1: every MoE layer is a plain FFN and the model is
-saved as the dense class of the family (``BertForSequenceClassification``), which every exporter supports.
+At k = 1 everywhere the weight of the one expert is exactly 1: the model folds into its family's dense sibling
+(:meth:`~edgeprune.models.adapter.MoEAdapter.fold`: BERT-MoE -> BERT, Mixtral -> Mistral, Qwen3-MoE -> Qwen3),
+or, for a family without one, stays its own class with one expert per layer.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
+from edgeprune.models.adapter import clone_model, scale_outputs
 from edgeprune.models.registry import adapter_for
 from edgeprune.pruning.merge import merge_experts
 from edgeprune.pruning.plan import PrunePlan, group_mixing, validate_plan
-
-EXPERT_KEYS = ("w_in.weight", "w_in.bias", "w_out.weight", "w_out.bias")
 
 
 def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True) -> torch.nn.Module:
     """A new model with the plan's experts per layer (the input model is not modified).
 
-    With ``fold`` and k = 1 in every layer, the result is the dense class of the family.
-    """
+    With ``fold`` and k = 1 in every layer, the result is the family's dense sibling where one exists."""
     validate_plan(plan, model)
     adapter = adapter_for(model.config)
     by_layer = {lp.layer: lp for lp in plan.layers}
-    config = copy.deepcopy(model.config)
-    config.num_experts_per_layer = [by_layer[i].k for i in config.moe_layers]
-    new = adapter.classifier_class(config)
-    src = model.state_dict()
-    dst = new.state_dict()
-    for key in dst:
-        if key in src and ".moe." not in key:
+    paths = adapter.block_paths(model)
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    adapter.resize_config(config, {l: lp.k for l, lp in by_layer.items()})
+    new = clone_model(model, config)
+    src, dst = model.state_dict(), new.state_dict()
+    for key in dst:  # everything whose shape did not change (experts and router rows are rewritten below)
+        if key in src and src[key].shape == dst[key].shape:
             dst[key] = src[key].clone()
-    pre = adapter.base_prefix
     for layer, lp in by_layer.items():
-        router = src[pre + adapter.router_key(layer)]
+        path = paths[layer]
         for j, group in enumerate(lp.groups):
-            experts = [{k: src[pre + adapter.expert_prefix(layer, e) + k] for k in EXPERT_KEYS} for e, _ in group]
-            merged = merge_experts(experts, [w for _, w in group])
-            if lp.output_scale != 1.0:
-                merged = {k: v * lp.output_scale if k.startswith("w_out") else v for k, v in merged.items()}
-            for k, v in merged.items():
-                dst[pre + adapter.expert_prefix(layer, j) + k] = v
-        mix = torch.from_numpy(group_mixing(lp.groups, router.shape[0])).to(router.dtype)
-        dst[pre + adapter.router_key(layer)] = mix.T @ router
+            experts = [adapter.expert_tensors(src, path, e) for e, _ in group]
+            merged = merge_experts(experts, [w for _, w in group], adapter.expert_roles)
+            adapter.set_expert_tensors(dst, path, j, scale_outputs(adapter, merged, lp.output_scale))
+        for key in adapter.router_keys(model, layer):
+            rows = src[key]
+            mix = torch.from_numpy(group_mixing(lp.groups, rows.shape[0])).to(torch.float64)
+            dst[key] = (mix.T @ rows.double().reshape(rows.shape[0], -1)).reshape(len(lp.groups), *rows.shape[1:]).to(rows.dtype)
     new.load_state_dict(dst)
     new.eval()
     if fold and plan.folds:
@@ -60,28 +56,10 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True) -> to
 
 
 def fold_to_dense(model: torch.nn.Module) -> torch.nn.Module:
-    """The dense model of the family equal to ``model`` whose every MoE layer has one expert (gate = 1)."""
+    """The dense sibling equal to ``model`` whose every MoE layer has one expert; a family without a sibling
+    keeps its class (one expert per layer, router skipped in export)."""
     adapter = adapter_for(model.config)
-    blocks = model.moe_blocks()
-    if any(b.num_experts != 1 for b in blocks.values()):
+    if any(adapter.num_experts(b) != 1 for b in adapter.blocks(model).values()):
         raise ValueError("fold_to_dense needs exactly one expert in every MoE layer")
-    moe_keys = ("moe_layers", "num_experts", "num_experts_per_layer", "num_experts_per_tok", "router_aux_loss_coef",
-                "router_z_loss_coef", "router_jitter", "model_type", "architectures")
-    cfg = {k: v for k, v in model.config.to_dict().items() if k not in moe_keys}
-    dense = adapter.dense_classifier_class(adapter.dense_config_class(**cfg))
-    src = model.state_dict()
-    dst = dense.state_dict()
-    pre = adapter.base_prefix
-    for key in dst:
-        if key in src:
-            dst[key] = src[key].clone()
-    for layer in blocks:
-        for exp_key, dense_key in adapter.ffn_map.items():
-            dst[pre + adapter.dense_prefix(layer) + dense_key] = src[pre + adapter.expert_prefix(layer, 0) + exp_key]
-    missing = [k for k in dst if k not in src and not any(
-        k == pre + adapter.dense_prefix(l) + d for l in blocks for d in adapter.ffn_map.values())]
-    if missing:
-        raise ValueError(f"fold_to_dense: no source for {missing[:3]}")
-    dense.load_state_dict(dst)
-    dense.eval()
-    return dense
+    dense = adapter.fold(model)
+    return dense if dense is not None else model

@@ -8,6 +8,11 @@ validation data), recording per MoE layer, over non-padding tokens only:
 * ``prob_sum[e]``: sum of softmax gate probabilities over all tokens;
 * ``reap_sum[e]``: sum over routed tokens of g_e(x) * ||E_e(x)||_2 (REAP, Lasby et al. 2025);
 * ``logits``: a bounded sample of router logit rows (UNCURL clusters the experts by their columns).
+
+Family-agnostic: the block's input and its router's output are captured by forward hooks, and the routing
+(top-k indices and weights) is recomputed from the logits by the family's adapter, exactly as the family
+computes it (:meth:`~edgeprune.models.adapter.MoEAdapter.route`); REAP's expert output norms come from the
+adapter's :meth:`~edgeprune.models.adapter.MoEAdapter.expert_forward` on the routed tokens.
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from edgeprune.training import Encoded, collate
+from edgeprune.models.registry import adapter_for
+from edgeprune.training import Encoded, collate, model_inputs
 
 
 @dataclass
@@ -61,32 +67,50 @@ def calibration_batches(enc: Encoded, max_examples: int, batch_size: int, desc: 
 def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 2048, batch_size: int = 64,
                     max_logit_rows: int = 20000, progress: bool = True) -> dict[int, LayerStats]:
     """Run ``model`` over up to ``max_examples`` encoded examples and return :class:`LayerStats` per layer."""
-    blocks = model.moe_blocks()
-    stats = {i: LayerStats(*(np.zeros(b.num_experts) for _ in range(4))) for i, b in blocks.items()}
+    adapter = adapter_for(model.config)
+    blocks = adapter.blocks(model)
+    stats = {i: LayerStats(*(np.zeros(adapter.num_experts(b)) for _ in range(4))) for i, b in blocks.items()}
     n = min(len(enc), max_examples)
     rows_per_batch = max(1, max_logit_rows * batch_size // max(1, n))
     gen = np.random.default_rng(0)
+    seen: dict[int, dict] = {i: {} for i in blocks}
+
+    def on_block(i):
+        def pre(_m, args, kwargs):
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            seen[i]["x"] = hidden.detach().reshape(-1, hidden.shape[-1])
+        return pre
+
+    def on_router(i):
+        def post(_m, _inp, out):
+            seen[i]["logits"] = (out[0] if isinstance(out, tuple) else out).detach().float()
+        return post
+
+    handles = [h for i, b in blocks.items() for h in (b.register_forward_pre_hook(on_block(i), with_kwargs=True),
+                                                       adapter.router(b).register_forward_hook(on_router(i)))]
     model.eval()
-    for b in blocks.values():
-        b.record_expert_norms = True
     try:
         for batch in calibration_batches(enc, max_examples, batch_size, "calibrate", progress):
-            model(**batch)
+            model(**model_inputs(model, batch))
             keep = batch["attention_mask"].reshape(-1).bool()
             for i, block in blocks.items():
-                rec, st = block.last, stats[i]
-                z = rec.router_logits.shape[-1]
-                logits = rec.router_logits[keep]
-                idx, gate, norm = rec.top_idx[keep], rec.top_gate[keep], rec.expert_out_norm[keep]
+                st = stats[i]
+                x, logits = seen[i]["x"][keep], seen[i]["logits"].reshape(-1, len(st.counts))[keep]
+                idx, gate = adapter.route(block, logits)
+                norm = torch.zeros_like(gate)
+                for e in idx.unique().tolist():
+                    tok, slot = (idx == e).nonzero(as_tuple=True)
+                    norm[tok, slot] = adapter.expert_forward(block, e, x[tok]).float().norm(dim=-1)
+                z = len(st.counts)
+                flat_idx = idx.reshape(-1).numpy()
                 st.tokens += int(keep.sum())
-                st.counts += np.bincount(idx.reshape(-1).numpy(), minlength=z)
-                st.gate_sum += np.bincount(idx.reshape(-1).numpy(), weights=gate.reshape(-1).double().numpy(), minlength=z)
-                st.reap_sum += np.bincount(idx.reshape(-1).numpy(), weights=(gate * norm).reshape(-1).double().numpy(),
-                                           minlength=z)
+                st.counts += np.bincount(flat_idx, minlength=z)
+                st.gate_sum += np.bincount(flat_idx, weights=gate.reshape(-1).double().numpy(), minlength=z)
+                st.reap_sum += np.bincount(flat_idx, weights=(gate * norm).reshape(-1).double().numpy(), minlength=z)
                 st.prob_sum += logits.softmax(-1).sum(0).double().numpy()
                 take = gen.choice(logits.shape[0], size=min(rows_per_batch, logits.shape[0]), replace=False)
                 st.logits.append(logits[torch.from_numpy(np.sort(take))].numpy())
     finally:
-        for b in blocks.values():
-            b.record_expert_norms = False
+        for h in handles:
+            h.remove()
     return stats

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from edgeprune.models.adapter import unit_axis
 from edgeprune.pruning.calibration import LayerStats
 
 
@@ -50,21 +51,33 @@ def uncurl_clusters(stats: LayerStats, d: int, seed: int = 0) -> list[list[tuple
     return groups
 
 
-def align_to(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Permute the hidden units of expert ``other`` to match ``ref`` (keys w_in.weight, w_in.bias,
-    w_out.weight, w_out.bias)."""
-    sim = ref["w_in.weight"] @ other["w_in.weight"].T + ref["w_out.weight"].T @ other["w_out.weight"]
-    _, perm = linear_sum_assignment(sim.double().numpy(), maximize=True)
+def align_to(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], roles: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Permute the hidden units of expert ``other`` to match ``ref``: the permutation maximising
+    sum over input projections of <W^ref_i, W^e_pi(i)> + sum over output projections of <W^ref_:,i, W^e_:,pi(i)>
+    (gate and up of a gated MLP both count as input projections)."""
+    sim = 0
+    for name, role in roles.items():
+        if name not in ref:
+            continue
+        if role == "in":
+            sim = sim + ref[name].double() @ other[name].double().T
+        elif role == "out":
+            sim = sim + ref[name].double().T @ other[name].double()
+    _, perm = linear_sum_assignment(sim.numpy(), maximize=True)
     perm = torch.from_numpy(perm)
-    return {"w_in.weight": other["w_in.weight"][perm], "w_in.bias": other["w_in.bias"][perm],
-            "w_out.weight": other["w_out.weight"][:, perm], "w_out.bias": other["w_out.bias"]}
+    out = {}
+    for name, t in other.items():
+        axis = unit_axis(roles[name])
+        out[name] = t if axis is None else t.index_select(axis, perm)
+    return out
 
 
-def merge_experts(experts: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+def merge_experts(experts: list[dict[str, torch.Tensor]], weights: list[float],
+                  roles: dict[str, str]) -> dict[str, torch.Tensor]:
     """Usage-weighted average of experts aligned to the first (the reference)."""
     if len(experts) == 1:
         return {k: v.clone() for k, v in experts[0].items()}
     ref = experts[0]
-    aligned = [ref] + [align_to(ref, e) for e in experts[1:]]
+    aligned = [ref] + [align_to(ref, e, roles) for e in experts[1:]]
     total = float(sum(weights))
-    return {k: sum(w / total * e[k] for w, e in zip(weights, aligned)) for k in ref}
+    return {k: sum(w / total * e[k].double() for w, e in zip(weights, aligned)).to(ref[k].dtype) for k in ref}

@@ -147,7 +147,8 @@ def _reap(cfg: Reap, model, stats, **_) -> dict[int, np.ndarray]:
 @register(Random)
 def _random(cfg: Random, model, stats, **_) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(cfg.seed)
-    return {i: rng.random(b.num_experts) for i, b in model.moe_blocks().items()}
+    adapter = adapter_for(model.config)
+    return {i: rng.random(adapter.num_experts(b)) for i, b in adapter.blocks(model).items()}
 
 
 @register(Uncurl)
@@ -175,19 +176,22 @@ def _chowdhury(cfg: Chowdhury2024, model, stats, source_dir=None, **_) -> dict[i
     if pre_dir is None:
         raise ConfigError("chowdhury2024 needs the pretrained MoE's router: pass --pretrained DIR (the checkpoint "
                           "before task fine-tuning)")
-    weights = pre_dir / "model.safetensors"
-    if not weights.is_file():
-        raise ModelError(f"{pre_dir}: no model.safetensors for the pretrained router")
-    pre = load_file(str(weights))
+    from edgeprune.models.checkpoint import read_config, weight_files
+
+    read_config(pre_dir)
+    pre = {}
+    for f in weight_files(pre_dir):
+        pre.update(load_file(str(f)))
     adapter = adapter_for(model.config)
     out = {}
-    for layer, block in model.moe_blocks().items():
-        key = adapter.router_key(layer)
-        cands = [k for k in (key, adapter.base_prefix + key) if k in pre]
+    for layer, block in adapter.blocks(model).items():
+        w_ft = adapter.router(block).weight.detach().float()
+        key = [k for k in adapter.router_keys(model, layer) if k.endswith(".weight")][0]
+        # a base model's keys lack the task model's prefix (e.g. "bert." or "model."): match by suffix
+        cands = [k for k in pre if k == key or key.endswith("." + k) or k.endswith("." + key)]
         if not cands:
-            raise ModelError(f"{pre_dir}: no router for layer {layer} ({key})")
+            raise ModelError(f"{pre_dir}: no router for layer {layer} ({key}); is it the same model before fine-tuning?")
         w_pre = pre[cands[0]].float()
-        w_ft = block.router.weight.detach().float()
         if w_pre.shape != w_ft.shape:
             raise ModelError(f"{pre_dir}: router of layer {layer} has shape {tuple(w_pre.shape)}, the fine-tuned "
                              f"one {tuple(w_ft.shape)}; is it the same model before fine-tuning?")

@@ -25,22 +25,22 @@ import torch
 
 from edgeprune.models.registry import MoEAdapter
 from edgeprune.pruning.calibration import calibration_batches
-from edgeprune.training import Encoded
+from edgeprune.training import Encoded, model_inputs
 
 
-def ffn_paths(model: torch.nn.Module, adapter: MoEAdapter) -> dict[int, tuple[str, str]]:
-    """Per layer, the module paths of the dense FFN's input and output projections (from the adapter's ffn_map)."""
-    w_in = adapter.ffn_map["w_in.weight"].rsplit(".", 1)[0]
-    w_out = adapter.ffn_map["w_out.weight"].rsplit(".", 1)[0]
-    n = model.config.num_hidden_layers
-    return {l: (adapter.base_prefix + adapter.dense_prefix(l) + w_in, adapter.base_prefix + adapter.dense_prefix(l) + w_out)
-            for l in range(n)}
+def ffn_paths(model: torch.nn.Module, adapter: MoEAdapter) -> dict[int, tuple[tuple[str, ...], str]]:
+    """Per layer of the folded dense model, the module paths of its FFN's input projections (W_in, or gate and
+    up of a gated MLP) and of its output projection (W_out / down), from the adapter's dense sibling."""
+    ffn = adapter.dense.extra_ffn
+    return {l: (tuple(f"{ffn['layer'](l)}.{n}" for n in ffn["in"]), f"{ffn['layer'](l)}.{ffn['out']}")
+            for l in range(model.config.num_hidden_layers)}
 
 
 @torch.no_grad()
 def neuron_saliency(model: torch.nn.Module, adapter: MoEAdapter, enc: Encoded, max_examples: int = 1024,
                     batch_size: int = 64, progress: bool = True) -> dict[int, np.ndarray]:
-    """s_j = mean over non-padding tokens of |a_j| times ||W_out[:, j]||_2, per layer (see the module docstring)."""
+    """s_j = mean over non-padding tokens of |a_j| times ||W_out[:, j]||_2, per layer (see the module docstring);
+    a is the output projection's input (act(W_in x) or act(gate x) * up x)."""
     paths = ffn_paths(model, adapter)
     sums = {l: None for l in paths}
     state = {"mask": None, "tokens": 0}
@@ -58,7 +58,7 @@ def neuron_saliency(model: torch.nn.Module, adapter: MoEAdapter, enc: Encoded, m
         for batch in calibration_batches(enc, max_examples, batch_size, "neuron saliency", progress):
             state["mask"] = batch["attention_mask"].reshape(-1, 1).float()
             state["tokens"] += int(batch["attention_mask"].sum())
-            model(**batch)
+            model(**model_inputs(model, batch))
     finally:
         for h in handles:
             h.remove()
@@ -76,15 +76,17 @@ def slim_ffn(model: torch.nn.Module, adapter: MoEAdapter, saliency: dict[int, np
     kept = {l: np.sort(np.argsort(-s, kind="stable")[:width]) for l, s in saliency.items()}
     config = copy.deepcopy(model.config)
     config.intermediate_size = width
-    new = type(model)(config)
+    new = type(model)(config).to(next(model.parameters()).dtype)
     src, dst = model.state_dict(), new.state_dict()
-    for key in dst:  # everything outside W_in, b_in, W_out keeps its shape (b_out included)
+    for key in dst:  # everything outside the FFN projections keeps its shape (the output bias included)
         if src[key].shape == dst[key].shape:
             dst[key] = src[key].clone()
-    for l, (in_path, out_path) in ffn_paths(model, adapter).items():
+    for l, (in_paths, out_path) in ffn_paths(model, adapter).items():
         idx = torch.from_numpy(kept[l])
-        dst[in_path + ".weight"] = src[in_path + ".weight"][idx].clone()
-        dst[in_path + ".bias"] = src[in_path + ".bias"][idx].clone()
+        for in_path in in_paths:
+            dst[in_path + ".weight"] = src[in_path + ".weight"][idx].clone()
+            if in_path + ".bias" in src:
+                dst[in_path + ".bias"] = src[in_path + ".bias"][idx].clone()
         dst[out_path + ".weight"] = src[out_path + ".weight"][:, idx].clone()
     new.load_state_dict(dst)
     new.eval()

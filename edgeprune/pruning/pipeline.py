@@ -78,27 +78,44 @@ class PruneConfig:
         return asdict(self)
 
 
-def load_model(model_dir: str | Path) -> torch.nn.Module:
-    """A local Hugging Face checkpoint of a supported MoE family."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+def load_model(model_dir: str | Path, dtype: Optional[str] = None) -> torch.nn.Module:
+    """A local Hugging Face checkpoint of a supported MoE family, with a sequence-classification head:
+    safetensors only, no remote code, tensors checked against the config
+    (:mod:`edgeprune.models.checkpoint`); ``dtype`` defaults to the checkpoint's own."""
+    from transformers import AutoModelForSequenceClassification
 
-    from edgeprune.models.registry import adapter_for
+    from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype, weight_files
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise ModelError(f"{model_dir}: not a Hugging Face checkpoint directory (no config.json)")
-    adapter_for(AutoConfig.from_pretrained(model_dir))
-    return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    raw = read_config(model_dir)
+    adapter = adapter_for(raw["model_type"])
+    weight_files(model_dir)
+    arch = " ".join(raw.get("architectures") or [])
+    if arch and "SequenceClassification" not in arch:
+        raise ModelError(f"{model_dir}: a {arch} checkpoint has no sequence-classification head; edgeprune "
+                         f"{adapter.model_type} takes {adapter.model_type} ...ForSequenceClassification checkpoints "
+                         f"(heads: {', '.join(adapter.heads)})")
+    return load_checked(AutoModelForSequenceClassification, model_dir, dtype=torch_dtype(dtype, raw))
 
 
-def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig) -> None:
-    """Labels match the task and k fits every layer: checked before any heavy work."""
+def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=None) -> None:
+    """Labels match the task, k fits every layer, a decoder classifier pads with its tokenizer's padding id:
+    checked before any heavy work."""
     if model.config.num_labels != task.num_labels:
         raise ConfigError(f"the model has {model.config.num_labels} labels but task {task.name} has "
                           f"{task.num_labels} ({', '.join(task.labels)})")
+    adapter = adapter_for(model.config)
+    if cfg.method in PROGRESSIVE and not adapter.extra.get("progressive"):
+        raise ConfigError(f"{cfg.method} drops experts during fine-tuning, which only bert_moe supports so far; "
+                          f"use a one-shot method (frequency, chen2022, reap, ...) for {adapter.model_type}")
+    if tokenizer is not None and not adapter.uses_token_type_ids:
+        pad = tokenizer.pad_token_id
+        if pad is None or model.config.pad_token_id != pad:
+            raise ModelError(f"the classifier finds each text's last token by pad_token_id "
+                             f"({model.config.pad_token_id}) but the tokenizer pads with {pad}; set both to the "
+                             "same id (config.json pad_token_id and the tokenizer's pad_token)")
     if cfg.experts is not None:
-        for layer, b in model.moe_blocks().items():
-            validate_k(cfg.experts, b.num_experts, b.top_k, layer)
+        for layer, b in adapter.blocks(model).items():
+            validate_k(cfg.experts, adapter.num_experts(b), adapter.top_k(b), layer)
 
 
 def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig, model=None,
@@ -108,16 +125,17 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     if cfg.method in PROGRESSIVE:
         raise ConfigError(f"{cfg.method} makes its plan while fine-tuning; run `edgeprune prune` instead")
     model = model if model is not None else load_model(original_dir)
-    check_model(model, task, cfg)
-    mcfg = method_config(cfg.method, **cfg.method_options)
-    blocks = model.moe_blocks()
-    # Calibrate for every method (cheap): data-free methods still need the gate statistics for the fold scale.
     tok = load_tokenizer(original_dir)
+    check_model(model, task, cfg, tok)
+    mcfg = method_config(cfg.method, **cfg.method_options)
+    adapter = adapter_for(model.config)
+    blocks = adapter.blocks(model)
+    # Calibrate for every method (cheap): data-free methods still need the gate statistics for the fold scale.
     enc = encode(data.load(task, "train", limit=cfg.calibration_examples), tok, task.max_length)
     stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress)
     scores = score_experts(mcfg, model, stats, source_dir=str(original_dir))
-    return make_plan(cfg.method, scores, {i: b.num_experts for i, b in blocks.items()},
-                     {i: b.top_k for i, b in blocks.items()}, k=cfg.experts, coverage=cfg.coverage, stats=stats,
+    return make_plan(cfg.method, scores, {i: adapter.num_experts(b) for i, b in blocks.items()},
+                     {i: adapter.top_k(b) for i, b in blocks.items()}, k=cfg.experts, coverage=cfg.coverage, stats=stats,
                      merge=mcfg.merges, seed=cfg.seed, gate_scale=cfg.gate_scale, source=str(original_dir), task=task.name,
                      options=dict(cfg.method_options, calibration_examples=cfg.calibration_examples))
 
@@ -132,8 +150,8 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     if plan is not None and cfg.ffn_keep < 1 and not plan.folds:
         raise ConfigError("--ffn-keep needs a plan that keeps one expert in every layer (the folded model)")
     original = load_model(original_dir)
-    check_model(original, task, cfg)
     tok = load_tokenizer(original_dir)
+    check_model(original, task, cfg, tok)
     train_enc = encode(data.load(task, "train"), tok, task.max_length)
     info: dict = {"config": cfg.to_dict()}
     t0 = time.perf_counter()
@@ -154,6 +172,8 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     pruned = apply_plan(original, plan)
     if cfg.ffn_keep < 1:
         adapter = adapter_for(original.config)
+        if adapter.dense is None:
+            raise ConfigError(f"--ffn-keep slims the folded dense sibling; {adapter.model_type} has none")
         saliency = neuron_saliency(pruned, adapter, train_enc, max_examples=cfg.calibration_examples,
                                    progress=progress)
         pruned, info["ffn"] = slim_ffn(pruned, adapter, saliency, cfg.ffn_keep)

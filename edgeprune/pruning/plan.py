@@ -107,13 +107,16 @@ def adaptive_k(usage: np.ndarray, coverage: float) -> int:
 
 def validate_plan(plan: PrunePlan, model) -> None:
     """Check a (possibly hand-edited) plan against ``model`` before any weights move."""
-    blocks = model.moe_blocks()
+    from edgeprune.models.registry import adapter_for
+
+    adapter = adapter_for(model.config)
+    blocks = adapter.blocks(model)
     if sorted(lp.layer for lp in plan.layers) != sorted(blocks):
         raise ConfigError(f"plan covers layers {[lp.layer for lp in plan.layers]} but the model's MoE layers are "
                           f"{sorted(blocks)}")
     for lp in plan.layers:
-        z = blocks[lp.layer].num_experts
-        validate_k(lp.k, z, blocks[lp.layer].top_k, lp.layer)
+        z = adapter.num_experts(blocks[lp.layer])
+        validate_k(lp.k, z, adapter.top_k(blocks[lp.layer]), lp.layer)
         members = [e for g in lp.groups for e, _ in g]
         if any(not 0 <= e < z for e in members):
             raise ConfigError(f"layer {lp.layer}: expert index out of range 0..{z - 1} in {members}")

@@ -37,7 +37,9 @@ class ProgressiveDropper:
     eager_at: Optional[int] = None
 
     def __post_init__(self):
-        self.blocks = self.model.moe_blocks()
+        from edgeprune.models.registry import adapter_for
+
+        self.blocks = adapter_for(self.model.config).blocks(self.model)
         self.alpha = {i: np.zeros(b.num_experts) for i, b in self.blocks.items()}
         self.total = {i: np.zeros(b.num_experts) for i, b in self.blocks.items()}
         self.history: list[dict] = []

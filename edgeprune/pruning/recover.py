@@ -12,12 +12,15 @@ from edgeprune.training import Encoded, TrainConfig, train
 def train_router(model: torch.nn.Module, enc: Encoded, steps: int, teacher: Optional[torch.nn.Module] = None,
                  max_length: int = 128, progress: bool = True, seed: int = 0) -> dict:
     """UNCURL step 5: re-initialise every router (N(0, initializer_range)) and train only the routers."""
-    blocks = model.moe_blocks()
-    if all(b.num_experts == 1 for b in blocks.values()) or steps <= 0:
+    from edgeprune.models.registry import adapter_for
+
+    adapter = adapter_for(model.config)
+    blocks = adapter.blocks(model)
+    if all(adapter.num_experts(b) == 1 for b in blocks.values()) or steps <= 0:
         return {"steps": 0}
     torch.manual_seed(seed)
     for b in blocks.values():
-        torch.nn.init.normal_(b.router.weight, std=model.config.initializer_range)
+        torch.nn.init.normal_(adapter.router(b).weight, std=model.config.initializer_range)
     cfg = TrainConfig(max_steps=steps, learning_rate=1e-3, only_router=True, warmup_ratio=0.0,
                       distill_alpha=0.5 if teacher is not None else 0.0, seed=seed, max_length=max_length)
     return train(model, enc, cfg, teacher=teacher, desc="uncurl router", progress=progress)

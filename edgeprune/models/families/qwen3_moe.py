@@ -1,0 +1,39 @@
+"""Qwen3-MoE (``mlp``: ModuleList gate/up/down_proj, ``gate`` Linear; softmax -> top-k -> renormalise only
+with ``norm_topk_prob``, default False). One expert folds into Qwen3 bit for bit: the sibling's single
+``intermediate_size`` is the widest MLP, narrower ones (``moe_intermediate_size``, ``mlp_only_layers``) are
+zero-padded, which adds exact zeros; ``max_window_layers`` is set so that Qwen3 keeps every layer on full
+attention exactly where the MoE does."""
+from __future__ import annotations
+
+from transformers import Qwen3Config, Qwen3ForSequenceClassification
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+from edgeprune.models.adapter import DenseSibling, MoEAdapter
+
+MLP = {"gate_proj.weight": "gate_proj.weight", "up_proj.weight": "up_proj.weight", "down_proj.weight": "down_proj.weight"}
+
+
+def qwen3_overrides(cfg: dict) -> dict:
+    sparse = [l for l in range(cfg["num_hidden_layers"]) if l not in cfg.get("mlp_only_layers", [])
+              and (l + 1) % cfg.get("decoder_sparse_step", 1) == 0]
+    widths = [cfg["moe_intermediate_size"]] if sparse else []
+    if len(sparse) < cfg["num_hidden_layers"]:
+        widths.append(cfg["intermediate_size"])
+    return {"intermediate_size": max(widths), "layer_types": None,
+            "max_window_layers": cfg.get("max_window_layers", cfg["num_hidden_layers"])}
+
+
+ADAPTER = MoEAdapter(
+    model_type="qwen3_moe",
+    block_class=Qwen3MoeSparseMoeBlock,
+    expert_roles={"gate_proj.weight": "in", "up_proj.weight": "in", "down_proj.weight": "out"},
+    num_experts_key="num_experts",
+    renormalise=lambda block: bool(block.norm_topk_prob),
+    dense=DenseSibling(Qwen3Config, Qwen3ForSequenceClassification, MLP, mlp_path=lambda path: path,
+                       drop_keys=("moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob",
+                                  "router_aux_loss_coef", "output_router_logits"),
+                       overrides=qwen3_overrides,
+                       extra_ffn={"layer": lambda l: f"model.layers.{l}.mlp", "in": ("gate_proj", "up_proj"),
+                                  "out": "down_proj"}),
+    fold_exact="exact (bit for bit; narrower MLPs zero-padded)",
+)
