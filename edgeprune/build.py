@@ -224,6 +224,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     manifest = {
         "task": cfg.task.name, "labels": list(cfg.task.labels), "max_length": cfg.task.max_length,
         "pair": cfg.task.is_pair, "input_names": export_info["input_names"], "target": t.name,
+        "pad_id": val_enc.pad_id, "model_type": original.config.model_type,
         "fixed_shape": list(fixed) if fixed else None, "threads": t.runtime.threads,
         "ort_disabled_optimizers": export_info.get("ort_disabled_optimizers", []),
         "precision": t.quantization.precision, "quantization": export_info.get("quantization"),

@@ -33,6 +33,7 @@ class EdgeModel:
         self.labels: list[str] = list(self.manifest["labels"])
         self.max_length: int = int(self.manifest["max_length"])
         self.fixed = self.manifest.get("fixed_shape")  # [batch, length] or None
+        self.pad_id: int = int(self.manifest.get("pad_id", 0))  # decoder classifiers find the last token by it
         model_file = self.path / ("model.ort" if prefer_ort and (self.path / "model.ort").is_file() else "model.onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or int(self.manifest.get("threads", 0) or 0)
@@ -54,6 +55,7 @@ class EdgeModel:
         width = self.fixed[1] if self.fixed else max(len(e.ids) for e in encs)
         feeds = {n: np.zeros((len(encs), width), dtype=np.int64) for n in ("input_ids", "attention_mask",
                                                                              "token_type_ids")}
+        feeds["input_ids"][:] = self.pad_id
         for row, e in enumerate(encs):
             n = len(e.ids)
             feeds["input_ids"][row, :n] = e.ids
@@ -76,7 +78,8 @@ class EdgeModel:
             feeds = self._feeds(chunk, pchunk)
             n = len(chunk)
             if self.fixed and n < self.fixed[0]:
-                feeds = {k: np.concatenate([v, np.zeros((self.fixed[0] - n, v.shape[1]), v.dtype)]) for k, v in feeds.items()}
+                feeds = {k: np.concatenate([v, np.full((self.fixed[0] - n, v.shape[1]), self.pad_id if k == "input_ids"
+                                                       else 0, v.dtype)]) for k, v in feeds.items()}
             out.append(self.session.run(["logits"], feeds)[0][:n].astype(np.float32))
         return np.concatenate(out)
 

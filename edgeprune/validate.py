@@ -20,13 +20,13 @@ import torch
 
 from edgeprune.export.onnx_export import onnx_logits, session, truncate
 from edgeprune.export.quantize import disabled_optimizers, numpy_inputs
-from edgeprune.training import Encoded, accuracy, predict_logits
+from edgeprune.training import Encoded, accuracy, model_inputs, predict_logits
 
 
 def torch_runner(model: torch.nn.Module, batch: int, length: int) -> Callable[[], object]:
     """One forward pass of ``model`` on random ids of shape (batch, length), no autograd."""
-    feeds = {k: torch.from_numpy(v) for k, v in numpy_inputs(["input_ids", "attention_mask", "token_type_ids"],
-                                                              batch, length, model.config.vocab_size).items()}
+    feeds = model_inputs(model, {k: torch.from_numpy(v) for k, v in numpy_inputs(
+        ["input_ids", "attention_mask", "token_type_ids"], batch, length, model.config.vocab_size).items()})
     model.eval()
 
     def run():

@@ -1,0 +1,205 @@
+"""Every registered Hugging Face MoE family on tiny checkpoints: exact prunes, exact folds, reload, export
+parity, every method, the build end to end. Tolerances: 1e-5 on fp32 logits (folds are bit-exact here)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune.models.registry import adapter_for
+from edgeprune.pruning.apply import apply_plan
+from edgeprune.pruning.plan import LayerPlan, PrunePlan
+from tests.families import FAMILIES, tiny_family_model
+
+FAMS = list(FAMILIES)
+
+
+def batch(vocab: int, seed: int = 1, b: int = 3, s: int = 9) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding, as edgeprune collates
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def plan_keeping(model, kept: list[int]) -> PrunePlan:
+    adapter = adapter_for(model.config)
+    layers = [LayerPlan(l, adapter.num_experts(b), [0.0] * adapter.num_experts(b), [[(e, 1.0)] for e in kept])
+              for l, b in adapter.blocks(model).items()]
+    return PrunePlan("manual", layers)
+
+
+@torch.no_grad()
+def masked_logits(model, kept: list[int], inputs) -> torch.Tensor:
+    """The original with the dropped experts' router logits set to -inf (its own routing rule unchanged)."""
+    adapter = adapter_for(model.config)
+    z = adapter.num_experts(next(iter(adapter.blocks(model).values())))
+    drop = torch.tensor([e not in kept for e in range(z)])
+    hooks = [adapter.router(b).register_forward_hook(lambda m, i, o: o.masked_fill(drop, float("-inf")))
+             for b in adapter.blocks(model).values()]
+    try:
+        return model(**inputs).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_keeping_every_expert_changes_no_logit(family):
+    model = tiny_family_model(family, vocab=100)
+    x = batch(100)
+    same = apply_plan(model, plan_keeping(model, list(range(6))))
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, same(**x).logits)
+
+
+@pytest.mark.parametrize("family", FAMS)
+@pytest.mark.parametrize("kept", [[1, 4], [0, 2, 5], [3]])
+def test_prune_equals_original_with_dropped_router_logits_at_minus_inf(family, kept):
+    model = tiny_family_model(family, vocab=100)
+    x = batch(100)
+    pruned = apply_plan(model, plan_keeping(model, kept), fold=False)
+    adapter = adapter_for(pruned.config)
+    assert all(adapter.num_experts(b) == len(kept) for b in adapter.blocks(pruned).values())
+    with torch.no_grad():
+        got = pruned(**x).logits
+    assert torch.allclose(got, masked_logits(model, kept, x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_fold_equals_the_one_expert_model(family):
+    model = tiny_family_model(family, vocab=100)
+    x = batch(100)
+    one = apply_plan(model, plan_keeping(model, [2]), fold=False)
+    folded = apply_plan(model, plan_keeping(model, [2]), fold=True)
+    adapter = adapter_for(model.config)
+    if adapter.dense is not None:
+        assert type(folded) is adapter.dense.classifier_class
+        assert not any(isinstance(m, adapter.block_class) for m in folded.modules())
+    with torch.no_grad():
+        diff = (one(**x).logits - folded(**x).logits).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_qwen3_fold_zero_pads_dense_layers_of_another_width():
+    model = tiny_family_model("qwen3_moe", vocab=100, mlp_only_layers=[0])
+    x = batch(100)
+    one = apply_plan(model, plan_keeping(model, [4]), fold=False)
+    folded = apply_plan(model, plan_keeping(model, [4]))
+    assert folded.config.intermediate_size == 64 and type(folded).__name__ == "Qwen3ForSequenceClassification"
+    with torch.no_grad():
+        assert (one(**x).logits - folded(**x).logits).abs().max().item() <= 1e-5
+
+
+def test_mixtral_fold_keeps_sliding_window_none():
+    model = tiny_family_model("mixtral", vocab=100)
+    folded = apply_plan(model, plan_keeping(model, [0]))
+    assert type(folded).__name__ == "MistralForSequenceClassification" and folded.config.sliding_window is None
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_k2_checkpoint_reloads_with_plain_transformers(family, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = tiny_family_model(family, vocab=100)
+    pruned = apply_plan(model, plan_keeping(model, [0, 3]))
+    pruned.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == family and cfg["num_experts_per_tok"] == 2
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    x = batch(100)
+    with torch.no_grad():
+        assert torch.equal(again(**x).logits, pruned(**x).logits)
+
+
+@pytest.mark.parametrize("family", FAMS)
+def test_export_forward_equals_the_family_forward(family):
+    model = tiny_family_model(family, vocab=100)
+    adapter = adapter_for(model.config)
+    x = batch(100)
+    with torch.no_grad():
+        ref = model(**x).logits
+        with adapter.export_patch(model):
+            got = model(**x).logits
+        again = model(**x).logits
+    assert torch.allclose(ref, got, atol=1e-5, rtol=0) and torch.equal(ref, again)  # and the patch is undone
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, tiny_tokenizer):
+    tok, vocab = tiny_tokenizer
+    dirs = {}
+    for family in FAMS:
+        d = tmp_path_factory.mktemp(family)
+        tiny_family_model(family, vocab=vocab).save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs[family] = d
+    return dirs
+
+
+FAST = ["--calibration-examples", "64", "--recovery-steps", "2", "--eval-examples", "40", "--latency-iters", "5"]
+
+
+def cli(args, code=0):
+    from click.testing import CliRunner
+
+    from edgeprune.cli import main
+
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == code, res.output
+    return res
+
+
+@pytest.mark.parametrize("family", FAMS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_build_end_to_end_and_edgemodel_predicts(family, k, family_dirs, tmp_path, cache, loose_targets):
+    from edgeprune.runtime import EdgeModel
+
+    out = tmp_path / "art"
+    cli(["build", "--model", str(family_dirs[family]), "--target", "x86_64", "--experts", str(k), "--out", str(out)]
+        + FAST)
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["parity_fp32"]["max_abs_logit_diff"] < 1e-3
+    manifest = json.loads((out / "edgeprune.json").read_text())
+    assert manifest["model_type"] == family and "token_type_ids" not in manifest["input_names"]
+    model = EdgeModel(out)
+    assert len(model.predict(["a gorgeous film", "dull"])) == 2
+    # the artifact's logits are the quantized export of the pruned model: agreement with it on a few texts
+    assert model.predict_proba(["a gorgeous film"]).shape == (1, 2)
+
+
+@pytest.mark.parametrize("method", ["frequency", "chen2022", "reap", "uncurl", "random"])
+def test_every_method_runs_on_every_family(method, family_dirs, tmp_path):
+    for family in FAMS:
+        plan = tmp_path / f"{family}-{method}.json"
+        cli(["score", "--model", str(family_dirs[family]), "--method", method, "--experts", "2",
+             "--calibration-examples", "48", "--out", str(plan)])
+        layers = json.loads(plan.read_text())["layers"]
+        assert len(layers) == 2 and all(len(lp["groups"]) == 2 for lp in layers)
+
+
+def test_chowdhury_on_a_family_needs_pretrained(family_dirs, tmp_path, tiny_tokenizer):
+    res = cli(["score", "--model", str(family_dirs["mixtral"]), "--method", "chowdhury2024", "--experts", "2",
+               "--out", str(tmp_path / "p.json")], code=2)
+    assert "--pretrained DIR" in res.output
+    tok, vocab = tiny_tokenizer
+    pre = tmp_path / "pre"
+    tiny_family_model("mixtral", vocab=vocab, seed=5).save_pretrained(pre)
+    cli(["score", "--model", str(family_dirs["mixtral"]), "--method", "chowdhury2024", "--experts", "2",
+         "--pretrained", str(pre), "--out", str(tmp_path / "p.json")])
+
+
+def test_prune_reapplies_a_plan_to_k2_and_reloads(family_dirs, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    plan = tmp_path / "plan.json"
+    cli(["score", "--model", str(family_dirs["qwen3_moe"]), "--method", "reap", "--experts", "2", "--out", str(plan),
+         "--calibration-examples", "48"])
+    out = tmp_path / "pruned"
+    cli(["prune", "--model", str(family_dirs["qwen3_moe"]), "--plan", str(plan), "--recovery-steps", "0",
+         "--out", str(out)])
+    m = AutoModelForSequenceClassification.from_pretrained(out)
+    assert type(m).__name__ == "Qwen3MoeForSequenceClassification" and m.config.num_experts == 2
