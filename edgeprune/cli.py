@@ -11,20 +11,51 @@ from pathlib import Path
 
 import click
 
-from edgeprune.errors import EdgepruneError
+from edgeprune.errors import ConfigError, EdgepruneError
+from edgeprune.guard import output_lock
 
 # Models and data come from local directories only: never from a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
+INTERNAL = 70  # EX_SOFTWARE: a failure edgeprune did not anticipate (a bug to report)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 class Group(click.Group):
+    """Every failure is one ``error:`` line with its exit code (see :mod:`edgeprune.errors`); Ctrl-C and
+    SIGTERM end the command with one line, after the atomic writes have cleaned up (the previous artifact
+    and the cache stay as they were). ``EDGEPRUNE_DEBUG=1`` shows the traceback of an unexpected failure."""
+
     def invoke(self, ctx: click.Context):
+        import signal
+
+        previous = signal.signal(signal.SIGTERM, _sigterm)
         try:
             return super().invoke(ctx)
         except EdgepruneError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written (the previous output and the cache are as they were)",
+                       err=True)
+            ctx.exit(INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("EDGEPRUNE_DEBUG"):
+                raise
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            click.echo(f"error: unexpected {type(exc).__name__}: {msg} (a bug: please report it with the command; "
+                       "EDGEPRUNE_DEBUG=1 shows the traceback)", err=True)
+            ctx.exit(INTERNAL)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,6 +110,24 @@ def moe_options(fn):
 
 
 @main.command()
+def families() -> None:
+    """List the supported MoE families: heads, fold target (exact or not), export path."""
+    from edgeprune.models.registry import ADAPTERS, _load
+
+    _load()
+    for a in ADAPTERS.values():
+        fold = a.dense.classifier_class.__name__ if a.dense else f"{a.model_type} with one expert per layer"
+        if a.model_type == "bert_moe":
+            export = "optimum (k = 1, folded), torch.onnx + dense dispatch (k > 1)"
+        elif a.dense:
+            export = "torch.onnx of the folded sibling (k = 1), torch.onnx + dense dispatch (k > 1); vmap-free masks"
+        else:
+            export = "torch.onnx + dense dispatch (router skipped at k = 1); vmap-free masks"
+        click.echo(f"{a.model_type:11s} heads: {', '.join(a.heads)}; k = 1 folds to {fold}: {a.fold_exact}; "
+                   f"export: {export}")
+
+
+@main.command()
 def tasks() -> None:
     """List the tasks."""
     from edgeprune.tasks import TASKS
@@ -110,7 +159,10 @@ def upcycle(dense_dir, num_experts, top_k, drop_fraction, moe_layers, seed, out)
         raise ConfigError(f"--moe-layers {moe_layers!r}: give comma-separated layer indices, e.g. 1,3,5") from None
     if top_k > num_experts:
         raise ConfigError(f"--top-k {top_k} is larger than --num-experts {num_experts}")
-    with atomic_dir(out) as tmp:
+    if layers is not None and len(set(layers)) != len(layers):
+        raise ConfigError(f"--moe-layers {moe_layers!r} names a layer twice; give each layer once")
+    guard_output(out, {"dense checkpoint (--dense)": dense_dir})
+    with output_lock(out), atomic_dir(out) as tmp:
         try:
             moe = run_upcycle(dense_dir, tmp, num_experts=num_experts, num_experts_per_tok=top_k,
                               drop_fraction=drop_fraction, moe_layers=layers, seed=seed)
@@ -201,9 +253,14 @@ def score(task, data, prune_cfg, model_dir, out) -> None:
     from edgeprune.pruning.pipeline import score as run_score
 
     prune_cfg.validate()
+    guard_output(out, {"checkpoint (--model)": model_dir, **data_inputs(data)}, directory=False)
     original_dir = resolve_original(model_dir, task, data)
     plan = run_score(original_dir, task, data, prune_cfg)
-    plan.save(out)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(plan.to_json())
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write the plan ({exc.strerror}); choose a writable path") from None
     for lp in plan.layers:
         click.echo(f"layer {lp.layer}: keep {lp.kept} of {lp.num_experts}" +
                    (f" (merge groups {[[e for e, _ in g] for g in lp.groups]})" if plan.method == "uncurl" else ""))
@@ -229,10 +286,14 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, recovery_steps,
     prune_cfg.distill_alpha = distill
     prune_cfg.ffn_keep = ffn_keep
     prune_cfg.validate()
+    guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
     plan = PrunePlan.load(plan_file) if plan_file else None
     original_dir = resolve_original(model_dir, task, data)
-    model, plan, info = run_prune(original_dir, task, data, prune_cfg, plan=plan)
-    with atomic_dir(out) as tmp:
+    with output_lock(out):
+        model, plan, info = run_prune(original_dir, task, data, prune_cfg, plan=plan)
+        with atomic_dir(out) as tmp:
+            save_pruned(model, original_dir, tmp, plan, info)
+    if False:  # pragma: no cover
         save_pruned(model, original_dir, tmp, plan, info)
     click.echo(f"{type(model).__name__}: k per layer {plan.summary()['k_per_layer']}; checkpoint: {out}")
 
@@ -278,10 +339,14 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, re
 
         PrunePlan.load(plan_file)
     out = Path(out or f"build/{task.name}-{target.name}")
+    guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
+    guard_output(out.parent / f"{out.name}.rejected", {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file,
+                                                        **data_inputs(data)})
     cfg = BuildConfig(task=task, target=target, out=out, data=data, model_dir=model_dir, prune=prune_cfg,
                       plan_file=plan_file, eval_examples=eval_examples, latency_iters=latency_iters,
                       command=" ".join(["edgeprune"] + sys.argv[1:]))
-    final, report = run_build(cfg)
+    with output_lock(out):
+        final, report = run_build(cfg)
     q, sp, size = report["quality"], report["speed"], report["size"]
     click.echo(f"accuracy {q['artifact_accuracy']:.4f} (original {q['original_accuracy']:.4f}, drop "
                f"{q['accuracy_drop_points']} points, agreement {q['agreement']:.4f}); "
@@ -331,6 +396,21 @@ def predict(directory, texts, pairs, proba) -> None:
     else:
         for text, label in zip(texts, model.predict(list(texts), list(pairs) or None)):
             click.echo(f"{label}\t{text}")
+
+
+def data_inputs(data) -> dict:
+    """The user's data files, as inputs an output must not overwrite."""
+    return {"training data (--train-file)": data.train_file, "evaluation data (--eval-file)": data.eval_file}
+
+
+def guard_output(out, inputs: dict, directory: bool = True) -> None:
+    """Refuse, before any work, an output that is, contains or lies inside an input or the cache, or that
+    cannot be written (see :mod:`edgeprune.guard`)."""
+    from edgeprune.cache import cache_root
+    from edgeprune.guard import check_writable, refuse_overlap
+
+    refuse_overlap(out, {**inputs, "edgeprune cache": str(cache_root())})
+    check_writable(out, directory=directory)
 
 
 def _print_meta(out: Path, meta: dict) -> None:

@@ -39,16 +39,19 @@ def refuse_overlap(out: str | os.PathLike, inputs: Mapping[str, Optional[str | o
         if _inside(p, o):
             raise ConfigError(f"{option} {out} contains the {name} ({path}); it would be deleted. "
                               f"Choose an {option} outside it")
-        if _inside(o, p) and p.is_dir():
+        if _inside(o, p) and not p.is_file():
             raise ConfigError(f"{option} {out} lies inside the {name} ({path}); edgeprune never writes into its "
                               f"inputs. Choose an {option} outside it")
 
 
-def check_writable(out: str | os.PathLike, option: str = "--out") -> None:
-    """The output's nearest existing ancestor must be a writable directory (else one line, exit 2)."""
+def check_writable(out: str | os.PathLike, option: str = "--out", directory: bool = True) -> None:
+    """``out`` (a directory, or a file when not ``directory``) can be created: its nearest existing ancestor is
+    a writable directory, and it is not an existing path of the other kind (else one line, exit 2)."""
     o = _resolved(out)
-    if o.exists() and not o.is_dir() and option == "--out" and o.suffix == "":
+    if directory and o.exists() and not o.is_dir():
         raise ConfigError(f"{option} {out} exists and is a file, not a directory; remove it or choose another {option}")
+    if not directory and o.is_dir():
+        raise ConfigError(f"{option} {out} is a directory; give a file path, e.g. {out}/prune_plan.json")
     anc = o.parent
     while not anc.exists():
         anc = anc.parent

@@ -1,0 +1,184 @@
+"""Hardening: inputs are never touched, every failure is one line with its exit code, the cache is verified,
+the artifact swap has no window, one writer per output."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgeprune.cli import main
+
+FAST = ["--calibration-examples", "32", "--recovery-steps", "2", "--eval-examples", "32", "--latency-iters", "5"]
+
+
+def run(args, code):
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == code, res.output
+    return res
+
+
+def tree_hash(d: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        h.update(str(p.relative_to(d)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def user_model(tmp_path, tiny_original):
+    d = tmp_path / "user-model"
+    shutil.copytree(tiny_original, d)
+    return d
+
+
+@pytest.mark.parametrize("command", ["build", "prune"])
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_out_overlapping_the_model_is_refused_and_model_untouched(command, where, user_model, cache, loose_targets):
+    before = tree_hash(user_model)
+    out = {"same": user_model, "inside": user_model / "art", "parent": user_model.parent}[where]
+    extra = FAST if command == "build" else FAST[:4]
+    res = run([command, "--model", str(user_model), "--out", str(out)] + extra, 2)
+    line = res.output.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith("error: --out") and "checkpoint (--model)" in line[0]
+    assert tree_hash(user_model) == before
+
+
+def test_out_inside_the_cache_or_over_data_or_plan_is_refused(tmp_path, cache, user_model, loose_targets):
+    res = run(["build", "--model", str(user_model), "--out", str(cache / "x")], 2)
+    assert "edgeprune cache" in res.output
+    data = tmp_path / "data" / "train.tsv"
+    data.parent.mkdir()
+    data.write_text("sentence\tlabel\n" + "a fine film\t1\nawful\t0\n" * 20)
+    res = run(["build", "--model", str(user_model), "--train-file", str(data), "--eval-file", str(data),
+               "--out", str(data.parent)], 2)
+    assert "training data (--train-file)" in res.output and data.read_text().startswith("sentence")
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    res = run(["score", "--model", str(user_model), "--out", str(user_model / "plan.json")], 2)
+    assert "lies inside the checkpoint" in res.output
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, cache, user_model, loose_targets):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run(["build", "--model", str(user_model), "--out", str(blocker / "art")], 2)
+    assert "is a file" in res.output and "prune:" not in res.output
+    res = run(["score", "--model", str(user_model), "--out", str(tmp_path)], 2)
+    assert "is a directory" in res.output
+
+
+def test_pickle_only_checkpoint_is_refused_with_the_fix(tmp_path, user_model, cache):
+    import torch
+
+    d = tmp_path / "pickled"
+    shutil.copytree(user_model, d)
+    (d / "model.safetensors").unlink()
+    torch.save({}, d / "pytorch_model.bin")
+    res = run(["score", "--model", str(d), "--out", str(tmp_path / "p.json")], 4)
+    assert "only pickle weights (pytorch_model.bin)" in res.output and "save_pretrained" in res.output
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncate", "not a readable safetensors file"),
+    ("config", "invalid JSON"),
+    ("model_type", "not a supported MoE family"),
+    ("shapes", "do not match config.json"),
+    ("shard", "shard(s) named in model.safetensors.index.json are missing"),
+])
+def test_damaged_checkpoints_get_one_line_exit_4(tmp_path, user_model, cache, damage, message):
+    d = tmp_path / "bad"
+    shutil.copytree(user_model, d)
+    cfg = json.loads((d / "config.json").read_text())
+    if damage == "truncate":
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[: len(data) // 3])
+    elif damage == "config":
+        (d / "config.json").write_text("{not json")
+    elif damage == "model_type":
+        (d / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    elif damage == "shapes":
+        (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    elif damage == "shard":
+        (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    res = run(["score", "--model", str(d), "--out", str(tmp_path / "p.json")], 4)
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.output
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_swap_exchanges_without_a_window_and_recovers_a_stranded_artifact(tmp_path):
+    from edgeprune.cache import atomic_dir, recover_stranded
+
+    final = tmp_path / "art"
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("1")
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("2")
+    assert (final / "v").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    # a kill between the two renames of the fallback swap: only ".art.old-<dead pid>" is left
+    os.rename(final, tmp_path / ".art.old-999999999")
+    (tmp_path / ".art.tmp-999999999-abc").mkdir()
+    done = recover_stranded(final)
+    assert (final / "v").read_text() == "2" and len(done) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_second_writer_of_the_same_out_fails_with_one_line(tmp_path):
+    from edgeprune.errors import ConfigError
+    from edgeprune.guard import output_lock
+
+    with output_lock(tmp_path / "art"):
+        with pytest.raises(ConfigError, match="another edgeprune process is writing"):
+            with output_lock(tmp_path / "art"):
+                pass
+    with output_lock(tmp_path / "art"):  # released
+        pass
+
+
+def test_damaged_cached_stage_is_rebuilt_and_says_so(tmp_path, cache, user_model, loose_targets):
+    out = tmp_path / "art"
+    args = ["build", "--model", str(user_model), "--out", str(out)] + FAST
+    run(args, 0)
+    exports = list((cache / "stages").glob("export-*"))
+    assert len(exports) == 1
+    onnx_file = exports[0] / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[-100] ^= 0xFF  # alter a weight byte
+    onnx_file.write_bytes(bytes(data))
+    res = run(args, 0)
+    assert "is damaged (model.onnx was modified); rebuilding it" in res.output
+    assert "export: reusing" not in res.output
+
+
+def test_unexpected_exception_is_one_line(monkeypatch, tmp_path):
+    import edgeprune.export.targets as targets
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(targets, "available", boom)
+    res = run(["targets"], 70)
+    assert res.output.strip().startswith("error: unexpected ZeroDivisionError") and len(res.output.strip().splitlines()) == 1
+
+
+def test_sigterm_is_an_interruption_with_one_line(monkeypatch):
+    import signal
+
+    import edgeprune.export.targets as targets
+
+    def term(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(targets, "available", term)
+    res = run(["targets"], 130)
+    assert res.output.strip() == "error: interrupted; nothing was written (the previous output and the cache are as they were)"
