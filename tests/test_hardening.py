@@ -182,3 +182,8 @@ def test_sigterm_is_an_interruption_with_one_line(monkeypatch):
     monkeypatch.setattr(targets, "available", term)
     res = run(["targets"], 130)
     assert res.output.strip() == "error: interrupted; nothing was written (the previous output and the cache are as they were)"
+
+
+def test_upcycle_refuses_duplicate_moe_layers(tmp_path):
+    res = run(["upcycle", "--moe-layers", "1,1", "--out", str(tmp_path / "m")], 2)
+    assert "names a layer twice" in res.output and not (tmp_path / "m").exists()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from edgeprune.errors import ExportError
+from edgeprune.export.ort_session import pad_to, session  # noqa: F401
 from edgeprune.export.targets import Target
 from edgeprune.training import Encoded, collate, model_inputs, predict_logits
 
@@ -105,21 +106,6 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     return "torch.onnx+dense_dispatch" if adapter is not None else "torch.onnx"
 
 
-def session(path: str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads (and the optimizers the model's metadata
-    says to disable: :func:`edgeprune.export.quantize.disabled_optimizers`)."""
-    import onnxruntime as ort
-
-    from edgeprune.export.quantize import disabled_optimizers
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=disabled_optimizers(Path(path)))
-
-
 def onnx_logits(path: str | Path, enc: Encoded, batch_size: int = 32, fixed_length: int | None = None,
                 threads: int = 2) -> np.ndarray:
     """Logits of the ONNX model on ``enc`` (padded per batch, or to ``fixed_length`` for fixed shapes)."""
@@ -139,17 +125,6 @@ def onnx_logits(path: str | Path, enc: Encoded, batch_size: int = 32, fixed_leng
         if out is None:
             out = np.zeros((len(enc), logits.shape[1]), dtype=np.float32)
         out[idx] = logits
-    return out
-
-
-def pad_to(feeds: dict[str, np.ndarray], batch: int, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Pad (or truncate) every input to ``batch`` x ``length`` for fixed-shape models."""
-    out = {}
-    for k, v in feeds.items():
-        z = np.full((batch, length), pad_id if k == "input_ids" else 0, dtype=v.dtype)
-        n, m = min(batch, v.shape[0]), min(length, v.shape[1])
-        z[:n, :m] = v[:n, :m]
-        out[k] = z
     return out
 
 

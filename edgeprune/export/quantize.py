@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from edgeprune.errors import ExportError
+from edgeprune.export.ort_session import DISABLED_KEY, disabled_optimizers, mark_disabled_optimizers, pad_to  # noqa: F401
 from edgeprune.export.targets import Target
 from edgeprune.training import Encoded, collate
 
@@ -63,9 +64,7 @@ class _Reader:
             b = collate(enc, list(range(start, min(len(enc), start + batch_size))))
             feeds = {k: v.numpy() for k, v in b.items() if k in names}
             if fixed:
-                from edgeprune.export.onnx_export import pad_to
-
-                feeds = pad_to(feeds, *fixed)
+                feeds = pad_to(feeds, *fixed, enc.pad_id)
             self.batches.append(feeds)
         self.it = iter(self.batches)
 
@@ -112,27 +111,6 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
     except Exception as exc:
         raise ExportError(f"{q.precision} quantization failed: {type(exc).__name__}: {exc}") from None
     return info
-
-
-DISABLED_KEY = "edgeprune.ort_disabled_optimizers"
-
-
-def mark_disabled_optimizers(path: Path, names: list[str]) -> None:
-    """Record in the model's metadata the ORT optimizers its sessions must disable (comma-separated), so the
-    .onnx file says how to load it; edgeprune's own sessions read it (:func:`disabled_optimizers`)."""
-    if not names:
-        return
-    model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, DISABLED_KEY: ",".join(names)})
-    onnx.save(model, str(path))
-
-
-def disabled_optimizers(path: Path) -> list[str]:
-    """The ORT optimizers recorded by :func:`mark_disabled_optimizers` (none for .ort files or unmarked models)."""
-    if Path(path).suffix != ".onnx":
-        return []
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return [n for n in props.get(DISABLED_KEY, "").split(",") if n]
 
 
 def fix_shapes(path: Path, batch: int, length: int) -> None:
