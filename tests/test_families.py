@@ -203,3 +203,35 @@ def test_prune_reapplies_a_plan_to_k2_and_reloads(family_dirs, tmp_path):
          "--out", str(out)])
     m = AutoModelForSequenceClassification.from_pretrained(out)
     assert type(m).__name__ == "Qwen3MoeForSequenceClassification" and m.config.num_experts == 2
+
+
+def test_hook_calibration_equals_the_bert_moe_blocks_own_routing_record(tiny_tokenizer):
+    """The family-agnostic calibration (hooks + adapter.route + adapter.expert_forward) reproduces what the BERT-MoE
+    block itself records (its routing and REAP's expert-output norms): the BERT-MoE plans do not move."""
+    from edgeprune.pruning.calibration import calibration_batches, collect_routing
+    from edgeprune.tasks import get_task, load_split
+    from edgeprune.training import encode
+    from tests.conftest import tiny_moe
+
+    tok, vocab = tiny_tokenizer
+    for top_k in (1, 2):
+        model = tiny_moe(num_experts=4, vocab=vocab, top_k=top_k)
+        enc = encode(load_split(get_task("sst2"), "train", limit=40), tok, 64)
+        stats = collect_routing(model, enc, max_examples=40, batch_size=16, progress=False)
+        counts = {l: np.zeros(4) for l in stats}
+        reap = {l: np.zeros(4) for l in stats}
+        blocks = model.moe_blocks()
+        for b in blocks.values():
+            b.record_expert_norms = True
+        with torch.no_grad():
+            for x in calibration_batches(enc, 40, 16, "", progress=False):
+                model(**x)
+                keep = x["attention_mask"].reshape(-1).bool()
+                for l, b in blocks.items():
+                    idx, gate, norm = b.last.top_idx[keep], b.last.top_gate[keep], b.last.expert_out_norm[keep]
+                    counts[l] += np.bincount(idx.reshape(-1).numpy(), minlength=4)
+                    reap[l] += np.bincount(idx.reshape(-1).numpy(), weights=(gate * norm).reshape(-1).double().numpy(),
+                                           minlength=4)
+        for l in stats:
+            assert np.array_equal(stats[l].counts, counts[l])
+            assert np.allclose(stats[l].reap_sum, reap[l], rtol=1e-5)
