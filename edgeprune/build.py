@@ -92,15 +92,14 @@ def stage_prune(cfg: BuildConfig, original_dir: Path, original_hash: str) -> Pat
 def ort_model_type(model) -> Optional[str]:
     """The ORT transformer optimizer's model type for ``model`` (a dense sibling's or an MoE family's)."""
     from edgeprune.errors import ModelError
-    from edgeprune.models.registry import adapter_for, dense_adapter_for
+    from edgeprune.models.registry import adapter_for
 
     if model.config.model_type == "bert":
         return "bert"
     try:
         return adapter_for(model.config).ort_model_type
-    except ModelError:
-        a = dense_adapter_for(model)
-        return None if a is None else None
+    except ModelError:  # a folded decoder (Mistral, Qwen3): plain ORT optimisation
+        return None
 
 
 def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:

@@ -39,15 +39,6 @@ def adapter_for(config: PretrainedConfig | str) -> MoEAdapter:
                          f"{', '.join(sorted(ADAPTERS))}){hint}") from None
 
 
-def dense_adapter_for(model) -> MoEAdapter | None:
-    """The adapter whose dense sibling ``model`` is (a folded model), or None."""
-    _load()
-    for a in ADAPTERS.values():
-        if a.dense and isinstance(model, a.dense.classifier_class):
-            return a
-    return None
-
-
 def upcycle_adapter_for(config: PretrainedConfig) -> MoEAdapter:
     """The adapter whose dense family is ``config.model_type`` and that can upcycle it (BERT -> BERT-MoE)."""
     _load()

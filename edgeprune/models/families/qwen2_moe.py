@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
 from edgeprune.models.adapter import MoEAdapter
+from edgeprune.models.families.qwen3_moe import EXPERT_ROLES
 
 
 class Qwen2MoeAdapter(MoEAdapter):
@@ -18,7 +19,7 @@ class Qwen2MoeAdapter(MoEAdapter):
 ADAPTER = Qwen2MoeAdapter(
     model_type="qwen2_moe",
     block_class=Qwen2MoeSparseMoeBlock,
-    expert_roles={"gate_proj.weight": "in", "up_proj.weight": "in", "down_proj.weight": "out"},
+    expert_roles=EXPERT_ROLES,  # the same experts as Qwen3-MoE
     num_experts_key="num_experts",
     renormalise=lambda block: bool(block.norm_topk_prob),
     fold_exact="no sibling: keeps Qwen2-MoE with one expert per layer (router skipped in export, exact)",

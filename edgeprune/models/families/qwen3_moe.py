@@ -10,6 +10,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 from edgeprune.models.adapter import DenseSibling, MoEAdapter
 
+EXPERT_ROLES = {"gate_proj.weight": "in", "up_proj.weight": "in", "down_proj.weight": "out"}  # Qwen2/3-MoE experts
 MLP = {"gate_proj.weight": "gate_proj.weight", "up_proj.weight": "up_proj.weight", "down_proj.weight": "down_proj.weight"}
 
 
@@ -26,7 +27,7 @@ def qwen3_overrides(cfg: dict) -> dict:
 ADAPTER = MoEAdapter(
     model_type="qwen3_moe",
     block_class=Qwen3MoeSparseMoeBlock,
-    expert_roles={"gate_proj.weight": "in", "up_proj.weight": "in", "down_proj.weight": "out"},
+    expert_roles=EXPERT_ROLES,
     num_experts_key="num_experts",
     renormalise=lambda block: bool(block.norm_topk_prob),
     dense=DenseSibling(Qwen3Config, Qwen3ForSequenceClassification, MLP, mlp_path=lambda path: path,
