@@ -103,7 +103,7 @@ def ort_model_type(model) -> Optional[str]:
 
 
 def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
-    from edgeprune.export.onnx_export import export_onnx, parity
+    from edgeprune.export.onnx_export import export_onnx, onnx_logits, parity
     from edgeprune.export.quantize import (fix_shapes, mark_disabled_optimizers, mobile_usability, optimize, quantize,
                                           to_ort_format)
 
@@ -112,14 +112,12 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
                       asdict(t.optimization), t.runtime.ort_format, t.runtime.mobile_usability, cfg.parity_examples)
     out = cache_root() / "stages" / f"export-{key}"
     fixed = (t.export.batch_size, t.export.sequence_length) if t.export.fixed_shapes else None
+    fixed_len = fixed[1] if fixed else None
     sample = type(val_enc)(val_enc.input_ids[: cfg.parity_examples], val_enc.token_type_ids[: cfg.parity_examples],
                            val_enc.labels[: cfg.parity_examples], val_enc.pad_id)
     if reusable(out, log):
-        from edgeprune.export.onnx_export import onnx_logits
-
         # the quantized graph's logits on the parity sample must be those recorded when it was built
-        info = json.loads((out / "export.json").read_text())
-        got = onnx_logits(out / "model.onnx", sample, fixed_length=fixed[1] if fixed else None)
+        got = onnx_logits(out / "model.onnx", sample, fixed_length=fixed_len)
         want = np.load(out / "parity_logits.npy")
         if got.shape == want.shape and np.allclose(got, want, atol=1e-4):
             log(f"export: reusing {out} (files verified, parity re-checked)")
@@ -135,7 +133,7 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
         info["exporter"] = export_onnx(model, pruned_dir, tmp / "fp32.onnx", t)
         if fixed:
             fix_shapes(tmp / "fp32.onnx", *fixed)
-        info["parity_fp32"] = parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed[1] if fixed else None)
+        info["parity_fp32"] = parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed_len)
         log(f"export: parity with PyTorch ok (max logit diff {info['parity_fp32']['max_abs_logit_diff']:.2e})")
         info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, model.config.num_attention_heads,
                                    model.config.hidden_size, ort_model_type(model))
@@ -152,9 +150,7 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
             info["mobile_usability"] = mobile_usability(tmp / "model.onnx")
         info["input_names"] = [i.name for i in onnx.load(str(tmp / "model.onnx")).graph.input]
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
-        from edgeprune.export.onnx_export import onnx_logits
-
-        np.save(tmp / "parity_logits.npy", onnx_logits(tmp / "model.onnx", sample, fixed_length=fixed[1] if fixed else None))
+        np.save(tmp / "parity_logits.npy", onnx_logits(tmp / "model.onnx", sample, fixed_length=fixed_len))
         seal(tmp)
     return out
 
