@@ -24,6 +24,7 @@ from edgeprune.check import violations
 from edgeprune.errors import BudgetError
 from edgeprune.export.targets import Target
 from edgeprune.original import DataSpec, OriginalSpec, ensure_original
+from edgeprune.models.label_words import of_model
 from edgeprune.pruning.pipeline import PruneConfig, check_model, load_model, prune, save_pruned
 from edgeprune.pruning.plan import PrunePlan
 from edgeprune.report import model_card, report_markdown
@@ -158,7 +159,8 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
 def original_logits_cached(original_dir: Path, original_hash: str, cfg: BuildConfig, enc, original) -> np.ndarray:
     from edgeprune.validate import original_logits
 
-    key = fingerprint("logits", original_hash, cfg.data.key(), cfg.task.name, cfg.eval_examples)
+    key = fingerprint("logits", original_hash, cfg.data.key(), cfg.task.name, cfg.eval_examples,
+                      *([cfg.prune.load_options()] if cfg.prune.prompt or cfg.prune.verbalisers or cfg.prune.dtype else []))
     path = cache_root() / "stages" / f"logits-{key}.npy"
     if path.is_file():
         return np.load(path)
@@ -181,11 +183,12 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     else:
         log(f"original: default MoE for {cfg.task.name} (built once, then cached)")
         original_dir = ensure_original(OriginalSpec(cfg.task, cfg.data, "moe"))
-    original = load_model(original_dir)
+    original = load_model(original_dir, task=cfg.task, **cfg.prune.load_options())
+    words = of_model(original)
     tok = load_tokenizer(original_dir)
     check_model(original, cfg.task, cfg.prune, tok)
     original_hash = dir_sha256(original_dir)
-    val_enc = encode(cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples), tok, cfg.task.max_length)
+    val_enc = encode(cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples), tok, cfg.task.max_length, words)
     pruned_dir = stage_prune(cfg, original_dir, original_hash)
     export_dir = stage_export(cfg, pruned_dir, val_enc)
     export_info = json.loads((export_dir / "export.json").read_text())
@@ -220,6 +223,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         "task": cfg.task.name, "labels": list(cfg.task.labels), "max_length": cfg.task.max_length,
         "pair": cfg.task.is_pair, "input_names": export_info["input_names"], "target": t.name,
         "pad_id": val_enc.pad_id, "model_type": original.config.model_type,
+        "label_words": words.to_dict() if words else None,  # prompt template + verbalisers of a language model
         "fixed_shape": list(fixed) if fixed else None, "threads": t.runtime.threads,
         "ort_disabled_optimizers": export_info.get("ort_disabled_optimizers", []),
         "precision": t.quantization.precision, "quantization": export_info.get("quantization"),

@@ -212,8 +212,14 @@ def prune_options(fn):
     @click.option("--pretrained", type=click.Path(file_okay=False),
                   help="chowdhury2024: the MoE checkpoint before task fine-tuning (default: recorded one).")
     @click.option("--seed", default=0, show_default=True)
+    @click.option("--prompt", help="Language-model checkpoints: the prompt template, with {text} (and {text_pair} "
+                  "for pair tasks); the label word follows it (default: the task's).")
+    @click.option("--verbalisers", help="Language-model checkpoints: one word per label, comma-separated, in the "
+                  "task's label order (default: the label names).")
+    @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+                  help="Load the checkpoint in this dtype (default: the checkpoint's own).")
     @functools.wraps(fn)
-    def wrapper(method, k, coverage, calibration_examples, pretrained, seed, **kw):
+    def wrapper(method, k, coverage, calibration_examples, pretrained, seed, prompt, verbalisers, dtype, **kw):
         from edgeprune.pruning.pipeline import PruneConfig
 
         options = {}
@@ -223,7 +229,9 @@ def prune_options(fn):
             options["seed"] = seed
         experts = k if k is not None else (None if coverage is not None else 1)
         cfg = PruneConfig(method=method, method_options=options, experts=experts, coverage=coverage,
-                          calibration_examples=calibration_examples, seed=seed)
+                          calibration_examples=calibration_examples, seed=seed, prompt=prompt,
+                          verbalisers=tuple(w.strip() for w in verbalisers.split(",")) if verbalisers else None,
+                          dtype=dtype)
         return fn(prune_cfg=cfg, **kw)
 
     return wrapper

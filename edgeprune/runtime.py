@@ -17,6 +17,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edgeprune.errors import ModelError
+from edgeprune.prompts import LabelWords
 
 MANIFEST = "edgeprune.json"
 
@@ -44,13 +45,20 @@ class EdgeModel:
                                             disabled_optimizers=self.disabled_optimizers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
-        self.tokenizer.enable_truncation(self.max_length if not self.fixed else min(self.max_length, self.fixed[1]))
+        # a language model classifies by label words: texts are rendered into its prompt and truncated on the left
+        words = self.manifest.get("label_words")
+        self.label_words: Optional[LabelWords] = LabelWords.from_dict(words) if words else None
+        self.tokenizer.enable_truncation(self.max_length if not self.fixed else min(self.max_length, self.fixed[1]),
+                                         direction="left" if self.label_words else "right")
         self.tokenizer.no_padding()
 
     def _feeds(self, texts: Sequence[str], pairs: Optional[Sequence[str]]) -> dict[str, np.ndarray]:
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
-        inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
+        if self.label_words is not None:
+            inputs = [self.label_words.render(t, p) for t, p in zip(texts, pairs or [None] * len(texts))]
+        else:
+            inputs = list(zip(texts, pairs)) if pairs is not None else list(texts)
         encs = self.tokenizer.encode_batch(inputs)
         width = self.fixed[1] if self.fixed else max(len(e.ids) for e in encs)
         feeds = {n: np.zeros((len(encs), width), dtype=np.int64) for n in ("input_ids", "attention_mask",

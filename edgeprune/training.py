@@ -69,11 +69,21 @@ class Encoded:
         return len(self.labels)
 
 
-def encode(examples: Sequence[Example], tokenizer, max_length: int) -> Encoded:
-    """Tokenise once (truncating to ``max_length``); pairs get token type ids."""
-    texts = [e.text for e in examples]
-    pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
-    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)
+def encode(examples: Sequence[Example], tokenizer, max_length: int, prompt=None) -> Encoded:
+    """Tokenise once (truncating to ``max_length``); pairs get token type ids. With ``prompt`` (a language
+    model's :class:`~edgeprune.models.label_words.LabelWords`) each example is rendered into the template and
+    truncated on the left, so the prompt's cue before the verbaliser always survives."""
+    if prompt is not None:
+        texts, pairs = [prompt.render(e.text, e.text_pair) for e in examples], None
+    else:
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left" if prompt is not None else side
+    try:
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, padding=False)
+    finally:
+        tokenizer.truncation_side = side
     tti = enc.get("token_type_ids") or [[0] * len(ids) for ids in enc["input_ids"]]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Encoded(enc["input_ids"], tti, [e.label for e in examples], pad)

@@ -11,7 +11,7 @@ import torch
 from edgeprune.models.registry import adapter_for
 from edgeprune.pruning.apply import apply_plan
 from edgeprune.pruning.plan import LayerPlan, PrunePlan
-from tests.families import FAMILIES, tiny_family_model
+from tests.families import FAMILIES, is_lm, tiny_family_checkpoint, tiny_family_model
 
 FAMS = list(FAMILIES)
 
@@ -134,10 +134,15 @@ def family_dirs(tmp_path_factory, tiny_tokenizer):
     dirs = {}
     for family in FAMS:
         d = tmp_path_factory.mktemp(family)
-        tiny_family_model(family, vocab=vocab).save_pretrained(d)
+        tiny_family_checkpoint(family, vocab=vocab).save_pretrained(d)
         tok.save_pretrained(d)
         dirs[family] = d
     return dirs
+
+
+def words(family: str) -> list[str]:
+    """Language-model checkpoints: verbalisers in the tiny tokenizer's vocabulary (the label names are not)."""
+    return ["--verbalisers", "bad,good"] if is_lm(family) else []
 
 
 FAST = ["--calibration-examples", "64", "--recovery-steps", "2", "--eval-examples", "40", "--latency-iters", "5"]
@@ -160,7 +165,7 @@ def test_build_end_to_end_and_edgemodel_predicts(family, k, family_dirs, tmp_pat
 
     out = tmp_path / "art"
     cli(["build", "--model", str(family_dirs[family]), "--target", "x86_64", "--experts", str(k), "--out", str(out)]
-        + FAST)
+        + FAST + words(family))
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["parity_fp32"]["max_abs_logit_diff"] < 1e-3
     manifest = json.loads((out / "edgeprune.json").read_text())
@@ -176,7 +181,7 @@ def test_every_method_runs_on_every_family(method, family_dirs, tmp_path):
     for family in FAMS:
         plan = tmp_path / f"{family}-{method}.json"
         cli(["score", "--model", str(family_dirs[family]), "--method", method, "--experts", "2",
-             "--calibration-examples", "48", "--out", str(plan)])
+             "--calibration-examples", "48", "--out", str(plan)] + words(family))
         layers = json.loads(plan.read_text())["layers"]
         assert len(layers) == 2 and all(len(lp["groups"]) == 2 for lp in layers)
 

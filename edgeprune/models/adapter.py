@@ -69,7 +69,7 @@ class MoEAdapter:
     renormalise: Callable[[nn.Module], bool] = lambda block: True
     dense: Optional[DenseSibling] = None
     fold_exact: str = ""  # how exact the fold is (shown by `edgeprune families`)
-    heads: tuple[str, ...] = ("sequence-classification",)
+    heads: tuple[str, ...] = ("sequence-classification", "causal-lm")  # causal-lm: by label words
     uses_token_type_ids: bool = False
     ort_model_type: Optional[str] = None  # the ORT transformer optimizer's model type, where one fits
     note: str = ""
@@ -92,6 +92,10 @@ class MoEAdapter:
     def router(self, block: nn.Module) -> nn.Module:
         """The module whose output is the router logits (a Linear for most families)."""
         return block.get_submodule(self.router_attr)
+
+    def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Router logits (T, Z) of tokens ``x`` (T, H) entering the block, as the family computes them."""
+        return self.router(block)(x)
 
     def num_experts(self, block: nn.Module) -> int:
         return len(getattr(block, self.experts_attr))
@@ -116,6 +120,16 @@ class MoEAdapter:
     def shared_forward(self, block: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Output of the block's shared expert(s), gate included (None for families without)."""
         return None
+
+    def shared_tensors(self, state: dict, path: str) -> dict[str, torch.Tensor]:
+        """An ungated shared expert beside the block at ``path``, named like the routed experts (``expert_roles``):
+        the fold concatenates it with the one routed expert into one wider MLP (DeepSeek, Granite-MoE-Shared)."""
+        return {}
+
+    def fold_scale(self, block: nn.Module) -> float:
+        """The constant weight of a one-expert layer (1 for softmax routing; DeepSeek's routed_scaling_factor),
+        folded into the expert's output projection."""
+        return 1.0
 
     # -- tensors in the state dict ---------------------------------------------------------------------------
     def router_keys(self, model: nn.Module, layer: int) -> list[str]:
@@ -153,7 +167,7 @@ class MoEAdapter:
         shape = hidden.shape
         flat = hidden.reshape(-1, shape[-1])
         z = self.num_experts(block)
-        logits = self.router(block)(flat)
+        logits = self.router_logits(block, flat)
         if z == 1 and self.route_is_trivial(block):
             out = self.expert_forward(block, 0, flat)
         else:
@@ -205,7 +219,11 @@ class MoEAdapter:
         mapped = {}
         for layer, path in paths.items():
             mlp = self.dense.mlp_path(path)
-            for n, t in self.expert_tensors(src, path, 0).items():
+            routed = scale_outputs(self, self.expert_tensors(src, path, 0), self.fold_scale(model.get_submodule(path)))
+            shared = self.shared_tensors(src, path)
+            for n, t in routed.items():
+                if n in shared:  # [routed | shared] hidden units: the sum of both MLPs
+                    t = torch.cat([t, shared[n]], dim=unit_axis(self.expert_roles[n]))
                 mapped[f"{mlp}.{self.dense.expert_to_mlp[n]}"] = t
         for key in dst:
             t = mapped.get(key, src.get(key))

@@ -9,9 +9,10 @@ validation data), recording per MoE layer, over non-padding tokens only:
 * ``reap_sum[e]``: sum over routed tokens of g_e(x) * ||E_e(x)||_2 (REAP, Lasby et al. 2025);
 * ``logits``: a bounded sample of router logit rows (UNCURL clusters the experts by their columns).
 
-Family-agnostic: the block's input and its router's output are captured by forward hooks, and the routing
-(top-k indices and weights) is recomputed from the logits by the family's adapter, exactly as the family
-computes it (:meth:`~edgeprune.models.adapter.MoEAdapter.route`); REAP's expert output norms come from the
+Family-agnostic: the block's input is captured by a forward pre-hook, the router logits are computed from it
+by the family's adapter (:meth:`~edgeprune.models.adapter.MoEAdapter.router_logits`; some routers, DeepSeek's,
+return their choice rather than logits), and the routing (top-k indices and weights) from the logits, exactly
+as the family computes it (:meth:`~edgeprune.models.adapter.MoEAdapter.route`); REAP's expert output norms come from the
 adapter's :meth:`~edgeprune.models.adapter.MoEAdapter.expert_forward` on the routed tokens.
 """
 from __future__ import annotations
@@ -81,13 +82,7 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
             seen[i]["x"] = hidden.detach().reshape(-1, hidden.shape[-1])
         return pre
 
-    def on_router(i):
-        def post(_m, _inp, out):
-            seen[i]["logits"] = (out[0] if isinstance(out, tuple) else out).detach().float()
-        return post
-
-    handles = [h for i, b in blocks.items() for h in (b.register_forward_pre_hook(on_block(i), with_kwargs=True),
-                                                       adapter.router(b).register_forward_hook(on_router(i)))]
+    handles = [b.register_forward_pre_hook(on_block(i), with_kwargs=True) for i, b in blocks.items()]
     model.eval()
     try:
         for batch in calibration_batches(enc, max_examples, batch_size, "calibrate", progress):
@@ -95,7 +90,8 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
             keep = batch["attention_mask"].reshape(-1).bool()
             for i, block in blocks.items():
                 st = stats[i]
-                x, logits = seen[i]["x"][keep], seen[i]["logits"].reshape(-1, len(st.counts))[keep]
+                x = seen[i]["x"][keep]
+                logits = adapter.router_logits(block, x).float()
                 idx, gate = adapter.route(block, logits)
                 norm = torch.zeros_like(gate)
                 for e in idx.unique().tolist():

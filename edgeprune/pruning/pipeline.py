@@ -7,12 +7,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from edgeprune.errors import ConfigError, ModelError
 from edgeprune.original import DataSpec, load_meta
+from edgeprune.models.label_words import of_model
 from edgeprune.models.registry import adapter_for
 from edgeprune.pruning.apply import apply_plan
 from edgeprune.pruning.calibration import collect_routing
@@ -49,6 +50,13 @@ class PruneConfig:
     gate_scale: bool = True
     ffn_keep: float = 1.0
     seed: int = 0
+    prompt: Optional[str] = None  # label-word scoring of language-model checkpoints (None: the task's default)
+    verbalisers: Optional[tuple[str, ...]] = None
+    dtype: Optional[str] = None  # load dtype (None: the checkpoint's own)
+
+    def load_options(self) -> dict:
+        """How :func:`load_model` reads the original: dtype, and the label words of a language model."""
+        return {"prompt": self.prompt, "verbalisers": self.verbalisers, "dtype": self.dtype}
 
     def validate(self) -> None:
         if self.method not in all_methods():
@@ -78,12 +86,16 @@ class PruneConfig:
         return asdict(self)
 
 
-def load_model(model_dir: str | Path, dtype: Optional[str] = None) -> torch.nn.Module:
-    """A local Hugging Face checkpoint of a supported MoE family, with a sequence-classification head:
-    safetensors only, no remote code, tensors checked against the config
-    (:mod:`edgeprune.models.checkpoint`); ``dtype`` defaults to the checkpoint's own."""
-    from transformers import AutoModelForSequenceClassification
+def load_model(model_dir: str | Path, dtype: Optional[str] = None, task: Optional[Task] = None,
+               prompt: Optional[str] = None, verbalisers: Optional[Sequence[str]] = None) -> torch.nn.Module:
+    """A local Hugging Face checkpoint of a supported MoE family as a sequence classifier: safetensors only, no
+    remote code, tensors checked against the config (:mod:`edgeprune.models.checkpoint`); ``dtype`` defaults to
+    the checkpoint's own. A checkpoint with only a language-model head becomes the family's classifier by
+    label-word scoring (:mod:`edgeprune.models.label_words`; ``task`` gives the labels, ``prompt`` and
+    ``verbalisers`` override the defaults)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from edgeprune.models import label_words
     from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype, weight_files
 
     raw = read_config(model_dir)
@@ -91,9 +103,18 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None) -> torch.nn.M
     weight_files(model_dir)
     arch = " ".join(raw.get("architectures") or [])
     if arch and "SequenceClassification" not in arch:
-        raise ModelError(f"{model_dir}: a {arch} checkpoint has no sequence-classification head; edgeprune "
-                         f"{adapter.model_type} takes {adapter.model_type} ...ForSequenceClassification checkpoints "
-                         f"(heads: {', '.join(adapter.heads)})")
+        if "CausalLM" not in arch or "causal-lm" not in adapter.heads:
+            raise ModelError(f"{model_dir}: a {arch} checkpoint has neither a sequence-classification nor a "
+                             f"language-model head that edgeprune can use (heads of {adapter.model_type}: "
+                             f"{', '.join(adapter.heads)})")
+        if task is None:
+            raise ModelError(f"{model_dir}: a language model classifies by label words; give the task")
+        lm = load_checked(AutoModelForCausalLM, model_dir, dtype=torch_dtype(dtype, raw))
+        words = label_words.for_task(task, prompt, verbalisers).resolve(load_tokenizer(model_dir))
+        return label_words.to_classifier(lm, words, task)
+    if prompt is not None or verbalisers:
+        raise ConfigError(f"{model_dir} has its own classification head; --prompt and --verbalisers are for "
+                          "checkpoints with only a language-model head")
     return load_checked(AutoModelForSequenceClassification, model_dir, dtype=torch_dtype(dtype, raw))
 
 
@@ -124,14 +145,14 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     cfg.validate()
     if cfg.method in PROGRESSIVE:
         raise ConfigError(f"{cfg.method} makes its plan while fine-tuning; run `edgeprune prune` instead")
-    model = model if model is not None else load_model(original_dir)
+    model = model if model is not None else load_model(original_dir, task=task, **cfg.load_options())
     tok = load_tokenizer(original_dir)
     check_model(model, task, cfg, tok)
     mcfg = method_config(cfg.method, **cfg.method_options)
     adapter = adapter_for(model.config)
     blocks = adapter.blocks(model)
     # Calibrate for every method (cheap): data-free methods still need the gate statistics for the fold scale.
-    enc = encode(data.load(task, "train", limit=cfg.calibration_examples), tok, task.max_length)
+    enc = encode(data.load(task, "train", limit=cfg.calibration_examples), tok, task.max_length, of_model(model))
     stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress)
     scores = score_experts(mcfg, model, stats, source_dir=str(original_dir))
     return make_plan(cfg.method, scores, {i: adapter.num_experts(b) for i, b in blocks.items()},
@@ -149,10 +170,10 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     cfg.validate()
     if plan is not None and cfg.ffn_keep < 1 and not plan.folds:
         raise ConfigError("--ffn-keep needs a plan that keeps one expert in every layer (the folded model)")
-    original = load_model(original_dir)
+    original = load_model(original_dir, task=task, **cfg.load_options())
     tok = load_tokenizer(original_dir)
     check_model(original, task, cfg, tok)
-    train_enc = encode(data.load(task, "train"), tok, task.max_length)
+    train_enc = encode(data.load(task, "train"), tok, task.max_length, of_model(original))
     info: dict = {"config": cfg.to_dict()}
     t0 = time.perf_counter()
     if plan is None and cfg.method in PROGRESSIVE:

@@ -33,6 +33,7 @@ ADAPTER = BertMoeAdapter(
                        extra_ffn={"layer": lambda l: f"bert.encoder.layer.{l}", "in": ("intermediate.dense",),
                                   "out": "output.dense"}),
     fold_exact="exact (bit for bit)",
+    heads=("sequence-classification",),
     uses_token_type_ids=True,
     ort_model_type="bert",
     extra={"upcycle_from": "bert", "expert_prefix": lambda layer, e: f"encoder.layer.{layer}.moe.experts.{e}.",

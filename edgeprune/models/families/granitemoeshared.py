@@ -1,0 +1,36 @@
+"""Granite-MoE-Shared: Granite-MoE plus an ungated ``shared_mlp`` beside the block in every layer (fused
+``input_linear`` [2S, H], ``output_linear`` [H, S]). One expert folds into Granite exactly: the dense MLP is
+[routed expert | shared expert] side by side (intermediate size I + S), whose output is the sum of both."""
+from __future__ import annotations
+
+from transformers import GraniteMoeSharedConfig
+from transformers.models.granitemoeshared.modeling_granitemoeshared import (GraniteMoeSharedMoE,
+                                                                             GraniteMoeSharedPreTrainedModel)
+
+from edgeprune.models.families.granitemoe import ROLES, GraniteMoeAdapter, granite_sibling
+from edgeprune.models.label_words import classifier_class
+
+CLASSIFIER = classifier_class(GraniteMoeSharedConfig, GraniteMoeSharedPreTrainedModel,
+                              "GraniteMoeSharedForSequenceClassification")
+
+
+class GraniteMoeSharedAdapter(GraniteMoeAdapter):
+    def shared_tensors(self, state, path):
+        layer = path.rsplit(".block_sparse_moe", 1)[0]
+        if f"{layer}.shared_mlp.input_linear.weight" not in state:  # shared_intermediate_size 0
+            return {}
+        gate, up = state[f"{layer}.shared_mlp.input_linear.weight"].chunk(2, dim=0)
+        return {"input_linear.gate": gate, "input_linear.up": up, "output_linear": state[f"{layer}.shared_mlp.output_linear.weight"]}
+
+
+ADAPTER = GraniteMoeSharedAdapter(
+    model_type="granitemoeshared",
+    block_class=GraniteMoeSharedMoE,
+    router_attr="router.layer",
+    expert_roles=ROLES,
+    num_experts_key="num_local_experts",
+    heads=("causal-lm",),
+    dense=granite_sibling(("shared_intermediate_size",), overrides=lambda cfg: {
+        "intermediate_size": cfg["intermediate_size"] + cfg.get("shared_intermediate_size", 0)}),
+    fold_exact="exact (routed and shared experts side by side in one MLP)",
+)
