@@ -112,19 +112,18 @@ def moe_options(fn):
 @main.command()
 def families() -> None:
     """List the supported MoE families: heads, fold target (exact or not), export path."""
-    from edgeprune.models.registry import ADAPTERS, _load
+    from edgeprune.models.registry import all_adapters
 
-    _load()
-    for a in ADAPTERS.values():
-        fold = a.dense.classifier_class.__name__ if a.dense else f"{a.model_type} with one expert per layer"
+    for a in all_adapters():
+        fold = a.dense.classifier_class.__name__ if a.dense else "its own class"
         if a.model_type == "bert_moe":
             export = "optimum (k = 1, folded), torch.onnx + dense dispatch (k > 1)"
         elif a.dense:
             export = "torch.onnx of the folded sibling (k = 1), torch.onnx + dense dispatch (k > 1); vmap-free masks"
         else:
             export = "torch.onnx + dense dispatch (router skipped at k = 1); vmap-free masks"
-        click.echo(f"{a.model_type:11s} heads: {', '.join(a.heads)}; k = 1 folds to {fold}: {a.fold_exact}; "
-                   f"export: {export}")
+        heads = ", ".join(h.replace("causal-lm", "causal-lm (label words)") for h in a.heads)
+        click.echo(f"{a.model_type:17s} heads: {heads}; k = 1 -> {fold}: {a.fold_exact}; export: {export}")
 
 
 @main.command()

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import (GraniteMoeConfig, GraniteMoeForCausalLM, GraniteMoeSharedConfig, GraniteMoeSharedForCausalLM,
+from transformers import (PhimoeConfig, PhimoeForSequenceClassification, GptOssConfig, GptOssForSequenceClassification, DeepseekV2Config, DeepseekV2ForSequenceClassification, DeepseekV3Config,
+                          DeepseekV3ForSequenceClassification, Glm4MoeConfig, Glm4MoeForCausalLM, GraniteMoeConfig, GraniteMoeForCausalLM, GraniteMoeSharedConfig, GraniteMoeSharedForCausalLM,
                           MixtralConfig, MixtralForSequenceClassification, OlmoeConfig, OlmoeForCausalLM,
                           Qwen2MoeConfig, Qwen2MoeForSequenceClassification, Qwen3MoeConfig,
                           Qwen3MoeForSequenceClassification)
@@ -15,6 +16,11 @@ COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_ke
 
 # Granite's multipliers away from 1, so that the folds and label rows must carry them
 GRANITE = dict(embedding_multiplier=2.0, logits_scaling=4.0, residual_multiplier=0.5, attention_multiplier=0.2)
+
+# DeepSeek-style: multi-head latent attention, 6 routed experts + 1 shared, every layer MoE
+DEEPSEEK = dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=6, num_experts_per_tok=2,
+                n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
 
 FAMILIES = {
     "mixtral": (MixtralConfig, MixtralForSequenceClassification,
@@ -31,7 +37,23 @@ FAMILIES = {
                    num_experts_per_tok=2, **GRANITE)),
     "granitemoeshared": (GraniteMoeSharedConfig, GraniteMoeSharedForCausalLM, dict(
         intermediate_size=24, shared_intermediate_size=16, num_local_experts=6, num_experts_per_tok=2, **GRANITE)),
+    "deepseek_v2": (DeepseekV2Config, DeepseekV2ForSequenceClassification, dict(DEEPSEEK, routed_scaling_factor=1.5)),
+    "deepseek_v3": (DeepseekV3Config, DeepseekV3ForSequenceClassification, dict(
+        DEEPSEEK, n_group=2, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)),
+    "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM, dict(
+        DEEPSEEK, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8, partial_rotary_factor=0.5,
+        use_qk_norm=True)),
+    "gpt_oss": (GptOssConfig, GptOssForSequenceClassification, dict(
+        intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"])),
+    "phimoe": (PhimoeConfig, PhimoeForSequenceClassification, dict(
+        intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, router_jitter_noise=0.5,
+        input_jitter_noise=0.0)),
 }
+# families that cannot keep one expert at all (SparseMixer picks two)
+NO_ONE_EXPERT = {"phimoe"}
+# families whose own class cannot run one expert per layer (group top-2 over one expert): k = 1 always folds
+ONE_EXPERT_FOLDS_ONLY = {"deepseek_v3", "glm4_moe"}
 # label words of the tiny LM classifiers: any two token ids of the tiny vocabulary
 TINY_WORDS = LabelWords("{text}", ("negative", "positive"), (7, 9))
 
@@ -59,6 +81,10 @@ def tiny_family_checkpoint(family: str, vocab: int, seed: int = 0, **overrides) 
     model = model_cls(config).eval()
     with torch.no_grad():  # random routers that actually spread tokens over the experts
         for name, p in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "router.layer.weight")):
+            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "router.layer.weight",
+                              "mlp.router.weight")):
                 p.normal_(0, 1.0)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's choice bias, away from zero
+                b.normal_(0, 0.3)
     return model

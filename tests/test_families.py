@@ -11,7 +11,7 @@ import torch
 from edgeprune.models.registry import adapter_for
 from edgeprune.pruning.apply import apply_plan
 from edgeprune.pruning.plan import LayerPlan, PrunePlan
-from tests.families import FAMILIES, is_lm, tiny_family_checkpoint, tiny_family_model
+from tests.families import FAMILIES, NO_ONE_EXPERT, ONE_EXPERT_FOLDS_ONLY, is_lm, tiny_family_checkpoint, tiny_family_model
 
 FAMS = list(FAMILIES)
 
@@ -34,17 +34,33 @@ def plan_keeping(model, kept: list[int]) -> PrunePlan:
 
 @torch.no_grad()
 def masked_logits(model, kept: list[int], inputs) -> torch.Tensor:
-    """The original with the dropped experts' router logits set to -inf (its own routing rule unchanged)."""
+    """The original with the dropped experts' router logits set to -inf (its own routing rule unchanged): every
+    router computes its logits with ``F.linear`` on its weight, whose output columns are masked here; a
+    score-correction bias (DeepSeek-V3) of a dropped expert is -inf too, so that it is never chosen."""
+    import torch.nn.functional as F
+
     adapter = adapter_for(model.config)
-    z = adapter.num_experts(next(iter(adapter.blocks(model).values())))
+    blocks = list(adapter.blocks(model).values())
+    z = adapter.num_experts(blocks[0])
     drop = torch.tensor([e not in kept for e in range(z)])
-    hooks = [adapter.router(b).register_forward_hook(lambda m, i, o: o.masked_fill(drop, float("-inf")))
-             for b in adapter.blocks(model).values()]
+    weights = {adapter.router(b).weight.data_ptr() for b in blocks}
+    biases = [buf for b in blocks for n, buf in adapter.router(b).named_buffers() if "bias" in n]
+    saved = [buf.clone() for buf in biases]
+    linear = F.linear
+
+    def masked(x, w, *a, **kw):
+        out = linear(x, w, *a, **kw)
+        return out.masked_fill(drop, float("-inf")) if w.data_ptr() in weights else out
+
+    F.linear = masked
     try:
+        for buf in biases:
+            buf.masked_fill_(drop, float("-inf"))
         return model(**inputs).logits
     finally:
-        for h in hooks:
-            h.remove()
+        F.linear = linear
+        for buf, old in zip(biases, saved):
+            buf.copy_(old)
 
 
 @pytest.mark.parametrize("family", FAMS)
@@ -59,11 +75,15 @@ def test_keeping_every_expert_changes_no_logit(family):
 @pytest.mark.parametrize("family", FAMS)
 @pytest.mark.parametrize("kept", [[1, 4], [0, 2, 5], [3]])
 def test_prune_equals_original_with_dropped_router_logits_at_minus_inf(family, kept):
+    if len(kept) == 1 and family in NO_ONE_EXPERT:
+        pytest.skip(f"{family} cannot keep one expert (test_one_expert_refused)")
     model = tiny_family_model(family, vocab=100)
     x = batch(100)
-    pruned = apply_plan(model, plan_keeping(model, kept), fold=False)
+    folds_only = len(kept) == 1 and family in ONE_EXPERT_FOLDS_ONLY
+    pruned = apply_plan(model, plan_keeping(model, kept), fold=folds_only)
     adapter = adapter_for(pruned.config)
     assert all(adapter.num_experts(b) == len(kept) for b in adapter.blocks(pruned).values())
+    assert len(adapter.blocks(pruned)) == (0 if folds_only else 2)
     with torch.no_grad():
         got = pruned(**x).logits
     assert torch.allclose(got, masked_logits(model, kept, x), atol=1e-5, rtol=0)
@@ -71,16 +91,21 @@ def test_prune_equals_original_with_dropped_router_logits_at_minus_inf(family, k
 
 @pytest.mark.parametrize("family", FAMS)
 def test_fold_equals_the_one_expert_model(family):
+    if family in NO_ONE_EXPERT:
+        pytest.skip(f"{family} cannot keep one expert (test_one_expert_refused)")
     model = tiny_family_model(family, vocab=100)
     x = batch(100)
-    one = apply_plan(model, plan_keeping(model, [2]), fold=False)
     folded = apply_plan(model, plan_keeping(model, [2]), fold=True)
     adapter = adapter_for(model.config)
     if adapter.dense is not None:
         assert type(folded) is adapter.dense.classifier_class
         assert not any(isinstance(m, adapter.block_class) for m in folded.modules())
     with torch.no_grad():
-        diff = (one(**x).logits - folded(**x).logits).abs().max().item()
+        got = folded(**x).logits
+        if family not in ONE_EXPERT_FOLDS_ONLY:  # the one-expert model of the family's own class
+            one = apply_plan(model, plan_keeping(model, [2]), fold=False)
+            assert (one(**x).logits - got).abs().max().item() <= 1e-5
+    diff = (masked_logits(model, [2], x) - got).abs().max().item()
     assert diff <= 1e-5, diff
 
 
@@ -161,6 +186,8 @@ def cli(args, code=0):
 @pytest.mark.parametrize("family", FAMS)
 @pytest.mark.parametrize("k", [1, 2])
 def test_build_end_to_end_and_edgemodel_predicts(family, k, family_dirs, tmp_path, cache, loose_targets):
+    if k == 1 and family in NO_ONE_EXPERT:
+        pytest.skip(f"{family} cannot keep one expert (test_one_expert_refused)")
     from edgeprune.runtime import EdgeModel
 
     out = tmp_path / "art"
@@ -240,3 +267,50 @@ def test_hook_calibration_equals_the_bert_moe_blocks_own_routing_record(tiny_tok
         for l in stats:
             assert np.array_equal(stats[l].counts, counts[l])
             assert np.allclose(stats[l].reap_sum, reap[l], rtol=1e-5)
+
+
+def test_deepseek_v3_fold_zero_pads_its_dense_first_layers_and_keeps_an_active_group_limit_when_keeping_all():
+    model = tiny_family_model("deepseek_v3", vocab=100, num_hidden_layers=3, first_k_dense_replace=1,
+                              n_group=3, topk_group=1)
+    x = batch(100)
+    with torch.no_grad():  # keep-all: the group limit (1 of 3 groups) stays and nothing moves
+        assert torch.equal(apply_plan(model, plan_keeping(model, list(range(6))))(**x).logits, model(**x).logits)
+    folded = apply_plan(model, plan_keeping(model, [4]))
+    assert folded.config.first_k_dense_replace == 3 and folded.config.intermediate_size == 48  # max(48, 16 + 16)
+    # the reference: expert 4 alone, choice and weight by the family's own router (group limit irrelevant for one)
+    model.config.n_group = 1
+    for b in adapter_for(model.config).blocks(model).values():
+        b.gate.n_group, b.gate.topk_group = 1, 1
+    with torch.no_grad():
+        assert (masked_logits(model, [4], x) - folded(**x).logits).abs().max().item() <= 1e-5
+
+
+def test_deepseek_v3_without_norm_topk_prob_refuses_one_expert(tmp_path, tiny_tokenizer):
+    from edgeprune.errors import ConfigError
+
+    model = tiny_family_model("deepseek_v3", vocab=100, norm_topk_prob=False)
+    with pytest.raises(ConfigError, match="without norm_topk_prob cannot keep one expert"):
+        apply_plan(model, plan_keeping(model, [1]))
+    tok, vocab = tiny_tokenizer
+    d = tmp_path / "ds"
+    tiny_family_model("deepseek_v3", vocab=vocab, norm_topk_prob=False).save_pretrained(d)
+    tok.save_pretrained(d)
+    res = cli(["score", "--model", str(d), "--experts", "1", "--out", str(tmp_path / "p.json")], code=2)
+    assert "use --experts 2" in res.output and not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("family", sorted(NO_ONE_EXPERT))
+def test_one_expert_refused(family, family_dirs, tmp_path):
+    res = cli(["build", "--model", str(family_dirs[family]), "--experts", "1", "--out", str(tmp_path / "a")], code=2)
+    assert "use --experts 2" in res.output and res.output.count("\n") == 1 and not (tmp_path / "a").exists()
+
+
+def test_every_registered_family_has_a_tiny_checkpoint_here_and_is_listed():
+    from edgeprune.models.registry import all_adapters
+
+    registered = {a.model_type for a in all_adapters()} - {"bert_moe"}  # bert_moe: tests/test_model.py
+    assert registered == set(FAMS)
+    out = cli(["families"]).output.splitlines()
+    assert len(out) == len(registered) + 1
+    assert all(any(line.startswith(f"{f} ") for line in out) for f in registered)
+    assert any("causal-lm (label words)" in line for line in out if line.startswith("olmoe "))

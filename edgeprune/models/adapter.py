@@ -103,6 +103,9 @@ class MoEAdapter:
     def top_k(self, block: nn.Module) -> int:
         return min(int(getattr(block, "top_k")), self.num_experts(block))
 
+    def check_k(self, block: nn.Module, k: int) -> None:
+        """Refuse (ConfigError) a k this family cannot keep; every k is fine by default."""
+
     # -- routing ----------------------------------------------------------------------------------------------
     def route(self, block: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert indices and their combination weights from router logits (T, Z), in fp32.
@@ -232,6 +235,12 @@ class MoEAdapter:
             dst[key] = _zero_pad(t, dst[key].shape, key)
         dense.load_state_dict(dst)
         return dense.eval()
+
+
+def topk_then_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k on the logits, then softmax over the k chosen (Granite-MoE, gpt-oss): indices and weights."""
+    top, idx = logits.float().topk(k, dim=-1)
+    return idx, torch.softmax(top, dim=-1)
 
 
 def _zero_pad(t: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:

@@ -18,6 +18,12 @@ def register(adapter: MoEAdapter) -> MoEAdapter:
     return adapter
 
 
+def all_adapters() -> list[MoEAdapter]:
+    """Every registered family, by model_type."""
+    _load()
+    return [ADAPTERS[k] for k in sorted(ADAPTERS)]
+
+
 def _load() -> None:
     if not ADAPTERS:
         from edgeprune.models import families

@@ -31,6 +31,8 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True) -> to
     adapter = adapter_for(model.config)
     by_layer = {lp.layer: lp for lp in plan.layers}
     paths = adapter.block_paths(model)
+    for layer, lp in by_layer.items():
+        adapter.check_k(model.get_submodule(paths[layer]), lp.k)
     config = model.config.__class__.from_dict(model.config.to_dict())
     adapter.resize_config(config, {l: lp.k for l, lp in by_layer.items()})
     new = clone_model(model, config)

@@ -137,6 +137,7 @@ def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=
     if cfg.experts is not None:
         for layer, b in adapter.blocks(model).items():
             validate_k(cfg.experts, adapter.num_experts(b), adapter.top_k(b), layer)
+            adapter.check_k(b, cfg.experts)
 
 
 def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig, model=None,

@@ -12,7 +12,7 @@ from transformers import GraniteConfig, GraniteMoeConfig
 from transformers.models.granite.modeling_granite import GranitePreTrainedModel
 from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeMoE, GraniteMoePreTrainedModel
 
-from edgeprune.models.adapter import DenseSibling, MoEAdapter
+from edgeprune.models.adapter import DenseSibling, MoEAdapter, topk_then_softmax
 from edgeprune.models.label_words import classifier_class
 
 CLASSIFIER = classifier_class(GraniteMoeConfig, GraniteMoePreTrainedModel, "GraniteMoeForSequenceClassification")
@@ -32,8 +32,7 @@ class GraniteMoeAdapter(MoEAdapter):
         return min(block.router.top_k, self.num_experts(block))
 
     def route(self, block, logits):
-        top, idx = logits.float().topk(self.top_k(block), dim=-1)
-        return idx, torch.softmax(top, dim=-1)
+        return topk_then_softmax(logits, self.top_k(block))
 
     def expert_forward(self, block, e, x):
         gate, up = F.linear(x, block.input_linear.weight[e]).chunk(2, dim=-1)
