@@ -125,9 +125,9 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
             return out
         log(f"cache: {out.name} no longer reproduces its recorded logits; rebuilding it")
         shutil.rmtree(out, ignore_errors=True)
-    from transformers import AutoModelForSequenceClassification
+    from edgeprune.models.label_words import load_classifier
 
-    model = AutoModelForSequenceClassification.from_pretrained(pruned_dir).eval()  # MoE (k > 1) or folded BERT
+    model = load_classifier(pruned_dir)  # MoE (k > 1) or folded dense sibling
     info: dict = {}
     with atomic_dir(out) as tmp:
         log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes"))

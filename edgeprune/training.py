@@ -34,6 +34,18 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def autocast_safe(model: torch.nn.Module) -> bool:
+    """False for families whose own forward breaks under bf16 autocast (Switch writes bf16 expert outputs into
+    an fp32 buffer): they train in their own dtype."""
+    from edgeprune.errors import ModelError
+    from edgeprune.models.registry import adapter_for
+
+    try:
+        return adapter_for(model.config).autocast_safe
+    except ModelError:  # a dense sibling
+        return True
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one fine-tuning run (recorded next to the checkpoint)."""
@@ -207,11 +219,12 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
     losses: list[float] = []
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    bf16 = cfg.bf16 and autocast_safe(model) and (teacher is None or autocast_safe(teacher))
     for step in range(cfg.max_steps):
         if not batches:
             batches = bucketed_batches(enc, cfg.batch_size, rng)
         batch = collate(enc, batches.pop())
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(**model_inputs(model, batch))
             loss = out.loss
             if teacher is not None and cfg.distill_alpha > 0:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import (PhimoeConfig, PhimoeForSequenceClassification, GptOssConfig, GptOssForSequenceClassification, DeepseekV2Config, DeepseekV2ForSequenceClassification, DeepseekV3Config,
+from transformers import (SwitchTransformersConfig, SwitchTransformersForConditionalGeneration, PhimoeConfig, PhimoeForSequenceClassification, GptOssConfig, GptOssForSequenceClassification, DeepseekV2Config, DeepseekV2ForSequenceClassification, DeepseekV3Config,
                           DeepseekV3ForSequenceClassification, Glm4MoeConfig, Glm4MoeForCausalLM, GraniteMoeConfig, GraniteMoeForCausalLM, GraniteMoeSharedConfig, GraniteMoeSharedForCausalLM,
                           MixtralConfig, MixtralForSequenceClassification, OlmoeConfig, OlmoeForCausalLM,
                           Qwen2MoeConfig, Qwen2MoeForSequenceClassification, Qwen3MoeConfig,
@@ -49,6 +49,10 @@ FAMILIES = {
     "phimoe": (PhimoeConfig, PhimoeForSequenceClassification, dict(
         intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, router_jitter_noise=0.5,
         input_jitter_noise=0.0)),
+    # encoder-decoder with only an LM head: label words from the decoder's first step; layer 1 of each stack sparse
+    "switch_transformers": (SwitchTransformersConfig, SwitchTransformersForConditionalGeneration, dict(
+        d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=6,
+        expert_capacity=64, encoder_sparse_step=2, decoder_sparse_step=2, decoder_start_token_id=0)),
 }
 # families that cannot keep one expert at all (SparseMixer picks two)
 NO_ONE_EXPERT = {"phimoe"}
@@ -59,7 +63,7 @@ TINY_WORDS = LabelWords("{text}", ("negative", "positive"), (7, 9))
 
 
 def is_lm(family: str) -> bool:
-    return FAMILIES[family][1].__name__.endswith("ForCausalLM")
+    return FAMILIES[family][1].__name__.endswith(("ForCausalLM", "ForConditionalGeneration"))
 
 
 def tiny_family_model(family: str, vocab: int, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -82,7 +86,8 @@ def tiny_family_checkpoint(family: str, vocab: int, seed: int = 0, **overrides) 
     with torch.no_grad():  # random routers that actually spread tokens over the experts
         for name, p in model.named_parameters():
             if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "router.layer.weight",
-                              "mlp.router.weight")):
+                              "mlp.router.weight",
+                              "router.classifier.weight")):
                 p.normal_(0, 1.0)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's choice bias, away from zero

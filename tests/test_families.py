@@ -133,7 +133,9 @@ def test_k2_checkpoint_reloads_with_plain_transformers(family, tmp_path):
     pruned = apply_plan(model, plan_keeping(model, [0, 3]))
     pruned.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["model_type"] == family and cfg["num_experts_per_tok"] == 2
+    adapter = adapter_for(family)
+    assert cfg["model_type"] == family and cfg[adapter.num_experts_key] == 2
+    assert cfg.get(adapter.top_k_key, 2) == 2 or family == "switch_transformers"  # top-1 by design
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     x = batch(100)
     with torch.no_grad():
@@ -314,3 +316,16 @@ def test_every_registered_family_has_a_tiny_checkpoint_here_and_is_listed():
     assert len(out) == len(registered) + 1
     assert all(any(line.startswith(f"{f} ") for line in out) for f in registered)
     assert any("causal-lm (label words)" in line for line in out if line.startswith("olmoe "))
+
+
+def test_switch_export_forward_applies_the_expert_capacity_exactly():
+    """Capacity 2 with 9-token sequences: most tokens skip the sparse layers, in the family's order."""
+    model = tiny_family_model("switch_transformers", vocab=100, expert_capacity=2)
+    adapter = adapter_for(model.config)
+    x = batch(100)
+    with torch.no_grad():
+        ref = model(**x).logits
+        with adapter.export_patch(model):
+            got = model(**x).logits
+        roomy = tiny_family_model("switch_transformers", vocab=100, expert_capacity=64)(**x).logits
+    assert torch.allclose(ref, got, atol=1e-5, rtol=0) and not torch.allclose(ref, roomy, atol=1e-4)

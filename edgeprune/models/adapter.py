@@ -71,6 +71,7 @@ class MoEAdapter:
     fold_exact: str = ""  # how exact the fold is (shown by `edgeprune families`)
     heads: tuple[str, ...] = ("sequence-classification", "causal-lm")  # causal-lm: by label words
     uses_token_type_ids: bool = False
+    autocast_safe: bool = True  # the family's forward runs under bf16 autocast (recovery fine-tuning)
     ort_model_type: Optional[str] = None  # the ORT transformer optimizer's model type, where one fits
     note: str = ""
     extra: dict = field(default_factory=dict)

@@ -17,10 +17,14 @@ the prompt's cue always survives, here and in ``EdgeModel``.
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from edgeprune.errors import ModelError
 from edgeprune.prompts import CONFIG_KEY, LabelWords, for_task  # noqa: F401  (re-exported)
@@ -47,6 +51,77 @@ def classifier_class(config_class: type[PretrainedConfig], pretrained_class: typ
     return cls
 
 
+# edgeprune's own classifier classes by name (those that the Auto mapping cannot hold, e.g. T5's label words)
+CLASSES: dict[str, type] = {}
+
+
+class Seq2SeqLabelWords:
+    """Label words for an encoder-decoder (Switch Transformers, T5): the encoder reads the prompt, the decoder
+    takes one step from ``decoder_start_token_id``, and the label scores are the verbalisers' LM-head rows applied
+    to its output (scaled by d_model^-1/2 with tied embeddings, as the LM does): the LM's first-token scores.
+    Laid out like the family's ``...ForConditionalGeneration`` (``shared``, ``encoder``, ``decoder``) with
+    ``score`` in place of ``lm_head``."""
+
+    stack_class: type
+    _tied_weights_keys = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        enc = copy.deepcopy(config)
+        enc.is_decoder, enc.use_cache, enc.tie_encoder_decoder = False, False, False
+        self.encoder = self.stack_class(enc, self.shared)
+        dec = copy.deepcopy(config)
+        dec.is_decoder, dec.tie_encoder_decoder, dec.num_layers = True, False, config.num_decoder_layers
+        self.decoder = self.stack_class(dec, self.shared)
+        self.score = nn.Linear(config.d_model, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def set_input_embeddings(self, new):
+        self.shared = new
+        self.encoder.set_input_embeddings(new)
+        self.decoder.set_input_embeddings(new)
+
+    def _tie_weights(self):
+        self.encoder.embed_tokens = self.shared
+        self.decoder.embed_tokens = self.shared
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        enc = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)[0]
+        start = input_ids[:, :1] * 0 + self.config.decoder_start_token_id  # (B, 1), traced with a dynamic batch
+        h = self.decoder(input_ids=start, encoder_hidden_states=enc, encoder_attention_mask=attention_mask,
+                         use_cache=False, return_dict=True)[0][:, -1]
+        if self.config.tie_word_embeddings:
+            h = h * self.config.d_model ** -0.5
+        logits = self.score(h)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def seq2seq_classifier_class(pretrained_class: type, stack_class: type, name: str,
+                             config_class: Optional[type] = None) -> type:
+    """An encoder-decoder family's label-word classifier (:class:`Seq2SeqLabelWords`), registered with
+    ``AutoModelForSequenceClassification`` for ``config_class`` where that config has no classifier yet."""
+    cls = type(name, (Seq2SeqLabelWords, pretrained_class), {"__module__": __name__, "stack_class": stack_class})
+    CLASSES[name] = globals()[name] = cls
+    if config_class is not None:
+        AutoModelForSequenceClassification.register(config_class, cls)
+    return cls
+
+
+def load_classifier(model_dir):
+    """A saved classifier: edgeprune's own class where config.json names one, else the Auto class."""
+    import json
+    from pathlib import Path
+
+    arch = (json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or [""])[0]
+    cls = CLASSES.get(arch, AutoModelForSequenceClassification)
+    return cls.from_pretrained(model_dir).eval()
+
+
 @torch.no_grad()
 def to_classifier(lm: torch.nn.Module, words: LabelWords, task) -> torch.nn.Module:
     """The sequence classifier of ``lm``'s family whose logits are the label words' next-token scores."""
@@ -57,6 +132,8 @@ def to_classifier(lm: torch.nn.Module, words: LabelWords, task) -> torch.nn.Modu
     cfg = lm.config
     adapter_for(cfg)  # a supported family (its file registers a classifier class where transformers has none)
     cls = AutoModelForSequenceClassification._model_mapping.get(type(cfg), None)
+    if cls is None and lm.config.is_encoder_decoder:
+        cls = next((c for c in CLASSES.values() if c.config_class is type(cfg)), None)
     if cls is None:
         raise ModelError(f"{cfg.model_type}: no sequence-classification class to score label words with")
     head = lm.get_output_embeddings()
@@ -67,8 +144,17 @@ def to_classifier(lm: torch.nn.Module, words: LabelWords, task) -> torch.nn.Modu
     new_cfg.id2label = dict(enumerate(task.labels))
     new_cfg.label2id = {l: i for i, l in enumerate(task.labels)}
     new_cfg.architectures = [cls.__name__]
-    new_cfg.tie_word_embeddings = False  # the classifier has no LM head to tie
     setattr(new_cfg, CONFIG_KEY, words.to_dict())
+    if issubclass(cls, Seq2SeqLabelWords):  # everything but the LM head, which becomes the label rows
+        clf = cls(new_cfg).to(lm.dtype).eval()
+        state = {k: v for k, v in lm.state_dict().items() if not k.startswith("lm_head.")}
+        missing, unexpected = clf.load_state_dict(state, strict=False)
+        if [k for k in missing if k != "score.weight"] or unexpected:
+            raise ModelError(f"{cfg.model_type}: the label-word classifier does not match the checkpoint "
+                             f"({(missing + unexpected)[:3]})")
+        clf.score.weight.copy_(head.weight[list(words.token_ids)])
+        return clf
+    new_cfg.tie_word_embeddings = False  # the classifier has no LM head to tie
     clf = cls(new_cfg).to(lm.dtype).eval()
     base = lm.base_model_prefix
     getattr(clf, clf.base_model_prefix).load_state_dict(getattr(lm, base).state_dict())

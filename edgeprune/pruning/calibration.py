@@ -87,9 +87,11 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
     try:
         for batch in calibration_batches(enc, max_examples, batch_size, "calibrate", progress):
             model(**model_inputs(model, batch))
-            keep = batch["attention_mask"].reshape(-1).bool()
+            mask = batch["attention_mask"].reshape(-1).bool()
             for i, block in blocks.items():
                 st = stats[i]
+                # an encoder-decoder's decoder blocks see their own positions (the label-word step), all real
+                keep = mask if seen[i]["x"].shape[0] == mask.numel() else torch.ones(seen[i]["x"].shape[0], dtype=bool)
                 x = seen[i]["x"][keep]
                 logits = adapter.router_logits(block, x).float()
                 idx, gate = adapter.route(block, logits)

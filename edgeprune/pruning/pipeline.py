@@ -93,7 +93,7 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None, task: Optiona
     the checkpoint's own. A checkpoint with only a language-model head becomes the family's classifier by
     label-word scoring (:mod:`edgeprune.models.label_words`; ``task`` gives the labels, ``prompt`` and
     ``verbalisers`` override the defaults)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     from edgeprune.models import label_words
     from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype, weight_files
@@ -103,19 +103,21 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None, task: Optiona
     weight_files(model_dir)
     arch = " ".join(raw.get("architectures") or [])
     if arch and "SequenceClassification" not in arch:
-        if "CausalLM" not in arch or "causal-lm" not in adapter.heads:
+        lm_class = AutoModelForSeq2SeqLM if "ConditionalGeneration" in arch else AutoModelForCausalLM
+        if not ("CausalLM" in arch or "ConditionalGeneration" in arch) or not {"causal-lm", "seq2seq-lm"} & set(adapter.heads):
             raise ModelError(f"{model_dir}: a {arch} checkpoint has neither a sequence-classification nor a "
                              f"language-model head that edgeprune can use (heads of {adapter.model_type}: "
                              f"{', '.join(adapter.heads)})")
         if task is None:
             raise ModelError(f"{model_dir}: a language model classifies by label words; give the task")
-        lm = load_checked(AutoModelForCausalLM, model_dir, dtype=torch_dtype(dtype, raw))
+        lm = load_checked(lm_class, model_dir, dtype=torch_dtype(dtype, raw))
         words = label_words.for_task(task, prompt, verbalisers).resolve(load_tokenizer(model_dir))
         return label_words.to_classifier(lm, words, task)
     if prompt is not None or verbalisers:
         raise ConfigError(f"{model_dir} has its own classification head; --prompt and --verbalisers are for "
                           "checkpoints with only a language-model head")
-    return load_checked(AutoModelForSequenceClassification, model_dir, dtype=torch_dtype(dtype, raw))
+    arch_class = label_words.CLASSES.get((raw.get("architectures") or [""])[0], AutoModelForSequenceClassification)
+    return load_checked(arch_class, model_dir, dtype=torch_dtype(dtype, raw))
 
 
 def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=None) -> None:

@@ -1,6 +1,7 @@
 """One file per MoE family, each defining ``ADAPTER``; add a family by adding a file and its name here."""
 from edgeprune.models.families import (bert_moe, deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, granitemoe,
-                                       granitemoeshared, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe)
+                                       granitemoeshared, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe,
+                                       switch_transformers)
 
 __all__ = ["bert_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss", "granitemoe", "granitemoeshared",
-           "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe"]
+           "mixtral", "olmoe", "phimoe", "qwen2_moe", "qwen3_moe", "switch_transformers"]
