@@ -1,6 +1,8 @@
 """Every registered Hugging Face MoE family through the real pipeline, on random configs large enough to time.
 
     python scripts/families.py                 # -> results/families.md / .json
+    python scripts/families.py --families mixtral qwen3_moe --k 8 --out results/families_keep_all
+                                               # no pruning: dense dispatch vs com.microsoft.MoE at 8 experts
 
 Per family: a random checkpoint of the class users hold (the sequence classifier where transformers has one, else
 the causal or seq2seq LM, classified by label words with sst2's default prompt and the label names), hidden 256,
@@ -27,6 +29,7 @@ from transformers import AutoTokenizer
 from edgeprune.build import BuildConfig, build
 from edgeprune.errors import ConfigError
 from edgeprune.models.label_words import of_model
+from edgeprune.models.registry import adapter_for
 from edgeprune.export.targets import Budgets, load_target
 from edgeprune.models.upcycle import default_dense_path
 from edgeprune.original import DataSpec
@@ -111,10 +114,18 @@ def fold_difference(model_dir: Path, task, data) -> tuple[Optional[float], str]:
     return diff, type(folded).__name__
 
 
+def ort_cell(row: dict) -> str:
+    o = row.get("k2_ort")
+    if o is None:
+        return "routing does not map onto the operator"
+    return f"{o['parity_max_abs_logit_diff']:.1e}, {o['size_ratio']}x, {o['p50_speedup']}x"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=list(FAMILIES))
     ap.add_argument("--latency-iters", type=int, default=100)
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 2], help="experts kept per layer (8 = all: no pruning)")
     ap.add_argument("--out", default="results/families")
     args = ap.parse_args()
     task, data = get_task("sst2"), DataSpec()
@@ -125,21 +136,28 @@ def main() -> None:
         for family in args.families:
             ckpt = Path(tmp) / family
             make_checkpoint(family, ckpt)
-            diff, fold_class = fold_difference(ckpt, task, data)
+            diff, fold_class = fold_difference(ckpt, task, data) if 1 in args.k else (None, "-")
             row = {"family": family, "fold_target": fold_class, "fold_max_abs_diff": diff}
-            for k in (1, 2) if not fold_class.startswith("refused") else (2,):
-                cfg = BuildConfig(task=task, target=target, out=Path(tmp) / f"{family}-k{k}", data=data,
+            ks = [k for k in args.k if not (k == 1 and fold_class.startswith("refused"))]
+            runs = [(k, "dense") for k in ks]
+            if adapter_for(family).ort_moe:  # the same models through com.microsoft.MoE
+                runs += [(k, "ort") for k in ks if k > 1]
+            for k, operator in runs:
+                t = replace(target, export=replace(target.export, moe_operator=operator))
+                cfg = BuildConfig(task=task, target=t, out=Path(tmp) / f"{family}-k{k}-{operator}", data=data,
                                   model_dir=str(ckpt), eval_examples=200, latency_iters=args.latency_iters,
                                   prune=PruneConfig(method="reap", experts=k, recovery_steps=0,
                                                     calibration_examples=256), command=command_line())
                 _, report = build(cfg)
-                row[f"k{k}"] = {"exporter": report["export"]["exporter"],
-                                "parity_max_abs_logit_diff": report["export"]["parity_fp32"]["max_abs_logit_diff"],
-                                "size_ratio": report["size"]["size_ratio"],
-                                "p50_speedup": report["speed"]["p50_speedup"],
-                                "original_p50_ms": report["speed"]["original_torch_fp32"]["p50_ms"],
-                                "artifact_p50_ms": report["speed"]["artifact_onnxruntime"]["p50_ms"]}
-                print(family, k, row[f"k{k}"], flush=True)
+                name = f"k{k}" + ("_ort" if operator == "ort" else "")
+                row[name] = {"exporter": report["export"]["exporter"],
+                             "parity_max_abs_logit_diff": report["export"]["parity_fp32"]["max_abs_logit_diff"],
+                             "size_ratio": report["size"]["size_ratio"],
+                             "p50_speedup": report["speed"]["p50_speedup"],
+                             "original_p50_ms": report["speed"]["original_torch_fp32"]["p50_ms"],
+                             "artifact_p50_ms": report["speed"]["artifact_onnxruntime"]["p50_ms"]}
+                row[name]["k"], row[name]["operator"] = k, operator
+                print(family, name, row[name], flush=True)
             rows.append(row)
     md = ["# Hugging Face MoE families through the pipeline", "",
           f"Command: `{command_line()}`", "",
@@ -151,16 +169,28 @@ def main() -> None:
           "fold, on 64 sst2 sentences (n/a where the class cannot run one expert; phimoe refuses k = 1). "
           "Accuracy is not reported: "
           "the weights are random. Size and p50 ratios are original (PyTorch fp32 safetensors) / artifact (ONNX "
-          "Runtime int8), batch 1, 64 tokens, 1 thread, alternating rounds on the build host.", "",
+          "Runtime int8), batch 1, 64 tokens, 1 thread, alternating rounds on the build host. The last column is the "
+          "same k = 2 model exported with ONNX Runtime's com.microsoft.MoE operator (target `moe_operator = \"ort\"`: "
+          "only the routed experts computed; its expert weights stay fp32, the dynamic int8 quantizer does not "
+          "touch a contrib operator's inputs), where the family's routing maps onto it.", "",
           "| family | k = 1 folds to | fold max diff | k = 1 export | parity k=1 | size k=1 | p50 k=1 | k = 2 export "
-          "| parity k=2 | size k=2 | p50 k=2 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
+          "| parity k=2 | size k=2 | p50 k=2 | k = 2 com.microsoft.MoE: parity, size, p50 |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows if {1, 2} <= set(args.k) else []:
         na = {"exporter": "-", "parity_max_abs_logit_diff": float("nan"), "size_ratio": "-", "p50_speedup": "-"}
         a, b = r.get("k1", na), r["k2"]
         diff = "n/a" if r["fold_max_abs_diff"] is None else f"{r['fold_max_abs_diff']:.1e}"
         md.append(f"| {r['family']} | {r['fold_target']} | {diff} | {a['exporter']} | "
                   f"{a['parity_max_abs_logit_diff']:.1e} | {a['size_ratio']}x | {a['p50_speedup']}x | {b['exporter']} | "
-                  f"{b['parity_max_abs_logit_diff']:.1e} | {b['size_ratio']}x | {b['p50_speedup']}x |")
+                  f"{b['parity_max_abs_logit_diff']:.1e} | {b['size_ratio']}x | {b['p50_speedup']}x | {ort_cell(r)} |")
+    md += ["", "Every run:", "", "| family | k | MoE layers as | exporter | parity | size ratio | p50 ratio | artifact p50 ms |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        for name, v in r.items():
+            if isinstance(v, dict):
+                md.append(f"| {r['family']} | {v['k']} | {v['operator']} | {v['exporter']} | "
+                          f"{v['parity_max_abs_logit_diff']:.1e} | {v['size_ratio']}x | {v['p50_speedup']}x | "
+                          f"{v['artifact_p50_ms']} |")
     write_results(args.out, {"rows": rows}, md)
     print("\n".join(md))
 

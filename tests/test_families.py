@@ -329,3 +329,70 @@ def test_switch_export_forward_applies_the_expert_capacity_exactly():
             got = model(**x).logits
         roomy = tiny_family_model("switch_transformers", vocab=100, expert_capacity=64)(**x).logits
     assert torch.allclose(ref, got, atol=1e-5, rtol=0) and not torch.allclose(ref, roomy, atol=1e-4)
+
+
+ORT_MOE = [f for f in FAMS if adapter_for(f).ort_moe]
+
+
+@pytest.mark.parametrize("family", ORT_MOE)
+def test_ort_moe_operator_equals_the_family_in_pytorch_and_in_onnx_runtime(family, tmp_path):
+    """The operator's semantics (PyTorch, the traced forward) equal the family's forward, and ONNX Runtime's
+    com.microsoft.MoE equals both (fp32; 1e-5), at several batch and sequence shapes."""
+    from dataclasses import replace
+
+    import onnxruntime as ort
+
+    from edgeprune.export.onnx_export import export_onnx
+    from edgeprune.export.ort_moe import ort_moe_patch
+    from edgeprune.export.targets import load_target
+
+    model = apply_plan(tiny_family_model(family, vocab=100), plan_keeping(tiny_family_model(family, vocab=100),
+                                                                           [0, 2, 3, 5]), fold=False)
+    adapter = adapter_for(model.config)
+    x = batch(100)
+    with torch.no_grad():
+        ref = model(**x).logits
+        with ort_moe_patch(adapter, model):
+            assert torch.allclose(model(**x).logits, ref, atol=1e-5, rtol=0)
+    target = load_target("x86_64")
+    target = replace(target, export=replace(target.export, moe_operator="ort"))
+    assert export_onnx(model, tmp_path, tmp_path / "m.onnx", target) == "torch.onnx+ort_moe"
+    import onnx
+
+    assert any(n.op_type == "MoE" and n.domain == "com.microsoft" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for b, s in ((2, 7), (3, 9), (5, 17)):
+        xs = batch(100, seed=b, b=b, s=s)
+        got = sess.run(["logits"], {k: v.numpy() for k, v in xs.items()})[0]
+        with torch.no_grad():
+            want = model(**xs).logits.numpy()
+        assert np.abs(got - want).max() <= 1e-5, (b, s)
+
+
+def test_parity_gate_fails_a_trace_that_dropped_the_experts_its_example_did_not_reach(tmp_path, tiny_tokenizer):
+    """The family's own forward, traced without the export patch, keeps only the experts the all-ones example
+    reached; the parity gate on task inputs at several batch sizes must refuse that graph."""
+    from edgeprune.errors import ExportError
+    from edgeprune.export.onnx_export import parity, traceable_masks
+    from edgeprune.tasks import get_task, load_split
+    from edgeprune.training import encode
+
+    tok, vocab = tiny_tokenizer
+    model = tiny_family_model("mixtral", vocab=vocab)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask).logits
+
+    ones = torch.ones(2, 8, dtype=torch.long)
+    with traceable_masks(), torch.no_grad():
+        torch.onnx.export(Logits(model), (ones, ones), str(tmp_path / "bad.onnx"), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}},
+                          opset_version=17, dynamo=False)
+    enc = encode(load_split(get_task("sst2"), "validation", limit=40), tok, 64)
+    with pytest.raises(ExportError, match="lost parity"):
+        parity(tmp_path / "bad.onnx", model, enc)

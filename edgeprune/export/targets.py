@@ -3,7 +3,7 @@
 Schema (every key checked; an unknown key or a bad value is a one-line error naming it)::
 
     name, description, notes
-    [export]        opset, fixed_shapes, batch_size, sequence_length
+    [export]        opset, fixed_shapes, batch_size, sequence_length, moe_operator = "dense" | "ort"
     [quantization]  precision = "int8-dynamic" | "int8-static" | "fp16" | "fp32", per_channel, reduce_range,
                     quantize_embeddings, calibration_examples
     [optimization]  fuse (ORT transformer fusions: Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm),
@@ -23,6 +23,7 @@ from typing import Optional
 from edgeprune.errors import ConfigError
 
 PRECISIONS = ("int8-dynamic", "int8-static", "fp16", "fp32")
+MOE_OPERATORS = ("dense", "ort")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ExportSpec:
     fixed_shapes: bool = False
     batch_size: int = 1
     sequence_length: int = 64
+    moe_operator: str = "dense"  # k > 1: "ort" (com.microsoft.MoE where the family maps onto it) or "dense"
 
 
 @dataclass
@@ -122,6 +124,8 @@ def _typed(section: str, cls, values: dict, where: str):
     obj = cls(**out)
     if section == "quantization" and obj.precision not in PRECISIONS:
         raise ConfigError(f"{where}: [quantization].precision {obj.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if section == "export" and obj.moe_operator not in MOE_OPERATORS:
+        raise ConfigError(f"{where}: [export].moe_operator {obj.moe_operator!r} is not one of {', '.join(MOE_OPERATORS)}")
     if section == "runtime" and obj.threads < 1:
         raise ConfigError(f"{where}: [runtime].threads must be >= 1")
     return obj

@@ -35,6 +35,8 @@ from torch import nn
 from edgeprune.errors import ConfigError
 
 ROLES = ("in", "in_bias", "out", "out_bias")
+# experts silu(gate) * up as com.microsoft.MoE's swiglu computes them (see edgeprune.export.ort_moe)
+SILU_GLU = {"activation": "swiglu", "alpha": 1.0, "beta": 0.0, "limit": float("inf")}
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -71,6 +73,8 @@ class MoEAdapter:
     fold_exact: str = ""  # how exact the fold is (shown by `edgeprune families`)
     heads: tuple[str, ...] = ("sequence-classification", "causal-lm")  # causal-lm: by label words
     uses_token_type_ids: bool = False
+    # the experts' activation as ONNX Runtime's com.microsoft.MoE computes it (edgeprune.export.ort_moe), if it can
+    ort_moe: Optional[dict] = None
     autocast_safe: bool = True  # the family's forward runs under bf16 autocast (recovery fine-tuning)
     ort_model_type: Optional[str] = None  # the ORT transformer optimizer's model type, where one fits
     note: str = ""

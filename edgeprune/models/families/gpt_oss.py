@@ -54,5 +54,7 @@ ADAPTER = GptOssAdapter(
     router_attr="router",
     expert_roles=ROLES,
     num_experts_key="num_local_experts",
+    renormalise=lambda block: True,  # softmax over the top-k logits = renormalised softmax top-k
+    ort_moe={"activation": "swiglu", "alpha": 1.702, "beta": 1.0, "limit": 7.0},  # (clamp(up) + 1) * g sigmoid(1.702 g)
     fold_exact="no sibling: keeps gpt-oss with one expert per layer (router skipped in export, exact)",
 )

@@ -12,7 +12,7 @@ from transformers import GraniteConfig, GraniteMoeConfig
 from transformers.models.granite.modeling_granite import GranitePreTrainedModel
 from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeMoE, GraniteMoePreTrainedModel
 
-from edgeprune.models.adapter import DenseSibling, MoEAdapter, topk_then_softmax
+from edgeprune.models.adapter import SILU_GLU, DenseSibling, MoEAdapter, topk_then_softmax
 from edgeprune.models.label_words import classifier_class
 
 CLASSIFIER = classifier_class(GraniteMoeConfig, GraniteMoePreTrainedModel, "GraniteMoeForSequenceClassification")
@@ -60,6 +60,8 @@ ADAPTER = GraniteMoeAdapter(
     router_attr="router.layer",
     expert_roles=ROLES,
     num_experts_key="num_local_experts",
+    renormalise=lambda block: True,  # softmax over the top-k logits = renormalised softmax top-k
+    ort_moe=SILU_GLU,
     heads=("causal-lm",),
     dense=granite_sibling(),
     fold_exact="exact (bit for bit)",

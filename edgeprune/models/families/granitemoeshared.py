@@ -7,6 +7,7 @@ from transformers import GraniteMoeSharedConfig
 from transformers.models.granitemoeshared.modeling_granitemoeshared import (GraniteMoeSharedMoE,
                                                                              GraniteMoeSharedPreTrainedModel)
 
+from edgeprune.models.adapter import SILU_GLU
 from edgeprune.models.families.granitemoe import ROLES, GraniteMoeAdapter, granite_sibling
 from edgeprune.models.label_words import classifier_class
 
@@ -29,6 +30,8 @@ ADAPTER = GraniteMoeSharedAdapter(
     router_attr="router.layer",
     expert_roles=ROLES,
     num_experts_key="num_local_experts",
+    renormalise=lambda block: True,  # softmax over the top-k logits = renormalised softmax top-k
+    ort_moe=SILU_GLU,
     heads=("causal-lm",),
     dense=granite_sibling(("shared_intermediate_size",), overrides=lambda cfg: {
         "intermediate_size": cfg["intermediate_size"] + cfg.get("shared_intermediate_size", 0)}),

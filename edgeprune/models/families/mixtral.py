@@ -6,13 +6,14 @@ from __future__ import annotations
 from transformers import MistralConfig, MistralForSequenceClassification
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from edgeprune.models.adapter import DenseSibling, MoEAdapter
+from edgeprune.models.adapter import SILU_GLU, DenseSibling, MoEAdapter
 
 ADAPTER = MoEAdapter(
     model_type="mixtral",
     block_class=MixtralSparseMoeBlock,
     expert_roles={"w1.weight": "in", "w3.weight": "in", "w2.weight": "out"},
     num_experts_key="num_local_experts",
+    ort_moe=SILU_GLU,
     dense=DenseSibling(MistralConfig, MistralForSequenceClassification,
                        {"w1.weight": "gate_proj.weight", "w3.weight": "up_proj.weight", "w2.weight": "down_proj.weight"},
                        mlp_path=lambda path: path.replace(".block_sparse_moe", ".mlp"),

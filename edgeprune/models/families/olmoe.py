@@ -8,7 +8,7 @@ from __future__ import annotations
 from transformers import OlmoeConfig
 from transformers.models.olmoe.modeling_olmoe import OlmoePreTrainedModel, OlmoeSparseMoeBlock
 
-from edgeprune.models.adapter import MoEAdapter
+from edgeprune.models.adapter import SILU_GLU, MoEAdapter
 from edgeprune.models.families.qwen3_moe import EXPERT_ROLES
 from edgeprune.models.label_words import classifier_class
 
@@ -19,6 +19,7 @@ ADAPTER = MoEAdapter(
     block_class=OlmoeSparseMoeBlock,
     expert_roles=EXPERT_ROLES,  # gate_proj / up_proj / down_proj, like Qwen-MoE
     num_experts_key="num_experts",
+    ort_moe=SILU_GLU,
     renormalise=lambda block: bool(block.norm_topk_prob),
     heads=("causal-lm",),
     fold_exact="no sibling: keeps OLMoE with one expert per layer (router skipped in export, exact)",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
-from edgeprune.models.adapter import MoEAdapter
+from edgeprune.models.adapter import SILU_GLU, MoEAdapter
 from edgeprune.models.families.qwen3_moe import EXPERT_ROLES
 
 
@@ -21,6 +21,7 @@ ADAPTER = Qwen2MoeAdapter(
     block_class=Qwen2MoeSparseMoeBlock,
     expert_roles=EXPERT_ROLES,  # the same experts as Qwen3-MoE
     num_experts_key="num_experts",
+    ort_moe=SILU_GLU,
     renormalise=lambda block: bool(block.norm_topk_prob),
     fold_exact="no sibling: keeps Qwen2-MoE with one expert per layer (router skipped in export, exact)",
 )

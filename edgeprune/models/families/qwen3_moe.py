@@ -8,7 +8,7 @@ from __future__ import annotations
 from transformers import Qwen3Config, Qwen3ForSequenceClassification
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from edgeprune.models.adapter import DenseSibling, MoEAdapter
+from edgeprune.models.adapter import SILU_GLU, DenseSibling, MoEAdapter
 
 EXPERT_ROLES = {"gate_proj.weight": "in", "up_proj.weight": "in", "down_proj.weight": "out"}  # Qwen2/3-MoE experts
 MLP = {"gate_proj.weight": "gate_proj.weight", "up_proj.weight": "up_proj.weight", "down_proj.weight": "down_proj.weight"}
@@ -29,6 +29,7 @@ ADAPTER = MoEAdapter(
     block_class=Qwen3MoeSparseMoeBlock,
     expert_roles=EXPERT_ROLES,
     num_experts_key="num_experts",
+    ort_moe=SILU_GLU,
     renormalise=lambda block: bool(block.norm_topk_prob),
     dense=DenseSibling(Qwen3Config, Qwen3ForSequenceClassification, MLP, mlp_path=lambda path: path,
                        drop_keys=("moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob",
