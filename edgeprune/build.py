@@ -21,7 +21,7 @@ import onnx
 from edgeprune import __version__
 from edgeprune.cache import atomic_dir, cache_root, dir_sha256, fingerprint, reusable, seal
 from edgeprune.check import violations
-from edgeprune.errors import BudgetError
+from edgeprune.errors import BudgetError, ConfigError
 from edgeprune.export.targets import Target
 from edgeprune.original import DataSpec, OriginalSpec, ensure_original
 from edgeprune.models.label_words import of_model
@@ -171,6 +171,17 @@ def original_logits_cached(original_dir: Path, original_hash: str, cfg: BuildCon
     return logits
 
 
+def check_lengths(cfg: BuildConfig, config) -> None:
+    """The target's sequence lengths fit the model's positions (before any heavy work)."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    t = cfg.target
+    for what, n in (("[export].sequence_length", t.export.sequence_length if t.export.fixed_shapes else 0),
+                    ("[budgets].latency_seq_len", t.budgets.latency_seq_len)):
+        if positions and n > positions:
+            raise ConfigError(f"{t.source}: {what} = {n} exceeds the model's {positions} positions "
+                              "(max_position_embeddings); lower it")
+
+
 def build(cfg: BuildConfig) -> tuple[Path, dict]:
     """Run the whole pipeline; returns the artifact directory and the report. Raises BudgetError (exit 1)
     when a budget fails, leaving the previous artifact in place."""
@@ -187,6 +198,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     words = of_model(original)
     tok = load_tokenizer(original_dir)
     check_model(original, cfg.task, cfg.prune, tok)
+    check_lengths(cfg, original.config)
     original_hash = dir_sha256(original_dir)
     val_enc = encode(cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples), tok, cfg.task.max_length, words)
     pruned_dir = stage_prune(cfg, original_dir, original_hash)

@@ -5,13 +5,13 @@ runs the same check at the end. A budget left unset (``None``) is not checked.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
 from edgeprune.errors import ModelError
-from edgeprune.export.targets import Budgets, _typed, read_toml
+from edgeprune.export.targets import Budgets, _typed, read_toml, validate_budgets
+from edgeprune.manifest import read_json, read_manifest
 
 
 def measured(report: dict) -> dict:
@@ -57,11 +57,36 @@ def load_budget_file(path: str | Path) -> Budgets:
 
 
 def load_artifact(directory: str | Path) -> tuple[dict, dict]:
+    """The artifact's report and manifest, both checked (:mod:`edgeprune.manifest`)."""
     directory = Path(directory)
-    report, manifest = directory / "report.json", directory / "edgeprune.json"
-    if not report.is_file() or not manifest.is_file():
+    if not (directory / "report.json").is_file() or not (directory / "edgeprune.json").is_file():
         raise ModelError(f"{directory}: no report.json / edgeprune.json; is this an edgeprune build output?")
-    return json.loads(report.read_text()), json.loads(manifest.read_text())
+    manifest = read_manifest(directory)
+    outputs = onnx_outputs(directory / "model.onnx")
+    if outputs is not None and outputs != len(manifest["labels"]):
+        raise ModelError(f"{directory / 'edgeprune.json'}: {len(manifest['labels'])} labels but model.onnx has "
+                         f"{outputs} outputs; rebuild the artifact")
+    report = read_json(directory / "report.json", "report")
+    if not isinstance(report.get("quality"), dict) or not isinstance(report.get("size"), dict):
+        raise ModelError(f"{directory / 'report.json'}: no quality / size measurements; rebuild the artifact")
+    return report, manifest
+
+
+def onnx_outputs(path: Path) -> Optional[int]:
+    """The width of the ONNX model's logits (None when the graph does not state it); a missing or unreadable
+    file is a one-line error."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing; rebuild the artifact") from None
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}); rebuild the artifact") from None
+    if not model.graph.output:
+        raise ModelError(f"{path}: not a readable ONNX model (no graph outputs); rebuild the artifact")
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return (dims[-1].dim_value or None) if dims else None
 
 
 def resolve_budgets(manifest: dict, budget_file: Optional[str], overrides: dict) -> Budgets:
@@ -72,4 +97,6 @@ def resolve_budgets(manifest: dict, budget_file: Optional[str], overrides: dict)
     values = asdict(budgets)
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(Budgets)}
-    return Budgets(**{k: v for k, v in values.items() if k in known})
+    budgets = Budgets(**{k: v for k, v in values.items() if k in known})
+    validate_budgets(budgets, "budgets (--max-* / --min-agreement / --budget)")
+    return budgets

@@ -397,6 +397,9 @@ def predict(directory, texts, pairs, proba) -> None:
     model = EdgeModel(directory)
     if pairs and len(pairs) != len(texts):
         raise click.UsageError(f"{len(texts)} texts but {len(pairs)} --pair values; give one --pair per text")
+    if bool(pairs) != bool(model.manifest.get("pair")):
+        raise ConfigError("--pair: this artifact classifies text pairs; give one --pair per text"
+                          if model.manifest.get("pair") else "--pair: this artifact classifies single texts; drop --pair")
     if proba:
         for text, p in zip(texts, model.predict_proba(list(texts), list(pairs) or None)):
             click.echo(json.dumps({"text": text, **{l: round(float(x), 4) for l, x in zip(model.labels, p)}}))

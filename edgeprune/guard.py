@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
@@ -59,6 +60,11 @@ def check_writable(out: str | os.PathLike, option: str = "--out", directory: boo
         raise ConfigError(f"{option} {out}: {anc} is a file, so the directory cannot be created; choose another {option}")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {out}: {anc} is not writable; choose a writable location")
+    try:  # root passes os.access everywhere (and /proc, read-only mounts, full disks lie to it): really try
+        os.rmdir(tempfile.mkdtemp(prefix=".edgeprune-probe-", dir=anc))
+    except OSError as exc:
+        raise ConfigError(f"{option} {out}: cannot create anything in {anc} ({exc.strerror}); choose a writable "
+                          "location") from None
 
 
 @contextlib.contextmanager

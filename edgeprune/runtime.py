@@ -8,7 +8,6 @@ transformers), so it works wherever ONNX Runtime does.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,9 +16,9 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edgeprune.errors import ModelError
+from edgeprune.manifest import MANIFEST, read_manifest
 from edgeprune.prompts import LabelWords
 
-MANIFEST = "edgeprune.json"
 
 
 class EdgeModel:
@@ -27,10 +26,9 @@ class EdgeModel:
 
     def __init__(self, path: str | Path, threads: Optional[int] = None, prefer_ort: bool = True):
         self.path = Path(path)
-        manifest = self.path / MANIFEST
-        if not manifest.is_file():
+        if self.path.is_dir() and not (self.path / MANIFEST).is_file():
             raise ModelError(f"{self.path}: no {MANIFEST}; is this an edgeprune build output?")
-        self.manifest = json.loads(manifest.read_text())
+        self.manifest = read_manifest(self.path)
         self.labels: list[str] = list(self.manifest["labels"])
         self.max_length: int = int(self.manifest["max_length"])
         self.fixed = self.manifest.get("fixed_shape")  # [batch, length] or None
@@ -41,10 +39,23 @@ class EdgeModel:
         opts.log_severity_level = 3
         # optimizers the build measured as slower for this graph (e.g. SkipLayerNormFusion): see the target notes
         self.disabled_optimizers: list[str] = list(self.manifest.get("ort_disabled_optimizers") or [])
-        self.session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"],
-                                            disabled_optimizers=self.disabled_optimizers)
+        try:
+            self.session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=self.disabled_optimizers)
+        except Exception as exc:  # ONNX Runtime raises its own types for missing, empty and corrupt files
+            detail = str(exc).split(" : ")[-1].splitlines()[0][:100] if str(exc) else ""
+            raise ModelError(f"{model_file}: ONNX Runtime cannot load it ({type(exc).__name__}: {detail}); rebuild "
+                             "the artifact") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        width = self.session.get_outputs()[0].shape[-1]
+        if isinstance(width, int) and width != len(self.labels):
+            raise ModelError(f"{self.path / MANIFEST}: {len(self.labels)} labels but the model has {width} outputs; "
+                             "rebuild the artifact")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises a bare Exception
+            raise ModelError(f"{self.path / 'tokenizer.json'}: not a readable tokenizer ({str(exc)[:100]}); rebuild "
+                             "the artifact") from None
         # a language model classifies by label words: texts are rendered into its prompt and truncated on the left
         words = self.manifest.get("label_words")
         self.label_words: Optional[LabelWords] = LabelWords.from_dict(words) if words else None
@@ -55,6 +66,9 @@ class EdgeModel:
     def _feeds(self, texts: Sequence[str], pairs: Optional[Sequence[str]]) -> dict[str, np.ndarray]:
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
+        if (pairs is not None) != bool(self.manifest.get("pair")):
+            raise ValueError("this artifact classifies text pairs: give pairs" if self.manifest.get("pair") else
+                             "this artifact classifies single texts: give no pairs")
         if self.label_words is not None:
             inputs = [self.label_words.render(t, p) for t, p in zip(texts, pairs or [None] * len(texts))]
         else:

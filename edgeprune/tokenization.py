@@ -13,7 +13,12 @@ def load_tokenizer(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise ModelError(f"{model_dir}: no tokenizer.json; save the tokenizer with the checkpoint")
-    return AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        raise ModelError(f"{model_dir / 'tokenizer.json'}: not a readable tokenizer "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}); "
+                         "save the tokenizer with save_pretrained") from None
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:

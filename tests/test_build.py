@@ -77,9 +77,9 @@ def test_budgets_fail_and_keep_previous_artifact(tmp_path, cache, tiny_original,
     assert "exceeds the budget of 0.001 MB" in res.output
     assert (out / "report.json").read_bytes() == before
     assert (tmp_path / "art.rejected" / "report.json").is_file()
-    res = CliRunner().invoke(main, ["check", str(out), "--max-size-mb", "0.001", "--min-agreement", "1.01"])
+    res = CliRunner().invoke(main, ["check", str(out), "--max-size-mb", "0.001", "--max-p95-latency-ms", "0.0001"])
     assert res.exit_code == 1
-    assert "budget violated: size" in res.output and "agreement" in res.output
+    assert "budget violated: size" in res.output and "p95 latency" in res.output
     assert len([l for l in res.output.splitlines() if l.startswith("budget violated")]) == 2
     run(["check", str(out), "--budget", str(loose_targets / "x86_64.toml")])
 

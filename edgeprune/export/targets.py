@@ -24,6 +24,7 @@ from edgeprune.errors import ConfigError
 
 PRECISIONS = ("int8-dynamic", "int8-static", "fp16", "fp32")
 MOE_OPERATORS = ("dense", "ort")
+OPSETS = (14, 20)
 
 
 @dataclass
@@ -124,11 +125,52 @@ def _typed(section: str, cls, values: dict, where: str):
     obj = cls(**out)
     if section == "quantization" and obj.precision not in PRECISIONS:
         raise ConfigError(f"{where}: [quantization].precision {obj.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if section == "export" and obj.moe_operator not in MOE_OPERATORS:
-        raise ConfigError(f"{where}: [export].moe_operator {obj.moe_operator!r} is not one of {', '.join(MOE_OPERATORS)}")
-    if section == "runtime" and obj.threads < 1:
-        raise ConfigError(f"{where}: [runtime].threads must be >= 1")
+    if section == "export":
+        if obj.moe_operator not in MOE_OPERATORS:
+            raise ConfigError(f"{where}: [export].moe_operator {obj.moe_operator!r} is not one of "
+                              f"{', '.join(MOE_OPERATORS)}")
+        if not OPSETS[0] <= obj.opset <= OPSETS[1]:
+            raise ConfigError(f"{where}: [export].opset {obj.opset} is outside {OPSETS[0]}-{OPSETS[1]} (transformers' "
+                              f"attention needs {OPSETS[0]}; torch.onnx's exporter stops at {OPSETS[1]})")
+        for key in ("batch_size", "sequence_length"):
+            if getattr(obj, key) < 1:
+                raise ConfigError(f"{where}: [export].{key} must be >= 1, got {getattr(obj, key)}")
+    if section == "quantization" and "calibration_examples" in values:
+        if obj.precision != "int8-static":
+            raise ConfigError(f"{where}: [quantization].calibration_examples is used only by int8-static "
+                              f"(precision is {obj.precision}); remove it")
+        if obj.calibration_examples < 1:
+            raise ConfigError(f"{where}: [quantization].calibration_examples must be >= 1")
+    if section == "runtime":
+        if obj.threads < 1:
+            raise ConfigError(f"{where}: [runtime].threads must be >= 1")
+        import onnxruntime
+
+        if obj.provider not in onnxruntime.get_all_providers():
+            raise ConfigError(f"{where}: [runtime].provider {obj.provider!r} is not an ONNX Runtime execution provider "
+                              "(e.g. CPUExecutionProvider, XnnpackExecutionProvider, CoreMLExecutionProvider)")
+    if section == "budgets":
+        validate_budgets(obj, where)
     return obj
+
+
+def validate_budgets(b: "Budgets", where: str) -> None:
+    """Budgets are finite and in range: sizes and latencies > 0, accuracy drop >= 0, agreement in [0, 1]."""
+    import math
+
+    rules = {"max_size_mb": (0, False), "max_p95_latency_ms": (0, False), "max_accuracy_drop": (0, True),
+             "min_agreement": (0, True)}
+    for key, (low, inclusive) in rules.items():
+        v = getattr(b, key)
+        if v is None:
+            continue
+        if not math.isfinite(v) or v < low or (v == low and not inclusive):
+            raise ConfigError(f"{where}: budget {key} = {v} must be a finite number {'>=' if inclusive else '>'} {low}")
+    if b.min_agreement is not None and b.min_agreement > 1:
+        raise ConfigError(f"{where}: budget min_agreement = {b.min_agreement} must be at most 1 (a share)")
+    for key in ("latency_batch", "latency_seq_len"):
+        if getattr(b, key) < 1:
+            raise ConfigError(f"{where}: budget {key} must be >= 1, got {getattr(b, key)}")
 
 
 def read_toml(path: Path, what: str) -> dict:

@@ -127,6 +127,14 @@ def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=
         raise ConfigError(f"the model has {model.config.num_labels} labels but task {task.name} has "
                           f"{task.num_labels} ({', '.join(task.labels)})")
     adapter = adapter_for(model.config)
+    blocks = adapter.blocks(model)
+    if not blocks:
+        raise ModelError(f"the {adapter.model_type} checkpoint has no MoE layer to prune (every layer is dense)")
+    declared = getattr(model.config, adapter.top_k_key, None)
+    for layer, b in blocks.items():
+        if isinstance(declared, int) and not 1 <= declared <= adapter.num_experts(b):
+            raise ModelError(f"config.json {adapter.top_k_key} = {declared} but layer {layer} has "
+                             f"{adapter.num_experts(b)} experts; fix the checkpoint's config")
     if cfg.method in PROGRESSIVE and not adapter.extra.get("progressive"):
         raise ConfigError(f"{cfg.method} drops experts during fine-tuning, which only bert_moe supports so far; "
                           f"use a one-shot method (frequency, chen2022, reap, ...) for {adapter.model_type}")
@@ -137,7 +145,7 @@ def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=
                              f"({model.config.pad_token_id}) but the tokenizer pads with {pad}; set both to the "
                              "same id (config.json pad_token_id and the tokenizer's pad_token)")
     if cfg.experts is not None:
-        for layer, b in adapter.blocks(model).items():
+        for layer, b in blocks.items():
             validate_k(cfg.experts, adapter.num_experts(b), adapter.top_k(b), layer)
             adapter.check_k(b, cfg.experts)
 

@@ -7,6 +7,7 @@ plain prune has one member of weight 1 per group, a merge (UNCURL) several with 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -70,9 +71,28 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrunePlan":
-        layers = [LayerPlan(int(lp["layer"]), int(lp["num_experts"]), [float(s) for s in lp["scores"]],
-                            [[(int(e), float(w)) for e, w in g] for g in lp["groups"]],
-                            float(lp.get("output_scale", 1.0))) for lp in d["layers"]]
+        """A plan from its JSON form, every field type-checked: integer layer and expert ids, finite numbers,
+        merge weights of positive sum, a positive finite output scale, a known method."""
+        from edgeprune.pruning.pipeline import all_methods
+
+        if not isinstance(d, dict):
+            raise ValueError(f"the plan is a JSON {type(d).__name__}, not an object")
+        if d["method"] not in all_methods() + ["manual"]:
+            raise ValueError(f"method {d['method']!r} is not one of {', '.join(all_methods())} (or manual)")
+        layers = []
+        for lp in d["layers"]:
+            layer = _integer(lp["layer"], "layer")
+            groups = [[(_integer(e, f"layer {layer}: expert id"), _finite(w, f"layer {layer}: merge weight"))
+                       for e, w in g] for g in lp["groups"]]
+            for g in groups:
+                if g and sum(w for _, w in g) <= 0:
+                    raise ValueError(f"layer {layer}: merge weights {[w for _, w in g]} must sum to a positive number")
+            scale = _finite(lp.get("output_scale", 1.0), f"layer {layer}: output_scale")
+            if scale <= 0:
+                raise ValueError(f"layer {layer}: output_scale {scale} must be positive")
+            layers.append(LayerPlan(layer, _integer(lp["num_experts"], f"layer {layer}: num_experts"),
+                                    [_finite(s, f"layer {layer}: score", nan_ok=True) for s in lp["scores"]],
+                                    groups, scale))
         return cls(d["method"], layers, d.get("source"), d.get("task"), d.get("options", {}))
 
     @classmethod
@@ -82,8 +102,24 @@ class PrunePlan:
             return cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
             raise ConfigError(f"{path}: plan file not found") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"{path}: not a valid prune plan ({type(exc).__name__}: {exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not a JSON prune plan ({exc})") from None
+        except KeyError as exc:
+            raise ConfigError(f"{path}: not a valid prune plan (no field {exc})") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"{path}: not a valid prune plan ({exc})") from None
+
+
+def _integer(v, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{what} {v!r} is not an integer")
+    return v
+
+
+def _finite(v, what: str, nan_ok: bool = False) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or (not math.isfinite(v) and not (nan_ok and v != v)):
+        raise ValueError(f"{what} {v!r} is not a finite number")
+    return float(v)
 
 
 def validate_k(k: int, num_experts: int, top_k: int, layer: int) -> None:
@@ -116,6 +152,9 @@ def validate_plan(plan: PrunePlan, model) -> None:
                           f"{sorted(blocks)}")
     for lp in plan.layers:
         z = adapter.num_experts(blocks[lp.layer])
+        if lp.num_experts != z:
+            raise ConfigError(f"layer {lp.layer}: the plan was made for {lp.num_experts} experts but the model has {z}; "
+                              "score this model again")
         validate_k(lp.k, z, adapter.top_k(blocks[lp.layer]), lp.layer)
         members = [e for g in lp.groups for e, _ in g]
         if any(not 0 <= e < z for e in members):

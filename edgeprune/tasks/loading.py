@@ -18,7 +18,8 @@ from typing import Iterable
 from edgeprune.errors import ConfigError, DataError
 from edgeprune.tasks.registry import AGNEWS_VALIDATION_FRACTION, AGNEWS_VALIDATION_SEED, Task
 
-csv.field_size_limit(10_000_000)
+MAX_FIELD = 1_000_000  # characters; a longer field is a missing quote or delimiter, not a text to classify
+csv.field_size_limit(MAX_FIELD)
 
 
 @dataclass(frozen=True)
@@ -41,15 +42,55 @@ class Columns:
     @classmethod
     def for_task(cls, task: Task, text: str | None = None, text_pair: str | None = None,
                  label: str | None = None) -> "Columns":
+        if text_pair and not task.is_pair:
+            raise ConfigError(f"--text-pair-column: task {task.name} classifies single texts; drop the option or "
+                              "use a pair task (rte, mnli)")
         pair_default = task.text_columns[1] if task.is_pair else None
         return cls(text=text or task.text_columns[0], label=label or task.label_column,
                    text_pair=text_pair or pair_default)
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """UTF-8 text (a byte-order mark is dropped), gunzipped for ``.gz``."""
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"\x1f\x8b":
+                raise DataError(f"{path}: not a gzip file (no gzip header); rename it without .gz or compress it")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _rows_checked(path: Path, fmt: str, header: bool, positional: tuple[str, ...]) -> Iterable[tuple[int, dict]]:
+    """:func:`_rows` with decoding, decompression and CSV errors as one-line :class:`DataError`."""
+    lineno = 0
+    try:
+        for lineno, row in _rows(path, fmt, header, positional):
+            yield lineno, row
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: line {_first_undecodable_line(path)}: not UTF-8 text; re-save the file as UTF-8") \
+            from None
+    except (EOFError, gzip.BadGzipFile, zlib_error()) as exc:
+        where = f" after line {lineno}" if lineno else ""
+        raise DataError(f"{path}: damaged gzip data{where} ({exc}); re-compress or unpack it") from None
+    except PermissionError:
+        raise DataError(f"{path}: not readable (permission denied)") from None
+
+
+def _first_undecodable_line(path: Path) -> int:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 0
+
+
+def zlib_error() -> type:
+    import zlib
+
+    return zlib.error
 
 
 def _format_of(path: Path) -> str:
@@ -80,10 +121,20 @@ def _rows(path: Path, fmt: str, header: bool, positional: tuple[str, ...]) -> It
                 yield lineno, {k: ("" if v is None else str(v)) for k, v in row.items()}
             return
         delimiter = "\t" if fmt == "tsv" else ","
-        reader = csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
+        reader = csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
+                            strict=fmt == "csv")
         names: list[str] | None = None if header else list(positional)
-        for row in reader:
-            lineno = reader.line_num
+        while True:
+            start = reader.line_num + 1  # where a record (and an opening quote) starts
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                what = ("a quote opened here is never closed" if "end of data" in str(exc) or "EOF" in str(exc)
+                        else str(exc))
+                raise DataError(f"{path}: line {start}: {what}; check the quoting of that line") from None
+            lineno = start
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if names is None:
@@ -116,7 +167,11 @@ def read_table(path: str | Path, task: Task, columns: Columns | None = None, hea
     label_index = {name: i for i, name in enumerate(task.labels)}
     label_index.update({alias: label_index[name] for alias, name in task.label_aliases.items()})
     out: list[Example] = []
-    for lineno, row in _rows(path, fmt, header, positional):
+    for lineno, row in _rows_checked(path, fmt, header, positional):
+        longest = max((len(v) for v in row.values()), default=0)
+        if longest > MAX_FIELD:
+            raise DataError(f"{path}: line {lineno}: a field of {longest:,} characters (limit {MAX_FIELD:,}); is a "
+                            "quote or a delimiter missing?")
         missing = [c for c in wanted if c not in row]
         if missing:
             raise DataError(f"{path}: line {lineno}: missing column {missing[0]!r} "
