@@ -112,18 +112,16 @@ def moe_options(fn):
 @main.command()
 def families() -> None:
     """List the supported MoE families: heads, fold target (exact or not), export path."""
+    from edgeprune.export.onnx_export import optimum_supports
     from edgeprune.models.registry import all_adapters
 
     for a in all_adapters():
         fold = a.dense.classifier_class.__name__ if a.dense else "its own class"
-        if a.model_type == "bert_moe":
-            export = "optimum (k = 1, folded), torch.onnx + dense dispatch (k > 1)"
-        elif a.dense:
-            export = "torch.onnx of the folded sibling (k = 1), torch.onnx + dense dispatch (k > 1); vmap-free masks"
-        else:
-            export = "torch.onnx + dense dispatch (router skipped at k = 1); vmap-free masks"
-        heads = ", ".join(h.replace("causal-lm", "causal-lm (label words)") for h in a.heads)
-        click.echo(f"{a.model_type:17s} heads: {heads}; k = 1 -> {fold}: {a.fold_exact}; export: {export}")
+        k1 = "optimum" if a.dense and optimum_supports(a.dense.config_class.model_type) else "torch.onnx"
+        k2 = "torch.onnx + dense dispatch" + (" or com.microsoft.MoE" if a.ort_moe else "")
+        export = f"{k1} (k = 1), {k2} (k > 1)"
+        heads = ", ".join(h + (" (label words)" if h.endswith("-lm") else "") for h in a.heads)
+        click.echo(f"{a.model_type:19s} heads: {heads}; k = 1 -> {fold}: {a.fold_exact}; export: {export}")
 
 
 @main.command()

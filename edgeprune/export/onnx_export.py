@@ -52,6 +52,27 @@ def traceable_masks():
         mu.find_packed_sequence_indices = saved[2]
 
 
+def optimum_exports(model: torch.nn.Module) -> bool:
+    """True when optimum's ONNX exporter supports the model as it is (a text classifier of a model type in its
+    registry, transformers' own class): BERT, and the folded Mistral / Qwen3 siblings among ours."""
+    if not type(model).__module__.startswith("transformers."):
+        return False  # edgeprune's own classes (label words, BERT-MoE) are not in optimum's registry
+    return optimum_supports(model.config.model_type)
+
+
+def optimum_supports(model_type: str) -> bool:
+    """optimum's ONNX exporter has a text-classification config for ``model_type``."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (fills the registry)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(model_type.replace("_", "-"), "onnx",
+                                                                library_name="transformers")
+    except KeyError:
+        return False
+    return "text-classification" in tasks
+
+
 def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | Path, target: Target) -> str:
     """Export to ``out_path``; returns the exporter used (``optimum``, ``torch.onnx+dense_dispatch`` for an MoE,
     ``torch.onnx`` for another dense model)."""
@@ -61,7 +82,7 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
 
     out_path = Path(out_path)
     spec = target.export
-    if model.config.model_type == "bert":
+    if optimum_exports(model):
         from optimum.exporters.onnx import main_export
 
         shapes = {"batch_size": spec.batch_size, "sequence_length": spec.sequence_length} if spec.fixed_shapes else {}
