@@ -156,13 +156,13 @@ def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if cfg.only_router and name not in routers:
             p.requires_grad_(False)
-        elif cfg.freeze_embeddings and ("word_embeddings" in name or "embed_tokens" in name):
+        elif cfg.freeze_embeddings and ("word_embeddings" in name or "embed_tokens" in name or name == "shared.weight"):
             p.requires_grad_(False)
         if not p.requires_grad:
             continue
         if name in routers:
             groups["router"].append(p)
-        elif p.ndim < 2 or "LayerNorm" in name or "norm" in name.rsplit(".", 2)[-2]:
+        elif p.ndim < 2 or "LayerNorm" in name or "norm" in (name.split(".")[-2:-1] or [""])[0]:
             groups["no_decay"].append(p)
         else:
             groups["decay"].append(p)

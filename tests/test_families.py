@@ -398,3 +398,37 @@ def test_parity_gate_fails_a_trace_that_dropped_the_experts_its_example_did_not_
     enc = encode(load_split(get_task("sst2"), "validation", limit=40), tok, 64)
     with pytest.raises(ExportError, match="lost parity"):
         parity(tmp_path / "bad.onnx", model, enc)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMS if adapter_for(f).dense is not None])
+def test_ffn_keep_slims_every_folded_sibling(family, family_dirs, tmp_path):
+    """--ffn-keep 0.5 on the folded dense sibling: every FFN keeps half its neurons; the checkpoint reloads."""
+    from edgeprune.models.label_words import load_classifier
+
+    out = tmp_path / "slim"
+    cli(["prune", "--model", str(family_dirs[family]), "--experts", "1", "--ffn-keep", "0.5", "--recovery-steps", "0",
+         "--calibration-examples", "16", "--out", str(out)] + words(family))
+    info = json.loads((out / "edgeprune_prune.json").read_text())["ffn"]
+    full, slim = info["intermediate_size"]
+    assert slim == round(full / 2)
+    model = load_classifier(out)
+    adapter = adapter_for(family)
+    from edgeprune.pruning.neurons import ffn_paths
+
+    for _, out_path in ffn_paths(model, adapter).values():
+        assert model.get_submodule(out_path).weight.shape[1] == slim
+
+
+def test_a_bf16_checkpoint_loads_in_its_dtype_or_the_one_asked(tmp_path, tiny_tokenizer):
+    from edgeprune.pruning.pipeline import load_model
+    from edgeprune.tasks import get_task
+
+    tok, vocab = tiny_tokenizer
+    d = tmp_path / "bf16"
+    tiny_family_checkpoint("qwen3_moe", vocab=vocab).to(torch.bfloat16).save_pretrained(d)
+    tok.save_pretrained(d)
+    assert next(load_model(d, task=get_task("sst2")).parameters()).dtype == torch.bfloat16
+    assert next(load_model(d, task=get_task("sst2"), dtype="float32").parameters()).dtype == torch.float32
+    for extra in ([], ["--dtype", "float32"]):
+        cli(["score", "--model", str(d), "--experts", "2", "--calibration-examples", "16",
+             "--out", str(tmp_path / "p.json")] + extra)

@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
-from edgeprune.models import BertMoeForSequenceClassification, dense_dispatch
+from edgeprune.models import BertMoeForSequenceClassification
+from edgeprune.models.registry import adapter_for
 from edgeprune.models.upcycle import upcycle_model
 from edgeprune.pruning.calibration import collect_routing
 from edgeprune.training import Encoded
@@ -80,10 +81,10 @@ def test_dense_dispatch_matches_sparse_and_is_undone():
     model = tiny_moe(num_experts=4, top_k=2)
     b = batch()
     sparse = model(**b).logits
-    with dense_dispatch(model):
-        assert all(blk.dispatch == "dense" for blk in model.moe_blocks().values())
+    with adapter_for(model.config).export_patch(model):
+        assert all("forward" in vars(blk) for blk in model.moe_blocks().values())
         dense = model(**b).logits
-    assert all(blk.dispatch == "sparse" for blk in model.moe_blocks().values())
+    assert not any("forward" in vars(blk) for blk in model.moe_blocks().values())
     torch.testing.assert_close(dense, sparse, atol=1e-5, rtol=1e-5)
 
 

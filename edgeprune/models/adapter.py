@@ -52,8 +52,8 @@ class DenseSibling:
     mlp_path: Callable[[str], str]  # block path -> dense MLP path
     drop_keys: tuple[str, ...] = ()
     overrides: Callable[[dict], dict] = lambda cfg: {}
-    # the dense model's FFN by layer, for --ffn-keep: {"layer": l -> MLP path, "in": (in-projection names,),
-    # "out": out-projection name}
+    # the dense model's FFN by layer, for --ffn-keep: {"layer": l -> MLP path (or "modules": model -> [MLP
+    # paths]), "in": (in-projection names,), "out": out-projection name, "width": config key (intermediate_size)}
     extra_ffn: dict = field(default_factory=dict)
 
 

@@ -17,16 +17,14 @@ Experts may differ in number per layer (``num_experts_per_layer``): a pruned mod
 A layer with one expert has gate exactly 1 and is a plain FFN; :mod:`edgeprune.pruning.fold` turns a
 model whose every MoE layer has one expert into ``BertForSequenceClassification``.
 
-Two dispatch modes: ``sparse`` (gather the tokens of each expert; training and inference in PyTorch) and
-``dense`` (compute every expert and combine with a Z-wide weight matrix that is zero off the top-k). The
-dense mode is export-friendly: ``torch.onnx.export`` of data-dependent gathers fails (DESIGN.md section 2);
-use :func:`edgeprune.models.bert_moe.dense_dispatch` around the export.
+The block gathers the tokens of each expert (training and inference in PyTorch). ``torch.onnx.export`` of
+data-dependent gathers fails (DESIGN.md section 2): the export runs the family adapter's dense dispatch
+instead (:meth:`edgeprune.models.adapter.MoEAdapter.export_patch`), as for every family.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,8 +106,6 @@ class RoutingRecord:
 class BertMoeBlock(nn.Module):
     """Router plus experts (see the module docstring for the routing equations)."""
 
-    dispatch: str = "sparse"
-
     def __init__(self, config: BertMoeConfig, num_experts: int):
         super().__init__()
         self.num_experts = num_experts
@@ -139,11 +135,6 @@ class BertMoeBlock(nn.Module):
         shape = hidden.shape
         flat = hidden.reshape(-1, shape[-1])
         logits, top_idx, top_gate = self.route(flat)
-        if self.dispatch == "dense":
-            weights = torch.zeros_like(logits).scatter(-1, top_idx, top_gate).to(flat.dtype)
-            out = sum(weights[:, e : e + 1] * expert(flat) for e, expert in enumerate(self.experts))
-            self.last = RoutingRecord(logits, top_idx, top_gate)
-            return out.reshape(shape)
         out = torch.zeros_like(flat)
         norms = torch.zeros_like(top_gate) if self.record_expert_norms else None
         for e, expert in enumerate(self.experts):
@@ -252,21 +243,6 @@ class BertMoeForSequenceClassification(BertMoePreTrainedModel):
             loss = (F.cross_entropy(logits.float(), labels) + self.config.router_aux_loss_coef * aux
                     + self.config.router_z_loss_coef * zl)
         return MoeSequenceClassifierOutput(loss=loss, logits=logits, aux_loss=aux, z_loss=zl)
-
-
-@contextlib.contextmanager
-def dense_dispatch(model: nn.Module) -> Iterator[nn.Module]:
-    """Export patch: every :class:`BertMoeBlock` computes all experts and combines them with a Z-wide weight
-    matrix (no data-dependent indexing). Undone on exit, whatever happens inside."""
-    blocks = [m for m in model.modules() if isinstance(m, BertMoeBlock)]
-    saved = [b.dispatch for b in blocks]
-    try:
-        for b in blocks:
-            b.dispatch = "dense"
-        yield model
-    finally:
-        for b, d in zip(blocks, saved):
-            b.dispatch = d
 
 
 AutoConfig.register("bert_moe", BertMoeConfig)

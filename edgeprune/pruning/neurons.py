@@ -32,8 +32,11 @@ def ffn_paths(model: torch.nn.Module, adapter: MoEAdapter) -> dict[int, tuple[tu
     """Per layer of the folded dense model, the module paths of its FFN's input projections (W_in, or gate and
     up of a gated MLP) and of its output projection (W_out / down), from the adapter's dense sibling."""
     ffn = adapter.dense.extra_ffn
-    return {l: (tuple(f"{ffn['layer'](l)}.{n}" for n in ffn["in"]), f"{ffn['layer'](l)}.{ffn['out']}")
-            for l in range(model.config.num_hidden_layers)}
+    if "modules" in ffn:  # e.g. T5: encoder and decoder FFNs
+        mlps = ffn["modules"](model)
+    else:
+        mlps = [ffn["layer"](l) for l in range(model.config.num_hidden_layers)]
+    return {i: (tuple(f"{m}.{n}" for n in ffn["in"]), f"{m}.{ffn['out']}") for i, m in enumerate(mlps)}
 
 
 @torch.no_grad()
@@ -43,13 +46,17 @@ def neuron_saliency(model: torch.nn.Module, adapter: MoEAdapter, enc: Encoded, m
     a is the output projection's input (act(W_in x) or act(gate x) * up x)."""
     paths = ffn_paths(model, adapter)
     sums = {l: None for l in paths}
-    state = {"mask": None, "tokens": 0}
+    tokens = {l: 0 for l in paths}
+    state = {"mask": None}
 
     def hook(layer):
         def pre(_module, inputs):
             a = inputs[0].detach().float().abs().reshape(-1, inputs[0].shape[-1])
-            s = (a * state["mask"]).sum(0)
+            # a decoder's FFN of an encoder-decoder sees its own positions (the label-word step), all real
+            mask = state["mask"] if a.shape[0] == state["mask"].shape[0] else torch.ones(a.shape[0], 1)
+            s = (a * mask).sum(0)
             sums[layer] = s if sums[layer] is None else sums[layer] + s
+            tokens[layer] += int(mask.sum())
         return pre
 
     handles = [model.get_submodule(out_path).register_forward_pre_hook(hook(l)) for l, (_, out_path) in paths.items()]
@@ -57,7 +64,6 @@ def neuron_saliency(model: torch.nn.Module, adapter: MoEAdapter, enc: Encoded, m
     try:
         for batch in calibration_batches(enc, max_examples, batch_size, "neuron saliency", progress):
             state["mask"] = batch["attention_mask"].reshape(-1, 1).float()
-            state["tokens"] += int(batch["attention_mask"].sum())
             model(**model_inputs(model, batch))
     finally:
         for h in handles:
@@ -65,17 +71,18 @@ def neuron_saliency(model: torch.nn.Module, adapter: MoEAdapter, enc: Encoded, m
     out = {}
     for l, (_, out_path) in paths.items():
         w_norm = model.get_submodule(out_path).weight.detach().float().norm(dim=0)
-        out[l] = (sums[l] / max(1, state["tokens"]) * w_norm).numpy()
+        out[l] = (sums[l] / max(1, tokens[l]) * w_norm).numpy()
     return out
 
 
 def slim_ffn(model: torch.nn.Module, adapter: MoEAdapter, saliency: dict[int, np.ndarray], keep: float) -> tuple[torch.nn.Module, dict]:
     """A new dense model whose every FFN keeps the ``round(keep * d_ff)`` most salient neurons (input unchanged)."""
-    d_ff = model.config.intermediate_size
+    width_key = adapter.dense.extra_ffn.get("width", "intermediate_size")
+    d_ff = getattr(model.config, width_key)
     width = max(1, int(round(keep * d_ff)))
     kept = {l: np.sort(np.argsort(-s, kind="stable")[:width]) for l, s in saliency.items()}
     config = copy.deepcopy(model.config)
-    config.intermediate_size = width
+    setattr(config, width_key, width)
     new = type(model)(config).to(next(model.parameters()).dtype)
     src, dst = model.state_dict(), new.state_dict()
     for key in dst:  # everything outside the FFN projections keeps its shape (the output bias included)

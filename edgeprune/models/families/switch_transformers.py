@@ -110,7 +110,8 @@ ADAPTER = SwitchAdapter(
     autocast_safe=False,  # its sparse MLP writes bf16 expert outputs into an fp32 buffer under autocast
     dense=DenseSibling(T5Config, T5_CLASSIFIER, {"wi.weight": "wi.weight", "wo.weight": "wo.weight"},
                        mlp_path=lambda path: path.replace(".mlp", ".DenseReluDense"),
-                       extra_ffn={"layer": None, "in": ("wi",), "out": "wo"}),
+                       extra_ffn={"modules": lambda m: [n for n, _ in m.named_modules() if n.endswith(".DenseReluDense")],
+                                  "in": ("wi",), "out": "wo", "width": "d_ff"}),
     fold_exact="T5 with the label-word head: exact where no sequence exceeds expert_capacity (T5 has no capacity)",
     note="encoder-decoder; layers numbered encoder first, then decoder",
 )
