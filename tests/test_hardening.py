@@ -187,3 +187,29 @@ def test_sigterm_is_an_interruption_with_one_line(monkeypatch):
 def test_upcycle_refuses_duplicate_moe_layers(tmp_path):
     res = run(["upcycle", "--moe-layers", "1,1", "--out", str(tmp_path / "m")], 2)
     assert "names a layer twice" in res.output and not (tmp_path / "m").exists()
+
+
+def test_sigterm_during_a_build_stage_keeps_the_previous_artifact_and_a_clean_cache(tmp_path, cache, user_model,
+                                                                                    loose_targets, monkeypatch):
+    import signal
+
+    import edgeprune.export.onnx_export as onnx_export
+
+    out = tmp_path / "art"
+    run(["build", "--model", str(user_model), "--out", str(out)] + FAST, 0)
+    before = tree_hash(out)
+    stages_before = sorted(p.name for p in (cache / "stages").iterdir())
+
+    def term(*a, **k):  # the signal arrives in the middle of the export stage of a new build
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", term)
+    res = run(["build", "--model", str(user_model), "--experts", "2", "--out", str(out)] + FAST, 130)
+    assert res.output.strip().splitlines()[-1].startswith("error: interrupted")
+    assert tree_hash(out) == before  # the previous artifact, byte for byte
+    leftovers = [p.name for p in (cache / "stages").iterdir() if ".tmp-" in p.name]
+    assert not leftovers and not list(tmp_path.glob(".art.tmp-*")) and not list(tmp_path.glob(".art.old-*"))
+    new_stages = set(p.name for p in (cache / "stages").iterdir()) - set(stages_before)
+    assert all(p.startswith("prune-") for p in new_stages)  # the finished prune stage is kept, sealed
+    monkeypatch.undo()
+    run(["build", "--model", str(user_model), "--experts", "2", "--out", str(out)] + FAST, 0)
