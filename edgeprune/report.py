@@ -56,6 +56,17 @@ def report_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _label_words(m: dict) -> str:
+    """A language-model source classifies by label words: say how texts are turned into its input."""
+    w = m.get("label_words")
+    if not w:
+        return ""
+    words = ", ".join(f"{l} -> {v!r}" for l, v in zip(m["labels"], w["verbalisers"]))
+    return (f"\n- Label words (the source is a language model): each text is rendered into the prompt "
+            f"`{w['template']!r}` (truncated on the left) and scored by the next-token logit of {words}; "
+            "`EdgeModel` does this itself")
+
+
 def model_card(r: dict, m: dict) -> str:
     q, sp, size = r["quality"], r["speed"], r["size"]
     pair = "texts, pairs=[...]" if m["pair"] else "texts"
@@ -66,7 +77,7 @@ A task-pruned {'dense' if r['plan']['folded'] else 'Mixture-of-Experts'} transfo
 (sha256 {m['source_sha256'][:12]}) with the plan {r['plan']['method']}, k per MoE layer {r['plan']['k_per_layer']}{_ffn(r)}.
 
 - Labels, in output order: {', '.join(m['labels'])}
-- Inputs: {', '.join(m['input_names'])} (int64), at most {m['max_length']} tokens{', fixed shape ' + str(m['fixed_shape']) if m['fixed_shape'] else ''}
+- Inputs: {', '.join(m['input_names'])} (int64), at most {m['max_length']} tokens{', fixed shape ' + str(m['fixed_shape']) if m['fixed_shape'] else ''}{_label_words(m)}
 - Files: {', '.join(m['files'])}, tokenizer.json, edgeprune.json (manifest), report.json / report.md
 
 ## Use

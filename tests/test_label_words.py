@@ -110,6 +110,7 @@ def test_artifact_records_the_prompt_and_edgemodel_tokenizes_like_training(lm_di
     manifest = json.loads((out / "edgeprune.json").read_text())
     assert manifest["label_words"]["template"] == "{text} all in all it was"
     assert manifest["label_words"]["verbalisers"] == ["bad", "good"]
+    assert "negative -> 'bad'" in (out / "README.md").read_text()  # the model card says how texts are scored
     m = EdgeModel(out)
     tok, _ = tiny_tokenizer
     texts = ["a gorgeous film " * 40, "dull", ""]
