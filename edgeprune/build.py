@@ -202,7 +202,12 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     original_hash = dir_sha256(original_dir)
     val_enc = encode(cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples), tok, cfg.task.max_length, words)
     pruned_dir = stage_prune(cfg, original_dir, original_hash)
-    export_dir = stage_export(cfg, pruned_dir, val_enc)
+    prune_info = json.loads((pruned_dir / "edgeprune_prune.json").read_text())
+    art_val_enc = val_enc
+    if prune_info.get("vocab"):  # a pruned vocabulary: the artifact reads its own tokenizer.json
+        art_val_enc = encode(cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples),
+                             load_tokenizer(pruned_dir), cfg.task.max_length, words)
+    export_dir = stage_export(cfg, pruned_dir, art_val_enc)
     export_info = json.loads((export_dir / "export.json").read_text())
     t = cfg.target
     fixed = (t.export.batch_size, t.export.sequence_length) if t.export.fixed_shapes else None
@@ -210,17 +215,18 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         f"{t.budgets.latency_seq_len} tokens, {t.runtime.threads} thread(s)")
     ref_logits = original_logits_cached(original_dir, original_hash, cfg, val_enc, original)
     artifact_model = export_dir / "model.onnx"
-    q = quality(ref_logits, artifact_model, val_enc, fixed_length=fixed[1] if fixed else None)
+    q = quality(ref_logits, artifact_model, art_val_enc, fixed_length=fixed[1] if fixed else None)
     sp = speed(original, artifact_model, t.runtime.threads, t.budgets.latency_batch, t.budgets.latency_seq_len,
-               iters=cfg.latency_iters, throughput_iters=cfg.throughput_iters, fixed=fixed)
+               iters=cfg.latency_iters, throughput_iters=cfg.throughput_iters, fixed=fixed,
+               artifact_vocab=(prune_info.get("vocab") or {}).get("kept"))
     mem = session_memory(artifact_model, t.runtime.threads)
     original_mb = round(sum(f.stat().st_size for f in original_dir.glob("*.safetensors")) / 1e6, 3)
     artifact_mb = round(artifact_model.stat().st_size / 1e6, 3)
     plan = PrunePlan.load(pruned_dir / "prune_plan.json")
-    prune_info = json.loads((pruned_dir / "edgeprune_prune.json").read_text())
     report = {
         "task": cfg.task.name, "target": t.name, "original": str(original_dir), "original_sha256": original_hash,
-        "plan": plan.summary(), "prune": {k: v for k, v in prune_info.items() if k in ("recovery", "router", "ffn", "seconds")},
+        "plan": plan.summary(),
+        "prune": {k: v for k, v in prune_info.items() if k in ("recovery", "router", "ffn", "vocab", "seconds")},
         "export": export_info, "quality": q, "speed": sp, "memory": mem,
         "size": {"original_mb": original_mb, "artifact_mb": artifact_mb,
                  "artifact_ort_mb": round((export_dir / "model.ort").stat().st_size / 1e6, 3)
@@ -240,6 +246,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         "ort_disabled_optimizers": export_info.get("ort_disabled_optimizers", []),
         "precision": t.quantization.precision, "quantization": export_info.get("quantization"),
         "prune_plan": plan.summary(), "ffn_width": (prune_info.get("ffn") or {}).get("intermediate_size"),
+        "vocabulary": prune_info.get("vocab"),
         "source_checkpoint": str(original_dir), "source_sha256": original_hash,
         "versions": versions(), "command": cfg.command, "budgets": asdict(t.budgets),
         "files": ["model.onnx"] + (["model.ort"] if (export_dir / "model.ort").is_file() else []),
@@ -250,7 +257,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         for f in ("model.onnx", "model.ort"):
             if (export_dir / f).is_file():
                 shutil.copy2(export_dir / f, tmp / f)
-        shutil.copy2(original_dir / "tokenizer.json", tmp / "tokenizer.json")
+        shutil.copy2(pruned_dir / "tokenizer.json", tmp / "tokenizer.json")  # the pruned vocabulary's, if any
         shutil.copy2(pruned_dir / "prune_plan.json", tmp / "prune_plan.json")
         (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1))

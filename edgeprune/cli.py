@@ -234,6 +234,11 @@ def prune_options(fn):
     return wrapper
 
 
+vocab_option = click.option(
+    "--vocab-reserve", type=click.IntRange(0), default=None,
+    help="Prune the WordPiece vocabulary to the task's tokens (training split) plus every character piece and "
+         "this many of the most frequent words; the embedding and tokenizer.json shrink together.")
+
 ffn_keep_option = click.option(
     "--ffn-keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
     help="With --experts 1: keep this share of each folded FFN's neurons (task-aware saliency).")
@@ -277,11 +282,12 @@ def score(task, data, prune_cfg, model_dir, out) -> None:
 @prune_options
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Apply this plan instead of scoring.")
 @ffn_keep_option
+@vocab_option
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Weight of distillation from the original's logits during recovery (0: labels only).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output checkpoint directory.")
-def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, recovery_steps, distill, out) -> None:
+def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, vocab_reserve, recovery_steps, distill, out) -> None:
     """Prune (or merge) to k experts per layer, fold the router at k = 1, recover; save a checkpoint."""
     from edgeprune.cache import atomic_dir
     from edgeprune.pruning.pipeline import prune as run_prune, save_pruned
@@ -290,6 +296,7 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, recovery_steps,
     prune_cfg.recovery_steps = recovery_steps
     prune_cfg.distill_alpha = distill
     prune_cfg.ffn_keep = ffn_keep
+    prune_cfg.vocab_reserve = vocab_reserve
     prune_cfg.validate()
     guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
     plan = PrunePlan.load(plan_file) if plan_file else None
@@ -298,8 +305,6 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, recovery_steps,
         model, plan, info = run_prune(original_dir, task, data, prune_cfg, plan=plan)
         with atomic_dir(out) as tmp:
             save_pruned(model, original_dir, tmp, plan, info)
-    if False:  # pragma: no cover
-        save_pruned(model, original_dir, tmp, plan, info)
     click.echo(f"{type(model).__name__}: k per layer {plan.summary()['k_per_layer']}; checkpoint: {out}")
 
 
@@ -323,12 +328,13 @@ def targets() -> None:
               help="Target profile name (see `edgeprune targets`) or path to a .toml profile.")
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Apply this plan instead of scoring.")
 @ffn_keep_option
+@vocab_option
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--eval-examples", type=click.IntRange(1), help="Validate on this many examples (default: all).")
 @click.option("--latency-iters", default=100, show_default=True, type=click.IntRange(5))
 @click.option("--out", type=click.Path(file_okay=False), help="Artifact directory [default: build/<task>-<target>].")
-def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, recovery_steps, distill,
+def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, vocab_reserve, recovery_steps, distill,
           eval_examples, latency_iters, out) -> None:
     """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
     from edgeprune.build import BuildConfig, build as run_build
@@ -338,6 +344,7 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, re
     prune_cfg.recovery_steps = recovery_steps
     prune_cfg.distill_alpha = distill
     prune_cfg.ffn_keep = ffn_keep
+    prune_cfg.vocab_reserve = vocab_reserve
     prune_cfg.validate()
     if plan_file:
         from edgeprune.pruning.plan import PrunePlan

@@ -108,12 +108,13 @@ def throughput(ms: np.ndarray, batch: int) -> float:
 
 def speed(original: torch.nn.Module, artifact: Path, threads: int, batch: int, length: int,
           iters: int = 100, throughput_batch: int = 32, throughput_iters: int = 10,
-          fixed: Optional[tuple[int, int]] = None) -> dict:
-    """Latency at ``batch`` and throughput at ``throughput_batch``, original vs artifact, with ratios."""
+          fixed: Optional[tuple[int, int]] = None, artifact_vocab: Optional[int] = None) -> dict:
+    """Latency at ``batch`` and throughput at ``throughput_batch``, original vs artifact, with ratios (the
+    artifact's input ids drawn from its own vocabulary when it was pruned)."""
     res: dict = {"threads": threads, "batch": batch, "sequence_length": length,
                  "note": "measured on the build host, original and artifact in alternating rounds; a proxy for "
                          "the device (ratios carry over better)"}
-    vocab = original.config.vocab_size
+    vocab = artifact_vocab or original.config.vocab_size
     a_batch, a_len = fixed if fixed else (batch, length)
     ms = interleaved({"original": torch_runner(original, batch, length),
                       "artifact": onnx_runner(artifact, a_batch, a_len, threads, vocab)},

@@ -22,6 +22,7 @@ from edgeprune.pruning.neurons import neuron_saliency, slim_ffn
 from edgeprune.pruning.plan import PrunePlan, make_plan, validate_k
 from edgeprune.pruning.progressive import ProgressiveDropper
 from edgeprune.pruning.recover import recover, train_router
+from edgeprune.pruning.vocab import prune_vocabulary
 from edgeprune.tasks import Task
 from edgeprune.tokenization import copy_tokenizer, load_tokenizer
 from edgeprune.training import encode
@@ -53,6 +54,7 @@ class PruneConfig:
     prompt: Optional[str] = None  # label-word scoring of language-model checkpoints (None: the task's default)
     verbalisers: Optional[tuple[str, ...]] = None
     dtype: Optional[str] = None  # load dtype (None: the checkpoint's own)
+    vocab_reserve: Optional[int] = None  # prune the WordPiece vocabulary to the task's tokens + this many words
 
     def load_options(self) -> dict:
         """How :func:`load_model` reads the original: dtype, and the label words of a language model."""
@@ -79,6 +81,11 @@ class PruneConfig:
         if self.method in PROGRESSIVE and self.recovery_steps < 2 * self.window:
             raise ConfigError(f"{self.method} drops experts during fine-tuning: give --recovery-steps >= "
                               f"{2 * self.window}")
+        if self.vocab_reserve is not None and self.vocab_reserve < 0:
+            raise ConfigError(f"--vocab-reserve must be >= 0, got {self.vocab_reserve}")
+        if self.vocab_reserve is not None and self.method in PROGRESSIVE:
+            raise ConfigError(f"--vocab-reserve needs a one-shot method ({self.method} makes its plan while "
+                              "fine-tuning)")
         if not 0 <= self.distill_alpha <= 1:
             raise ConfigError(f"distill alpha must be in [0, 1], got {self.distill_alpha}")
 
@@ -104,7 +111,8 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None, task: Optiona
     arch = " ".join(raw.get("architectures") or [])
     if arch and "SequenceClassification" not in arch:
         lm_class = AutoModelForSeq2SeqLM if "ConditionalGeneration" in arch else AutoModelForCausalLM
-        if not ("CausalLM" in arch or "ConditionalGeneration" in arch) or not {"causal-lm", "seq2seq-lm"} & set(adapter.heads):
+        is_lm = "CausalLM" in arch or "ConditionalGeneration" in arch
+        if not is_lm or not {"causal-lm", "seq2seq-lm"} & set(adapter.heads):
             raise ModelError(f"{model_dir}: a {arch} checkpoint has neither a sequence-classification nor a "
                              f"language-model head that edgeprune can use (heads of {adapter.model_type}: "
                              f"{', '.join(adapter.heads)})")
@@ -184,6 +192,9 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     original = load_model(original_dir, task=task, **cfg.load_options())
     tok = load_tokenizer(original_dir)
     check_model(original, task, cfg, tok)
+    if cfg.vocab_reserve is not None and tokenizer_json(original_dir)["model"].get("type") != "WordPiece":
+        raise ConfigError(f"--vocab-reserve prunes WordPiece vocabularies; {original_dir}'s tokenizer is "
+                          f"{tokenizer_json(original_dir)['model'].get('type')} (drop the option)")
     train_enc = encode(data.load(task, "train"), tok, task.max_length, of_model(original))
     info: dict = {"config": cfg.to_dict()}
     t0 = time.perf_counter()
@@ -216,6 +227,10 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     info["recovery"] = recover(pruned, train_enc, cfg.recovery_steps, teacher=original,
                                distill_alpha=cfg.distill_alpha, max_length=task.max_length, progress=progress,
                                seed=cfg.seed)
+    if cfg.vocab_reserve is not None:  # the training split's tokens keep their segmentation: after recovery
+        val = encode(data.load(task, "validation"), tok, task.max_length, of_model(original))
+        pruned.edgeprune_tokenizer_json, info["vocab"] = prune_vocabulary(
+            pruned, tokenizer_json(original_dir), train_enc.input_ids, val.input_ids, cfg.vocab_reserve)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     return pruned, plan, info
 
@@ -232,12 +247,22 @@ def _top_alive(plan: PrunePlan, k: Optional[int]) -> PrunePlan:
     return plan
 
 
+def tokenizer_json(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+
+
 def save_pruned(model: torch.nn.Module, original_dir: str | Path, out: str | Path, plan: PrunePlan,
                 info: dict) -> None:
     """Checkpoint + tokenizer + ``prune_plan.json`` + ``edgeprune_prune.json`` into ``out``."""
     out = Path(out)
     model.save_pretrained(out)
     copy_tokenizer(original_dir, out)
+    slim = getattr(model, "edgeprune_tokenizer_json", None)
+    if slim is not None:  # a pruned vocabulary: tokenizer.json (and vocab.txt) rewritten to the kept tokens
+        (out / "tokenizer.json").write_text(json.dumps(slim, ensure_ascii=False))
+        if (out / "vocab.txt").is_file():
+            vocab = slim["model"]["vocab"]
+            (out / "vocab.txt").write_text("".join(t + "\n" for t in sorted(vocab, key=vocab.get)), encoding="utf-8")
     plan.save(out / "prune_plan.json")
     meta = load_meta(original_dir)
     (out / "edgeprune_prune.json").write_text(json.dumps({"original": str(original_dir), "task": meta.get("task"),
