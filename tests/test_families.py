@@ -432,3 +432,57 @@ def test_a_bf16_checkpoint_loads_in_its_dtype_or_the_one_asked(tmp_path, tiny_to
     for extra in ([], ["--dtype", "float32"]):
         cli(["score", "--model", str(d), "--experts", "2", "--calibration-examples", "16",
              "--out", str(tmp_path / "p.json")] + extra)
+
+
+def test_reap_uses_renormalised_top_k_gates_where_the_family_does_not_renormalise(tiny_tokenizer):
+    """Qwen3-MoE without norm_topk_prob routes with raw softmax gates; REAP's saliency sums g / sum(top-k g)."""
+    from edgeprune.pruning.calibration import calibration_batches, collect_routing
+    from edgeprune.tasks import get_task, load_split
+    from edgeprune.training import encode, model_inputs
+
+    tok, vocab = tiny_tokenizer
+    model = tiny_family_model("qwen3_moe", vocab=vocab)
+    adapter = adapter_for(model.config)
+    enc = encode(load_split(get_task("sst2"), "train", limit=24), tok, 64)
+    stats = collect_routing(model, enc, max_examples=24, batch_size=8, progress=False)
+    want = {l: np.zeros(6) for l in stats}
+    seen = {}
+    hooks = [b.register_forward_pre_hook((lambda l: lambda m, a: seen.__setitem__(l, a[0].reshape(-1, a[0].shape[-1])))(l))
+             for l, b in adapter.blocks(model).items()]
+    with torch.no_grad():
+        for x in calibration_batches(enc, 24, 8, "", progress=False):
+            model(**model_inputs(model, x))
+            keep = x["attention_mask"].reshape(-1).bool()
+            for l, b in adapter.blocks(model).items():
+                h = seen[l][keep]
+                idx, gate = adapter.route(b, adapter.router_logits(b, h))
+                assert not torch.allclose(gate.sum(-1), torch.ones(len(gate)))  # the family does not renormalise
+                g = gate / gate.sum(-1, keepdim=True)
+                for slot in range(idx.shape[1]):
+                    for t in range(len(h)):
+                        e = int(idx[t, slot])
+                        want[l][e] += float(g[t, slot]) * float(adapter.expert_forward(b, e, h[t : t + 1]).norm())
+    for h in hooks:
+        h.remove()
+    for l in stats:
+        assert np.allclose(stats[l].reap_sum, want[l], rtol=1e-4)
+
+
+def test_a_sharded_checkpoint_loads_like_the_single_file(tmp_path, tiny_tokenizer):
+    from edgeprune.pruning.pipeline import load_model
+    from edgeprune.tasks import get_task
+
+    tok, vocab = tiny_tokenizer
+    model = tiny_family_checkpoint("mixtral", vocab=vocab)
+    one, shards = tmp_path / "one", tmp_path / "shards"
+    model.save_pretrained(one)
+    model.save_pretrained(shards, max_shard_size="30KB")
+    for d in (one, shards):
+        tok.save_pretrained(d)
+    assert len(list(shards.glob("model-*.safetensors"))) >= 3 and (shards / "model.safetensors.index.json").is_file()
+    x = batch(vocab)
+    with torch.no_grad():
+        a = load_model(one, task=get_task("sst2"))(**x).logits
+        b = load_model(shards, task=get_task("sst2"))(**x).logits
+    assert torch.equal(a, b)
+    cli(["score", "--model", str(shards), "--experts", "2", "--calibration-examples", "16", "--out", str(tmp_path / "p.json")])

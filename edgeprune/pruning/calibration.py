@@ -6,7 +6,10 @@ validation data), recording per MoE layer, over non-padding tokens only:
 * ``counts[e]``: top-k assignments of tokens to expert e (frequency baseline);
 * ``gate_sum[e]``: sum of the gate values of the tokens routed to e (Chen et al. 2022 alpha score);
 * ``prob_sum[e]``: sum of softmax gate probabilities over all tokens;
-* ``reap_sum[e]``: sum over routed tokens of g_e(x) * ||E_e(x)||_2 (REAP, Lasby et al. 2025);
+* ``reap_sum[e]``: sum over routed tokens of g_e(x) * ||E_e(x)||_2 (REAP, Lasby et al. 2025), with the top-k
+  gates renormalised to sum to one as the REAP authors' corrected code does (families that do not renormalise,
+  Qwen3-MoE without ``norm_topk_prob``, DeepSeek's scaled gates, would otherwise weigh tokens unevenly; top-1
+  gates stay as routed);
 * ``logits``: a bounded sample of router logit rows (UNCURL clusters the experts by their columns).
 
 Family-agnostic: the block's input is captured by a forward pre-hook, the router logits are computed from it
@@ -104,7 +107,9 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
                 st.tokens += int(keep.sum())
                 st.counts += np.bincount(flat_idx, minlength=z)
                 st.gate_sum += np.bincount(flat_idx, weights=gate.reshape(-1).double().numpy(), minlength=z)
-                st.reap_sum += np.bincount(flat_idx, weights=(gate * norm).reshape(-1).double().numpy(), minlength=z)
+                reap_gate = gate / gate.sum(dim=-1, keepdim=True) if gate.shape[-1] > 1 else gate
+                st.reap_sum += np.bincount(flat_idx, weights=(reap_gate * norm).reshape(-1).double().numpy(),
+                                           minlength=z)
                 st.prob_sum += logits.softmax(-1).sum(0).double().numpy()
                 take = gen.choice(logits.shape[0], size=min(rows_per_batch, logits.shape[0]), replace=False)
                 st.logits.append(logits[torch.from_numpy(np.sort(take))].numpy())
