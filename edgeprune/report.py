@@ -8,9 +8,15 @@ def _row(*cells) -> str:
 
 
 def _ffn(r: dict) -> str:
-    """', FFN width 1536 -> 1152 (--ffn-keep 0.75)' when the folded FFNs were slimmed, else ''."""
+    """', FFN width 1536 -> 1152 (--ffn-keep 0.75)' when the folded FFNs were slimmed (and the vocabulary when it
+    was pruned), else ''."""
     ffn = r.get("prune", {}).get("ffn")
-    return f", FFN width {ffn['intermediate_size'][0]} -> {ffn['intermediate_size'][1]} (--ffn-keep {ffn['keep']})" if ffn else ""
+    out = f", FFN width {ffn['intermediate_size'][0]} -> {ffn['intermediate_size'][1]} (--ffn-keep {ffn['keep']})" if ffn else ""
+    vocab = r.get("prune", {}).get("vocab")
+    if vocab:
+        out += (f", vocabulary {vocab['of']} -> {vocab['kept']} tokens (--vocab-reserve {vocab['reserve']}; "
+                f"{vocab['validation_tokens_resegmented']:.2%} of validation tokens re-segmented)")
+    return out
 
 
 def report_markdown(r: dict) -> str:

@@ -88,6 +88,7 @@ def test_build_with_a_pruned_vocabulary(tmp_path, cache, loose_targets, minilm_t
     assert vocab["of"] == 30522 and vocab["kept"] < 30522 / 2 and vocab["embedding_mb_saved"] > 0
     report = json.loads((out / "report.json").read_text())
     assert report["prune"]["vocab"] == vocab and report["export"]["parity_fp32"]["max_abs_logit_diff"] < 1e-3
+    assert "vocabulary 30522 -> " in (out / "report.md").read_text()
     model = EdgeModel(out)
     assert len(Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab()) == vocab["kept"]
     text = load_split(get_task("sst2"), "train", limit=1)[0].text  # training text: same tokens, renumbered
