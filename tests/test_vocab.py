@@ -85,7 +85,7 @@ def test_build_with_a_pruned_vocabulary(tmp_path, cache, loose_targets, minilm_t
     assert res.exit_code == 0, res.output
     manifest = json.loads((out / "edgeprune.json").read_text())
     vocab = manifest["vocabulary"]
-    assert vocab["of"] == 30522 and vocab["kept"] < 30522 / 2 and vocab["embedding_mb_saved"] > 0
+    assert vocab["of"] == 30522 and vocab["kept"] < 30522 / 2 and vocab["embedding_fp32_mb_saved"] > 0
     report = json.loads((out / "report.json").read_text())
     assert report["prune"]["vocab"] == vocab and report["export"]["parity_fp32"]["max_abs_logit_diff"] < 1e-3
     assert "vocabulary 30522 -> " in (out / "report.md").read_text()

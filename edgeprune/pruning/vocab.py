@@ -95,6 +95,6 @@ def prune_vocabulary(model: torch.nn.Module, tok_json: dict, train_ids: Sequence
     width = model.get_input_embeddings().weight.shape[1]
     slim_embeddings(model, keep)
     record = {"reserve": reserve, "kept": len(keep), "of": total, "from_training_split": len(used),
-              "embedding_mb_saved": round((total - len(keep)) * width * 4 / 1e6, 2),
+              "embedding_fp32_mb_saved": round((total - len(keep)) * width * 4 / 1e6, 2),
               "validation_tokens_resegmented": round(resegmented, 4)}
     return slim_tokenizer_json(tok_json, keep), record
