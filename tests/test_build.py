@@ -122,7 +122,7 @@ def test_killed_build_leaves_previous_artifact(tmp_path, cache, tiny_original, l
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["--target", "riscv"], 2, "unknown target 'riscv'; known: arm64, mobile-gpu, x86_64"),
+    (["--target", "riscv"], 2, "unknown target 'riscv'; known: arm64, arm64-small, mobile-gpu, x86_64"),
     (["--experts", "0"], 2, "--experts must be >= 1, got 0"),
     (["--experts", "9"], 2, "layer 1: k=9 experts but the layer has only Z=4"),
     (["--task", "agnews"], 2, "the model has 2 labels but task agnews has 4"),
@@ -231,3 +231,28 @@ def test_session_memory_is_the_probe_process_not_its_parent(tmp_path):
     mem = session_memory(path)
     assert ballast.sum() > 0
     assert 0 < mem["peak_rss_mb"] < 400, mem
+
+
+def test_four_bit_embedding_target_option(tmp_path, cache, tiny_original, loose_targets):
+    """[quantization] embedding_bits = 4: the word embedding becomes GatherBlockQuantized (4-bit, block 32), the
+    linear layers stay int8 dynamic, parity and EdgeModel hold; 4 bits with another precision is refused."""
+    import onnx
+
+    from edgeprune.runtime import EdgeModel
+
+    profile = tmp_path / "x86_64-e4.toml"
+    profile.write_text((loose_targets / "x86_64.toml").read_text().replace("quantize_embeddings = true",
+                                                                            "quantize_embeddings = true\nembedding_bits = 4"))
+    out = tmp_path / "art"
+    run(["build", "--model", str(tiny_original), "--target", str(profile), "--out", str(out)] + FAST)
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "GatherBlockQuantized" in ops and "EmbedLayerNormalization" not in ops
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} & ops or "QAttention" in ops
+    report = json.loads((out / "report.json").read_text())
+    assert "GatherBlockQuantized" in report["export"]["quantization"]["embedding"]
+    assert len(EdgeModel(out).predict(["a gorgeous film", "dull"])) == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[quantization]\nprecision = "fp16"\nembedding_bits = 4\n')
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", str(bad), "--out",
+                                    str(tmp_path / "b")])
+    assert res.exit_code == 2 and "embedding_bits = 4 goes with precision int8-dynamic" in res.output

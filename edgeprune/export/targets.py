@@ -5,7 +5,7 @@ Schema (every key checked; an unknown key or a bad value is a one-line error nam
     name, description, notes
     [export]        opset, fixed_shapes, batch_size, sequence_length, moe_operator = "dense" | "ort"
     [quantization]  precision = "int8-dynamic" | "int8-static" | "fp16" | "fp32", per_channel, reduce_range,
-                    quantize_embeddings, calibration_examples
+                    quantize_embeddings, embedding_bits = 8 | 4, calibration_examples
     [optimization]  fuse (ORT transformer fusions: Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm),
                     skip_layer_norm (false: keep residual Add + LayerNormalization unfused, also at session
                     load), gelu_approximation (BiasGelu -> FastGelu, the tanh form)
@@ -42,6 +42,7 @@ class QuantSpec:
     per_channel: bool = True
     reduce_range: bool = False
     quantize_embeddings: bool = True
+    embedding_bits: int = 8  # 8: with the int8 dynamic quantizer; 4: GatherBlockQuantized (int8-dynamic only)
     calibration_examples: int = 256
 
 
@@ -104,7 +105,7 @@ def targets_dir() -> Path:
 
 
 def available() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(targets_dir().glob("*.toml"))}
+    return {p.stem: p for p in sorted(targets_dir().glob("*.toml"), key=lambda p: p.stem)}
 
 
 def _typed(section: str, cls, values: dict, where: str):
@@ -135,6 +136,11 @@ def _typed(section: str, cls, values: dict, where: str):
         for key in ("batch_size", "sequence_length"):
             if getattr(obj, key) < 1:
                 raise ConfigError(f"{where}: [export].{key} must be >= 1, got {getattr(obj, key)}")
+    if section == "quantization" and obj.embedding_bits not in (4, 8):
+        raise ConfigError(f"{where}: [quantization].embedding_bits {obj.embedding_bits} is not 4 or 8")
+    if section == "quantization" and obj.embedding_bits == 4 and obj.precision != "int8-dynamic":
+        raise ConfigError(f"{where}: [quantization].embedding_bits = 4 goes with precision int8-dynamic "
+                          f"(not {obj.precision})")
     if section == "quantization" and "calibration_examples" in values:
         if obj.precision != "int8-static":
             raise ConfigError(f"{where}: [quantization].calibration_examples is used only by int8-static "
