@@ -200,13 +200,13 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     check_model(original, cfg.task, cfg.prune, tok)
     check_lengths(cfg, original.config)
     original_hash = dir_sha256(original_dir)
-    val_enc = encode(cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples), tok, cfg.task.max_length, words)
+    val_examples = cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples)
+    val_enc = encode(val_examples, tok, cfg.task.max_length, words)
     pruned_dir = stage_prune(cfg, original_dir, original_hash)
     prune_info = json.loads((pruned_dir / "edgeprune_prune.json").read_text())
     art_val_enc = val_enc
     if prune_info.get("vocab"):  # a pruned vocabulary: the artifact reads its own tokenizer.json
-        art_val_enc = encode(cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples),
-                             load_tokenizer(pruned_dir), cfg.task.max_length, words)
+        art_val_enc = encode(val_examples, load_tokenizer(pruned_dir), cfg.task.max_length, words)
     export_dir = stage_export(cfg, pruned_dir, art_val_enc)
     export_info = json.loads((export_dir / "export.json").read_text())
     t = cfg.target

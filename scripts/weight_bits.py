@@ -21,7 +21,7 @@ import onnx
 from edgeprune.build import BuildConfig, stage_prune
 from edgeprune.cache import dir_sha256
 from edgeprune.export.onnx_export import export_onnx, onnx_logits
-from edgeprune.export.quantize import quantize
+from edgeprune.export.quantize import quantize, weight_only
 from edgeprune.export.targets import load_target
 from edgeprune.models.label_words import load_classifier
 from edgeprune.original import DataSpec, OriginalSpec, ensure_original
@@ -31,19 +31,6 @@ from edgeprune.tasks import get_task
 from edgeprune.tokenization import load_tokenizer
 from edgeprune.training import encode, predict_logits
 from edgeprune.validate import interleaved, onnx_runner, percentiles
-
-
-def nbits(src: Path, dst: Path, bits: int, gather: bool, block: int = 32, matmul: bool = True) -> None:
-    """ONNX Runtime's weight-only quantizer: symmetric blocks of ``block`` along the input axis (RTN)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    ops = (("MatMul",) if matmul else ()) + (("Gather",) if gather else ())
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=bits,
-                                       op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)))
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True, accuracy_level=4,
-                             op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)), algo_config=cfg)
-    q.process()
-    q.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
 def main() -> None:
@@ -72,13 +59,13 @@ def main() -> None:
         variants["int8 dynamic, per channel (the x86_64 / arm64 targets)"] = int8
         for bits, gather in ((8, False), (4, False), (4, True)):  # ORT's Gather quantization is 4-bit only
             path = tmp / f"nbits{bits}{'g' if gather else ''}.onnx"
-            nbits(fp32, path, bits, gather)
+            weight_only(fp32, path, bits, ("MatMul", "Gather") if gather else ("MatMul",), accuracy_level=4)
             name = f"MatMulNBits {bits}-bit, block 32" + (f" + GatherBlockQuantized {bits}-bit embedding" if gather
                                                            else " (embedding fp32)")
             variants[name] = path
         # int8 dynamic for the linear layers (fast with VNNI) and a 4-bit block-quantized embedding (small)
         g4, mixed = tmp / "gather4.onnx", tmp / "mixed.onnx"
-        nbits(fp32, g4, 4, gather=True, matmul=False)
+        weight_only(fp32, g4, 4, ("Gather",))
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(g4), str(mixed), op_types_to_quantize=["MatMul"], per_channel=True,

@@ -1,9 +1,9 @@
 """ONNX export with a parity check against PyTorch on real task inputs.
 
-* A folded BERT-MoE is a plain ``BertForSequenceClassification``: it goes through optimum's exporter
-  (``optimum.exporters.onnx.main_export``), like any BERT.
-* Every other model (an MoE with k > 1 of any family, a family kept with one expert, a folded decoder such as
-  Mistral or Qwen3) is exported with ``torch.onnx.export`` under the family adapter's export patch
+* A model of transformers' own class whose model type optimum's exporter supports for text classification
+  (the folded BERT-MoE, Mistral and Qwen3) goes through ``optimum.exporters.onnx.main_export``.
+* Every other model (an MoE with k > 1 of any family, a family kept with one expert, a fold into one of
+  edgeprune's label-word classes or into a family's own class) is exported with ``torch.onnx.export`` under the family adapter's export patch
   (:meth:`~edgeprune.models.adapter.MoEAdapter.export_patch`: every kept expert computed and combined with the
   routing weights, the router skipped at one expert) and, for decoders, transformers' attention-mask functions
   replaced by optimum's vmap-free ones (``sdpa_mask_without_vmap``), without which no transformers decoder traces.

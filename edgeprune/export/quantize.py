@@ -92,19 +92,19 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
             model.convert_float_to_float16(keep_io_types=True)
             model.save_model_to_file(str(dst))
         elif q.precision == "int8-dynamic":
-            embed8 = q.quantize_embeddings and q.embedding_bits == 8
-            ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if embed8 else [])
-            if q.quantize_embeddings and q.embedding_bits == 4:  # the word embedding first, block-wise 4-bit
-                block4 = dst.with_name(dst.stem + ".gather4.onnx")
-                gather_4bit(src, block4)
-                info["embedding"] = "GatherBlockQuantized, 4-bit symmetric, block 32 (ONNX Runtime's quantizer)"
-                src = block4
+            embed4 = q.quantize_embeddings and q.embedding_bits == 4
+            ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if q.quantize_embeddings and not embed4
+                                             else [])
+            block4 = dst.with_name(dst.stem + ".gather4.onnx")
             try:
-                quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops, per_channel=q.per_channel,
-                                 reduce_range=q.reduce_range, weight_type=QuantType.QInt8,
+                if embed4:  # the word embedding first, block-wise 4-bit
+                    gather_4bit(src, block4)
+                    info["embedding"] = "GatherBlockQuantized, 4-bit symmetric, block 32 (ONNX Runtime's quantizer)"
+                quantize_dynamic(str(block4 if embed4 else src), str(dst), op_types_to_quantize=ops,
+                                 per_channel=q.per_channel, reduce_range=q.reduce_range, weight_type=QuantType.QInt8,
                                  extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             finally:
-                dst.with_name(dst.stem + ".gather4.onnx").unlink(missing_ok=True)
+                block4.unlink(missing_ok=True)
             info["op_types"] = ops
         else:  # int8-static (QDQ)
             if calib is None or len(calib) == 0:
@@ -123,20 +123,27 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
     return info
 
 
-def gather_4bit(src: Path, dst: Path, block: int = 32) -> None:
-    """The word embedding (``Gather`` of an initializer) as ``com.microsoft.GatherBlockQuantized``: 4-bit,
-    symmetric blocks of ``block`` along the hidden axis (ONNX Runtime's weight-only quantizer; it quantizes Gather
-    only to 4 bits). Measured in results/weight_bits.md: with int8 dynamic linear layers, 18.6 instead of 23.1 MB
-    at the same latency."""
+def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], block: int = 32,
+                accuracy_level: Optional[int] = None) -> None:
+    """ONNX Runtime's weight-only quantizer: ``MatMul`` -> ``MatMulNBits``, ``Gather`` of an initializer ->
+    ``com.microsoft.GatherBlockQuantized`` (4-bit only), symmetric blocks of ``block`` along the input / hidden
+    axis, round to nearest."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    axes = (("Gather", 1),)
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=4, op_types_to_quantize=("Gather",),
-                                       quant_axes=axes)
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block, is_symmetric=True,
-                             op_types_to_quantize=("Gather",), quant_axes=axes, algo_config=cfg)
+    axes = (("MatMul", 0), ("Gather", 1))
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level, bits=bits,
+                                       op_types_to_quantize=op_types, quant_axes=axes)
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True,
+                             accuracy_level=accuracy_level, op_types_to_quantize=op_types, quant_axes=axes,
+                             algo_config=cfg)
     q.process()
     q.model.save_model_to_file(str(dst), use_external_data_format=False)
+
+
+def gather_4bit(src: Path, dst: Path) -> None:
+    """The word embedding as ``GatherBlockQuantized``, 4-bit, blocks of 32 along the hidden axis. Measured in
+    results/weight_bits.md: with int8 dynamic linear layers, 18.6 instead of 23.1 MB at the same latency."""
+    weight_only(src, dst, 4, ("Gather",))
 
 
 def fix_shapes(path: Path, batch: int, length: int) -> None:

@@ -45,9 +45,16 @@ def classifier_class(config_class: type[PretrainedConfig], pretrained_class: typ
         pass
     from transformers.modeling_layers import GenericForSequenceClassification
 
-    cls = type(name, (GenericForSequenceClassification, pretrained_class), {"__module__": __name__})
-    AutoModelForSequenceClassification.register(config_class, cls)
-    globals()[name] = cls  # importable by name, like transformers' own classes
+    return _define(name, (GenericForSequenceClassification, pretrained_class), {}, config_class)
+
+
+def _define(name: str, bases: tuple, attrs: dict, config_class: Optional[type]) -> type:
+    """A classifier class made here: importable by name from this module, found by :func:`class_for`, and
+    registered with ``AutoModelForSequenceClassification`` for ``config_class`` (when given)."""
+    cls = type(name, bases, {"__module__": __name__, **attrs})
+    CLASSES[name] = globals()[name] = cls
+    if config_class is not None:
+        AutoModelForSequenceClassification.register(config_class, cls)
     return cls
 
 
@@ -105,21 +112,20 @@ def seq2seq_classifier_class(pretrained_class: type, stack_class: type, name: st
                              config_class: Optional[type] = None) -> type:
     """An encoder-decoder family's label-word classifier (:class:`Seq2SeqLabelWords`), registered with
     ``AutoModelForSequenceClassification`` for ``config_class`` where that config has no classifier yet."""
-    cls = type(name, (Seq2SeqLabelWords, pretrained_class), {"__module__": __name__, "stack_class": stack_class})
-    CLASSES[name] = globals()[name] = cls
-    if config_class is not None:
-        AutoModelForSequenceClassification.register(config_class, cls)
-    return cls
+    return _define(name, (Seq2SeqLabelWords, pretrained_class), {"stack_class": stack_class}, config_class)
+
+
+def class_for(config: dict) -> type:
+    """The class to load a saved classifier with: edgeprune's own where config.json names one (T5's label words
+    cannot be in the Auto mapping, T5 has a classifier there), else the Auto class."""
+    return CLASSES.get((config.get("architectures") or [""])[0], AutoModelForSequenceClassification)
 
 
 def load_classifier(model_dir):
-    """A saved classifier: edgeprune's own class where config.json names one, else the Auto class."""
-    import json
-    from pathlib import Path
+    """A saved classifier (:func:`class_for`)."""
+    from edgeprune.models.checkpoint import read_config
 
-    arch = (json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or [""])[0]
-    cls = CLASSES.get(arch, AutoModelForSequenceClassification)
-    return cls.from_pretrained(model_dir).eval()
+    return class_for(read_config(model_dir)).from_pretrained(model_dir).eval()
 
 
 @torch.no_grad()

@@ -67,6 +67,12 @@ def calibration_batches(enc: Encoded, max_examples: int, batch_size: int, desc: 
         yield batch
 
 
+def real_tokens(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """The non-padding rows (bool) of a layer's flattened input: the batch's attention mask, or every row where the
+    layer sees other positions than the input tokens (an encoder-decoder's decoder: the label-word step)."""
+    return mask if rows == mask.numel() else torch.ones(rows, dtype=torch.bool)
+
+
 @torch.no_grad()
 def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 2048, batch_size: int = 64,
                     max_logit_rows: int = 20000, progress: bool = True) -> dict[int, LayerStats]:
@@ -93,8 +99,7 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
             mask = batch["attention_mask"].reshape(-1).bool()
             for i, block in blocks.items():
                 st = stats[i]
-                # an encoder-decoder's decoder blocks see their own positions (the label-word step), all real
-                keep = mask if seen[i]["x"].shape[0] == mask.numel() else torch.ones(seen[i]["x"].shape[0], dtype=bool)
+                keep = real_tokens(mask, seen[i]["x"].shape[0])
                 x = seen[i]["x"][keep]
                 logits = adapter.router_logits(block, x).float()
                 idx, gate = adapter.route(block, logits)

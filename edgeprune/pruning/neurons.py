@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from edgeprune.models.registry import MoEAdapter
-from edgeprune.pruning.calibration import calibration_batches
+from edgeprune.pruning.calibration import calibration_batches, real_tokens
 from edgeprune.training import Encoded, model_inputs
 
 
@@ -52,8 +52,7 @@ def neuron_saliency(model: torch.nn.Module, adapter: MoEAdapter, enc: Encoded, m
     def hook(layer):
         def pre(_module, inputs):
             a = inputs[0].detach().float().abs().reshape(-1, inputs[0].shape[-1])
-            # a decoder's FFN of an encoder-decoder sees its own positions (the label-word step), all real
-            mask = state["mask"] if a.shape[0] == state["mask"].shape[0] else torch.ones(a.shape[0], 1)
+            mask = real_tokens(state["mask"], a.shape[0]).float().unsqueeze(-1)
             s = (a * mask).sum(0)
             sums[layer] = s if sums[layer] is None else sums[layer] + s
             tokens[layer] += int(mask.sum())
@@ -63,7 +62,7 @@ def neuron_saliency(model: torch.nn.Module, adapter: MoEAdapter, enc: Encoded, m
     model.eval()
     try:
         for batch in calibration_batches(enc, max_examples, batch_size, "neuron saliency", progress):
-            state["mask"] = batch["attention_mask"].reshape(-1, 1).float()
+            state["mask"] = batch["attention_mask"].reshape(-1).bool()
             model(**model_inputs(model, batch))
     finally:
         for h in handles:

@@ -22,7 +22,7 @@ from edgeprune.pruning.neurons import neuron_saliency, slim_ffn
 from edgeprune.pruning.plan import PrunePlan, make_plan, validate_k
 from edgeprune.pruning.progressive import ProgressiveDropper
 from edgeprune.pruning.recover import recover, train_router
-from edgeprune.pruning.vocab import prune_vocabulary
+from edgeprune.pruning.vocab import prune_vocabulary, require_wordpiece
 from edgeprune.tasks import Task
 from edgeprune.tokenization import copy_tokenizer, load_tokenizer
 from edgeprune.training import encode
@@ -100,7 +100,7 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None, task: Optiona
     the checkpoint's own. A checkpoint with only a language-model head becomes the family's classifier by
     label-word scoring (:mod:`edgeprune.models.label_words`; ``task`` gives the labels, ``prompt`` and
     ``verbalisers`` override the defaults)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from edgeprune.models import label_words
     from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype, weight_files
@@ -124,8 +124,7 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None, task: Optiona
     if prompt is not None or verbalisers:
         raise ConfigError(f"{model_dir} has its own classification head; --prompt and --verbalisers are for "
                           "checkpoints with only a language-model head")
-    arch_class = label_words.CLASSES.get((raw.get("architectures") or [""])[0], AutoModelForSequenceClassification)
-    return load_checked(arch_class, model_dir, dtype=torch_dtype(dtype, raw))
+    return load_checked(label_words.class_for(raw), model_dir, dtype=torch_dtype(dtype, raw))
 
 
 def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=None) -> None:
@@ -192,9 +191,9 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     original = load_model(original_dir, task=task, **cfg.load_options())
     tok = load_tokenizer(original_dir)
     check_model(original, task, cfg, tok)
-    if cfg.vocab_reserve is not None and tokenizer_json(original_dir)["model"].get("type") != "WordPiece":
-        raise ConfigError(f"--vocab-reserve prunes WordPiece vocabularies; {original_dir}'s tokenizer is "
-                          f"{tokenizer_json(original_dir)['model'].get('type')} (drop the option)")
+    tok_json = tokenizer_json(original_dir) if cfg.vocab_reserve is not None else None
+    if tok_json is not None:
+        require_wordpiece(tok_json, original_dir)  # before any heavy work
     train_enc = encode(data.load(task, "train"), tok, task.max_length, of_model(original))
     info: dict = {"config": cfg.to_dict()}
     t0 = time.perf_counter()
@@ -230,7 +229,7 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     if cfg.vocab_reserve is not None:  # the training split's tokens keep their segmentation: after recovery
         val = encode(data.load(task, "validation"), tok, task.max_length, of_model(original))
         pruned.edgeprune_tokenizer_json, info["vocab"] = prune_vocabulary(
-            pruned, tokenizer_json(original_dir), train_enc.input_ids, val.input_ids, cfg.vocab_reserve)
+            pruned, tok_json, train_enc.input_ids, val.input_ids, cfg.vocab_reserve)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     return pruned, plan, info
 

@@ -74,14 +74,20 @@ def slim_embeddings(model: torch.nn.Module, keep: Sequence[int]) -> None:
         model.config.pad_token_id = rank[model.config.pad_token_id]
 
 
+def require_wordpiece(tok_json: dict, where) -> None:
+    """One line (exit 2) for a tokenizer this pruning cannot rewrite (BPE, Unigram, ...)."""
+    kind = tok_json.get("model", {}).get("type")
+    if kind != "WordPiece":
+        raise ConfigError(f"--vocab-reserve prunes WordPiece vocabularies; {where}'s tokenizer is {kind} "
+                          "(drop the option)")
+
+
 def prune_vocabulary(model: torch.nn.Module, tok_json: dict, train_ids: Sequence[Sequence[int]],
                      val_ids: Sequence[Sequence[int]], reserve: int) -> tuple[dict, dict]:
     """Slim ``model``'s word embedding (in place) to the task's tokens; returns the rewritten ``tokenizer.json``
     (a dict, from the original ``tok_json``) and a record: kept / total, bytes saved, and the share of validation
     tokens re-segmented."""
-    if tok_json.get("model", {}).get("type") != "WordPiece":
-        raise ConfigError(f"--vocab-reserve prunes WordPiece vocabularies; this tokenizer is "
-                          f"{tok_json.get('model', {}).get('type')} (drop the option)")
+    require_wordpiece(tok_json, "the checkpoint")
     if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
         raise ConfigError("--vocab-reserve: the input embedding is tied to an output layer; drop the option")
     total = len(tok_json["model"]["vocab"])

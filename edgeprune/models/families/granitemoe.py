@@ -54,15 +54,20 @@ def granite_sibling(drop: tuple[str, ...] = (), overrides=lambda cfg: {}) -> Den
                                    "out": "down_proj"})
 
 
-ADAPTER = GraniteMoeAdapter(
-    model_type="granitemoe",
-    block_class=GraniteMoeMoE,
+# what Granite-MoE and Granite-MoE-Shared adapters have in common
+GRANITE_LAYOUT = dict(
     router_attr="router.layer",
     expert_roles=ROLES,
     num_experts_key="num_local_experts",
     renormalise=lambda block: True,  # softmax over the top-k logits = renormalised softmax top-k
     ort_moe=SILU_GLU,
     heads=("causal-lm",),
+)
+
+ADAPTER = GraniteMoeAdapter(
+    model_type="granitemoe",
+    block_class=GraniteMoeMoE,
+    **GRANITE_LAYOUT,
     dense=granite_sibling(),
     fold_exact="exact (bit for bit)",
 )

@@ -7,8 +7,7 @@ from transformers import GraniteMoeSharedConfig
 from transformers.models.granitemoeshared.modeling_granitemoeshared import (GraniteMoeSharedMoE,
                                                                              GraniteMoeSharedPreTrainedModel)
 
-from edgeprune.models.adapter import SILU_GLU
-from edgeprune.models.families.granitemoe import ROLES, GraniteMoeAdapter, granite_sibling
+from edgeprune.models.families.granitemoe import GRANITE_LAYOUT, GraniteMoeAdapter, granite_sibling
 from edgeprune.models.label_words import classifier_class
 
 CLASSIFIER = classifier_class(GraniteMoeSharedConfig, GraniteMoeSharedPreTrainedModel,
@@ -27,12 +26,7 @@ class GraniteMoeSharedAdapter(GraniteMoeAdapter):
 ADAPTER = GraniteMoeSharedAdapter(
     model_type="granitemoeshared",
     block_class=GraniteMoeSharedMoE,
-    router_attr="router.layer",
-    expert_roles=ROLES,
-    num_experts_key="num_local_experts",
-    renormalise=lambda block: True,  # softmax over the top-k logits = renormalised softmax top-k
-    ort_moe=SILU_GLU,
-    heads=("causal-lm",),
+    **GRANITE_LAYOUT,
     dense=granite_sibling(("shared_intermediate_size",), overrides=lambda cfg: {
         "intermediate_size": cfg["intermediate_size"] + cfg.get("shared_intermediate_size", 0)}),
     fold_exact="exact (routed and shared experts side by side in one MLP)",
