@@ -22,7 +22,9 @@ from edgeprune import __version__
 from edgeprune.cache import atomic_dir, cache_root, dir_sha256, fingerprint, reusable, seal
 from edgeprune.check import violations
 from edgeprune.errors import BudgetError, ConfigError
+from edgeprune.export import layout
 from edgeprune.export.targets import Target
+from edgeprune.export.demo import write_demo
 from edgeprune.original import DataSpec, OriginalSpec, ensure_original
 from edgeprune.models.label_words import of_model
 from edgeprune.pruning.pipeline import PruneConfig, check_model, load_model, prune, save_pruned
@@ -140,6 +142,7 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
                                    model.config.hidden_size, ort_model_type(model))
         log(f"quantize: {t.quantization.precision}")
         info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample)
+        info["variants"] = export_variants(tmp, t, sample, fixed_len)
         info["ort_disabled_optimizers"] = t.optimization.ort_disabled_optimizers
         mark_disabled_optimizers(tmp / "model.onnx", info["ort_disabled_optimizers"])
         for f in ("fp32.onnx", "opt.onnx"):
@@ -153,6 +156,30 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
         (tmp / "export.json").write_text(json.dumps(info, indent=1))
         np.save(tmp / "parity_logits.npy", onnx_logits(tmp / "model.onnx", sample, fixed_length=fixed_len))
         seal(tmp)
+    return out
+
+
+def export_variants(tmp: Path, t: Target, sample, fixed_len: Optional[int]) -> dict:
+    """The target's extra precisions (``[export] variants``), from the same fused fp32 graph as the artifact,
+    each compared with the fp32 graph on the parity sample (the quantized artifact's own check is the build's
+    validation). fp16 keeps fp32 inputs and outputs (keep_io_types), as transformers.js' fp16 models do."""
+    from dataclasses import replace
+
+    from edgeprune.export.onnx_export import onnx_logits
+    from edgeprune.export.quantize import quantize
+
+    out = {}
+    if not t.export.variants:
+        return out
+    ref = onnx_logits(tmp / "fp32.onnx", sample, fixed_length=fixed_len)
+    for v in t.export.variants:
+        log(f"export: variant {v}")
+        vt = replace(t, quantization=replace(t.quantization, precision=v, embedding_bits=8))
+        quantize(tmp / "opt.onnx", tmp / f"model_{v}.onnx", vt)
+        got = onnx_logits(tmp / f"model_{v}.onnx", sample, fixed_length=fixed_len)
+        out[v] = {"max_abs_logit_diff_vs_fp32": float(np.abs(ref - got).max()),
+                  "agreement_vs_fp32": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+                  "examples": len(sample), "mb": round((tmp / f"model_{v}.onnx").stat().st_size / 1e6, 3)}
     return out
 
 
@@ -249,15 +276,17 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         "vocabulary": prune_info.get("vocab"),
         "source_checkpoint": str(original_dir), "source_sha256": original_hash,
         "versions": versions(), "command": cfg.command, "budgets": asdict(t.budgets),
-        "files": ["model.onnx"] + (["model.ort"] if (export_dir / "model.ort").is_file() else []),
+        "model_file": layout.onnx_name(t.quantization.precision),
+        "variants": {v: layout.onnx_name(v) for v in t.export.variants},
     }
     final = Path(cfg.out)
     dest = final if not report["violations"] else final.parent / f"{final.name}.rejected"
     with atomic_dir(dest) as tmp:
-        for f in ("model.onnx", "model.ort"):
-            if (export_dir / f).is_file():
-                shutil.copy2(export_dir / f, tmp / f)
-        shutil.copy2(pruned_dir / "tokenizer.json", tmp / "tokenizer.json")  # the pruned vocabulary's, if any
+        manifest["files"] = layout.place(export_dir, tmp, t.quantization.precision, t.export.variants)
+        layout.copy_tokenizer(pruned_dir, tmp, cfg.task.max_length)  # the pruned vocabulary's, if any
+        manifest["transformers_js"] = layout.write_config(pruned_dir, tmp, list(cfg.task.labels),
+                                                          t.quantization.precision, t.export.variants)
+        write_demo(tmp, manifest)
         shutil.copy2(pruned_dir / "prune_plan.json", tmp / "prune_plan.json")
         (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1))

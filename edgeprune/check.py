@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from edgeprune.errors import ModelError
+from edgeprune.export.layout import model_file
 from edgeprune.export.targets import Budgets, _typed, read_toml, validate_budgets
 from edgeprune.manifest import read_json, read_manifest
 
@@ -62,9 +63,10 @@ def load_artifact(directory: str | Path) -> tuple[dict, dict]:
     if not (directory / "report.json").is_file() or not (directory / "edgeprune.json").is_file():
         raise ModelError(f"{directory}: no report.json / edgeprune.json; is this an edgeprune build output?")
     manifest = read_manifest(directory)
-    outputs = onnx_outputs(directory / "model.onnx")
+    path = model_file(directory, manifest)
+    outputs = onnx_outputs(path)
     if outputs is not None and outputs != len(manifest["labels"]):
-        raise ModelError(f"{directory / 'edgeprune.json'}: {len(manifest['labels'])} labels but model.onnx has "
+        raise ModelError(f"{directory / 'edgeprune.json'}: {len(manifest['labels'])} labels but {path.name} has "
                          f"{outputs} outputs; rebuild the artifact")
     report = read_json(directory / "report.json", "report")
     if not isinstance(report.get("quality"), dict) or not isinstance(report.get("size"), dict):

@@ -345,6 +345,15 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, vo
     prune_cfg.distill_alpha = distill
     prune_cfg.ffn_keep = ffn_keep
     prune_cfg.vocab_reserve = vocab_reserve
+    if vocab_reserve is None and target.prune.vocab_reserve is not None:
+        from edgeprune.pruning.pipeline import PROGRESSIVE
+
+        if prune_cfg.method in PROGRESSIVE:
+            click.echo(f"[edgeprune] target {target.name}: vocabulary preset not applied ({prune_cfg.method} makes "
+                       "its plan while fine-tuning)")
+        else:
+            prune_cfg.vocab_reserve = target.prune.vocab_reserve
+            click.echo(f"[edgeprune] target {target.name}: preset --vocab-reserve {prune_cfg.vocab_reserve}")
     prune_cfg.validate()
     if plan_file:
         from edgeprune.pruning.plan import PrunePlan
@@ -411,6 +420,25 @@ def predict(directory, texts, pairs, proba) -> None:
     else:
         for text, label in zip(texts, model.predict(list(texts), list(pairs) or None)):
             click.echo(f"{label}\t{text}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
+@click.option("--lib", type=click.Path(file_okay=False, exists=True),
+              help="A local @huggingface/transformers dist/ folder, served at /lib/ (default: the page loads it "
+                   "from jsDelivr).")
+def serve(directory, port, host, lib) -> None:
+    """Serve an artifact's demo page (demo/index.html) to try it in a browser."""
+    from edgeprune.serve import server
+
+    srv = server(directory, host, port, lib)
+    click.echo(f"demo: http://{host}:{srv.server_address[1]}/demo/index.html  (Ctrl-C stops)")
+    try:
+        srv.serve_forever()
+    finally:
+        srv.server_close()
 
 
 def data_inputs(data) -> dict:

@@ -73,10 +73,35 @@ def _label_words(m: dict) -> str:
             "`EdgeModel` does this itself")
 
 
+def _js_use(m: dict) -> str:
+    """The transformers.js snippet, for artifacts whose model type it classifies."""
+    if not m.get("transformers_js"):
+        return ""
+    arg = '{text: "...", text_pair: "..."}' if m["pair"] else '"some text"'
+    return f"""
+
+In JavaScript (a web page or Node) with transformers.js, which reads this folder's config.json, tokenizer.json
+and {m.get('model_file', 'onnx/model_quantized.onnx')}; `edgeprune serve DIR` serves demo/index.html:
+
+```js
+import {{ pipeline, env }} from "@huggingface/transformers";
+env.allowRemoteModels = false; env.localModelPath = "/path/to/the/parent/folder/";
+const classify = await pipeline("text-classification", "<this folder's name>");
+await classify({arg}, {{ top_k: null }});
+```"""
+
+
 def model_card(r: dict, m: dict) -> str:
     q, sp, size = r["quality"], r["speed"], r["size"]
     pair = "texts, pairs=[...]" if m["pair"] else "texts"
-    return f"""# {m['task']} classifier for {m['target']} (edgeprune)
+    library = "transformers.js" if m.get("transformers_js") else "onnx"
+    return f"""---
+library_name: {library}
+pipeline_tag: text-classification
+tags: [onnx, edgeprune, {m['target']}]
+---
+
+# {m['task']} classifier for {m['target']} (edgeprune)
 
 A task-pruned {'dense' if r['plan']['folded'] else 'Mixture-of-Experts'} transformer in ONNX
 ({m['precision']}), made by edgeprune from the MoE checkpoint `{m['source_checkpoint']}`
@@ -84,7 +109,7 @@ A task-pruned {'dense' if r['plan']['folded'] else 'Mixture-of-Experts'} transfo
 
 - Labels, in output order: {', '.join(m['labels'])}
 - Inputs: {', '.join(m['input_names'])} (int64), at most {m['max_length']} tokens{', fixed shape ' + str(m['fixed_shape']) if m['fixed_shape'] else ''}{_label_words(m)}
-- Files: {', '.join(m['files'])}, tokenizer.json, edgeprune.json (manifest), report.json / report.md
+- Files: {', '.join(m['files'])}, config.json, tokenizer.json, edgeprune.json (manifest), report.json / report.md, demo/index.html
 
 ## Use
 
@@ -95,7 +120,7 @@ model.predict({pair})        # label names
 model.predict_proba({pair})  # probabilities, columns in label order
 ```
 
-or `edgeprune predict DIR "some text"`.
+or `edgeprune predict DIR "some text"`.{_js_use(m)}
 
 ## Quality and cost (validation split, build host)
 

@@ -210,6 +210,11 @@ def _json_edit(path: Path, **changes) -> None:
     path.write_text(json.dumps(cfg))
 
 
+def _onnx(d: Path) -> Path:
+    """The artifact's ONNX file (the manifest's model_file)."""
+    return d / json.loads((d / "edgeprune.json").read_text())["model_file"]
+
+
 def _truncate(path: Path, keep: int) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:keep])
@@ -306,10 +311,12 @@ def artifact_cases() -> list[Case]:
         ("no tokenizer.json", lambda d: (d / "tokenizer.json").unlink()),
         ("tokenizer.json not JSON", lambda d: (d / "tokenizer.json").write_text("{")),
         ("tokenizer.json of another kind", lambda d: (d / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))),
-        ("no model.onnx", lambda d: (d / "model.onnx").unlink()),
-        ("model.onnx truncated", lambda d: _truncate(d / "model.onnx", 2000)),
-        ("model.onnx empty", lambda d: (d / "model.onnx").write_bytes(b"")),
-        ("model.onnx is text", lambda d: (d / "model.onnx").write_text("hello")),
+        ("no ONNX model", lambda d: _onnx(d).unlink()),
+        ("ONNX model truncated", lambda d: _truncate(_onnx(d), 2000)),
+        ("ONNX model empty", lambda d: _onnx(d).write_bytes(b"")),
+        ("ONNX model is text", lambda d: _onnx(d).write_text("hello")),
+        ("manifest model_file outside the artifact", lambda d: _json_edit(d / "edgeprune.json", model_file="../x.onnx")),
+        ("manifest model_file a number", lambda d: _json_edit(d / "edgeprune.json", model_file=3)),
         ("manifest label_words without template", lambda d: _json_edit(d / "edgeprune.json", label_words={"verbalisers": []})),
     ]
     report_only = ("no report.json", "report.json not JSON", "report without budgets")  # predict does not read it
@@ -318,6 +325,13 @@ def artifact_cases() -> list[Case]:
               for n, f in damages if "tokenizer" not in n]
     cases += [
         artifact_case("intact", lambda d: None, "predict", expect="ok"),
+        Case("serve: not an artifact", lambda w: ["serve", str(w.p("empty"))], setup=lambda w: w.p("empty").mkdir(exist_ok=True),
+             group="artifact"),
+        Case("serve: no demo page", lambda w: ["serve", str(w.p("art"))],
+             setup=lambda w: (w.copy(w.artifact, "art") / "demo" / "index.html").unlink(), group="artifact"),
+        Case("serve: --lib without transformers.min.js",
+             lambda w: ["serve", str(w.p("art")), "--lib", str(w.p("empty")), "--port", "0"],
+             setup=lambda w: (w.copy(w.artifact, "art"), w.p("empty").mkdir(exist_ok=True)), group="artifact"),
         artifact_case("intact", lambda d: None, "check", expect="ok"),
         artifact_case("--max-size-mb nan", lambda d: None, "check", extra=("--max-size-mb", "nan")),
         artifact_case("--max-size-mb inf", lambda d: None, "check", extra=("--max-size-mb", "inf")),

@@ -15,6 +15,13 @@ from edgeprune.export.targets import load_target
 FAST = ["--calibration-examples", "64", "--recovery-steps", "4", "--eval-examples", "48", "--latency-iters", "5"]
 
 
+def onnx_file(out):
+    """The artifact's ONNX file, where its manifest says (onnx/model_quantized.onnx for int8)."""
+    from edgeprune.export.layout import model_file
+
+    return model_file(out, json.loads((out / "edgeprune.json").read_text()))
+
+
 def run(args, code=0):
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == code, res.output
@@ -27,8 +34,10 @@ def test_build_end_to_end(tmp_path, cache, tiny_original, loose_targets, target,
     res = run(["build", "--model", str(tiny_original), "--target", target, "--experts", str(k), "--out", str(out)]
               + FAST)
     assert f"artifact: {out}" in res.output
-    for f in ("model.onnx", "tokenizer.json", "edgeprune.json", "report.json", "report.md", "README.md"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "edgeprune.json", "report.json", "report.md",
+              "README.md", "demo/index.html"):
         assert (out / f).is_file(), f
+    assert onnx_file(out).is_file() and onnx_file(out).parent.name == "onnx"
     t = load_target(target)
     assert (out / "model.ort").is_file() == t.runtime.ort_format
     manifest = json.loads((out / "edgeprune.json").read_text())
@@ -108,7 +117,7 @@ def test_parity_check_fails_on_corrupted_weight(tmp_path, tiny_original):
 def test_killed_build_leaves_previous_artifact(tmp_path, cache, tiny_original, loose_targets):
     out = tmp_path / "art"
     run(["build", "--model", str(tiny_original), "--target", "x86_64", "--out", str(out)] + FAST)
-    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    before = {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()}
     env = dict(os.environ, EDGEPRUNE_CACHE=str(tmp_path / "other-cache"))
     proc = subprocess.Popen([sys.executable, "-m", "edgeprune.cli", "build", "--model", str(tiny_original),
                              "--target", "x86_64", "--experts", "2", "--out", str(out), "--recovery-steps", "100000"]
@@ -118,11 +127,11 @@ def test_killed_build_leaves_previous_artifact(tmp_path, cache, tiny_original, l
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["--target", "riscv"], 2, "unknown target 'riscv'; known: arm64, arm64-small, mobile-gpu, x86_64"),
+    (["--target", "riscv"], 2, "unknown target 'riscv'; known: arm64, arm64-small, mobile-gpu, web, x86_64"),
     (["--experts", "0"], 2, "--experts must be >= 1, got 0"),
     (["--experts", "9"], 2, "layer 1: k=9 experts but the layer has only Z=4"),
     (["--task", "agnews"], 2, "the model has 2 labels but task agnews has 4"),
@@ -165,7 +174,7 @@ def test_static_qdq_target(tmp_path, cache, tiny_original, loose_targets):
     run(["build", "--model", str(tiny_original), "--target", str(custom), "--out", str(out)] + FAST)
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    ops = {n.op_type for n in onnx.load(str(onnx_file(out))).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["quantization"]["precision"] == "int8-static"
@@ -183,9 +192,9 @@ def test_unfused_layer_norm_and_fast_gelu_target(tmp_path, cache, tiny_original,
     from edgeprune.export.quantize import disabled_optimizers
     from edgeprune.runtime import EdgeModel
 
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    ops = {n.op_type for n in onnx.load(str(onnx_file(out))).graph.node}
     assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops and "FastGelu" in ops
-    assert disabled_optimizers(out / "model.onnx") == ["SkipLayerNormFusion"]
+    assert disabled_optimizers(onnx_file(out)) == ["SkipLayerNormFusion"]
     assert json.loads((out / "edgeprune.json").read_text())["ort_disabled_optimizers"] == ["SkipLayerNormFusion"]
     assert EdgeModel(out).disabled_optimizers == ["SkipLayerNormFusion"]
     report = json.loads((out / "report.json").read_text())
@@ -196,7 +205,7 @@ def test_unfused_layer_norm_and_fast_gelu_target(tmp_path, cache, tiny_original,
 
     model = EdgeModel(out)
     feeds = numpy_inputs(model.input_names, 2, 12, vocab_size=100)
-    refused = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    refused = ort.InferenceSession(str(onnx_file(out)), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(model.session.run(None, feeds)[0], refused.run(None, feeds)[0], atol=1e-4)
 
     fused = tmp_path / "fused.toml"
@@ -206,9 +215,9 @@ def test_unfused_layer_norm_and_fast_gelu_target(tmp_path, cache, tiny_original,
                      .replace("gelu_approximation = true", "gelu_approximation = false"))
     out_fused = tmp_path / "fused"
     run(["build", "--model", str(tiny_original), "--target", str(fused), "--out", str(out_fused)] + FAST)
-    ops = {n.op_type for n in onnx.load(str(out_fused / "model.onnx")).graph.node}
+    ops = {n.op_type for n in onnx.load(str(onnx_file(out_fused))).graph.node}
     assert "SkipLayerNormalization" in ops and "BiasGelu" in ops and "FastGelu" not in ops
-    assert disabled_optimizers(out_fused / "model.onnx") == [] and EdgeModel(out_fused).disabled_optimizers == []
+    assert disabled_optimizers(onnx_file(out_fused)) == [] and EdgeModel(out_fused).disabled_optimizers == []
     with pytest.raises(Exception, match=r"\[optimization\].skip_layer_norm = 'no' should be bool"):
         bad = tmp_path / "bad.toml"
         bad.write_text(unfused_text.replace("skip_layer_norm = false", 'skip_layer_norm = "no"'))
@@ -245,7 +254,7 @@ def test_four_bit_embedding_target_option(tmp_path, cache, tiny_original, loose_
                                                                             "quantize_embeddings = true\nembedding_bits = 4"))
     out = tmp_path / "art"
     run(["build", "--model", str(tiny_original), "--target", str(profile), "--out", str(out)] + FAST)
-    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    ops = {n.op_type for n in onnx.load(str(onnx_file(out))).graph.node}
     assert "GatherBlockQuantized" in ops and "EmbedLayerNormalization" not in ops
     assert {"MatMulInteger", "DynamicQuantizeLinear"} & ops or "QAttention" in ops
     report = json.loads((out / "report.json").read_text())

@@ -3,13 +3,15 @@
 Schema (every key checked; an unknown key or a bad value is a one-line error naming it)::
 
     name, description, notes
-    [export]        opset, fixed_shapes, batch_size, sequence_length, moe_operator = "dense" | "ort"
+    [export]        opset, fixed_shapes, batch_size, sequence_length, moe_operator = "dense" | "ort",
+                    variants = ["fp16"] (extra ONNX files beside the artifact: fp16 for WebGPU)
     [quantization]  precision = "int8-dynamic" | "int8-static" | "fp16" | "fp32", per_channel, reduce_range,
                     quantize_embeddings, embedding_bits = 8 | 4, calibration_examples
     [optimization]  fuse (ORT transformer fusions: Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm),
                     skip_layer_norm (false: keep residual Add + LayerNormalization unfused, also at session
                     load), gelu_approximation (BiasGelu -> FastGelu, the tanh form)
     [runtime]       provider, ort_format, threads, mobile_usability
+    [prune]         vocab_reserve (the build's default for --vocab-reserve: the target's preset)
     [budgets]       max_size_mb, max_p95_latency_ms, latency_batch, latency_seq_len, max_accuracy_drop,
                     min_agreement
 """
@@ -24,6 +26,7 @@ from edgeprune.errors import ConfigError
 
 PRECISIONS = ("int8-dynamic", "int8-static", "fp16", "fp32")
 MOE_OPERATORS = ("dense", "ort")
+VARIANTS = ("fp16",)
 OPSETS = (14, 20)
 
 
@@ -34,6 +37,7 @@ class ExportSpec:
     batch_size: int = 1
     sequence_length: int = 64
     moe_operator: str = "dense"  # k > 1: "ort" (com.microsoft.MoE where the family maps onto it) or "dense"
+    variants: list = field(default_factory=list)  # extra precisions exported beside the artifact ("fp16")
 
 
 @dataclass
@@ -68,6 +72,13 @@ class RuntimeSpec:
 
 
 @dataclass
+class PruneSpec:
+    """Knobs of the prune stage that a target presets (the command line's options win)."""
+
+    vocab_reserve: Optional[int] = None
+
+
+@dataclass
 class Budgets:
     max_size_mb: Optional[float] = None
     max_p95_latency_ms: Optional[float] = None
@@ -86,6 +97,7 @@ class Target:
     quantization: QuantSpec = field(default_factory=QuantSpec)
     optimization: OptimSpec = field(default_factory=OptimSpec)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    prune: PruneSpec = field(default_factory=PruneSpec)
     budgets: Budgets = field(default_factory=Budgets)
     source: str = ""
 
@@ -94,7 +106,7 @@ class Target:
 
 
 SECTIONS = {"export": ExportSpec, "quantization": QuantSpec, "optimization": OptimSpec, "runtime": RuntimeSpec,
-            "budgets": Budgets}
+            "prune": PruneSpec, "budgets": Budgets}
 
 
 def targets_dir() -> Path:
@@ -133,6 +145,9 @@ def _typed(section: str, cls, values: dict, where: str):
         if not OPSETS[0] <= obj.opset <= OPSETS[1]:
             raise ConfigError(f"{where}: [export].opset {obj.opset} is outside {OPSETS[0]}-{OPSETS[1]} (transformers' "
                               f"attention needs {OPSETS[0]}; torch.onnx's exporter stops at {OPSETS[1]})")
+        for v in obj.variants:
+            if v not in VARIANTS:
+                raise ConfigError(f"{where}: [export].variants: {v!r} is not one of {', '.join(VARIANTS)}")
         for key in ("batch_size", "sequence_length"):
             if getattr(obj, key) < 1:
                 raise ConfigError(f"{where}: [export].{key} must be >= 1, got {getattr(obj, key)}")
@@ -155,6 +170,9 @@ def _typed(section: str, cls, values: dict, where: str):
         if obj.provider not in onnxruntime.get_all_providers():
             raise ConfigError(f"{where}: [runtime].provider {obj.provider!r} is not an ONNX Runtime execution provider "
                               "(e.g. CPUExecutionProvider, XnnpackExecutionProvider, CoreMLExecutionProvider)")
+    if section == "prune" and obj.vocab_reserve is not None and (
+            not isinstance(obj.vocab_reserve, int) or obj.vocab_reserve < 0):
+        raise ConfigError(f"{where}: [prune].vocab_reserve = {obj.vocab_reserve!r} should be an integer >= 0")
     if section == "budgets":
         validate_budgets(obj, where)
     return obj
@@ -210,5 +228,8 @@ def load_target(name_or_path: str) -> Target:
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: [{sec}] must be a table")
         sections[sec] = _typed(sec, cls, values, where)
+    if sections["quantization"].precision in sections["export"].variants:
+        raise ConfigError(f"{where}: [export].variants repeats the precision {sections['quantization'].precision!r}; "
+                          "remove it")
     return Target(name=str(top.get("name", path.stem)), description=str(top.get("description", "")),
                   notes=str(top.get("notes", "")), source=str(path), **sections)

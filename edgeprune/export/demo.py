@@ -1,0 +1,88 @@
+"""``demo/index.html`` in every artifact: a page of a few kilobytes that loads the model from its own folder with
+transformers.js (``pipeline('text-classification', ...)``) on ONNX Runtime Web, and shows the label, the
+probabilities and the latency of a sentence typed into it. ``edgeprune serve DIR`` serves it on loopback.
+
+The library comes from ``../lib/transformers.min.js`` when the server provides one (``edgeprune serve --lib``:
+offline, and what the browser tests use), else from jsDelivr at the version the project tests
+(``TRANSFORMERS_JS``). The page also exposes ``window.edgeprune.classify(text, pair)`` for tests.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TRANSFORMERS_JS = "3.8.1"  # tests/js/package.json pins the same version
+CDN = f"https://cdn.jsdelivr.net/npm/@huggingface/transformers@{TRANSFORMERS_JS}/dist/"
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>edgeprune: __TITLE__</title>
+<style>
+body{font:16px system-ui,sans-serif;max-width:40em;margin:2em auto;padding:0 1em;color:#222}
+textarea{width:100%;font:inherit;padding:.4em;box-sizing:border-box}
+button{font:inherit;padding:.3em 1.2em;margin:.5em 0}
+.row{display:flex;align-items:center;gap:.5em;margin:.2em 0}.name{width:8em}
+.bar{height:1em;background:#3b7dd8}#label{font-size:1.4em;font-weight:600}small{color:#666}
+</style></head><body>
+<h1>__TITLE__</h1>
+<p><small>__SUBTITLE__</small></p>
+<textarea id="text" rows="3" placeholder="Type a sentence">a gorgeous, witty, seductive movie.</textarea>
+<textarea id="pair" rows="2" placeholder="Second text" hidden></textarea>
+<button id="go" disabled>Classify</button>
+<div id="label"></div><div id="probs"></div>
+<p><small id="status">loading the model...</small></p>
+<script type="module">
+const CDN = "__CDN__";
+const M = await (await fetch("../edgeprune.json")).json();
+const local = await fetch("../lib/transformers.min.js", {method: "HEAD"}).then(r => r.ok, () => false);
+const base = local ? new URL("../lib/", location.href).href : CDN;
+const T = await import(base + "transformers.min.js");
+T.env.allowRemoteModels = false; T.env.allowLocalModels = true; T.env.useBrowserCache = false;
+T.env.backends.onnx.wasm.wasmPaths = base;
+T.env.backends.onnx.wasm.numThreads = M.threads || 1;
+const $ = id => document.getElementById(id);
+$("pair").hidden = !M.pair;
+const t0 = performance.now();
+let clf = null, error = null;
+try {
+  if (!M.transformers_js) throw new Error(M.model_type + ": transformers.js has no sequence classifier for this model type; use EdgeModel");
+  clf = await T.pipeline("text-classification", "..", {device: "wasm"});  // the artifact: this page's parent
+} catch (e) { error = String(e && e.message || e); }
+const loadMs = performance.now() - t0;
+async function classify(text, pair) {
+  const s = performance.now();
+  const out = await clf(M.pair ? {text, text_pair: pair || ""} : text, {top_k: null});
+  const ms = performance.now() - s;
+  const scores = Object.fromEntries(out.map(o => [o.label, o.score]));
+  return {label: out[0].label, probs: M.labels.map(l => scores[l]), ms};
+}
+async function show() {
+  const r = await classify($("text").value, $("pair").value);
+  $("label").textContent = r.label;
+  $("probs").innerHTML = M.labels.map((l, i) => `<div class="row"><span class="name">${l}</span>` +
+    `<span class="bar" style="width:${(r.probs[i] * 20).toFixed(2)}em"></span>${r.probs[i].toFixed(4)}</div>`).join("");
+  $("status").textContent = `${r.ms.toFixed(1)} ms for this text; model loaded in ${loadMs.toFixed(0)} ms ` +
+    `(ONNX Runtime Web, WASM, ${T.env.backends.onnx.wasm.numThreads} thread(s))`;
+  return r;
+}
+window.edgeprune = {manifest: M, loadMs, error, classify, show};
+if (error) { $("status").textContent = "cannot load the model: " + error; }
+else { $("go").disabled = false; $("go").onclick = show; await show(); }
+document.body.dataset.ready = "1";
+</script></body></html>
+"""
+
+
+def write_demo(directory: Path, manifest: dict) -> None:
+    """Write ``demo/index.html`` for the artifact in ``directory`` described by ``manifest``."""
+    title = f"{manifest['task']} ({manifest['target']})"
+    subtitle = (f"edgeprune artifact: {', '.join(manifest['labels'])}; {manifest.get('precision', '')} "
+                f"ONNX, {manifest.get('model_type', '')} original. Runs in this page with transformers.js.")
+    page = (PAGE.replace("__TITLE__", _html(title)).replace("__SUBTITLE__", _html(subtitle))
+            .replace("__CDN__", json.dumps(CDN)[1:-1]))
+    (directory / "demo").mkdir(exist_ok=True)
+    (directory / "demo" / "index.html").write_text(page, encoding="utf-8")
+
+
+def _html(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
