@@ -107,7 +107,8 @@ def main() -> None:
                       "p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
                       "accuracy": round(float((probs.argmax(-1) == labels).mean()), 4),
                       "label_agreement_with_edgemodel": round(float((probs.argmax(-1) == ref.argmax(-1)).mean()), 4),
-                      "max_prob_diff_vs_edgemodel": float(np.abs(probs - ref).max())}
+                      "max_prob_diff_vs_edgemodel": float(np.abs(probs - ref).max()),
+                      "p90_prob_diff_vs_edgemodel": float(np.percentile(np.abs(probs - ref).max(-1), 90))}
     for name in rows:
         rows[name]["p50_vs_python"] = round(rows[name]["p50_ms"] / rows["python"]["p50_ms"], 2)
     files = ["config.json", "tokenizer.json", "tokenizer_config.json", manifest["model_file"]]
@@ -137,14 +138,20 @@ def main() -> None:
           f"shared by every model); demo page {sizes['demo_page_kb']} kB. Build: validation accuracy "
           f"{report['quality']['artifact_accuracy']:.4f} (original {report['quality']['original_accuracy']:.4f}), "
           f"{report['size']['size_ratio']}x smaller than the original.", "",
-          "| runtime | load ms | p50 ms | p95 ms | p50 vs Python | accuracy | label agreement | max prob diff vs EdgeModel |",
+          "| runtime | load ms | p50 ms | p95 ms | p50 vs Python | accuracy | label agreement | prob diff vs EdgeModel: p90 / max |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     names = {"chromium": "headless Chromium, transformers.js + ONNX Runtime Web (WASM)",
              "node": "Node, transformers.js + onnxruntime-node", "python": "Python, EdgeModel (ONNX Runtime)"}
     for name, r in rows.items():
         md.append(f"| {names[name]} | {r['load_ms']} | {r['p50_ms']} | {r['p95_ms']} | {r['p50_vs_python']}x | "
-                  f"{r['accuracy']:.4f} | {r['label_agreement_with_edgemodel']:.4f} | {r['max_prob_diff_vs_edgemodel']:.1e} |")
-    md += ["", "Screenshot of the demo page (taken by the browser run): `results/web_demo.png`."]
+                  f"{r['accuracy']:.4f} | {r['label_agreement_with_edgemodel']:.4f} | "
+                  f"{r['p90_prob_diff_vs_edgemodel']:.1e} / {r['max_prob_diff_vs_edgemodel']:.1e} |")
+    md += ["", "Node's onnxruntime-node (1.30) computes what Python's ONNX Runtime (1.32) does, to float rounding. The "
+           "browser's ONNX Runtime Web is the 1.22 build that transformers.js 3.8.1 bundles, whose WASM int8 kernels "
+           "(DynamicQuantizeLinear / MatMulInteger) round differently on some sentences: the labels agree, the "
+           "probabilities move by up to the max above (the same is seen with the arm64 artifact's 8-bit embedding, so "
+           "it is not the 4-bit GatherBlockQuantized). tests/test_web.py holds both to 1e-4 on a tiny model.",
+           "", "Screenshot of the demo page (taken by the browser run): `results/web_demo.png`."]
     from edgeprune.results import write_results
 
     write_results(ROOT / args.out, payload, md)
