@@ -105,6 +105,20 @@ def ort_model_type(model) -> Optional[str]:
         return None
 
 
+def attention_shape(config) -> tuple[int, int]:
+    """Heads and attention width for ONNX Runtime's attention fusion: after ``--heads-keep`` every layer has the
+    same, smaller number of heads (config ``pruned_heads``) and the attention width shrinks with it."""
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    pruned = getattr(config, "pruned_heads", None) or {}
+    if pruned:
+        left = {heads - len(set(h)) for h in pruned.values()}
+        if len(pruned) != config.num_hidden_layers or len(left) != 1:
+            return 0, 0  # uneven: the optimizer reads each attention's shape from the graph
+        kept = left.pop()
+        return kept, kept * (hidden // heads)
+    return heads, hidden
+
+
 def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
     from edgeprune.export.onnx_export import export_onnx, onnx_logits, parity
     from edgeprune.export.quantize import (fix_shapes, mark_disabled_optimizers, mobile_usability, optimize, quantize,
@@ -138,8 +152,8 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
             fix_shapes(tmp / "fp32.onnx", *fixed)
         info["parity_fp32"] = parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed_len)
         log(f"export: parity with PyTorch ok (max logit diff {info['parity_fp32']['max_abs_logit_diff']:.2e})")
-        info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, model.config.num_attention_heads,
-                                   model.config.hidden_size, ort_model_type(model))
+        info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, *attention_shape(model.config),
+                                   ort_model_type(model))
         log(f"quantize: {t.quantization.precision}")
         info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample)
         info["variants"] = export_variants(tmp, t, sample, fixed_len)
@@ -253,7 +267,8 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     report = {
         "task": cfg.task.name, "target": t.name, "original": str(original_dir), "original_sha256": original_hash,
         "plan": plan.summary(),
-        "prune": {k: v for k, v in prune_info.items() if k in ("recovery", "router", "ffn", "vocab", "seconds")},
+        "prune": {k: v for k, v in prune_info.items() if k in ("recovery", "router", "ffn", "depth", "heads", "vocab",
+                                                                  "seconds")},
         "export": export_info, "quality": q, "speed": sp, "memory": mem,
         "size": {"original_mb": original_mb, "artifact_mb": artifact_mb,
                  "artifact_ort_mb": round((export_dir / "model.ort").stat().st_size / 1e6, 3)
@@ -274,6 +289,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         "precision": t.quantization.precision, "quantization": export_info.get("quantization"),
         "prune_plan": plan.summary(), "ffn_width": (prune_info.get("ffn") or {}).get("intermediate_size"),
         "vocabulary": prune_info.get("vocab"),
+        "depth": (prune_info.get("depth") or {}).get("layers"), "heads": (prune_info.get("heads") or {}).get("heads"),
         "source_checkpoint": str(original_dir), "source_sha256": original_hash,
         "versions": versions(), "command": cfg.command, "budgets": asdict(t.budgets),
         "model_file": layout.onnx_name(t.quantization.precision),

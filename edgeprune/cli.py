@@ -244,6 +244,16 @@ ffn_keep_option = click.option(
     help="With --experts 1: keep this share of each folded FFN's neurons (task-aware saliency).")
 
 
+def shrink_options(f):
+    """--drop-layers / --heads-keep: structural pruning of the folded model (edgeprune.pruning.structure)."""
+    f = click.option("--heads-keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+                     help="With --experts 1: keep this share of attention heads per layer (Michel et al. 2019 "
+                          "importance on task data).")(f)
+    return click.option("--drop-layers", default=0, show_default=True, type=click.IntRange(0),
+                        help="With --experts 1: remove this many layers, those that change the hidden state least "
+                             "on task data (ShortGPT block influence).")(f)
+
+
 def resolve_original(model_dir, task, data) -> Path:
     """``--model DIR`` or the embedded default original of the task (built and cached on first use)."""
     from edgeprune.original import OriginalSpec, ensure_original
@@ -282,12 +292,14 @@ def score(task, data, prune_cfg, model_dir, out) -> None:
 @prune_options
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Apply this plan instead of scoring.")
 @ffn_keep_option
+@shrink_options
 @vocab_option
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Weight of distillation from the original's logits during recovery (0: labels only).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output checkpoint directory.")
-def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, vocab_reserve, recovery_steps, distill, out) -> None:
+def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, heads_keep, vocab_reserve,
+          recovery_steps, distill, out) -> None:
     """Prune (or merge) to k experts per layer, fold the router at k = 1, recover; save a checkpoint."""
     from edgeprune.cache import atomic_dir
     from edgeprune.pruning.pipeline import prune as run_prune, save_pruned
@@ -296,6 +308,7 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, vocab_reserve, 
     prune_cfg.recovery_steps = recovery_steps
     prune_cfg.distill_alpha = distill
     prune_cfg.ffn_keep = ffn_keep
+    prune_cfg.drop_layers, prune_cfg.heads_keep = drop_layers, heads_keep
     prune_cfg.vocab_reserve = vocab_reserve
     prune_cfg.validate()
     guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
@@ -328,14 +341,15 @@ def targets() -> None:
               help="Target profile name (see `edgeprune targets`) or path to a .toml profile.")
 @click.option("--plan", "plan_file", type=click.Path(dir_okay=False), help="Apply this plan instead of scoring.")
 @ffn_keep_option
+@shrink_options
 @vocab_option
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--eval-examples", type=click.IntRange(1), help="Validate on this many examples (default: all).")
 @click.option("--latency-iters", default=100, show_default=True, type=click.IntRange(5))
 @click.option("--out", type=click.Path(file_okay=False), help="Artifact directory [default: build/<task>-<target>].")
-def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, vocab_reserve, recovery_steps, distill,
-          eval_examples, latency_iters, out) -> None:
+def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, drop_layers, heads_keep, vocab_reserve,
+          recovery_steps, distill, eval_examples, latency_iters, out) -> None:
     """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
     from edgeprune.build import BuildConfig, build as run_build
     from edgeprune.export.targets import load_target
@@ -344,6 +358,7 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, vo
     prune_cfg.recovery_steps = recovery_steps
     prune_cfg.distill_alpha = distill
     prune_cfg.ffn_keep = ffn_keep
+    prune_cfg.drop_layers, prune_cfg.heads_keep = drop_layers, heads_keep
     prune_cfg.vocab_reserve = vocab_reserve
     if vocab_reserve is None and target.prune.vocab_reserve is not None:
         from edgeprune.pruning.pipeline import PROGRESSIVE

@@ -12,6 +12,13 @@ def _ffn(r: dict) -> str:
     was pruned), else ''."""
     ffn = r.get("prune", {}).get("ffn")
     out = f", FFN width {ffn['intermediate_size'][0]} -> {ffn['intermediate_size'][1]} (--ffn-keep {ffn['keep']})" if ffn else ""
+    depth = r.get("prune", {}).get("depth")
+    if depth:
+        out += (f", layers {depth['layers'][0]} -> {depth['layers'][1]} (--drop-layers: dropped {depth['dropped']}, "
+                "least block influence)")
+    heads = r.get("prune", {}).get("heads")
+    if heads:
+        out += f", attention heads {heads['heads'][0]} -> {heads['heads'][1]} per layer (--heads-keep {heads['keep']})"
     vocab = r.get("prune", {}).get("vocab")
     if vocab:
         out += (f", vocabulary {vocab['of']} -> {vocab['kept']} tokens (--vocab-reserve {vocab['reserve']}; "

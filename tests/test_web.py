@@ -224,3 +224,44 @@ def test_browser_demo_page_says_when_transformers_js_cannot_run_the_model(web_ar
         stop()
     assert res.returncode != 0
     assert "bert_moe: transformers.js has no sequence classifier for this model type; use EdgeModel" in res.stderr
+
+
+@web
+@needs_node
+@needs_browser
+def test_pair_task_in_node_and_the_browser_matches_edgemodel(tmp_path, tiny_original):
+    """Text pairs (rte): transformers.js' text-classification pipeline takes single texts, so the demo page and
+    the Node runner use its AutoTokenizer with text_pair and AutoModelForSequenceClassification; labels and
+    probabilities equal EdgeModel's, long pairs truncated alike."""
+    import re
+
+    from edgeprune.runtime import EdgeModel
+    from edgeprune.serve import serve_in_background
+
+    tdir = tmp_path / "targets"
+    tdir.mkdir()
+    text = (Path(__file__).resolve().parents[1] / "targets" / "web.toml").read_text()
+    text = re.sub(r"max_accuracy_drop = [0-9.]+", "max_accuracy_drop = 100.0", text)
+    (tdir / "web.toml").write_text(re.sub(r"min_agreement = [0-9.]+", "min_agreement = 0.0", text))
+    art = tmp_path / "rte"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEPRUNE_TARGETS", str(tdir))
+        mp.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+        res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--task", "rte", "--target", "web",
+                                        "--out", str(art)] + FAST, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    texts = ["the cat sat on the mat .", "", "a film . " * 60, "😀 it rains"]
+    pairs = ["a cat sat .", "nothing", "a movie . " * 60, "זה סרט"]
+    (tmp_path / "in.json").write_text(json.dumps({"texts": texts, "pairs": pairs}))
+    model = EdgeModel(art)
+    want = model.predict_proba(texts, pairs, batch_size=1)
+    url, stop = serve_in_background(art, lib=LIB)
+    try:
+        runs = [run_js("classify_node.mjs", str(art), str(tmp_path / "in.json")),
+                run_js("classify_browser.mjs", url, str(tmp_path / "in.json"))]
+    finally:
+        stop()
+    for got in runs:
+        probs = np.array([r["probs"] for r in got["results"]])
+        assert [r["label"] for r in got["results"]] == [model.labels[i] for i in want.argmax(-1)]
+        np.testing.assert_allclose(probs, want, atol=1e-4)

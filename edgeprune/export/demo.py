@@ -1,5 +1,6 @@
 """``demo/index.html`` in every artifact: a page of a few kilobytes that loads the model from its own folder with
-transformers.js (``pipeline('text-classification', ...)``) on ONNX Runtime Web, and shows the label, the
+transformers.js (``pipeline('text-classification', ...)``; for text pairs, which that pipeline does not take,
+its ``AutoTokenizer`` with ``text_pair`` and ``AutoModelForSequenceClassification``) on ONNX Runtime Web, and shows the label, the
 probabilities and the latency of a sentence typed into it. ``edgeprune serve DIR`` serves it on loopback.
 
 The library comes from ``../lib/transformers.min.js`` when the server provides one (``edgeprune serve --lib``:
@@ -46,7 +47,15 @@ const t0 = performance.now();
 let clf = null, error = null;
 try {
   if (!M.transformers_js) throw new Error(M.model_type + ": transformers.js has no sequence classifier for this model type; use EdgeModel");
-  clf = await T.pipeline("text-classification", "..", {device: "wasm"});  // the artifact: this page's parent
+  if (M.pair) {  // the text-classification pipeline takes single texts: tokenizer + model for pairs
+    const [tok, model] = await Promise.all([T.AutoTokenizer.from_pretrained(".."),
+      T.AutoModelForSequenceClassification.from_pretrained("..", {device: "wasm"})]);
+    clf = async (x) => {
+      const z = Array.from((await model(tok(x.text, {text_pair: x.text_pair, truncation: true}))).logits.data);
+      const e = z.map(v => Math.exp(v - Math.max(...z))), s = e.reduce((a, b) => a + b);
+      return e.map((v, i) => ({label: M.labels[i], score: v / s})).sort((a, b) => b.score - a.score);
+    };
+  } else clf = await T.pipeline("text-classification", "..", {device: "wasm"});  // the artifact: this page's parent
 } catch (e) { error = String(e && e.message || e); }
 const loadMs = performance.now() - t0;
 async function classify(text, pair) {

@@ -23,6 +23,7 @@ from edgeprune.pruning.plan import PrunePlan, make_plan, validate_k
 from edgeprune.pruning.progressive import ProgressiveDropper
 from edgeprune.pruning.recover import recover, train_router
 from edgeprune.pruning.vocab import prune_vocabulary, require_wordpiece
+from edgeprune.pruning import structure
 from edgeprune.tasks import Task
 from edgeprune.tokenization import copy_tokenizer, load_tokenizer
 from edgeprune.training import encode
@@ -50,6 +51,8 @@ class PruneConfig:
     beta: float = 0.5
     gate_scale: bool = True
     ffn_keep: float = 1.0
+    drop_layers: int = 0  # remove this many layers of the folded model (ShortGPT block influence)
+    heads_keep: float = 1.0  # keep this share of attention heads per layer (Michel et al. 2019 importance)
     seed: int = 0
     prompt: Optional[str] = None  # label-word scoring of language-model checkpoints (None: the task's default)
     verbalisers: Optional[tuple[str, ...]] = None
@@ -76,6 +79,15 @@ class PruneConfig:
         if self.ffn_keep < 1 and self.method in PROGRESSIVE:
             raise ConfigError(f"--ffn-keep needs a one-shot method ({self.method} recovers while dropping experts, "
                               "before neurons could be pruned)")
+        if self.drop_layers < 0:
+            raise ConfigError(f"--drop-layers must be >= 0, got {self.drop_layers}")
+        if not 0 < self.heads_keep <= 1:
+            raise ConfigError(f"--heads-keep must be in (0, 1], got {self.heads_keep}")
+        for flag, on in (("--drop-layers", self.drop_layers > 0), ("--heads-keep", self.heads_keep < 1)):
+            if on and self.experts != 1:
+                raise ConfigError(f"{flag} prunes the folded dense model: use it with --experts 1")
+            if on and self.method in PROGRESSIVE:
+                raise ConfigError(f"{flag} needs a one-shot method ({self.method} makes its plan while fine-tuning)")
         if self.method == "chen2022-eager" and self.experts != 1:
             raise ConfigError("chen2022-eager reaches one expert per layer; use --experts 1")
         if self.method in PROGRESSIVE and self.recovery_steps < 2 * self.window:
@@ -186,8 +198,11 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     Returns the pruned model (the dense class when every layer keeps one expert), the plan and a record
     of what was done (timings, recovery losses)."""
     cfg.validate()
-    if plan is not None and cfg.ffn_keep < 1 and not plan.folds:
-        raise ConfigError("--ffn-keep needs a plan that keeps one expert in every layer (the folded model)")
+    if plan is not None and not plan.folds:
+        for flag, on in (("--ffn-keep", cfg.ffn_keep < 1), ("--drop-layers", cfg.drop_layers > 0),
+                         ("--heads-keep", cfg.heads_keep < 1)):
+            if on:
+                raise ConfigError(f"{flag} needs a plan that keeps one expert in every layer (the folded model)")
     original = load_model(original_dir, task=task, **cfg.load_options())
     tok = load_tokenizer(original_dir)
     check_model(original, task, cfg, tok)
@@ -219,6 +234,10 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
         saliency = neuron_saliency(pruned, adapter, train_enc, max_examples=cfg.calibration_examples,
                                    progress=progress)
         pruned, info["ffn"] = slim_ffn(pruned, adapter, saliency, cfg.ffn_keep)
+    shrink = structure.requested(cfg.drop_layers, cfg.heads_keep)
+    if shrink:
+        pruned, done = structure.apply(pruned, shrink, train_enc, cfg.calibration_examples, progress)
+        info["depth"], info["heads"] = done.get("LayerDrop"), done.get("HeadPrune")
     info["score_and_apply_seconds"] = round(time.perf_counter() - t0, 1)
     if plan.method == "uncurl" and not plan.folds:
         info["router"] = train_router(pruned, train_enc, int(cfg.method_options.get("router_steps", 50)),
