@@ -51,6 +51,7 @@ class BuildConfig:
     latency_iters: int = 100
     throughput_iters: int = 10
     command: str = ""
+    extra_files: dict = field(default_factory=dict)  # artifact-relative name -> file to copy in (the search's front)
 
     def to_dict(self) -> dict:
         return {"task": self.task.name, "target": self.target.to_dict(), "out": str(self.out),
@@ -277,6 +278,8 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         "budgets": asdict(t.budgets), "data": {"validation_split": "validation", "examples": len(val_enc),
                                                "note": "validation split of the task data; not a held-out test set"},
     }
+    if cfg.extra_files:
+        report["search"] = sorted(cfg.extra_files)
     report["violations"] = violations(report, t.budgets)
     report["build_seconds"] = round(time.perf_counter() - t0, 1)
     manifest = {
@@ -303,6 +306,9 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         manifest["transformers_js"] = layout.write_config(pruned_dir, tmp, list(cfg.task.labels),
                                                           t.quantization.precision, t.export.variants)
         write_demo(tmp, manifest)
+        for name, src in cfg.extra_files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / name)
         shutil.copy2(pruned_dir / "prune_plan.json", tmp / "prune_plan.json")
         (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
         (tmp / "report.json").write_text(json.dumps(report, indent=1))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgeprune.errors import ConfigError, EdgepruneError
+from edgeprune.errors import BudgetError, ConfigError, EdgepruneError
 from edgeprune.guard import output_lock
 
 # Models and data come from local directories only: never from a hub.
@@ -347,14 +347,19 @@ def targets() -> None:
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--eval-examples", type=click.IntRange(1), help="Validate on this many examples (default: all).")
 @click.option("--latency-iters", default=100, show_default=True, type=click.IntRange(5))
+@click.option("--search", "search_trials", type=click.IntRange(1), default=None, metavar="TRIALS",
+              help="First search TRIALS candidates (edgeprune search) and build the smallest within the budgets; the "
+                   "Pareto table and plot go into the artifact.")
 @click.option("--out", type=click.Path(file_okay=False), help="Artifact directory [default: build/<task>-<target>].")
 def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, drop_layers, heads_keep, vocab_reserve,
-          recovery_steps, distill, eval_examples, latency_iters, out) -> None:
+          recovery_steps, distill, eval_examples, latency_iters, search_trials, out) -> None:
     """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
     from edgeprune.build import BuildConfig, build as run_build
     from edgeprune.export.targets import load_target
 
     target = load_target(target_name)
+    if search_trials and plan_file:
+        raise ConfigError("--search chooses the knobs itself; drop --plan")
     prune_cfg.recovery_steps = recovery_steps
     prune_cfg.distill_alpha = distill
     prune_cfg.ffn_keep = ffn_keep
@@ -381,7 +386,25 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
     cfg = BuildConfig(task=task, target=target, out=out, data=data, model_dir=model_dir, prune=prune_cfg,
                       plan_file=plan_file, eval_examples=eval_examples, latency_iters=latency_iters,
                       command=" ".join(["edgeprune"] + sys.argv[1:]))
+    if search_trials:
+        guard_output(out.parent / f"{out.name}.search", {"checkpoint (--model)": model_dir, **data_inputs(data)})
     with output_lock(out):
+        if search_trials:
+            from dataclasses import replace
+
+            from edgeprune.search import knob_options, run_search
+
+            result = run_search(replace(cfg, latency_iters=min(latency_iters, 30)), out.parent / f"{out.name}.search",
+                                trials=search_trials, log=click.echo)
+            if result.chosen is None:
+                raise BudgetError(f"--search: none of {len(result.candidates)} candidates met the budgets; see "
+                                  f"{result.files['table']}")
+            k = result.chosen.knobs
+            click.echo(f"[edgeprune] search chose {knob_options(k)}")
+            cfg.prune = replace(cfg.prune, drop_layers=k["drop_layers"], heads_keep=k["heads_keep"],
+                                ffn_keep=k["ffn_keep"], vocab_reserve=k["vocab_reserve"] if k["vocab_reserve"] >= 0 else None)
+            cfg.extra_files = {"search/pareto.md": result.files["table"], "search/pareto.png": result.files["plot"],
+                               "search/pareto.json": result.files["json"]}
         final, report = run_build(cfg)
     q, sp, size = report["quality"], report["speed"], report["size"]
     click.echo(f"accuracy {q['artifact_accuracy']:.4f} (original {q['original_accuracy']:.4f}, drop "
@@ -390,6 +413,44 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
                f"({sp['p50_speedup']}x faster than the original)")
     click.echo(f"artifact: {final}")
     click.echo(f"report:   {final / 'report.md'}")
+
+
+@main.command()
+@data_options
+@prune_options
+@click.option("--target", "target_name", default="x86_64", show_default=True,
+              help="Target profile name (see `edgeprune targets`) or path to a .toml profile.")
+@click.option("--trials", default=8, show_default=True, type=click.IntRange(1), help="Candidates to build at most.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), help="Stop starting new trials after this many seconds.")
+@click.option("--recovery-steps", default=1000, show_default=True, type=click.IntRange(0))
+@click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--eval-examples", type=click.IntRange(1), help="Validate on this many examples (default: all).")
+@click.option("--latency-iters", default=30, show_default=True, type=click.IntRange(5))
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Where the candidates, pareto.md / .json / .png go [default: build/search-<task>-<target>].")
+def search(task, data, prune_cfg, model_dir, target_name, trials, timeout, recovery_steps, distill, eval_examples,
+           latency_iters, out) -> None:
+    """Search layers, heads, FFN width and vocabulary for the smallest artifact within the target's budgets."""
+    from edgeprune.build import BuildConfig
+    from edgeprune.export.targets import load_target
+    from edgeprune.search import knob_options, run_search
+
+    target = load_target(target_name)
+    prune_cfg.recovery_steps, prune_cfg.distill_alpha = recovery_steps, distill
+    prune_cfg.validate()
+    out = Path(out or f"build/search-{task.name}-{target.name}")
+    guard_output(out, {"checkpoint (--model)": model_dir, **data_inputs(data)})
+    cfg = BuildConfig(task=task, target=target, out=out, data=data, model_dir=model_dir, prune=prune_cfg,
+                      eval_examples=eval_examples, latency_iters=latency_iters,
+                      command=" ".join(["edgeprune"] + sys.argv[1:]))
+    with output_lock(out):
+        result = run_search(cfg, out, trials=trials, timeout=timeout, log=click.echo)
+    click.echo(Path(result.files["table"]).read_text())
+    if result.chosen is None:
+        raise BudgetError(f"none of {len(result.candidates)} candidates met the budgets of {target.name}")
+    click.echo(f"build it: edgeprune build --task {task.name} --target {target.name} "
+               f"{knob_options(result.chosen.knobs).replace('(full vocabulary)', '').strip()} --recovery-steps {recovery_steps}")
+    click.echo(f"plot: {result.files['plot']}")
 
 
 @main.command()

@@ -1,0 +1,66 @@
+"""``edgeprune search`` and ``build --search`` on a tiny MoE: a candidate within budgets in seconds, the Pareto
+table and a valid PNG plot, the chosen candidate built into the artifact; bad input is one line."""
+import json
+
+from click.testing import CliRunner
+
+from edgeprune.cli import main
+from edgeprune.search import SearchSpace, knob_options, run_search
+
+FAST = ["--calibration-examples", "64", "--recovery-steps", "4", "--eval-examples", "48", "--latency-iters", "5"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_returns_a_candidate_within_budgets_and_a_plot(tmp_path, cache, tiny_original, loose_targets):
+    from edgeprune.build import BuildConfig
+    from edgeprune.export.targets import load_target
+    from edgeprune.pruning.pipeline import PruneConfig
+    from edgeprune.tasks import get_task
+
+    cfg = BuildConfig(task=get_task("sst2"), target=load_target("x86_64"), out=tmp_path / "unused",
+                      model_dir=str(tiny_original), eval_examples=48, latency_iters=5,
+                      prune=PruneConfig(calibration_examples=64, recovery_steps=4))
+    space = SearchSpace(drop_layers=(0, 1, 2, 5), heads_keep=(1.0, 0.5), ffn_keep=(1.0,), vocab_reserve=(-1,))
+    lines = []
+    result = run_search(cfg, tmp_path / "s", space, trials=4, log=lines.append)
+    assert 1 <= len(result.candidates) <= 4  # repeated combinations are not rebuilt
+    assert all(c.knobs["drop_layers"] in (0, 1) for c in result.candidates)  # the tiny MoE has 2 layers
+    assert result.chosen is not None and result.chosen.ok
+    assert result.chosen.size_mb == min(c.size_mb for c in result.candidates if c.ok)
+    assert any(c.pareto for c in result.candidates)
+    assert (tmp_path / "s" / "pareto.png").read_bytes()[:8] == PNG
+    table = (tmp_path / "s" / "pareto.md").read_text()
+    assert "(chosen)" in table and "Pareto" in table
+    assert json.loads((tmp_path / "s" / "pareto.json").read_text())["chosen"]["number"] == result.chosen.number
+    assert any(l.startswith("[search] trial 1/4:") for l in lines)
+
+
+def test_knob_options_read_as_build_options():
+    assert knob_options({"drop_layers": 2, "heads_keep": 0.5, "ffn_keep": 1.0, "vocab_reserve": 2000}) == \
+        "--drop-layers 2 --heads-keep 0.5 --vocab-reserve 2000"
+    assert knob_options({"drop_layers": 0, "heads_keep": 1.0, "ffn_keep": 0.75, "vocab_reserve": -1}) == \
+        "--ffn-keep 0.75 (full vocabulary)"
+
+
+def test_build_with_search_puts_the_front_in_the_artifact(tmp_path, cache, tiny_original, loose_targets):
+    out = tmp_path / "art"
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--search", "2", "--out", str(out)] + FAST,
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "[edgeprune] search chose" in res.output
+    assert (out / "search" / "pareto.png").read_bytes()[:8] == PNG and (out / "search" / "pareto.md").is_file()
+    assert json.loads((out / "report.json").read_text())["search"] == ["search/pareto.json", "search/pareto.md",
+                                                                        "search/pareto.png"]
+
+
+def test_search_command_and_its_errors(tmp_path, cache, tiny_original, loose_targets):
+    res = CliRunner().invoke(main, ["search", "--model", str(tiny_original), "--trials", "1", "--out",
+                                    str(tmp_path / "s")] + FAST, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "build it: edgeprune build --task sst2 --target x86_64" in res.output
+    res = CliRunner().invoke(main, ["search", "--model", str(tiny_original), "--experts", "2", "--out",
+                                    str(tmp_path / "s2")] + FAST)
+    assert res.exit_code == 2 and "error: search prunes the folded dense model: use --experts 1" in res.output
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--search", "1", "--plan", "p.json",
+                                    "--out", str(tmp_path / "b")] + FAST)
+    assert res.exit_code == 2 and "--search chooses the knobs itself; drop --plan" in res.output
