@@ -244,6 +244,31 @@ ffn_keep_option = click.option(
     help="With --experts 1: keep this share of each folded FFN's neurons (task-aware saliency).")
 
 
+def apply_presets(prune_cfg, target, plan_file) -> None:
+    """The target's ``[prune]`` preset for every option the command line left at its default (said in one line);
+    none with a progressive method or an explicit --plan / --experts other than 1 (the preset is for the folded
+    model)."""
+    from click.core import ParameterSource
+
+    from edgeprune.pruning.pipeline import PROGRESSIVE
+
+    presets = target.prune.presets()
+    if not presets:
+        return
+    if prune_cfg.method in PROGRESSIVE or plan_file or prune_cfg.experts != 1:
+        why = (f"{prune_cfg.method} makes its plan while fine-tuning" if prune_cfg.method in PROGRESSIVE
+               else "--plan given" if plan_file else "it is for the folded model (--experts 1)")
+        click.echo(f"[edgeprune] target {target.name}: preset not applied ({why})")
+        return
+    ctx = click.get_current_context()
+    used = {k: v for k, v in presets.items() if ctx.get_parameter_source(k) in (ParameterSource.DEFAULT, None)}
+    for key, value in used.items():
+        setattr(prune_cfg, key, value)
+    if used:
+        click.echo(f"[edgeprune] target {target.name}: preset " +
+                   " ".join(f"--{k.replace('_', '-')} {v}" for k, v in used.items()))
+
+
 def shrink_options(f):
     """--drop-layers / --heads-keep: structural pruning of the folded model (edgeprune.pruning.structure)."""
     f = click.option("--heads-keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
@@ -365,15 +390,7 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
     prune_cfg.ffn_keep = ffn_keep
     prune_cfg.drop_layers, prune_cfg.heads_keep = drop_layers, heads_keep
     prune_cfg.vocab_reserve = vocab_reserve
-    if vocab_reserve is None and target.prune.vocab_reserve is not None:
-        from edgeprune.pruning.pipeline import PROGRESSIVE
-
-        if prune_cfg.method in PROGRESSIVE:
-            click.echo(f"[edgeprune] target {target.name}: vocabulary preset not applied ({prune_cfg.method} makes "
-                       "its plan while fine-tuning)")
-        else:
-            prune_cfg.vocab_reserve = target.prune.vocab_reserve
-            click.echo(f"[edgeprune] target {target.name}: preset --vocab-reserve {prune_cfg.vocab_reserve}")
+    apply_presets(prune_cfg, target, plan_file)
     prune_cfg.validate()
     if plan_file:
         from edgeprune.pruning.plan import PrunePlan

@@ -25,7 +25,7 @@ from edgeprune.errors import BudgetError, ConfigError
 class SearchSpace:
     """The knobs and their values (categorical). ``vocab_reserve`` -1 means the full vocabulary."""
 
-    drop_layers: tuple = (0, 1, 2)
+    drop_layers: tuple = (0, 1, 2, 3)
     heads_keep: tuple = (1.0, 0.75, 0.5)
     ffn_keep: tuple = (1.0, 0.75, 0.5)
     vocab_reserve: tuple = (-1, 2000)

@@ -3,12 +3,16 @@
     python scripts/benchmark.py                     # sst2 agnews x x86_64 arm64 mobile-gpu -> results/benchmark.*
     python scripts/benchmark.py --ffn-keep 0.5 --recovery-steps 1000 --out results/benchmark_ffn
                                                     # plus width pruning of the folded FFNs (edgeprune.pruning.neurons)
+    python scripts/benchmark.py --targets arm64-small --drop-layers 2 --heads-keep 0.5 --vocab-reserve 2000 ...
+                                                    # below the dense floor (edgeprune.pruning.structure, vocab)
 
 For each task and target it runs the real `edgeprune build` pipeline (default method and k = 1), then
 measures in the same process, with the same thread count and inputs: the original MoE in PyTorch fp32
 (the reference), the artifact, the dense baseline exported and quantized the same way (the floor for
 k = 1: folding must cost nothing over a natively dense model), and the original exported to ONNX fp32
-with all its experts (dense dispatch; separates what pruning buys from what ONNX Runtime buys). With
+with all its experts (dense dispatch; separates what pruning buys from what ONNX Runtime buys), and the peer a
+user would pick instead of edgeprune: the dense baseline exported by `optimum-cli export onnx` and quantized by
+`optimum-cli onnxruntime quantize --arm64` (arm64 targets; `--avx512_vnni` for x86_64). With
 --ffn-keep < 1 the artifact is narrower than the dense baseline, which then stops being its floor.
 Latency: p50/p95 at batch 1, 64 tokens, 1 thread; throughput at batch 32; every model of a row is timed in
 alternating rounds (edgeprune.validate.interleaved) so that host drift falls on all alike. Ratios are vs the original.
@@ -34,25 +38,52 @@ from edgeprune.validate import (interleaved, onnx_runner, original_logits, perce
                                 throughput, torch_runner)
 
 
+PEER_FLAGS = {"x86_64": "--avx512_vnni", "arm64": "--arm64", "arm64-small": "--arm64", "web": "--arm64"}
+
+
+def optimum_cli_peer(dense_dir: Path, target: str, opset: int) -> Path:
+    """The dense baseline through optimum's command line, as a user without edgeprune would ship it."""
+    import subprocess
+
+    out = Path(f"build/peer-{dense_dir.name}-{target}")
+    model = out / "quantized" / "model_quantized.onnx"
+    if model.is_file():
+        return model
+    subprocess.run(["optimum-cli", "export", "onnx", "--model", str(dense_dir), "--task", "text-classification",
+                    "--opset", str(opset), str(out / "onnx")], check=True)
+    subprocess.run(["optimum-cli", "onnxruntime", "quantize", "--onnx_model", str(out / "onnx"), PEER_FLAGS[target],
+                    "-o", str(out / "quantized")], check=True)
+    return model
+
+
+def artifact_model(art: Path) -> tuple[Path, Path]:
+    """The artifact's ONNX file (its manifest's model_file) and the directory of its tokenizer."""
+    from edgeprune.export.layout import model_file
+
+    return model_file(art, json.loads((art / "edgeprune.json").read_text())), art
+
+
 def accuracy_row(path: Path, ref_logits, va, t) -> dict:
     fixed = t.export.sequence_length if t.export.fixed_shapes else None
     q = quality(ref_logits, path, va, fixed_length=fixed)
     return {"accuracy": q["artifact_accuracy"], "agreement": q["agreement"], "size_mb": size_mb(path)}
 
 
-def measure_speed(row: dict, original, paths: dict[str, Path], t, iters: int) -> None:
+def measure_speed(row: dict, original, paths: dict[str, Path], t, iters: int, vocabs: dict | None = None) -> None:
     """Latency (batch 1, 64 tokens) and batch-32 throughput of the original in PyTorch and every ONNX model,
-    all in alternating rounds in this process (same threads, same inputs)."""
-    vocab, threads = original.config.vocab_size, t.runtime.threads
+    all in alternating rounds in this process (same threads, same inputs; random ids within each model's
+    vocabulary, which is smaller for a pruned one)."""
+    threads = t.runtime.threads
+    vocabs = {k: (vocabs or {}).get(k) or original.config.vocab_size for k in paths}
     batch = t.export.batch_size if t.export.fixed_shapes else 1
     ms = interleaved({"original": torch_runner(original, 1, 64),
-                      **{k: onnx_runner(p, batch, 64, threads, vocab) for k, p in paths.items()}},
+                      **{k: onnx_runner(p, batch, 64, threads, vocabs[k]) for k, p in paths.items()}},
                      threads, 10, iters)
     for key, v in ms.items():
         row[key].update(percentiles(v))
     if not t.export.fixed_shapes:
         tp = interleaved({"original": torch_runner(original, 32, 64),
-                          **{k: onnx_runner(p, 32, 64, threads, vocab) for k, p in paths.items()}},
+                          **{k: onnx_runner(p, 32, 64, threads, vocabs[k]) for k, p in paths.items()}},
                          threads, 2, 10, rounds=5)
         for key, v in tp.items():
             row[key]["throughput_per_s"] = throughput(v, 32)
@@ -65,6 +96,9 @@ def main() -> None:
     ap.add_argument("--method", default="reap")
     ap.add_argument("--recovery-steps", type=int, default=200)
     ap.add_argument("--ffn-keep", type=float, default=1.0, help="share of the folded FFN neurons to keep")
+    ap.add_argument("--drop-layers", type=int, default=0)
+    ap.add_argument("--heads-keep", type=float, default=1.0)
+    ap.add_argument("--vocab-reserve", type=int, default=None)
     ap.add_argument("--latency-iters", type=int, default=200)
     ap.add_argument("--out", default="results/benchmark")
     args = ap.parse_args()
@@ -80,7 +114,8 @@ def main() -> None:
             t = load_target(tname)
             cfg = BuildConfig(task=task, target=t, out=Path(f"build/bench-{name}-{tname}"),
                               prune=PruneConfig(method=args.method, experts=1, recovery_steps=args.recovery_steps,
-                                                ffn_keep=args.ffn_keep),
+                                                ffn_keep=args.ffn_keep, drop_layers=args.drop_layers,
+                                                heads_keep=args.heads_keep, vocab_reserve=args.vocab_reserve),
                               latency_iters=args.latency_iters, command="scripts/benchmark.py")
             try:
                 art, report = build(cfg)
@@ -90,12 +125,19 @@ def main() -> None:
                 report = json.loads((art / "report.json").read_text())
                 ok = False
             dense_art = stage_export(cfg, ddir, va)
+            art_model, art_tok = artifact_model(art)
+            vocab = (report["prune"].get("vocab") or {}).get("kept")
+            art_va = encode(DataSpec().load(task, "validation"), load_tokenizer(art_tok), task.max_length) if vocab else va
             row = {"task": name, "target": tname, "budgets_hold": ok, "violations": report["violations"],
                    "original": {"accuracy": report["quality"]["original_accuracy"],
                                 "size_mb": report["size"]["original_mb"]},
-                   "artifact": accuracy_row(art / "model.onnx", ref, va, t),
+                   "artifact": accuracy_row(art_model, ref, art_va, t),
                    "dense_baseline": accuracy_row(dense_art / "model.onnx", ref, va, t)}
-            paths = {"artifact": art / "model.onnx", "dense_baseline": dense_art / "model.onnx"}
+            paths = {"artifact": art_model, "dense_baseline": dense_art / "model.onnx"}
+            if tname in PEER_FLAGS:
+                peer = optimum_cli_peer(ddir, tname, t.export.opset)
+                row["optimum_cli_peer"] = accuracy_row(peer, ref, va, t)
+                paths["optimum_cli_peer"] = peer
             if tname != "mobile-gpu":
                 fp32 = replace(t, quantization=replace(t.quantization, precision="fp32"),
                                optimization=replace(t.optimization, fuse=False),
@@ -106,9 +148,9 @@ def main() -> None:
                     paths["original_onnx_fp32"] = full
                 except Exception as exc:  # report, do not hide
                     row["original_onnx_fp32"] = {"error": f"{type(exc).__name__}: {exc}"}
-            measure_speed(row, original, paths, t, args.latency_iters)
+            measure_speed(row, original, paths, t, args.latency_iters, {"artifact": vocab})
             o = row["original"]
-            for key in ("artifact", "dense_baseline", "original_onnx_fp32"):
+            for key in ("artifact", "dense_baseline", "optimum_cli_peer", "original_onnx_fp32"):
                 r = row.get(key)
                 if r and "p50_ms" in r:
                     r["p50_speedup"] = round(o["p50_ms"] / r["p50_ms"], 2)
@@ -116,6 +158,10 @@ def main() -> None:
             a, d = row["artifact"], row["dense_baseline"]
             row["artifact_vs_dense"] = {"p50": round(a["p50_ms"] / d["p50_ms"], 3),
                                         "size": round(a["size_mb"] / d["size_mb"], 3)}
+            if "optimum_cli_peer" in row:
+                pr = row["optimum_cli_peer"]
+                row["artifact_vs_peer"] = {"p50": round(a["p50_ms"] / pr["p50_ms"], 3),
+                                           "size": round(a["size_mb"] / pr["size_mb"], 3)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             write(args, rows)
@@ -128,12 +174,16 @@ def write(args, rows) -> None:
              "all models of a row timed in the same process in alternating rounds. "
              "Accuracy on the full validation split. Method: " + args.method + ", k = 1 (folded)"
              + (f", FFN neurons kept {args.ffn_keep} (--ffn-keep)" if args.ffn_keep < 1 else "")
+             + (f", {args.drop_layers} layers dropped (--drop-layers)" if args.drop_layers else "")
+             + (f", attention heads kept {args.heads_keep} (--heads-keep)" if args.heads_keep < 1 else "")
+             + (f", vocabulary: task tokens + {args.vocab_reserve} (--vocab-reserve)" if args.vocab_reserve is not None else "")
              + f", recovery {args.recovery_steps} steps.", "",
              "| task | target | model | accuracy | agreement | size MB | p50 ms | p95 ms | batch-32 /s | p50 speed-up | size ratio |",
              "|" + " --- |" * 11]
     for r in rows:
         for key, label in (("original", "original MoE, PyTorch fp32"), ("artifact", "edgeprune artifact"),
                            ("dense_baseline", "dense baseline, same export"),
+                           ("optimum_cli_peer", "dense baseline, optimum-cli export + quantize (the peer)"),
                            ("original_onnx_fp32", "original MoE, ONNX fp32, all experts")):
             m = r.get(key)
             if not m:
@@ -146,6 +196,9 @@ def write(args, rows) -> None:
                          f"{m.get('p50_speedup', '')} | {m.get('size_ratio', '')} |")
         lines.append(f"| {r['task']} | {r['target']} | artifact / dense baseline | | | {r['artifact_vs_dense']['size']} | "
                      f"{r['artifact_vs_dense']['p50']} | | | | |")
+        if "artifact_vs_peer" in r:
+            lines.append(f"| {r['task']} | {r['target']} | artifact / optimum-cli peer | | | {r['artifact_vs_peer']['size']} | "
+                         f"{r['artifact_vs_peer']['p50']} | | | | |")
     write_results(args.out, {"rows": rows}, lines)
 
 

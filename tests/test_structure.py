@@ -153,3 +153,32 @@ def test_build_with_fewer_layers_and_heads_is_exact_after_fusion(tmp_path, cache
     with torch.no_grad():
         want = torch_model(**batch).logits.numpy()
     np.testing.assert_allclose(EdgeModel(out).logits(texts, batch_size=8), want, atol=1e-4)
+
+
+def test_target_preset_applies_where_the_command_line_is_silent(tmp_path, cache, tiny_original, loose_targets):
+    profile = tmp_path / "preset.toml"
+    profile.write_text((loose_targets / "x86_64.toml").read_text() +
+                       "\n[prune]\ndrop_layers = 1\nheads_keep = 0.5\nrecovery_steps = 3\n")
+    out = tmp_path / "art"
+    args = ["build", "--model", str(tiny_original), "--target", str(profile), "--calibration-examples", "64",
+            "--eval-examples", "48", "--latency-iters", "5"]
+    res = CliRunner().invoke(main, args + ["--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "preset --drop-layers 1 --heads-keep 0.5 --recovery-steps 3" in res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["prune"]["depth"]["layers"] == [2, 1] and report["prune"]["recovery"]["steps"] == 3
+    res = CliRunner().invoke(main, args + ["--drop-layers", "0", "--recovery-steps", "4", "--out", str(tmp_path / "b")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "preset --heads-keep 0.5" in res.output and "--drop-layers 1" not in res.output
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["prune"].get("depth") is None
+    res = CliRunner().invoke(main, args + ["--experts", "2", "--out", str(tmp_path / "c")], catch_exceptions=False)
+    assert res.exit_code == 0 and "preset not applied (it is for the folded model (--experts 1))" in res.output
+    bad = tmp_path / "bad.toml"
+    for body, msg in [("[prune]\nheads_keep = 0\n", r"\[prune\].heads_keep = 0 should be in \(0, 1\]"),
+                      ("[prune]\ndrop_layers = -1\n", r"\[prune\].drop_layers = -1 should be an integer >= 0")]:
+        bad.write_text(body)
+        with pytest.raises(ConfigError, match=msg):
+            from edgeprune.export.targets import load_target
+
+            load_target(str(bad))

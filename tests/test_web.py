@@ -114,7 +114,7 @@ def test_command_line_vocab_reserve_wins_over_the_preset(tmp_path, cache, tiny_o
     assert json.loads((out / "edgeprune.json").read_text())["vocabulary"]["reserve"] == 0
     res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "web", "--method",
                                     "chen2022-progressive", "--experts", "1", "--out", str(tmp_path / "p")] + FAST)
-    assert "vocabulary preset not applied (chen2022-progressive makes its plan while fine-tuning)" in res.output
+    assert "preset not applied (chen2022-progressive makes its plan while fine-tuning)" in res.output
 
 
 def get(url_base: str, path: str) -> tuple[int, dict, bytes]:

@@ -11,7 +11,8 @@ Schema (every key checked; an unknown key or a bad value is a one-line error nam
                     skip_layer_norm (false: keep residual Add + LayerNormalization unfused, also at session
                     load), gelu_approximation (BiasGelu -> FastGelu, the tanh form)
     [runtime]       provider, ort_format, threads, mobile_usability
-    [prune]         vocab_reserve (the build's default for --vocab-reserve: the target's preset)
+    [prune]         vocab_reserve, drop_layers, heads_keep, ffn_keep, recovery_steps: the target's preset,
+                    used by ``build`` where the command line does not give the option
     [budgets]       max_size_mb, max_p95_latency_ms, latency_batch, latency_seq_len, max_accuracy_drop,
                     min_agreement
 """
@@ -73,9 +74,17 @@ class RuntimeSpec:
 
 @dataclass
 class PruneSpec:
-    """Knobs of the prune stage that a target presets (the command line's options win)."""
+    """Knobs of the prune stage that a target presets (the command line's options win; None: the option's
+    own default)."""
 
     vocab_reserve: Optional[int] = None
+    drop_layers: Optional[int] = None
+    heads_keep: Optional[float] = None
+    ffn_keep: Optional[float] = None
+    recovery_steps: Optional[int] = None
+
+    def presets(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
@@ -170,9 +179,15 @@ def _typed(section: str, cls, values: dict, where: str):
         if obj.provider not in onnxruntime.get_all_providers():
             raise ConfigError(f"{where}: [runtime].provider {obj.provider!r} is not an ONNX Runtime execution provider "
                               "(e.g. CPUExecutionProvider, XnnpackExecutionProvider, CoreMLExecutionProvider)")
-    if section == "prune" and obj.vocab_reserve is not None and (
-            not isinstance(obj.vocab_reserve, int) or obj.vocab_reserve < 0):
-        raise ConfigError(f"{where}: [prune].vocab_reserve = {obj.vocab_reserve!r} should be an integer >= 0")
+    if section == "prune":
+        for key in ("vocab_reserve", "drop_layers", "recovery_steps"):
+            v = getattr(obj, key)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ConfigError(f"{where}: [prune].{key} = {v!r} should be an integer >= 0")
+        for key in ("heads_keep", "ffn_keep"):
+            v = getattr(obj, key)
+            if v is not None and not 0 < v <= 1:
+                raise ConfigError(f"{where}: [prune].{key} = {v!r} should be in (0, 1]")
     if section == "budgets":
         validate_budgets(obj, where)
     return obj
