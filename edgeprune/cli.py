@@ -235,9 +235,10 @@ def prune_options(fn):
 
 
 vocab_option = click.option(
-    "--vocab-reserve", type=click.IntRange(0), default=None,
+    "--vocab-reserve", type=click.IntRange(-1), default=None,
     help="Prune the WordPiece vocabulary to the task's tokens (training split) plus every character piece and "
-         "this many of the most frequent words; the embedding and tokenizer.json shrink together.")
+         "this many of the most frequent words; the embedding and tokenizer.json shrink together. -1: keep the "
+         "full vocabulary (also against a target's preset).")
 
 ffn_keep_option = click.option(
     "--ffn-keep", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
@@ -253,6 +254,9 @@ def apply_presets(prune_cfg, target, plan_file) -> None:
     from edgeprune.pruning.pipeline import PROGRESSIVE
 
     presets = target.prune.presets()
+    if prune_cfg.vocab_reserve == -1:  # explicitly the full vocabulary
+        prune_cfg.vocab_reserve = None
+        presets.pop("vocab_reserve", None)
     if not presets:
         return
     if prune_cfg.method in PROGRESSIVE or plan_file or prune_cfg.experts != 1:
@@ -334,7 +338,7 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, he
     prune_cfg.distill_alpha = distill
     prune_cfg.ffn_keep = ffn_keep
     prune_cfg.drop_layers, prune_cfg.heads_keep = drop_layers, heads_keep
-    prune_cfg.vocab_reserve = vocab_reserve
+    prune_cfg.vocab_reserve = None if vocab_reserve == -1 else vocab_reserve
     prune_cfg.validate()
     guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
     plan = PrunePlan.load(plan_file) if plan_file else None
@@ -443,16 +447,21 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--eval-examples", type=click.IntRange(1), help="Validate on this many examples (default: all).")
 @click.option("--latency-iters", default=30, show_default=True, type=click.IntRange(5))
+@click.option("--max-accuracy-drop", type=click.FloatRange(0), help="Replace the target's accuracy budget (points).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Where the candidates, pareto.md / .json / .png go [default: build/search-<task>-<target>].")
 def search(task, data, prune_cfg, model_dir, target_name, trials, timeout, recovery_steps, distill, eval_examples,
-           latency_iters, out) -> None:
+           latency_iters, max_accuracy_drop, out) -> None:
     """Search layers, heads, FFN width and vocabulary for the smallest artifact within the target's budgets."""
+    from dataclasses import replace
+
     from edgeprune.build import BuildConfig
     from edgeprune.export.targets import load_target
     from edgeprune.search import knob_options, run_search
 
     target = load_target(target_name)
+    if max_accuracy_drop is not None:
+        target = replace(target, budgets=replace(target.budgets, max_accuracy_drop=max_accuracy_drop))
     prune_cfg.recovery_steps, prune_cfg.distill_alpha = recovery_steps, distill
     prune_cfg.validate()
     out = Path(out or f"build/search-{task.name}-{target.name}")

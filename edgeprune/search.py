@@ -152,6 +152,9 @@ def _layers(cfg) -> int:
 def write_front(result: SearchResult, workdir: Path, cfg) -> dict:
     """``pareto.md``, ``pareto.json`` and ``pareto.png`` in ``workdir``."""
     md = [f"# Search: {cfg.task.name} for {cfg.target.name}", "",
+          f"Command: `{cfg.command or 'edgeprune search'}` (recovery {cfg.prune.recovery_steps} steps per candidate; "
+          f"budgets of {cfg.target.name}: accuracy drop <= {cfg.target.budgets.max_accuracy_drop} points, size <= "
+          f"{cfg.target.budgets.max_size_mb} MB, p95 <= {cfg.target.budgets.max_p95_latency_ms} ms).", "",
           f"{len(result.candidates)} candidates in {result.seconds} s (Optuna multi-objective TPE; validation split). "
           f"Original MoE: {result.original.get('size_mb')} MB, p50 {result.original.get('p50_ms')} ms, accuracy "
           f"{result.original.get('accuracy')}. Pareto-optimal in size, p50 and accuracy: marked *.", "",

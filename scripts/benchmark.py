@@ -94,14 +94,17 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["sst2", "agnews"])
     ap.add_argument("--targets", nargs="+", default=["x86_64", "arm64", "mobile-gpu"])
     ap.add_argument("--method", default="reap")
-    ap.add_argument("--recovery-steps", type=int, default=200)
-    ap.add_argument("--ffn-keep", type=float, default=1.0, help="share of the folded FFN neurons to keep")
-    ap.add_argument("--drop-layers", type=int, default=0)
-    ap.add_argument("--heads-keep", type=float, default=1.0)
+    # the knobs default to each target's [prune] preset, as `edgeprune build` does; given here, they win
+    ap.add_argument("--recovery-steps", type=int, default=None)
+    ap.add_argument("--ffn-keep", type=float, default=None, help="share of the folded FFN neurons to keep")
+    ap.add_argument("--drop-layers", type=int, default=None)
+    ap.add_argument("--heads-keep", type=float, default=None)
     ap.add_argument("--vocab-reserve", type=int, default=None)
     ap.add_argument("--latency-iters", type=int, default=200)
     ap.add_argument("--out", default="results/benchmark")
     args = ap.parse_args()
+    knobs_given = {"recovery_steps": args.recovery_steps, "ffn_keep": args.ffn_keep, "drop_layers": args.drop_layers,
+                   "heads_keep": args.heads_keep, "vocab_reserve": args.vocab_reserve}
     rows = []
     for name in args.tasks:
         task = get_task(name)
@@ -112,10 +115,10 @@ def main() -> None:
         ref = original_logits(original, va)
         for tname in args.targets:
             t = load_target(tname)
+            knobs = {**t.prune.presets(), **{k: v for k, v in knobs_given.items() if v is not None}}  # as build does
             cfg = BuildConfig(task=task, target=t, out=Path(f"build/bench-{name}-{tname}"),
-                              prune=PruneConfig(method=args.method, experts=1, recovery_steps=args.recovery_steps,
-                                                ffn_keep=args.ffn_keep, drop_layers=args.drop_layers,
-                                                heads_keep=args.heads_keep, vocab_reserve=args.vocab_reserve),
+                              prune=PruneConfig(method=args.method, experts=1, **{
+                                  "recovery_steps": 200, "ffn_keep": 1.0, "drop_layers": 0, "heads_keep": 1.0, **knobs}),
                               latency_iters=args.latency_iters, command="scripts/benchmark.py")
             try:
                 art, report = build(cfg)
@@ -162,6 +165,8 @@ def main() -> None:
                 pr = row["optimum_cli_peer"]
                 row["artifact_vs_peer"] = {"p50": round(a["p50_ms"] / pr["p50_ms"], 3),
                                            "size": round(a["size_mb"] / pr["size_mb"], 3)}
+            row["knobs"] = {k: v for k, v in cfg.prune.to_dict().items()
+                            if k in ("recovery_steps", "ffn_keep", "drop_layers", "heads_keep", "vocab_reserve")}
             rows.append(row)
             print(json.dumps(row), flush=True)
             write(args, rows)
@@ -172,12 +177,8 @@ def write(args, rows) -> None:
     lines = ["# Benchmark: original MoE vs edgeprune artifact", "", f"Produced by `{cmd}` on the build host "
              "(2 cores); latency at batch 1, 64 tokens, 1 thread (a proxy for the device); throughput at batch 32; "
              "all models of a row timed in the same process in alternating rounds. "
-             "Accuracy on the full validation split. Method: " + args.method + ", k = 1 (folded)"
-             + (f", FFN neurons kept {args.ffn_keep} (--ffn-keep)" if args.ffn_keep < 1 else "")
-             + (f", {args.drop_layers} layers dropped (--drop-layers)" if args.drop_layers else "")
-             + (f", attention heads kept {args.heads_keep} (--heads-keep)" if args.heads_keep < 1 else "")
-             + (f", vocabulary: task tokens + {args.vocab_reserve} (--vocab-reserve)" if args.vocab_reserve is not None else "")
-             + f", recovery {args.recovery_steps} steps.", "",
+             "Accuracy on the full validation split. Method: " + args.method + ", k = 1 (folded); each row's "
+             "structural knobs (the target's [prune] preset unless given on the command line) are listed under it.", "",
              "| task | target | model | accuracy | agreement | size MB | p50 ms | p95 ms | batch-32 /s | p50 speed-up | size ratio |",
              "|" + " --- |" * 11]
     for r in rows:
@@ -196,6 +197,8 @@ def write(args, rows) -> None:
                          f"{m.get('p50_speedup', '')} | {m.get('size_ratio', '')} |")
         lines.append(f"| {r['task']} | {r['target']} | artifact / dense baseline | | | {r['artifact_vs_dense']['size']} | "
                      f"{r['artifact_vs_dense']['p50']} | | | | |")
+        lines.append(f"| {r['task']} | {r['target']} | knobs: " + ", ".join(f"{k} {v}" for k, v in r.get("knobs", {}).items())
+                     + " | | | | | | | | |")
         if "artifact_vs_peer" in r:
             lines.append(f"| {r['task']} | {r['target']} | artifact / optimum-cli peer | | | {r['artifact_vs_peer']['size']} | "
                          f"{r['artifact_vs_peer']['p50']} | | | | |")

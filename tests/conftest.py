@@ -65,7 +65,9 @@ def tiny_original(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture
 def loose_targets(tmp_path, monkeypatch):
-    """The real target profiles with budgets a random tiny model can meet."""
+    """The real target profiles with budgets a random tiny model can meet. The CPU profiles' structural [prune]
+    preset is left out (the pipeline's tests choose their knobs; tests/test_structure.py tests presets), the web
+    profile keeps its vocabulary preset (tests/test_web.py)."""
     tdir = tmp_path / "targets"
     tdir.mkdir()
     repo = Path(__file__).resolve().parents[1] / "targets"
@@ -73,6 +75,8 @@ def loose_targets(tmp_path, monkeypatch):
         text = f.read_text()
         text = re.sub(r"max_accuracy_drop = [0-9.]+", "max_accuracy_drop = 100.0", text)
         text = re.sub(r"min_agreement = [0-9.]+", "min_agreement = 0.0", text)
+        if f.stem != "web":
+            text = re.sub(r"\n\[prune\]\n(?:[a-z_]+ = [0-9.]+\n?)+", "\n", text)
         (tdir / f.name).write_text(text)
     monkeypatch.setenv("EDGEPRUNE_TARGETS", str(tdir))
     return tdir

@@ -182,3 +182,12 @@ def test_target_preset_applies_where_the_command_line_is_silent(tmp_path, cache,
             from edgeprune.export.targets import load_target
 
             load_target(str(bad))
+
+
+def test_vocab_reserve_minus_one_keeps_the_full_vocabulary_against_a_preset(tmp_path, cache, tiny_original,
+                                                                            loose_targets):
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "web", "--vocab-reserve", "-1",
+                                    "--out", str(tmp_path / "art")] + FAST, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "preset --vocab-reserve" not in res.output
+    assert json.loads((tmp_path / "art" / "edgeprune.json").read_text())["vocabulary"] is None

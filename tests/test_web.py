@@ -265,3 +265,18 @@ def test_pair_task_in_node_and_the_browser_matches_edgemodel(tmp_path, tiny_orig
         probs = np.array([r["probs"] for r in got["results"]])
         assert [r["label"] for r in got["results"]] == [model.labels[i] for i in want.argmax(-1)]
         np.testing.assert_allclose(probs, want, atol=1e-4)
+
+
+def test_artifacts_from_before_the_onnx_folder_still_load(web_artifact, tmp_path):
+    """An artifact built before the transformers.js layout (model.onnx at the top, no model_file) loads as before."""
+    from edgeprune.check import load_artifact
+    from edgeprune.runtime import EdgeModel
+
+    old = tmp_path / "old"
+    shutil.copytree(web_artifact, old)
+    (old / "onnx" / "model_quantized.onnx").rename(old / "model.onnx")
+    manifest = json.loads((old / "edgeprune.json").read_text())
+    del manifest["model_file"]
+    (old / "edgeprune.json").write_text(json.dumps(manifest))
+    np.testing.assert_allclose(EdgeModel(old).logits(TEXTS), EdgeModel(web_artifact).logits(TEXTS), atol=1e-6)
+    load_artifact(old)
