@@ -178,6 +178,7 @@ def plot(result: SearchResult, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, label in ((axes[0], "size_mb", "size (MB)"), (axes[1], "p50_ms", "p50 latency (ms)")):
@@ -192,6 +193,8 @@ def plot(result: SearchResult, path: Path, title: str) -> None:
             ax.scatter([getattr(result.chosen, key)], [result.chosen.accuracy], s=160, facecolors="none",
                        edgecolors="tab:red", linewidths=2, label="chosen")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy")
@@ -200,3 +203,11 @@ def plot(result: SearchResult, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(workdir: Path, title: str) -> None:
+    """Draw ``pareto.png`` again from ``pareto.json`` (a finished search's record)."""
+    data = json.loads((Path(workdir) / "pareto.json").read_text())
+    cands = [Candidate(**c) for c in data["candidates"]]
+    chosen = next((c for c in cands if data["chosen"] and c.number == data["chosen"]["number"]), None)
+    plot(SearchResult(cands, chosen, data["original"], data["seconds"]), Path(workdir) / "pareto.png", title)
