@@ -66,6 +66,9 @@ def report_markdown(r: dict) -> str:
                  f"{b['max_accuracy_drop']} points, min agreement {b['min_agreement']}")
     lines.append("")
     lines += ([f"- VIOLATED: {v}" for v in r["violations"]] or ["All budgets hold."])
+    if r.get("search"):
+        lines += ["", "## Search", "", "The knobs were chosen by `build --search` (edgeprune search): the candidates and "
+                  "the Pareto front are in `search/pareto.md`, the plot in `search/pareto.png`."]
     return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,7 @@ def test_build_with_search_puts_the_front_in_the_artifact(tmp_path, cache, tiny_
     assert (out / "search" / "pareto.png").read_bytes()[:8] == PNG and (out / "search" / "pareto.md").is_file()
     assert json.loads((out / "report.json").read_text())["search"] == ["search/pareto.json", "search/pareto.md",
                                                                         "search/pareto.png"]
+    assert "`search/pareto.md`" in (out / "report.md").read_text()
 
 
 def test_search_command_and_its_errors(tmp_path, cache, tiny_original, loose_targets):
