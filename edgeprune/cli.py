@@ -413,17 +413,15 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
         if search_trials:
             from dataclasses import replace
 
-            from edgeprune.search import knob_options, run_search
+            from edgeprune.search import knob_options, prune_for, run_search
 
             result = run_search(replace(cfg, latency_iters=min(latency_iters, 30)), out.parent / f"{out.name}.search",
                                 trials=search_trials, log=click.echo)
             if result.chosen is None:
                 raise BudgetError(f"--search: none of {len(result.candidates)} candidates met the budgets; see "
                                   f"{result.files['table']}")
-            k = result.chosen.knobs
-            click.echo(f"[edgeprune] search chose {knob_options(k)}")
-            cfg.prune = replace(cfg.prune, drop_layers=k["drop_layers"], heads_keep=k["heads_keep"],
-                                ffn_keep=k["ffn_keep"], vocab_reserve=k["vocab_reserve"] if k["vocab_reserve"] >= 0 else None)
+            click.echo(f"[edgeprune] search chose {knob_options(result.chosen.knobs)}")
+            cfg.prune = prune_for(cfg.prune, result.chosen.knobs)
             cfg.extra_files = {"search/pareto.md": result.files["table"], "search/pareto.png": result.files["plot"],
                                "search/pareto.json": result.files["json"]}
         final, report = run_build(cfg)

@@ -34,6 +34,8 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
         raise ModelError(f"{directory}: no such artifact directory")
+    if not path.is_file():
+        raise ModelError(f"{directory}: no {MANIFEST}; is this an edgeprune build output?")
     m = read_json(path, "manifest")
     labels = m.get("labels")
     if not isinstance(labels, list) or not labels or not all(isinstance(l, str) for l in labels):

@@ -21,15 +21,12 @@ from edgeprune.manifest import MANIFEST, read_manifest
 from edgeprune.prompts import LabelWords
 
 
-
 class EdgeModel:
     """A built artifact directory (``onnx/model_quantized.onnx`` or ``model.ort``, ``tokenizer.json``,
     ``edgeprune.json``: :mod:`edgeprune.export.layout`)."""
 
     def __init__(self, path: str | Path, threads: Optional[int] = None, prefer_ort: bool = True):
         self.path = Path(path)
-        if self.path.is_dir() and not (self.path / MANIFEST).is_file():
-            raise ModelError(f"{self.path}: no {MANIFEST}; is this an edgeprune build output?")
         self.manifest = read_manifest(self.path)
         self.labels: list[str] = list(self.manifest["labels"])
         self.max_length: int = int(self.manifest["max_length"])

@@ -78,6 +78,12 @@ def knob_options(knobs: dict) -> str:
     return " ".join(parts)
 
 
+def prune_for(prune, knobs: dict):
+    """``prune`` (a PruneConfig) with a candidate's knobs; vocab_reserve -1 is the full vocabulary."""
+    return replace(prune, drop_layers=knobs["drop_layers"], heads_keep=knobs["heads_keep"], ffn_keep=knobs["ffn_keep"],
+                   vocab_reserve=knobs["vocab_reserve"] if knobs["vocab_reserve"] >= 0 else None)
+
+
 def run_search(cfg, workdir: Path, space: SearchSpace = SearchSpace(), trials: int = 8,
                timeout: Optional[float] = None, log=print) -> SearchResult:
     """Search over ``space`` with ``cfg`` (a :class:`~edgeprune.build.BuildConfig`) as the base of every
@@ -106,12 +112,9 @@ def run_search(cfg, workdir: Path, space: SearchSpace = SearchSpace(), trials: i
             return c.size_mb, c.p50_ms, c.accuracy
         n = len(candidates)
         log(f"[search] trial {n + 1}/{trials}: {knob_options(knobs)}")
-        prune = replace(cfg.prune, drop_layers=knobs["drop_layers"], heads_keep=knobs["heads_keep"],
-                        ffn_keep=knobs["ffn_keep"],
-                        vocab_reserve=knobs["vocab_reserve"] if knobs["vocab_reserve"] >= 0 else None)
         out = workdir / f"trial-{n}"
         try:
-            _, report = build(replace(cfg, prune=prune, out=out))
+            _, report = build(replace(cfg, prune=prune_for(cfg.prune, knobs), out=out))
             art = out
         except BudgetError:
             art = out.parent / f"{out.name}.rejected"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from edgeprune.errors import ConfigError, ModelError
-from edgeprune.manifest import MANIFEST, read_manifest
+from edgeprune.manifest import read_manifest
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
@@ -45,8 +45,6 @@ def server(directory: str | Path, host: str = "127.0.0.1", port: int = 8000,
            lib: Optional[str | Path] = None) -> http.server.ThreadingHTTPServer:
     """A server for the artifact in ``directory`` (not started; ``port=0`` picks a free port)."""
     directory = Path(directory)
-    if directory.is_dir() and not (directory / MANIFEST).is_file():
-        raise ModelError(f"{directory}: no {MANIFEST}; is this an edgeprune build output?")
     read_manifest(directory)  # an artifact, or a one-line error
     if not (directory / "demo" / "index.html").is_file():
         raise ModelError(f"{directory}: no demo/index.html (built before the demo page existed); rebuild the artifact")

@@ -56,11 +56,12 @@ def optimum_cli_peer(dense_dir: Path, target: str, opset: int) -> Path:
     return model
 
 
-def artifact_model(art: Path) -> tuple[Path, Path]:
-    """The artifact's ONNX file (its manifest's model_file) and the directory of its tokenizer."""
+def artifact_model(art: Path) -> Path:
+    """The artifact's ONNX file (its manifest's model_file)."""
     from edgeprune.export.layout import model_file
+    from edgeprune.manifest import read_manifest
 
-    return model_file(art, json.loads((art / "edgeprune.json").read_text())), art
+    return model_file(art, read_manifest(art))
 
 
 def accuracy_row(path: Path, ref_logits, va, t) -> dict:
@@ -128,9 +129,9 @@ def main() -> None:
                 report = json.loads((art / "report.json").read_text())
                 ok = False
             dense_art = stage_export(cfg, ddir, va)
-            art_model, art_tok = artifact_model(art)
+            art_model = artifact_model(art)
             vocab = (report["prune"].get("vocab") or {}).get("kept")
-            art_va = encode(DataSpec().load(task, "validation"), load_tokenizer(art_tok), task.max_length) if vocab else va
+            art_va = encode(DataSpec().load(task, "validation"), load_tokenizer(art), task.max_length) if vocab else va
             row = {"task": name, "target": tname, "budgets_hold": ok, "violations": report["violations"],
                    "original": {"accuracy": report["quality"]["original_accuracy"],
                                 "size_mb": report["size"]["original_mb"]},

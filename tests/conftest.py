@@ -63,20 +63,27 @@ def tiny_original(tmp_path_factory, tiny_tokenizer):
     return d
 
 
-@pytest.fixture
-def loose_targets(tmp_path, monkeypatch):
-    """The real target profiles with budgets a random tiny model can meet. The CPU profiles' structural [prune]
-    preset is left out (the pipeline's tests choose their knobs; tests/test_structure.py tests presets), the web
-    profile keeps its vocabulary preset (tests/test_web.py)."""
-    tdir = tmp_path / "targets"
-    tdir.mkdir()
+def write_loose_profiles(tdir: Path, names=None) -> Path:
+    """The real target profiles (or those ``names``) in ``tdir`` with budgets a random tiny model can meet. The CPU
+    profiles' structural [prune] preset is left out (the pipeline's tests choose their knobs;
+    tests/test_structure.py tests presets), the web profile keeps its vocabulary preset (tests/test_web.py)."""
+    tdir.mkdir(parents=True, exist_ok=True)
     repo = Path(__file__).resolve().parents[1] / "targets"
     for f in repo.glob("*.toml"):
+        if names is not None and f.stem not in names:
+            continue
         text = f.read_text()
         text = re.sub(r"max_accuracy_drop = [0-9.]+", "max_accuracy_drop = 100.0", text)
         text = re.sub(r"min_agreement = [0-9.]+", "min_agreement = 0.0", text)
         if f.stem != "web":
             text = re.sub(r"\n\[prune\]\n(?:[a-z_]+ = [0-9.]+\n?)+", "\n", text)
         (tdir / f.name).write_text(text)
+    return tdir
+
+
+@pytest.fixture
+def loose_targets(tmp_path, monkeypatch):
+    """:func:`write_loose_profiles` of every target, as ``$EDGEPRUNE_TARGETS``."""
+    tdir = write_loose_profiles(tmp_path / "targets")
     monkeypatch.setenv("EDGEPRUNE_TARGETS", str(tdir))
     return tdir

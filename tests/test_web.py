@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from edgeprune.cli import main
 from edgeprune.errors import ConfigError, ModelError
 from edgeprune.export.targets import load_target
+from tests.conftest import write_loose_profiles
 
 FAST = ["--calibration-examples", "64", "--recovery-steps", "4", "--eval-examples", "48", "--latency-iters", "5"]
 JS = Path(__file__).parent / "js"
@@ -32,25 +33,25 @@ needs_node = pytest.mark.skipif(shutil.which("node") is None or not LIB.is_dir()
 needs_browser = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 
 
-@pytest.fixture(scope="module")
-def web_artifact(tmp_path_factory, tiny_original):
-    """A tiny MoE built for the web target (budgets loosened as in conftest's loose_targets)."""
-    import re
-
-    root = tmp_path_factory.mktemp("web")
-    tdir = root / "targets"
-    tdir.mkdir()
-    text = (Path(__file__).resolve().parents[1] / "targets" / "web.toml").read_text()
-    text = re.sub(r"max_accuracy_drop = [0-9.]+", "max_accuracy_drop = 100.0", text)
-    (tdir / "web.toml").write_text(re.sub(r"min_agreement = [0-9.]+", "min_agreement = 0.0", text))
+def build_web(root: Path, tiny_original: Path, *extra: str):
+    """``edgeprune build --target web`` of the tiny MoE into ``root/art``, with the web profile's budgets loosened
+    (conftest's write_loose_profiles) and a cache of its own; returns the CLI result and the artifact."""
+    tdir = write_loose_profiles(root / "targets", ["web"])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEPRUNE_TARGETS", str(tdir))
         mp.setenv("EDGEPRUNE_CACHE", str(root / "cache"))
         res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "web", "--out",
-                                        str(root / "art")] + FAST, catch_exceptions=False)
+                                        str(root / "art"), *extra] + FAST, catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    return res, root / "art"
+
+
+@pytest.fixture(scope="module")
+def web_artifact(tmp_path_factory, tiny_original):
+    """A tiny MoE built for the web target."""
+    res, art = build_web(tmp_path_factory.mktemp("web"), tiny_original)
     assert "target web: preset --vocab-reserve 2000" in res.output
-    return root / "art"
+    return art
 
 
 def test_web_artifact_has_the_transformers_js_layout(web_artifact):
@@ -233,23 +234,10 @@ def test_pair_task_in_node_and_the_browser_matches_edgemodel(tmp_path, tiny_orig
     """Text pairs (rte): transformers.js' text-classification pipeline takes single texts, so the demo page and
     the Node runner use its AutoTokenizer with text_pair and AutoModelForSequenceClassification; labels and
     probabilities equal EdgeModel's, long pairs truncated alike."""
-    import re
-
     from edgeprune.runtime import EdgeModel
     from edgeprune.serve import serve_in_background
 
-    tdir = tmp_path / "targets"
-    tdir.mkdir()
-    text = (Path(__file__).resolve().parents[1] / "targets" / "web.toml").read_text()
-    text = re.sub(r"max_accuracy_drop = [0-9.]+", "max_accuracy_drop = 100.0", text)
-    (tdir / "web.toml").write_text(re.sub(r"min_agreement = [0-9.]+", "min_agreement = 0.0", text))
-    art = tmp_path / "rte"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDGEPRUNE_TARGETS", str(tdir))
-        mp.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
-        res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--task", "rte", "--target", "web",
-                                        "--out", str(art)] + FAST, catch_exceptions=False)
-    assert res.exit_code == 0, res.output
+    _, art = build_web(tmp_path, tiny_original, "--task", "rte")
     texts = ["the cat sat on the mat .", "", "a film . " * 60, "😀 it rains"]
     pairs = ["a cat sat .", "nothing", "a movie . " * 60, "זה סרט"]
     (tmp_path / "in.json").write_text(json.dumps({"texts": texts, "pairs": pairs}))

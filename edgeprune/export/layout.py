@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from edgeprune.errors import ModelError
 
@@ -100,8 +99,3 @@ def place(export_dir: Path, dest: Path, precision: str, variants: list[str]) -> 
         files.append("model.ort")
     return files
 
-
-def variant_file(directory: Path, manifest: dict, variant: str) -> Optional[Path]:
-    """A variant's file (``fp16``), or None when the artifact has none."""
-    name = (manifest.get("variants") or {}).get(variant)
-    return directory / name if isinstance(name, str) else None

@@ -57,13 +57,15 @@ class LayerStats:
 
 
 def calibration_batches(enc: Encoded, max_examples: int, batch_size: int, desc: str,
-                        progress: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """The first ``max_examples`` examples, sorted by length (little padding) and collated without labels."""
+                        progress: bool = True, labels: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """The first ``max_examples`` examples, sorted by length (little padding) and collated without labels
+    (with them when ``labels``: a loss to differentiate, as for head importance)."""
     n = min(len(enc), max_examples)
     order = sorted(range(n), key=lambda i: len(enc.input_ids[i]))
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = collate(enc, order[start : start + batch_size])
-        batch.pop("labels")
+        if not labels:
+            batch.pop("labels")
         yield batch
 
 

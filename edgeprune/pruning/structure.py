@@ -124,10 +124,6 @@ def drop_layers(model: torch.nn.Module, cfg: LayerDrop, enc: Encoded, max_exampl
 def head_importance(model: torch.nn.Module, enc: Encoded, max_examples: int = 512, batch_size: int = 8,
                     progress: bool = True) -> np.ndarray:
     """I_{l,h} (module docstring), layers x heads, each layer normalised to unit l2 norm."""
-    from tqdm.auto import tqdm
-
-    from edgeprune.training import collate
-
     cfg = model.config
     if "head_mask" not in model.forward.__code__.co_varnames or not hasattr(model, "prune_heads"):
         raise ConfigError(f"--heads-keep: {cfg.model_type} has no head_mask / prune_heads in transformers; "
@@ -136,11 +132,8 @@ def head_importance(model: torch.nn.Module, enc: Encoded, max_examples: int = 51
     gate = torch.ones(cfg.num_hidden_layers, heads, requires_grad=True)
     total = torch.zeros(cfg.num_hidden_layers, heads)
     n = min(len(enc), max_examples)
-    order = sorted(range(n), key=lambda i: len(enc.input_ids[i]))
     model.eval()
-    for start in tqdm(range(0, n, batch_size), desc="head importance", disable=not progress, unit="batch"):
-        idx = order[start : start + batch_size]
-        batch = collate(enc, idx)
+    for batch in calibration_batches(enc, max_examples, batch_size, "head importance", progress, labels=True):
         labels = batch.pop("labels")
         logits = model(**model_inputs(model, batch), head_mask=gate).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
