@@ -206,7 +206,12 @@ def original_logits_cached(original_dir: Path, original_hash: str, cfg: BuildCon
     path = cache_root() / "stages" / f"logits-{key}.npy"
     if path.is_file():
         return np.load(path)
-    logits = original_logits(original, enc)
+    if next(original.parameters()).device.type == "meta":  # a layer-wise build
+        from edgeprune.scale.layerwise import logits_layerwise
+
+        logits = logits_layerwise(original_dir, enc, dtype=cfg.prune.dtype, offload_dir=cfg.prune.offload_dir)
+    else:
+        logits = original_logits(original, enc)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path.with_suffix(".tmp.npy"), logits)
     path.with_suffix(".tmp.npy").replace(path)
@@ -236,7 +241,15 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     else:
         log(f"original: default MoE for {cfg.task.name} (built once, then cached)")
         original_dir = ensure_original(OriginalSpec(cfg.task, cfg.data, "moe"))
-    original = load_model(original_dir, task=cfg.task, **cfg.prune.load_options())
+    from edgeprune.pruning.pipeline import memory_path
+    from edgeprune.scale.layerwise import skeleton
+
+    layerwise, _, why = memory_path(original_dir, cfg.task, cfg.prune)
+    if layerwise:
+        log(f"original: {why}")
+    # too large for memory: its skeleton (config, blocks) here; scoring, pruning and its validation logits layer by layer
+    original = skeleton(original_dir, cfg.prune.dtype) if layerwise else \
+        load_model(original_dir, task=cfg.task, **cfg.prune.load_options())
     words = of_model(original)
     tok = load_tokenizer(original_dir)
     check_model(original, cfg.task, cfg.prune, tok)
@@ -269,7 +282,8 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         "task": cfg.task.name, "target": t.name, "original": str(original_dir), "original_sha256": original_hash,
         "plan": plan.summary(),
         "prune": {k: v for k, v in prune_info.items() if k in ("recovery", "router", "ffn", "depth", "heads", "vocab",
-                                                                  "seconds")},
+                                                                  "seconds", "calibration", "teacher")},
+        "original_memory": {"path": "layer-wise" if layerwise else "in memory", "why": why},
         "export": export_info, "quality": q, "speed": sp, "memory": mem,
         "size": {"original_mb": original_mb, "artifact_mb": artifact_mb,
                  "artifact_ort_mb": round((export_dir / "model.ort").stat().st_size / 1e6, 3)

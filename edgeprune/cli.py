@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from edgeprune.errors import BudgetError, ConfigError, EdgepruneError
-from edgeprune.guard import output_lock
+from edgeprune.guard import output_lock, writer_lock
 
 # Models and data come from local directories only: never from a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -215,8 +215,16 @@ def prune_options(fn):
                   "task's label order (default: the label names).")
     @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                   help="Load the checkpoint in this dtype (default: the checkpoint's own).")
+    @click.option("--layerwise/--in-memory", "layerwise", default=None,
+                  help="Calibrate one layer at a time and prune checkpoint to checkpoint (for checkpoints larger "
+                       "than memory), or hold the whole model [default: chosen by the memory estimate].")
+    @click.option("--max-memory", "max_memory", type=click.FloatRange(0, min_open=True), metavar="GB",
+                  help="Memory cap for that choice [default: the memory available now].")
+    @click.option("--offload-dir", type=click.Path(file_okay=False),
+                  help="Layer-wise: where hidden states beyond the cap go [default: a temporary directory].")
     @functools.wraps(fn)
-    def wrapper(method, k, coverage, calibration_examples, pretrained, seed, prompt, verbalisers, dtype, **kw):
+    def wrapper(method, k, coverage, calibration_examples, pretrained, seed, prompt, verbalisers, dtype, layerwise,
+                max_memory, offload_dir, **kw):
         from edgeprune.pruning.pipeline import PruneConfig
 
         options = {}
@@ -228,7 +236,7 @@ def prune_options(fn):
         cfg = PruneConfig(method=method, method_options=options, experts=experts, coverage=coverage,
                           calibration_examples=calibration_examples, seed=seed, prompt=prompt,
                           verbalisers=tuple(w.strip() for w in verbalisers.split(",")) if verbalisers else None,
-                          dtype=dtype)
+                          dtype=dtype, layerwise=layerwise, max_memory_gb=max_memory, offload_dir=offload_dir)
         return fn(prune_cfg=cfg, **kw)
 
     return wrapper
@@ -304,7 +312,7 @@ def score(task, data, prune_cfg, model_dir, out) -> None:
     prune_cfg.validate()
     guard_output(out, {"checkpoint (--model)": model_dir, **data_inputs(data)}, directory=False)
     original_dir = resolve_original(model_dir, task, data)
-    plan = run_score(original_dir, task, data, prune_cfg)
+    plan = run_score(original_dir, task, data, prune_cfg)  # under torchrun, ranks > 0 leave inside, rank 0 writes
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(plan.to_json())
@@ -343,11 +351,12 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, he
     guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
     plan = PrunePlan.load(plan_file) if plan_file else None
     original_dir = resolve_original(model_dir, task, data)
-    with output_lock(out):
+    with writer_lock(out):
         model, plan, info = run_prune(original_dir, task, data, prune_cfg, plan=plan)
         with atomic_dir(out) as tmp:
             save_pruned(model, original_dir, tmp, plan, info)
-    click.echo(f"{type(model).__name__}: k per layer {plan.summary()['k_per_layer']}; checkpoint: {out}")
+    click.echo(f"{(model.config.architectures or [type(model).__name__])[0]}: k per layer "
+               f"{plan.summary()['k_per_layer']}; checkpoint: {out}")
 
 
 @main.command()
@@ -409,7 +418,7 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
                       command=" ".join(["edgeprune"] + sys.argv[1:]))
     if search_trials:
         guard_output(out.parent / f"{out.name}.search", {"checkpoint (--model)": model_dir, **data_inputs(data)})
-    with output_lock(out):
+    with writer_lock(out):
         if search_trials:
             from dataclasses import replace
 
@@ -429,7 +438,7 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
     click.echo(f"accuracy {q['artifact_accuracy']:.4f} (original {q['original_accuracy']:.4f}, drop "
                f"{q['accuracy_drop_points']} points, agreement {q['agreement']:.4f}); "
                f"{size['artifact_mb']:.1f} MB ({size['size_ratio']}x smaller); p50 {sp['artifact_onnxruntime']['p50_ms']} ms "
-               f"({sp['p50_speedup']}x faster than the original)")
+               + (f"({sp['p50_speedup']}x faster than the original)" if sp["p50_speedup"] else "(original not timed)"))
     click.echo(f"artifact: {final}")
     click.echo(f"report:   {final / 'report.md'}")
 

@@ -88,3 +88,11 @@ def output_lock(out: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         fh.close()
+
+
+def writer_lock(out: str | os.PathLike):
+    """:func:`output_lock` in the process that writes (under ``torchrun``, rank 0; the other ranks only share the
+    calibration, :mod:`edgeprune.scale.distributed`), nothing in the others."""
+    from edgeprune.scale import distributed
+
+    return output_lock(out) if distributed.is_writer() else contextlib.nullcontext()

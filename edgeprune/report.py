@@ -26,6 +26,10 @@ def _ffn(r: dict) -> str:
     return out
 
 
+def _faster(ratio) -> str:
+    return f"{ratio}x faster" if ratio is not None else "(original not timed)"
+
+
 def report_markdown(r: dict) -> str:
     q, sp, size, mem = r["quality"], r["speed"], r["size"], r.get("memory", {})
     o, a = sp["original_torch_fp32"], sp["artifact_onnxruntime"]
@@ -40,8 +44,10 @@ def report_markdown(r: dict) -> str:
              _row("prediction agreement", "", q["agreement"], ""),
              _row("size on disk (MB)", size["original_mb"], size["artifact_mb"], f"{size['size_ratio']}x smaller"),
              _row(f"p50 latency, batch {sp['batch']}, {sp['sequence_length']} tokens, {sp['threads']} thread (ms)",
-                  o["p50_ms"], a["p50_ms"], f"{sp['p50_speedup']}x faster"),
-             _row("p95 latency (ms)", o["p95_ms"], a["p95_ms"], f"{sp['p95_speedup']}x faster")]
+                  o["p50_ms"] or "not timed", a["p50_ms"], _faster(sp["p50_speedup"])),
+             _row("p95 latency (ms)", o["p95_ms"] or "not timed", a["p95_ms"], _faster(sp["p95_speedup"]))]
+    if sp.get("original_note"):
+        lines.append(_row("", sp["original_note"], "", ""))
     if "throughput_ratio" in sp:
         lines.append(_row(f"throughput, batch {sp['throughput_batch']} (examples/s)", sp["original_throughput_per_s"],
                           sp["artifact_throughput_per_s"], f"{sp['throughput_ratio']}x"))
@@ -139,7 +145,7 @@ or `edgeprune predict DIR "some text"`.{_js_use(m)}
 | accuracy | {q['original_accuracy']} | {q['artifact_accuracy']} |
 | agreement with the original | | {q['agreement']} |
 | size (MB) | {size['original_mb']} | {size['artifact_mb']} |
-| p50 latency, batch {sp['batch']}, {sp['sequence_length']} tokens (ms) | {sp['original_torch_fp32']['p50_ms']} | {sp['artifact_onnxruntime']['p50_ms']} |
+| p50 latency, batch {sp['batch']}, {sp['sequence_length']} tokens (ms) | {sp['original_torch_fp32']['p50_ms'] or 'not timed'} | {sp['artifact_onnxruntime']['p50_ms']} |
 
 ## Limitations
 

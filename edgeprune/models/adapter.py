@@ -215,31 +215,43 @@ class MoEAdapter:
         paths = self.block_paths(model)
         if any(self.num_experts(model.get_submodule(p)) != 1 for p in paths.values()):
             raise ValueError("fold needs exactly one expert in every MoE layer")
-        cfg = model.config.to_dict()
-        for k in ("model_type", "architectures", "transformers_version", "auto_map", self.num_experts_key,
-                  self.top_k_key) + self.dense.drop_keys:
-            cfg.pop(k, None)
-        cfg.update(self.dense.overrides(model.config.to_dict()))
-        dense_cfg = self.dense.config_class(**cfg)
-        dense_cfg.architectures = [self.dense.classifier_class.__name__]
+        dense_cfg = self.fold_config(model.config)
         dense = self.dense.classifier_class(dense_cfg).to(model.dtype)
         src, dst = model.state_dict(), dense.state_dict()
         mapped = {}
         for layer, path in paths.items():
-            mlp = self.dense.mlp_path(path)
-            routed = scale_outputs(self, self.expert_tensors(src, path, 0), self.fold_scale(model.get_submodule(path)))
-            shared = self.shared_tensors(src, path)
-            for n, t in routed.items():
-                if n in shared:  # [routed | shared] hidden units: the sum of both MLPs
-                    t = torch.cat([t, shared[n]], dim=unit_axis(self.expert_roles[n]))
-                mapped[f"{mlp}.{self.dense.expert_to_mlp[n]}"] = t
+            mapped.update(self.fold_layer(src, path, model.get_submodule(path)))
         for key in dst:
             t = mapped.get(key, src.get(key))
             if t is None:
                 raise ValueError(f"fold of {self.model_type}: no source for {key}")
-            dst[key] = _zero_pad(t, dst[key].shape, key)
+            dst[key] = zero_pad(t, dst[key].shape, key)
         dense.load_state_dict(dst)
         return dense.eval()
+
+    def fold_config(self, config):
+        """The dense sibling's config for a one-expert ``config``."""
+        cfg = config.to_dict()
+        for k in ("model_type", "architectures", "transformers_version", "auto_map", self.num_experts_key,
+                  self.top_k_key) + self.dense.drop_keys:
+            cfg.pop(k, None)
+        cfg.update(self.dense.overrides(config.to_dict()))
+        dense_cfg = self.dense.config_class(**cfg)
+        dense_cfg.architectures = [self.dense.classifier_class.__name__]
+        return dense_cfg
+
+    def fold_layer(self, state, path: str, block: nn.Module) -> dict[str, torch.Tensor]:
+        """The dense MLP tensors of the one-expert block at ``path`` (the routed expert scaled by
+        :meth:`fold_scale`, the shared experts' hidden units concatenated), by the sibling's state-dict keys."""
+        mlp = self.dense.mlp_path(path)
+        routed = scale_outputs(self, self.expert_tensors(state, path, 0), self.fold_scale(block))
+        shared = self.shared_tensors(state, path)
+        mapped = {}
+        for n, t in routed.items():
+            if n in shared:  # [routed | shared] hidden units: the sum of both MLPs
+                t = torch.cat([t, shared[n]], dim=unit_axis(self.expert_roles[n]))
+            mapped[f"{mlp}.{self.dense.expert_to_mlp[n]}"] = t
+        return mapped
 
 
 def topk_then_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +260,7 @@ def topk_then_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return idx, torch.softmax(top, dim=-1)
 
 
-def _zero_pad(t: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:
+def zero_pad(t: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:
     """``t`` zero-padded at the end to ``shape`` (an MLP narrower than the sibling's single width: the extra
     hidden units have zero weights in and out, so the output is unchanged)."""
     if t.shape == shape:

@@ -41,20 +41,27 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True) -> to
         if key in src and src[key].shape == dst[key].shape:
             dst[key] = src[key].clone()
     for layer, lp in by_layer.items():
-        path = paths[layer]
-        for j, group in enumerate(lp.groups):
-            experts = [adapter.expert_tensors(src, path, e) for e, _ in group]
-            merged = merge_experts(experts, [w for _, w in group], adapter.expert_roles)
-            adapter.set_expert_tensors(dst, path, j, scale_outputs(adapter, merged, lp.output_scale))
-        for key in adapter.router_keys(model, layer):
-            rows = src[key]
-            mix = torch.from_numpy(group_mixing(lp.groups, rows.shape[0])).to(torch.float64)
-            dst[key] = (mix.T @ rows.double().reshape(rows.shape[0], -1)).reshape(len(lp.groups), *rows.shape[1:]).to(rows.dtype)
+        plan_layer(adapter, src, dst, paths[layer], lp, adapter.router_keys(model, layer))
     new.load_state_dict(dst)
     new.eval()
     if fold and plan.folds:
         return fold_to_dense(new)
     return new
+
+
+def plan_layer(adapter, src, dst, path: str, lp, router_keys: list[str]) -> None:
+    """Write the kept (or merged) experts and router rows of one layer into ``dst``, the pruned model's state.
+
+    ``src`` is the original's state: a dict, or a lazy checkpoint (:mod:`edgeprune.scale.stream`), of which only
+    the kept experts' tensors are read. Fused 3-D expert tensors are written into ``dst``'s tensor in place."""
+    for j, group in enumerate(lp.groups):
+        experts = [adapter.expert_tensors(src, path, e) for e, _ in group]
+        merged = merge_experts(experts, [w for _, w in group], adapter.expert_roles)
+        adapter.set_expert_tensors(dst, path, j, scale_outputs(adapter, merged, lp.output_scale))
+    for key in router_keys:
+        rows = src[key]
+        mix = torch.from_numpy(group_mixing(lp.groups, rows.shape[0])).to(torch.float64)
+        dst[key] = (mix.T @ rows.double().reshape(rows.shape[0], -1)).reshape(len(lp.groups), *rows.shape[1:]).to(rows.dtype)
 
 
 def fold_to_dense(model: torch.nn.Module) -> torch.nn.Module:

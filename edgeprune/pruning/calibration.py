@@ -75,16 +75,80 @@ def real_tokens(mask: torch.Tensor, rows: int) -> torch.Tensor:
     return mask if rows == mask.numel() else torch.ones(rows, dtype=torch.bool)
 
 
+@dataclass
+class BatchStats:
+    """One batch's contribution to one layer's :class:`LayerStats` (kept apart so that contributions computed
+    in another order, layer by layer or by several processes, add up in batch order: the same float sums)."""
+
+    counts: np.ndarray
+    gate_sum: np.ndarray
+    prob_sum: np.ndarray
+    reap_sum: np.ndarray
+    tokens: int
+    logits: np.ndarray
+
+
+@torch.no_grad()
+def batch_stats(adapter, block: torch.nn.Module, x: torch.Tensor, layer: int, batch_index: int,
+                logit_rows: int) -> BatchStats:
+    """The routing statistics of ``block`` on the real tokens ``x`` (rows, hidden) of one batch.
+
+    The sampled logit rows are drawn with a generator seeded by (layer, batch): the sample does not depend on
+    the order in which layers and batches are visited."""
+    logits = adapter.router_logits(block, x).float()
+    idx, gate = adapter.route(block, logits)
+    norm = torch.zeros_like(gate)
+    for e in idx.unique().tolist():
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        norm[tok, slot] = adapter.expert_forward(block, e, x[tok]).float().norm(dim=-1)
+    z = adapter.num_experts(block)
+    flat_idx = idx.reshape(-1).numpy()
+    reap_gate = gate / gate.sum(dim=-1, keepdim=True) if gate.shape[-1] > 1 else gate
+    take = np.random.default_rng([layer, batch_index]).choice(logits.shape[0], size=min(logit_rows, logits.shape[0]),
+                                                               replace=False)
+    return BatchStats(
+        counts=np.bincount(flat_idx, minlength=z).astype(np.float64),
+        gate_sum=np.bincount(flat_idx, weights=gate.reshape(-1).double().numpy(), minlength=z),
+        prob_sum=logits.softmax(-1).sum(0).double().numpy(),
+        reap_sum=np.bincount(flat_idx, weights=(reap_gate * norm).reshape(-1).double().numpy(), minlength=z),
+        tokens=int(x.shape[0]),
+        logits=logits[torch.from_numpy(np.sort(take))].numpy())
+
+
+def empty_stats(adapter, blocks: dict[int, torch.nn.Module]) -> dict[int, LayerStats]:
+    return {i: LayerStats(*(np.zeros(adapter.num_experts(b)) for _ in range(4))) for i, b in blocks.items()}
+
+
+def add_in_order(stats: dict[int, LayerStats], parts: dict[tuple[int, int], BatchStats]) -> dict[int, LayerStats]:
+    """Add the contributions ``(layer, batch) -> BatchStats`` into ``stats``, each layer's in batch order."""
+    for layer, batch in sorted(parts):
+        st, p = stats[layer], parts[(layer, batch)]
+        st.tokens += p.tokens
+        st.counts += p.counts
+        st.gate_sum += p.gate_sum
+        st.reap_sum += p.reap_sum
+        st.prob_sum += p.prob_sum
+        st.logits.append(p.logits)
+    return stats
+
+
+def logit_rows_per_batch(max_logit_rows: int, batch_size: int, n: int) -> int:
+    return max(1, max_logit_rows * batch_size // max(1, n))
+
+
 @torch.no_grad()
 def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 2048, batch_size: int = 64,
                     max_logit_rows: int = 20000, progress: bool = True) -> dict[int, LayerStats]:
-    """Run ``model`` over up to ``max_examples`` encoded examples and return :class:`LayerStats` per layer."""
+    """Run ``model`` over up to ``max_examples`` encoded examples and return :class:`LayerStats` per layer.
+
+    Under ``torchrun`` each process takes every world-size-th batch and the contributions are gathered and added
+    in batch order (:mod:`edgeprune.scale.distributed`): the same statistics as one process."""
+    from edgeprune.scale import distributed
+
     adapter = adapter_for(model.config)
     blocks = adapter.blocks(model)
-    stats = {i: LayerStats(*(np.zeros(adapter.num_experts(b)) for _ in range(4))) for i, b in blocks.items()}
     n = min(len(enc), max_examples)
-    rows_per_batch = max(1, max_logit_rows * batch_size // max(1, n))
-    gen = np.random.default_rng(0)
+    rows = logit_rows_per_batch(max_logit_rows, batch_size, n)
     seen: dict[int, dict] = {i: {} for i in blocks}
 
     def on_block(i):
@@ -95,32 +159,16 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
 
     handles = [b.register_forward_pre_hook(on_block(i), with_kwargs=True) for i, b in blocks.items()]
     model.eval()
+    parts: dict[tuple[int, int], BatchStats] = {}
     try:
-        for batch in calibration_batches(enc, max_examples, batch_size, "calibrate", progress):
+        for b, batch in distributed.my_batches(calibration_batches(enc, max_examples, batch_size, "calibrate",
+                                                                   progress)):
             model(**model_inputs(model, batch))
             mask = batch["attention_mask"].reshape(-1).bool()
             for i, block in blocks.items():
-                st = stats[i]
-                keep = real_tokens(mask, seen[i]["x"].shape[0])
-                x = seen[i]["x"][keep]
-                logits = adapter.router_logits(block, x).float()
-                idx, gate = adapter.route(block, logits)
-                norm = torch.zeros_like(gate)
-                for e in idx.unique().tolist():
-                    tok, slot = (idx == e).nonzero(as_tuple=True)
-                    norm[tok, slot] = adapter.expert_forward(block, e, x[tok]).float().norm(dim=-1)
-                z = len(st.counts)
-                flat_idx = idx.reshape(-1).numpy()
-                st.tokens += int(keep.sum())
-                st.counts += np.bincount(flat_idx, minlength=z)
-                st.gate_sum += np.bincount(flat_idx, weights=gate.reshape(-1).double().numpy(), minlength=z)
-                reap_gate = gate / gate.sum(dim=-1, keepdim=True) if gate.shape[-1] > 1 else gate
-                st.reap_sum += np.bincount(flat_idx, weights=(reap_gate * norm).reshape(-1).double().numpy(),
-                                           minlength=z)
-                st.prob_sum += logits.softmax(-1).sum(0).double().numpy()
-                take = gen.choice(logits.shape[0], size=min(rows_per_batch, logits.shape[0]), replace=False)
-                st.logits.append(logits[torch.from_numpy(np.sort(take))].numpy())
+                x = seen[i]["x"]
+                parts[(i, b)] = batch_stats(adapter, block, x[real_tokens(mask, x.shape[0])], i, b, rows)
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return add_in_order(empty_stats(adapter, blocks), distributed.gather_parts(parts))

@@ -58,6 +58,9 @@ class PruneConfig:
     verbalisers: Optional[tuple[str, ...]] = None
     dtype: Optional[str] = None  # load dtype (None: the checkpoint's own)
     vocab_reserve: Optional[int] = None  # prune the WordPiece vocabulary to the task's tokens + this many words
+    layerwise: Optional[bool] = None  # None: chosen by the memory estimate (edgeprune.scale.memory)
+    max_memory_gb: Optional[float] = None  # cap for that choice (None: the memory available now)
+    offload_dir: Optional[str] = None  # layer-wise hidden states beyond the cap (None: a temporary directory)
 
     def load_options(self) -> dict:
         """How :func:`load_model` reads the original: dtype, and the label words of a language model."""
@@ -98,6 +101,11 @@ class PruneConfig:
         if self.vocab_reserve is not None and self.method in PROGRESSIVE:
             raise ConfigError(f"--vocab-reserve needs a one-shot method ({self.method} makes its plan while "
                               "fine-tuning)")
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
+            raise ConfigError(f"--max-memory must be > 0 GB, got {self.max_memory_gb}")
+        if self.layerwise and self.method in PROGRESSIVE:
+            raise ConfigError(f"{self.method} fine-tunes the whole original while dropping experts, which needs it in "
+                              "memory; use a one-shot method (reap, frequency, ...) with --layerwise")
         if not 0 <= self.distill_alpha <= 1:
             raise ConfigError(f"distill alpha must be in [0, 1], got {self.distill_alpha}")
 
@@ -169,12 +177,36 @@ def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=
             adapter.check_k(b, cfg.experts)
 
 
+def memory_path(original_dir: str | Path, task: Task, cfg: PruneConfig) -> tuple[bool, int, str]:
+    """In memory or layer by layer (:func:`edgeprune.scale.memory.choose_path`), decided from the checkpoint's
+    headers before anything is loaded: ``(layer-wise?, hidden-state bytes to keep in memory, why)``."""
+    from edgeprune.models.checkpoint import read_config
+    from edgeprune.scale import memory
+
+    adapter_for(read_config(original_dir)["model_type"])  # a supported family, before anything is sized
+    est = memory.estimate(original_dir, cfg.experts, task.max_length, cfg.calibration_examples)
+    return memory.choose_path(est, cfg.layerwise, cfg.max_memory_gb)
+
+
 def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig, model=None,
-          progress: bool = True) -> PrunePlan:
-    """Calibrate on the task's training split (bounded) and make the plan of ``cfg``."""
+          progress: bool = True, info: Optional[dict] = None) -> PrunePlan:
+    """Calibrate on the task's training split (bounded) and make the plan of ``cfg``: in memory, or layer by
+    layer when the checkpoint does not fit (:mod:`edgeprune.scale`); under ``torchrun`` every process calibrates
+    a share of the batches and only rank 0 goes on (:mod:`edgeprune.scale.distributed`)."""
+    from edgeprune.scale import distributed
+    from edgeprune.scale.layerwise import collect_routing_layerwise, skeleton
+
     cfg.validate()
     if cfg.method in PROGRESSIVE:
         raise ConfigError(f"{cfg.method} makes its plan while fine-tuning; run `edgeprune prune` instead")
+    layerwise, keep, why = (False, 0, "") if model is not None else memory_path(original_dir, task, cfg)
+    if layerwise:  # the in-memory path is the usual one: said only in the record
+        _say(f"calibration: {why}", progress)
+    if info is not None and why:
+        info["calibration"] = {"path": "layer-wise" if layerwise else "in memory", "why": why,
+                               "processes": distributed.world_size()}
+    if layerwise:
+        model = skeleton(original_dir, cfg.dtype)
     model = model if model is not None else load_model(original_dir, task=task, **cfg.load_options())
     tok = load_tokenizer(original_dir)
     check_model(model, task, cfg, tok)
@@ -183,12 +215,23 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     blocks = adapter.blocks(model)
     # Calibrate for every method (cheap): data-free methods still need the gate statistics for the fold scale.
     enc = encode(data.load(task, "train", limit=cfg.calibration_examples), tok, task.max_length, of_model(model))
-    stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress)
+    if layerwise:
+        stats, model = collect_routing_layerwise(original_dir, enc, max_examples=cfg.calibration_examples,
+                                                 progress=progress, max_hidden_bytes=keep,
+                                                 offload_dir=cfg.offload_dir, model=model)
+    else:
+        stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress)
+    distributed.release_workers()  # every process has the same statistics; only rank 0 goes on
     scores = score_experts(mcfg, model, stats, source_dir=str(original_dir))
     return make_plan(cfg.method, scores, {i: adapter.num_experts(b) for i, b in blocks.items()},
                      {i: adapter.top_k(b) for i, b in blocks.items()}, k=cfg.experts, coverage=cfg.coverage, stats=stats,
                      merge=mcfg.merges, seed=cfg.seed, gate_scale=cfg.gate_scale, source=str(original_dir), task=task.name,
                      options=dict(cfg.method_options, calibration_examples=cfg.calibration_examples))
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[edgeprune] {msg}", flush=True)
 
 
 def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig, plan: Optional[PrunePlan] = None,
@@ -203,6 +246,11 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
                          ("--heads-keep", cfg.heads_keep < 1)):
             if on:
                 raise ConfigError(f"{flag} needs a plan that keeps one expert in every layer (the folded model)")
+    info: dict = {"config": cfg.to_dict()}
+    layerwise, _, why = memory_path(original_dir, task, cfg)
+    if layerwise:
+        return _prune_streamed(original_dir, task, data, cfg, plan, progress, info)
+    info["calibration"] = {"path": "in memory", "why": why}
     original = load_model(original_dir, task=task, **cfg.load_options())
     tok = load_tokenizer(original_dir)
     check_model(original, task, cfg, tok)
@@ -210,7 +258,6 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     if tok_json is not None:
         require_wordpiece(tok_json, original_dir)  # before any heavy work
     train_enc = encode(data.load(task, "train"), tok, task.max_length, of_model(original))
-    info: dict = {"config": cfg.to_dict()}
     t0 = time.perf_counter()
     if plan is None and cfg.method in PROGRESSIVE:
         model = copy.deepcopy(original)
@@ -227,8 +274,97 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     if plan is None:
         plan = score(original_dir, task, data, cfg, model=original, progress=progress)
     pruned = apply_plan(original, plan)
+    return _finish(pruned, original, adapter_for(original.config), plan, task, data, cfg, tok, tok_json, train_enc,
+                   info, t0, progress)
+
+
+def _prune_streamed(original_dir, task, data, cfg, plan, progress, info):
+    """:func:`prune` for a checkpoint that does not fit: layer-wise scoring, the plan applied (and folded)
+    checkpoint to checkpoint one layer at a time (:func:`edgeprune.scale.stream.stream_apply`), then the small
+    pruned model loaded for the rest. Recovery learns from the labels alone: the original, the teacher of the
+    in-memory path, is never in memory here (said in the record)."""
+    import tempfile
+
+    from edgeprune.models import label_words
+    from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype
+    from edgeprune.scale.stream import stream_apply
+
+    if plan is None and cfg.method in PROGRESSIVE:
+        raise ConfigError(f"{cfg.method} fine-tunes the whole original while dropping experts, which needs it in "
+                          "memory; use a one-shot method (reap, frequency, ...) for a checkpoint this large")
+    tok = load_tokenizer(original_dir)
+    tok_json = tokenizer_json(original_dir) if cfg.vocab_reserve is not None else None
+    if tok_json is not None:
+        require_wordpiece(tok_json, original_dir)
+    t0 = time.perf_counter()
+    if plan is None:
+        plan = score(original_dir, task, data, cfg, progress=progress, info=info)
+    else:
+        info["calibration"] = {"path": "layer-wise", "why": "plan given: no calibration"}
+    raw = read_config(original_dir)
+    streamed = StreamedCheckpoint(tempfile.mkdtemp(prefix="edgeprune-streamed-", dir=cfg.offload_dir))
+    try:
+        stream_apply(original_dir, plan, streamed.dir, dtype=cfg.dtype, progress=progress)
+    except BaseException:
+        streamed.discard()
+        raise
+    nothing_else = (cfg.recovery_steps == 0 and cfg.ffn_keep == 1 and not structure.requested(cfg.drop_layers,
+                    cfg.heads_keep) and cfg.vocab_reserve is None and (plan.method != "uncurl" or plan.folds))
+    if nothing_else:  # the streamed checkpoint is the result: never loaded as a whole
+        info["seconds"] = round(time.perf_counter() - t0, 1)
+        return streamed, plan, info
+    pruned = load_checked(label_words.class_for(read_config(streamed.dir)), streamed.dir,
+                          dtype=torch_dtype(cfg.dtype, raw))
+    streamed.discard()
+    check_model_labels(pruned, task)
+    train_enc = encode(data.load(task, "train"), tok, task.max_length, None)
+    info["teacher"] = "none: the original is not loaded on the layer-wise path (recovery on labels only)"
+    return _finish(pruned, None, adapter_for(raw["model_type"]), plan, task, data, cfg, tok, tok_json, train_enc,
+                   info, t0, progress)
+
+
+class StreamedCheckpoint:
+    """A pruned checkpoint written by :func:`edgeprune.scale.stream.stream_apply` into a temporary directory and
+    returned as it is when nothing after the plan needs the model in memory (``save_pretrained`` moves its files)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self._config = None
+
+    @property
+    def config(self):
+        if self._config is None:
+            from transformers import AutoConfig
+
+            self._config = AutoConfig.from_pretrained(self.dir, local_files_only=True)
+        return self._config
+
+    def save_pretrained(self, out: str | Path) -> None:
+        import shutil
+
+        self.config  # read before the files move
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in self.dir.iterdir():
+            shutil.move(str(f), out / f.name)
+        self.discard()
+
+    def discard(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_model_labels(model, task: Task) -> None:
+    if model.config.num_labels != task.num_labels:
+        raise ConfigError(f"the model has {model.config.num_labels} labels but task {task.name} has "
+                          f"{task.num_labels} ({', '.join(task.labels)})")
+
+
+def _finish(pruned, original, adapter, plan, task, data, cfg, tok, tok_json, train_enc, info, t0, progress):
+    """What follows the expert plan on either path: FFN neurons, depth and heads of the folded model, UNCURL's
+    router, recovery (distilled from ``original`` when it is there), the vocabulary."""
     if cfg.ffn_keep < 1:
-        adapter = adapter_for(original.config)
         if adapter.dense is None:
             raise ConfigError(f"--ffn-keep slims the folded dense sibling; {adapter.model_type} has none")
         saliency = neuron_saliency(pruned, adapter, train_enc, max_examples=cfg.calibration_examples,
@@ -246,7 +382,7 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
                                distill_alpha=cfg.distill_alpha, max_length=task.max_length, progress=progress,
                                seed=cfg.seed)
     if cfg.vocab_reserve is not None:  # the training split's tokens keep their segmentation: after recovery
-        val = encode(data.load(task, "validation"), tok, task.max_length, of_model(original))
+        val = encode(data.load(task, "validation"), tok, task.max_length, of_model(pruned))
         pruned.edgeprune_tokenizer_json, info["vocab"] = prune_vocabulary(
             pruned, tok_json, train_enc.input_ids, val.input_ids, cfg.vocab_reserve)
     info["seconds"] = round(time.perf_counter() - t0, 1)

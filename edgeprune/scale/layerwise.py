@@ -1,0 +1,336 @@
+"""Layer-wise calibration: the routing statistics of a checkpoint that does not fit in memory.
+
+The model is built with its parameters on the meta device (``accelerate.init_empty_weights``: no memory), only
+the tensors outside the layer stack (embeddings, final norm, head) are read, and the calibration set goes
+through the stack one layer at a time, as the REAP authors' layer-wise observer and llm-compressor's
+sequential onloading do:
+
+1. one pass of the model with every layer replaced by a recorder captures, per batch, the first layer's input
+   hidden states and the arguments the model gives each layer (attention mask, rotary embeddings, ...: computed
+   once per batch by the model, they may differ per layer, e.g. gpt-oss's sliding-window layers);
+2. for each layer: its tensors are read from the safetensors shards, every batch's hidden states go through it
+   (the MoE block's input is captured by the same hook and turned into the same per-batch statistics as the
+   in-memory pass, :func:`edgeprune.pruning.calibration.batch_stats`), the outputs replace the inputs, and the
+   layer's tensors are dropped again.
+
+Between layers only the calibration set's hidden states are kept: in memory up to ``max_hidden_bytes``, the rest
+in files under ``offload_dir`` (a temporary directory by default). Batches are the in-memory pass's batches and
+each layer computes what it computes inside the whole model, so the statistics, and every method's plan, are the
+same bit for bit (tested for every method). Peak memory: the tensors outside the stack + one layer + the hidden
+states kept in memory (:mod:`edgeprune.scale.memory`).
+
+Encoder-decoder checkpoints (Switch) are refused: their stacks pass state between layers (T5's position bias)
+that a recorder does not see.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edgeprune.errors import ModelError
+from edgeprune.models.registry import adapter_for
+from edgeprune.pruning.calibration import (LayerStats, add_in_order, batch_stats, calibration_batches, empty_stats,
+                                           logit_rows_per_batch, real_tokens)
+from edgeprune.scale import distributed
+from edgeprune.scale.lazy import LazyCheckpoint, layer_of
+from edgeprune.training import Encoded, model_inputs
+
+
+class _Stop(Exception):
+    """Raised by the last layer's recorder: nothing after the stack runs in the recording pass."""
+
+
+def skeleton(model_dir: str | Path, dtype: Optional[str] = None) -> nn.Module:
+    """The checkpoint's classifier with every parameter on the meta device (buffers real: rotary frequencies,
+    position ids), in the dtype it would be loaded in."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from edgeprune.models import label_words
+    from edgeprune.models.checkpoint import read_config, torch_dtype
+
+    raw = read_config(model_dir)
+    arch = " ".join(raw.get("architectures") or [])
+    if raw.get("is_encoder_decoder"):
+        raise ModelError(f"{model_dir}: {raw['model_type']} is an encoder-decoder, whose layers pass state the "
+                         "layer-wise path does not see; drop --layerwise (the in-memory path)")
+    if arch and "SequenceClassification" not in arch:
+        raise ModelError(f"{model_dir}: a {arch} checkpoint classifies by label words, which the layer-wise path "
+                         "does not build yet; give a checkpoint with a sequence-classification head, or drop "
+                         "--layerwise (the in-memory path)")
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    cls = label_words.class_for(raw)
+    cls = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=torch_dtype(dtype, raw))
+    return model.eval()
+
+
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The path (``model.layers``) and module list of the decoder / encoder layers holding the MoE blocks."""
+    adapter = adapter_for(model.config)
+    paths = list(adapter.block_paths(model).values())
+    m = re.match(r"(.*)\.(\d+)\.", paths[0] + ".") if paths else None
+    stack = model.get_submodule(m.group(1)) if m else None
+    if not isinstance(stack, nn.ModuleList):
+        raise ModelError(f"{adapter.model_type}: no layer stack found around {paths[:1]}; the layer-wise path "
+                         "needs the MoE blocks inside a list of layers")
+    return m.group(1), stack
+
+
+def load_tensors(model: nn.Module, ckpt: LazyCheckpoint, names, dtype: torch.dtype) -> None:
+    """Replace the (meta) parameters / buffers ``names`` of ``model`` by the checkpoint's tensors."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        t = ckpt[name]
+        t = t.to(dtype) if t.is_floating_point() else t
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        else:
+            module._buffers[leaf] = t
+
+
+def unload(module: nn.Module) -> None:
+    """Every parameter of ``module`` back to the meta device (its memory freed)."""
+    for sub in module.modules():
+        for leaf, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+
+
+def model_keys(model: nn.Module) -> set[str]:
+    return set(model.state_dict(keep_vars=True).keys())
+
+
+class HiddenStore:
+    """Per-batch hidden states between layers: in memory up to ``max_bytes``, the rest in files."""
+
+    def __init__(self, max_bytes: Optional[int], offload_dir: Optional[str | Path] = None):
+        self.max_bytes = max_bytes
+        self.in_memory: dict[int, torch.Tensor] = {}
+        self.on_disk: set[int] = set()
+        self.bytes = 0
+        self._tmp = None
+        self.dir = Path(offload_dir) if offload_dir else None
+
+    def _path(self, b: int) -> Path:
+        if self.dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="edgeprune-hidden-")
+            self.dir = Path(self._tmp.name)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return self.dir / f"hidden-{b}.pt"
+
+    def put(self, b: int, t: torch.Tensor) -> None:
+        self.pop(b)
+        size = t.numel() * t.element_size()
+        if self.max_bytes is None or self.bytes + size <= self.max_bytes:
+            self.in_memory[b] = t
+            self.bytes += size
+        else:
+            torch.save(t, self._path(b))
+            self.on_disk.add(b)
+
+    def get(self, b: int) -> torch.Tensor:
+        if b in self.in_memory:
+            return self.in_memory[b]
+        return torch.load(self._path(b), weights_only=True)
+
+    def pop(self, b: int) -> None:
+        t = self.in_memory.pop(b, None)
+        if t is not None:
+            self.bytes -= t.numel() * t.element_size()
+        self.on_disk.discard(b)
+
+    def close(self) -> None:
+        self.in_memory.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run_stack(model: nn.Module, ckpt: LazyCheckpoint, batches, store: HiddenStore, progress: bool,
+               last: Optional[int] = None, on_output=None, head: bool = False, desc: str = "layer-wise"):
+    """The core of the layer-wise pass (see the module docstring): ``batches`` are ``(index, batch)``; layers
+    ``0..last`` run one at a time, ``on_output(layer, batch index, mask)`` is called after each layer's batch
+    (the calibration reads the MoE block's input there). With ``head``, every layer runs and a replay pass
+    (every layer returning its stored output) lets the model's own code apply the final norm, pooling and head:
+    returns ``{batch index: logits}``."""
+    prefix, stack = layer_stack(model)
+    last = len(stack) - 1 if last is None or head else last
+    wdtype = next(model.parameters()).dtype
+    keys = model_keys(model)
+    recorded: dict[int, dict] = {}
+    masks: dict[int, torch.Tensor] = {}
+    inputs_of: dict[int, dict] = {}
+    now: dict = {}
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden = _first_tensor(args[0]) if args else _first_tensor(kwargs.pop("hidden_states"))
+            if i == 0:
+                store.put(now["b"], hidden)
+            recorded[now["b"]][i] = (tuple(args[1:]), kwargs)
+            if i == len(stack) - 1:
+                raise _Stop
+            return (hidden,)
+        return forward
+
+    def replay(i: int):
+        def forward(*args, **kwargs):
+            hidden = _first_tensor(args[0]) if args else _first_tensor(kwargs.pop("hidden_states"))
+            if i < len(stack) - 1:
+                return (hidden,)
+            final = store.get(now["b"])
+            return (final,) if now["tuple"] else final  # what the real layer returns, for the code after the stack
+        return forward
+
+    def patched(make, run):
+        for i, layer in enumerate(stack):
+            layer.forward = make(i)
+        try:
+            for b, batch in batches:
+                now["b"] = b
+                run(b, batch)
+        finally:
+            for layer in stack:
+                layer.__dict__.pop("forward", None)
+
+    def record(b, batch):
+        recorded[b] = {}
+        masks[b] = batch["attention_mask"].reshape(-1).bool()
+        inputs_of[b] = model_inputs(model, batch)
+        if getattr(model.config, "use_cache", None) is not None:
+            inputs_of[b]["use_cache"] = False
+        try:
+            model(**inputs_of[b])
+        except _Stop:
+            pass
+
+    patched(recorder, record)
+    for i, layer in enumerate(tqdm(stack, desc=desc, disable=not progress, unit="layer")):
+        if i > last:
+            break
+        load_tensors(model, ckpt, [k for k in keys if k in ckpt and layer_of(k, prefix) == i], wdtype)
+        try:
+            for b in sorted(recorded):
+                args, kwargs = recorded[b][i]
+                raw = layer(store.get(b), *args, **kwargs)
+                now["tuple"] = isinstance(raw, (tuple, list))
+                out = _first_tensor(raw)
+                if on_output is not None:
+                    on_output(i, b, masks[b])
+                if i < last or head:
+                    store.put(b, out)
+        finally:
+            unload(layer)
+    if not head:
+        return None
+    logits: dict[int, torch.Tensor] = {}
+
+    def read_head(b, _batch):
+        logits[b] = model(**inputs_of[b]).logits.float()
+
+    patched(replay, read_head)
+    return logits
+
+
+def _open(model_dir, dtype, model):
+    ckpt = LazyCheckpoint(model_dir)
+    model = model if model is not None else skeleton(model_dir, dtype)
+    keys = model_keys(model)
+    params = dict(model.named_parameters())
+    missing = sorted(k for k in keys if k not in ckpt and k in params)
+    if missing:
+        raise ModelError(f"{model_dir}: the weights do not match config.json ({len(missing)} weight(s) missing, "
+                         f"e.g. {missing[0]}); is the config the one saved with these weights?")
+    bad = sorted(k for k in keys if k in ckpt and k in params and tuple(params[k].shape) != ckpt.info[k].shape)
+    if bad:
+        raise ModelError(f"{model_dir}: the weights do not match config.json (shape mismatch, e.g. {bad[0]}); is "
+                         "the config the one saved with these weights?")
+    return ckpt, model
+
+
+@torch.no_grad()
+def collect_routing_layerwise(model_dir: str | Path, enc: Encoded, max_examples: int = 2048, batch_size: int = 64,
+                              max_logit_rows: int = 20000, progress: bool = True, dtype: Optional[str] = None,
+                              max_hidden_bytes: Optional[int] = None, offload_dir: Optional[str | Path] = None,
+                              model: Optional[nn.Module] = None) -> tuple[dict[int, LayerStats], nn.Module]:
+    """:func:`edgeprune.pruning.calibration.collect_routing` one layer at a time (see the module docstring).
+
+    Returns the statistics and the skeleton, whose routers are loaded (scoring methods read router weights)."""
+    ckpt, model = _open(model_dir, dtype, model)
+    adapter = adapter_for(model.config)
+    blocks = adapter.blocks(model)
+    prefix, _ = layer_stack(model)
+    wdtype = next(model.parameters()).dtype
+    n = min(len(enc), max_examples)
+    rows = logit_rows_per_batch(max_logit_rows, batch_size, n)
+    store = HiddenStore(max_hidden_bytes, offload_dir)
+    parts, seen = {}, {}
+
+    def pre(i):
+        def hook(_m, args, kwargs):
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            seen[i] = hidden.detach().reshape(-1, hidden.shape[-1])
+        return hook
+
+    def on_output(i, b, mask):
+        if i in blocks:
+            x = seen.pop(i)
+            parts[(i, b)] = batch_stats(adapter, blocks[i], x[real_tokens(mask, x.shape[0])], i, b, rows)
+
+    handles = [blk.register_forward_pre_hook(pre(i), with_kwargs=True) for i, blk in blocks.items()]
+    try:
+        with ckpt:
+            load_tensors(model, ckpt, [k for k in model_keys(model) if k in ckpt and layer_of(k, prefix) is None],
+                         wdtype)
+            batches = distributed.my_batches(calibration_batches(enc, max_examples, batch_size, "embed", progress))
+            _run_stack(model, ckpt, batches, store, progress, last=max(blocks), on_output=on_output,
+                       desc="calibrate (layer-wise)")
+            # routers in memory for the scoring methods that read them (Chowdhury et al.)
+            load_tensors(model, ckpt, [k for layer in blocks for k in adapter.router_keys(model, layer) if k in ckpt],
+                         wdtype)
+    finally:
+        for h in handles:
+            h.remove()
+        store.close()
+    return add_in_order(empty_stats(adapter, blocks), distributed.gather_parts(parts)), model
+
+
+@torch.no_grad()
+def logits_layerwise(model_dir: str | Path, enc: Encoded, batch_size: int = 64, progress: bool = True,
+                     dtype: Optional[str] = None, max_hidden_bytes: Optional[int] = None,
+                     offload_dir: Optional[str | Path] = None, model: Optional[nn.Module] = None) -> np.ndarray:
+    """The original's logits on every example of ``enc`` (in ``enc``'s order), one layer at a time: what the
+    build validates the artifact against when the original does not fit in memory."""
+    from edgeprune.training import collate
+
+    ckpt, model = _open(model_dir, dtype, model)
+    prefix, _ = layer_stack(model)
+    order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
+    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    store = HiddenStore(max_hidden_bytes, offload_dir)
+    try:
+        with ckpt:
+            load_tensors(model, ckpt, [k for k in model_keys(model) if k in ckpt and layer_of(k, prefix) is None],
+                         next(model.parameters()).dtype)
+            batches = [(b, {k: v for k, v in collate(enc, idx).items() if k != "labels"})
+                       for b, idx in enumerate(chunks)]
+            out = _run_stack(model, ckpt, batches, store, progress, head=True, desc="original logits (layer-wise)")
+    finally:
+        store.close()
+    logits = np.zeros((len(enc), next(iter(out.values())).shape[-1]), dtype=np.float32)
+    for b, idx in enumerate(chunks):
+        logits[idx] = out[b].numpy()
+    return logits

@@ -1,0 +1,110 @@
+"""A checkpoint's tensors without loading them: names, shapes, dtypes and bytes from the safetensors headers
+(every shard of a sharded checkpoint), each tensor read from its file only when asked for.
+
+This is what lets the layer-wise calibration (:mod:`edgeprune.scale.layerwise`) and the streamed prune
+(:mod:`edgeprune.scale.stream`) hold one layer at a time, and the memory estimate (:mod:`edgeprune.scale.memory`)
+size every stage before anything is loaded. It reads with ``safetensors.safe_open`` (memory-mapped; a
+``get_tensor`` copies one tensor out), the same reader transformers uses.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+
+from edgeprune.models.checkpoint import weight_files
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = _DTYPE_BYTES.get(self.dtype, 4)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class LazyCheckpoint(Mapping):
+    """``name -> tensor`` over a checkpoint directory, read on access (a read-only state dict).
+
+    ``ckpt.info[name]`` has the shape, dtype and bytes without reading; ``layer_of(name, prefix)`` says which
+    layer of the stack at ``prefix`` (``"model.layers"``) a tensor belongs to."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self.files = weight_files(self.dir)
+        self.info: dict[str, TensorInfo] = {}
+        for f in self.files:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    sl = fh.get_slice(name)
+                    self.info[name] = TensorInfo(f, tuple(sl.get_shape()), sl.get_dtype())
+        self._open: Optional[tuple[Path, object]] = None  # the shard read last, kept open inside ``with``
+        self._inside = False
+
+    # -- Mapping -------------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self.info[name]
+        if not self._inside:
+            with safe_open(str(info.file), framework="pt") as fh:
+                return fh.get_tensor(name)
+        if self._open is None or self._open[0] != info.file:
+            self._close()
+            self._open = (info.file, safe_open(str(info.file), framework="pt"))
+        return self._open[1].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.info)
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def __enter__(self) -> "LazyCheckpoint":
+        """Inside ``with``, the shard read last stays open (memory-mapped) until a tensor of another shard is read:
+        one shard's pages mapped at a time, so the resident memory stays about a layer, not the checkpoint."""
+        self._inside = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._inside = False
+        self._close()
+
+    def _close(self) -> None:
+        if self._open is not None:
+            fh = self._open[1]
+            self._open = None
+            if hasattr(fh, "__exit__"):
+                fh.__exit__(None, None, None)
+            del fh
+
+    # -- sizes ---------------------------------------------------------------------------------------------
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.info.values())
+
+    def bytes_by_layer(self, prefix: str) -> dict[Optional[int], int]:
+        """Bytes per layer of the stack at ``prefix``; key None for every tensor outside it."""
+        out: dict[Optional[int], int] = {}
+        for name, i in self.info.items():
+            layer = layer_of(name, prefix)
+            out[layer] = out.get(layer, 0) + i.nbytes
+        return out
+
+
+def layer_of(name: str, prefix: str) -> Optional[int]:
+    """The layer index of ``name`` in the stack at ``prefix`` (``model.layers.3.mlp...`` -> 3), else None."""
+    m = re.match(re.escape(prefix) + r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None

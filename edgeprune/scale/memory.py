@@ -1,0 +1,123 @@
+"""Memory stated and checked before work starts: the peak resident memory of scoring and pruning, estimated
+from the checkpoint's safetensors headers (:class:`edgeprune.scale.lazy.LazyCheckpoint`) and the options, for
+the in-memory and the layer-wise path; the choice between them; a one-line refusal when neither fits.
+
+The estimate (bytes; ``C`` the checkpoint, ``O`` its tensors outside the layer stack, ``L`` its largest layer,
+``P`` the pruned model: ``C`` less the share ``1 - k / Z`` of the expert tensors, ``H`` the calibration set's
+hidden states, ``n x max_length x hidden x 4``, ``A`` one calibration batch's activations,
+``64 x max_length x (16 x hidden + heads x max_length) x 4``):
+
+* in memory: ``C + P + A`` (the original, the pruned copy that ``apply_plan`` builds beside it, one batch);
+* layer-wise: ``O + 2 L + A`` at least (a layer of the original and the pruned layer written from it), plus as
+  much of ``H`` as the cap leaves (the rest goes to disk).
+
+It is deliberately an upper bound of the tensors' bytes plus the framework's working set (``BASE``); measured
+against VmHWM in ``results/scale.md`` (``python scripts/scale.py``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import psutil
+
+from edgeprune.errors import ConfigError
+from edgeprune.models.checkpoint import read_config
+from edgeprune.scale.lazy import LazyCheckpoint
+
+GB = 1024 ** 3
+BASE = int(0.6 * GB)  # Python, torch, transformers and tokenizers loaded, before any tensor
+_EXPERT = re.compile(r"\.experts?[._]")
+_STACK = re.compile(r"^(.*?(?:layers|layer|h|block|blocks))\.(\d+)\.")
+
+
+@dataclass
+class MemoryEstimate:
+    checkpoint: int
+    outside: int
+    largest_layer: int
+    pruned: int
+    hidden: int
+    activations: int
+
+    @property
+    def in_memory(self) -> int:
+        return BASE + self.checkpoint + self.pruned + self.activations
+
+    @property
+    def layerwise_min(self) -> int:
+        return BASE + self.outside + 2 * self.largest_layer + self.activations
+
+    @property
+    def layerwise(self) -> int:
+        return self.layerwise_min + self.hidden
+
+    def to_dict(self) -> dict:
+        return {**{k: round(v / GB, 3) for k, v in asdict(self).items()},
+                "in_memory_gb": round(self.in_memory / GB, 3), "layerwise_gb": round(self.layerwise / GB, 3),
+                "layerwise_min_gb": round(self.layerwise_min / GB, 3)}
+
+
+def _config_int(cfg: dict, *keys: str, default: int = 0) -> int:
+    for k in keys:
+        v = cfg.get(k)
+        if isinstance(v, int) and v > 0:
+            return v
+    return default
+
+
+def estimate(model_dir: str | Path, experts: Optional[int], max_length: int, examples: int,
+             batch_size: int = 64) -> MemoryEstimate:
+    """The estimate for ``model_dir`` (headers only: nothing is loaded)."""
+    ckpt = LazyCheckpoint(model_dir)
+    cfg = read_config(model_dir)
+    by_layer: dict[Optional[int], int] = {}
+    expert_bytes = 0
+    for name, info in ckpt.info.items():
+        m = _STACK.match(name)
+        layer = int(m.group(2)) if m else None
+        by_layer[layer] = by_layer.get(layer, 0) + info.nbytes
+        if _EXPERT.search(name):
+            expert_bytes += info.nbytes
+    z = _config_int(cfg, "num_local_experts", "num_experts", "n_routed_experts", default=1)
+    kept = min(1.0, (experts or z) / z)
+    hidden = _config_int(cfg, "hidden_size", "d_model", default=1024)
+    heads = _config_int(cfg, "num_attention_heads", "num_heads", default=16)
+    width = 4  # activations in fp32
+    return MemoryEstimate(
+        checkpoint=ckpt.total_bytes,
+        outside=by_layer.get(None, 0),
+        largest_layer=max((v for k, v in by_layer.items() if k is not None), default=0),
+        pruned=int(ckpt.total_bytes - (1 - kept) * expert_bytes),
+        hidden=examples * max_length * hidden * width,
+        activations=batch_size * max_length * (16 * hidden + heads * max_length) * width)
+
+
+def available_bytes() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+def choose_path(est: MemoryEstimate, layerwise: Optional[bool], max_memory_gb: Optional[float]) -> tuple[bool, int, str]:
+    """``(layer-wise?, bytes of hidden states to keep in memory, why)``; a :class:`ConfigError` when even the
+    layer-wise path cannot fit ``--max-memory`` (or, without it, the memory available now)."""
+    cap = int(max_memory_gb * GB) if max_memory_gb is not None else available_bytes()
+    what = f"--max-memory {max_memory_gb:g} GB" if max_memory_gb is not None else f"{cap / GB:.1f} GB available"
+    if layerwise is False:
+        if max_memory_gb is not None and est.in_memory > cap:
+            raise ConfigError(f"--in-memory needs ~{est.in_memory / GB:.2f} GB, more than {what}; use --layerwise "
+                              "or raise --max-memory")
+        return False, est.hidden, f"in memory (--in-memory): needs ~{est.in_memory / GB:.2f} GB"
+    if layerwise is None and est.in_memory <= cap:
+        return False, est.hidden, f"in memory: needs ~{est.in_memory / GB:.2f} GB, {what}"
+    if est.layerwise_min > cap:
+        raise ConfigError(
+            f"the checkpoint ({est.checkpoint / GB:.2f} GB) needs ~{est.layerwise_min / GB:.2f} GB even layer by layer "
+            f"(outside the layers {est.outside / GB:.2f} GB + two of its largest layer {est.largest_layer / GB:.2f} GB "
+            f"+ working set), more than {what}; raise --max-memory or use a machine with more memory")
+    keep = max(0, min(est.hidden, cap - est.layerwise_min))
+    why = ("layer-wise (--layerwise)" if layerwise else
+           f"layer-wise: in memory would need ~{est.in_memory / GB:.2f} GB, {what}")
+    spill = "" if keep >= est.hidden else f"; hidden states beyond {keep / GB:.2f} GB go to disk"
+    return True, keep, f"{why}; peak ~{(est.layerwise_min + keep) / GB:.2f} GB{spill}"
