@@ -258,6 +258,9 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     val_examples = cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples)
     val_enc = encode(val_examples, tok, cfg.task.max_length, words)
     pruned_dir = stage_prune(cfg, original_dir, original_hash)
+    from edgeprune.scale import distributed
+
+    distributed.release_workers()  # under torchrun (if the prune stage was cached): export and validation are rank 0's
     prune_info = json.loads((pruned_dir / "edgeprune_prune.json").read_text())
     art_val_enc = val_enc
     if prune_info.get("vocab"):  # a pruned vocabulary: the artifact reads its own tokenizer.json

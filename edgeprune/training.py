@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from edgeprune.errors import ConfigError
 from edgeprune.tasks import Example
 
 
@@ -200,11 +201,24 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
 
     ``on_step(step, model, batch)`` runs after every optimizer step (progressive pruning hooks in here).
     """
+    from edgeprune.scale import distributed
+
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.train()
     groups = [g for g in _param_groups(model, cfg) if g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    world, rank = distributed.world_size(), distributed.rank()
+    accelerator, net = None, model
+    if world > 1:  # under torchrun: data-parallel (DDP) through accelerate, each process a share of every step
+        if on_step is not None:
+            raise ConfigError("this method changes the model at every step, which runs in one process; run it "
+                              "without torchrun")
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        net, opt = accelerator.prepare(model, opt)  # DDP around the same module: trained in place
+        progress = progress and rank == 0
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
 
     def lr_lambda(step: int) -> float:
@@ -221,11 +235,12 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
     bar = tqdm(total=cfg.max_steps, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
     bf16 = cfg.bf16 and autocast_safe(model) and (teacher is None or autocast_safe(teacher))
     for step in range(cfg.max_steps):
-        if not batches:
+        if len(batches) < world:
             batches = bucketed_batches(enc, cfg.batch_size, rng)
-        batch = collate(enc, batches.pop())
+        step_batches = [batches.pop() for _ in range(world)]  # the same sequence in every process
+        batch = collate(enc, step_batches[rank])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(**model_inputs(model, batch))
+            out = net(**model_inputs(model, batch))
             loss = out.loss
             if teacher is not None and cfg.distill_alpha > 0:
                 with torch.no_grad():
@@ -235,8 +250,12 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
                               reduction="batchmean") * temp * temp
                 loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        if accelerator is not None:
+            accelerator.backward(loss)  # gradients averaged over the processes
+            accelerator.clip_grad_norm_(net.parameters(), 1.0)
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
@@ -249,7 +268,7 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"steps": cfg.max_steps, "seconds": round(time.perf_counter() - t0, 1),
+    return {"steps": cfg.max_steps, "seconds": round(time.perf_counter() - t0, 1), "processes": world,
             "final_loss": float(np.mean(losses[-50:])) if losses else math.nan}
 
 

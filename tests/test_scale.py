@@ -194,3 +194,21 @@ def test_torchrun_with_two_processes_gives_the_plan_of_one(checkpoints, tmp_path
                              capture_output=True, text=True, env=env, timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
         assert (tmp_path / "two.json").read_text() == (tmp_path / "one.json").read_text()
+
+
+def test_torchrun_prune_recovers_data_parallel_under_accelerate_and_rank_0_writes(checkpoints, tmp_path):
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = tmp_path / "pruned"
+    res = subprocess.run(["torchrun", "--no-python", "--nproc_per_node", "2", "--master_port", "29518", "edgeprune",
+                          "prune", "--model", str(checkpoints["mixtral"]), "--experts", "1", "--calibration-examples",
+                          "64", "--recovery-steps", "4", "--layerwise", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads((out / "edgeprune_prune.json").read_text())
+    assert info["calibration"]["processes"] == 2 and info["recovery"]["processes"] == 2
+    assert res.stdout.count("checkpoint:") == 1  # one writer
+    from edgeprune.models.label_words import load_classifier
+
+    assert load_classifier(out).config.model_type == "mistral"

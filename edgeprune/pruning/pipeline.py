@@ -189,7 +189,7 @@ def memory_path(original_dir: str | Path, task: Task, cfg: PruneConfig) -> tuple
 
 
 def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig, model=None,
-          progress: bool = True, info: Optional[dict] = None) -> PrunePlan:
+          progress: bool = True, info: Optional[dict] = None, release: bool = True) -> PrunePlan:
     """Calibrate on the task's training split (bounded) and make the plan of ``cfg``: in memory, or layer by
     layer when the checkpoint does not fit (:mod:`edgeprune.scale`); under ``torchrun`` every process calibrates
     a share of the batches and only rank 0 goes on (:mod:`edgeprune.scale.distributed`)."""
@@ -221,7 +221,8 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
                                                  offload_dir=cfg.offload_dir, model=model)
     else:
         stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress)
-    distributed.release_workers()  # every process has the same statistics; only rank 0 goes on
+    if release:  # every process has the same statistics; only rank 0 goes on (prune keeps them for recovery)
+        distributed.release_workers()
     scores = score_experts(mcfg, model, stats, source_dir=str(original_dir))
     return make_plan(cfg.method, scores, {i: adapter.num_experts(b) for i, b in blocks.items()},
                      {i: adapter.top_k(b) for i, b in blocks.items()}, k=cfg.experts, coverage=cfg.coverage, stats=stats,
@@ -260,6 +261,9 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     train_enc = encode(data.load(task, "train"), tok, task.max_length, of_model(original))
     t0 = time.perf_counter()
     if plan is None and cfg.method in PROGRESSIVE:
+        from edgeprune.scale import distributed
+
+        distributed.release_workers()  # it changes the model at every step: one process
         model = copy.deepcopy(original)
         dropper = ProgressiveDropper(model, cfg.recovery_steps, window=cfg.window, beta=cfg.beta,
                                      min_experts=cfg.experts or 1, eager=PROGRESSIVE[cfg.method])
@@ -272,7 +276,7 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
         info["seconds"] = round(time.perf_counter() - t0, 1)
         return pruned, plan, info
     if plan is None:
-        plan = score(original_dir, task, data, cfg, model=original, progress=progress)
+        plan = score(original_dir, task, data, cfg, model=original, progress=progress, release=False)
     pruned = apply_plan(original, plan)
     return _finish(pruned, original, adapter_for(original.config), plan, task, data, cfg, tok, tok_json, train_enc,
                    info, t0, progress)
@@ -298,7 +302,7 @@ def _prune_streamed(original_dir, task, data, cfg, plan, progress, info):
         require_wordpiece(tok_json, original_dir)
     t0 = time.perf_counter()
     if plan is None:
-        plan = score(original_dir, task, data, cfg, progress=progress, info=info)
+        plan = score(original_dir, task, data, cfg, progress=progress, info=info, release=False)
     else:
         info["calibration"] = {"path": "layer-wise", "why": "plan given: no calibration"}
     raw = read_config(original_dir)
@@ -311,6 +315,11 @@ def _prune_streamed(original_dir, task, data, cfg, plan, progress, info):
     nothing_else = (cfg.recovery_steps == 0 and cfg.ffn_keep == 1 and not structure.requested(cfg.drop_layers,
                     cfg.heads_keep) and cfg.vocab_reserve is None and (plan.method != "uncurl" or plan.folds))
     if nothing_else:  # the streamed checkpoint is the result: never loaded as a whole
+        from edgeprune.scale import distributed
+
+        if not distributed.is_writer():
+            streamed.discard()
+        distributed.release_workers()
         info["seconds"] = round(time.perf_counter() - t0, 1)
         return streamed, plan, info
     pruned = load_checked(label_words.class_for(read_config(streamed.dir)), streamed.dir,
@@ -381,6 +390,9 @@ def _finish(pruned, original, adapter, plan, task, data, cfg, tok, tok_json, tra
     info["recovery"] = recover(pruned, train_enc, cfg.recovery_steps, teacher=original,
                                distill_alpha=cfg.distill_alpha, max_length=task.max_length, progress=progress,
                                seed=cfg.seed)
+    from edgeprune.scale import distributed
+
+    distributed.release_workers()  # under torchrun, recovery was data-parallel; the rest is rank 0's
     if cfg.vocab_reserve is not None:  # the training split's tokens keep their segmentation: after recovery
         val = encode(data.load(task, "validation"), tok, task.max_length, of_model(pruned))
         pruned.edgeprune_tokenizer_json, info["vocab"] = prune_vocabulary(
