@@ -79,7 +79,7 @@ def versions() -> dict:
 
 def stage_prune(cfg: BuildConfig, original_dir: Path, original_hash: str) -> Path:
     plan = PrunePlan.load(cfg.plan_file) if cfg.plan_file else None
-    key = fingerprint("prune", original_hash, cfg.prune.to_dict(), cfg.data.key(), cfg.task.name,
+    key = fingerprint("prune", original_hash, prune_key(cfg, original_dir), cfg.data.key(), cfg.task.name,
                       plan.to_json() if plan else None)
     out = cache_root() / "stages" / f"prune-{key}"
     if reusable(out, log):
@@ -91,6 +91,17 @@ def stage_prune(cfg: BuildConfig, original_dir: Path, original_hash: str) -> Pat
         save_pruned(model, original_dir, tmp, plan, info)
         seal(tmp)
     return out
+
+
+def prune_key(cfg: BuildConfig, original_dir: Path) -> dict:
+    """The prune options that change the pruned model: not where memory goes (--max-memory, --offload-dir), and
+    the path only when it is layer-wise (its recovery has no teacher)."""
+    from edgeprune.pruning.pipeline import memory_path
+
+    key = {k: v for k, v in cfg.prune.to_dict().items() if k not in ("layerwise", "max_memory_gb", "offload_dir")}
+    if memory_path(original_dir, cfg.task, cfg.prune)[0]:
+        key["layerwise"] = True
+    return key
 
 
 def ort_model_type(model) -> Optional[str]:

@@ -385,17 +385,27 @@ def targets() -> None:
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--eval-examples", type=click.IntRange(1), help="Validate on this many examples (default: all).")
 @click.option("--latency-iters", default=100, show_default=True, type=click.IntRange(5))
+@click.option("--embedding-bits", type=click.Choice(["8", "4"]), default=None,
+              help="The word embedding's precision: 8 (int8, the dynamic quantizer) or 4 (GatherBlockQuantized) "
+                   "[default: the target's].")
 @click.option("--search", "search_trials", type=click.IntRange(1), default=None, metavar="TRIALS",
               help="First search TRIALS candidates (edgeprune search) and build the smallest within the budgets; the "
                    "Pareto table and plot go into the artifact.")
 @click.option("--out", type=click.Path(file_okay=False), help="Artifact directory [default: build/<task>-<target>].")
 def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, drop_layers, heads_keep, vocab_reserve,
-          recovery_steps, distill, eval_examples, latency_iters, search_trials, out) -> None:
+          recovery_steps, distill, eval_examples, latency_iters, embedding_bits, search_trials, out) -> None:
     """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
     from edgeprune.build import BuildConfig, build as run_build
     from edgeprune.export.targets import load_target
 
     target = load_target(target_name)
+    if embedding_bits is not None:
+        from edgeprune.search import target_for
+
+        if embedding_bits == "4" and target.quantization.precision != "int8-dynamic":
+            raise ConfigError(f"--embedding-bits 4 goes with int8-dynamic targets; {target.name} is "
+                              f"{target.quantization.precision}")
+        target = target_for(target, {"embedding_bits": int(embedding_bits)})
     if search_trials and plan_file:
         raise ConfigError("--search chooses the knobs itself; drop --plan")
     prune_cfg.recovery_steps = recovery_steps
@@ -422,7 +432,7 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
         if search_trials:
             from dataclasses import replace
 
-            from edgeprune.search import knob_options, prune_for, run_search
+            from edgeprune.search import knob_options, prune_for, run_search, target_for
 
             result = run_search(replace(cfg, latency_iters=min(latency_iters, 30)), out.parent / f"{out.name}.search",
                                 trials=search_trials, log=click.echo)
@@ -431,6 +441,7 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
                                   f"{result.files['table']}")
             click.echo(f"[edgeprune] search chose {knob_options(result.chosen.knobs)}")
             cfg.prune = prune_for(cfg.prune, result.chosen.knobs)
+            cfg.target = target_for(cfg.target, result.chosen.knobs)
             cfg.extra_files = {"search/pareto.md": result.files["table"], "search/pareto.png": result.files["plot"],
                                "search/pareto.json": result.files["json"]}
         final, report = run_build(cfg)
@@ -455,17 +466,23 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
 @click.option("--eval-examples", type=click.IntRange(1), help="Validate on this many examples (default: all).")
 @click.option("--latency-iters", default=30, show_default=True, type=click.IntRange(5))
 @click.option("--max-accuracy-drop", type=click.FloatRange(0), help="Replace the target's accuracy budget (points).")
+@click.option("--try", "tries", multiple=True, metavar="KNOBS",
+              help="A candidate to build first, e.g. drop_layers=2,heads_keep=0.75,ffn_keep=0.75,vocab_reserve=2000,"
+                   "embedding_bits=4 (knobs left out: TPE picks them); repeatable.")
+@click.option("--peer/--no-peer", default=True, show_default=True,
+              help="Measure and mark the optimum-cli dense peer (the default original's task only).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Where the candidates, pareto.md / .json / .png go [default: build/search-<task>-<target>].")
 def search(task, data, prune_cfg, model_dir, target_name, trials, timeout, recovery_steps, distill, eval_examples,
-           latency_iters, max_accuracy_drop, out) -> None:
+           latency_iters, max_accuracy_drop, tries, peer, out) -> None:
     """Search layers, heads, FFN width and vocabulary for the smallest artifact within the target's budgets."""
     from dataclasses import replace
 
     from edgeprune.build import BuildConfig
     from edgeprune.export.targets import load_target
-    from edgeprune.search import knob_options, run_search
+    from edgeprune.search import knob_options, parse_knobs, run_search
 
+    seeds = tuple(parse_knobs(t) for t in tries)
     target = load_target(target_name)
     if max_accuracy_drop is not None:
         target = replace(target, budgets=replace(target.budgets, max_accuracy_drop=max_accuracy_drop))
@@ -477,7 +494,7 @@ def search(task, data, prune_cfg, model_dir, target_name, trials, timeout, recov
                       eval_examples=eval_examples, latency_iters=latency_iters,
                       command=" ".join(["edgeprune"] + sys.argv[1:]))
     with output_lock(out):
-        result = run_search(cfg, out, trials=trials, timeout=timeout, log=click.echo)
+        result = run_search(cfg, out, trials=trials, timeout=timeout, log=click.echo, seeds=seeds, peer=peer)
     click.echo(Path(result.files["table"]).read_text())
     if result.chosen is None:
         raise BudgetError(f"none of {len(result.candidates)} candidates met the budgets of {target.name}")

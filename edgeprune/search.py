@@ -23,12 +23,14 @@ from edgeprune.errors import BudgetError, ConfigError
 
 @dataclass
 class SearchSpace:
-    """The knobs and their values (categorical). ``vocab_reserve`` -1 means the full vocabulary."""
+    """The knobs and their values (categorical). ``vocab_reserve`` -1 means the full vocabulary; ``embedding_bits``
+    is the target's ``[quantization] embedding_bits`` (an export knob; the others prune)."""
 
     drop_layers: tuple = (0, 1, 2, 3)
     heads_keep: tuple = (1.0, 0.75, 0.5)
     ffn_keep: tuple = (1.0, 0.75, 0.5)
     vocab_reserve: tuple = (-1, 2000)
+    embedding_bits: tuple = (8, 4)  # the word embedding int8 (dynamic quantizer) or 4-bit GatherBlockQuantized
 
     def for_layers(self, layers: int) -> "SearchSpace":
         """The space without layer drops that would leave no layer."""
@@ -59,10 +61,11 @@ class SearchResult:
     original: dict
     seconds: float
     files: dict = field(default_factory=dict)
+    peer: dict = field(default_factory=dict)  # the optimum-cli dense peer (edgeprune.peer), where measured
 
     def to_dict(self) -> dict:
         return {"candidates": [asdict(c) for c in self.candidates], "chosen": asdict(self.chosen) if self.chosen else None,
-                "original": self.original, "seconds": self.seconds, "files": self.files}
+                "original": self.original, "seconds": self.seconds, "files": self.files, "peer": self.peer}
 
 
 def knob_options(knobs: dict) -> str:
@@ -75,7 +78,33 @@ def knob_options(knobs: dict) -> str:
     if knobs["ffn_keep"] < 1:
         parts.append(f"--ffn-keep {knobs['ffn_keep']}")
     parts.append(f"--vocab-reserve {knobs['vocab_reserve']}" if knobs["vocab_reserve"] >= 0 else "(full vocabulary)")
+    if "embedding_bits" in knobs:
+        parts.append(f"--embedding-bits {knobs['embedding_bits']}")
     return " ".join(parts)
+
+
+def parse_knobs(text: str) -> dict:
+    """``drop_layers=2,heads_keep=0.75,...`` (``--try``) as a knob dict, checked against :class:`SearchSpace`."""
+    known = asdict(SearchSpace())
+    knobs = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in known:
+            raise ConfigError(f"--try {text!r}: unknown knob {key!r}; knobs: {', '.join(known)}")
+        try:
+            knobs[key] = type(known[key][0])(float(value)) if isinstance(known[key][0], int) else float(value)
+        except ValueError:
+            raise ConfigError(f"--try {text!r}: {key} needs a number, got {value!r}") from None
+        if knobs[key] not in known[key]:
+            raise ConfigError(f"--try {text!r}: {key} = {value} is not in the space {list(known[key])}")
+    return knobs
+
+
+def target_for(target, knobs: dict):
+    """``target`` with a candidate's embedding precision (4 only where the target quantizes int8 dynamically)."""
+    bits = knobs.get("embedding_bits", target.quantization.embedding_bits)
+    return replace(target, quantization=replace(target.quantization, embedding_bits=bits))
 
 
 def prune_for(prune, knobs: dict):
@@ -85,9 +114,10 @@ def prune_for(prune, knobs: dict):
 
 
 def run_search(cfg, workdir: Path, space: SearchSpace = SearchSpace(), trials: int = 8,
-               timeout: Optional[float] = None, log=print) -> SearchResult:
+               timeout: Optional[float] = None, log=print, seeds: tuple = (), peer: bool = False) -> SearchResult:
     """Search over ``space`` with ``cfg`` (a :class:`~edgeprune.build.BuildConfig`) as the base of every
-    trial; trial artifacts go to ``workdir/trial-N``."""
+    trial; trial artifacts go to ``workdir/trial-N``. ``seeds`` (knob dicts) are tried first, then TPE; with
+    ``peer`` the optimum-cli dense peer is measured and marked (:mod:`edgeprune.peer`)."""
     import optuna
 
     from edgeprune.build import build
@@ -98,6 +128,8 @@ def run_search(cfg, workdir: Path, space: SearchSpace = SearchSpace(), trials: i
         raise ConfigError("search prunes the folded dense model: use --experts 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = space.for_layers(_layers(cfg))
+    if not cfg.target.quantization.precision.startswith("int8"):
+        space = replace(space, embedding_bits=(cfg.target.quantization.embedding_bits,))
     workdir.mkdir(parents=True, exist_ok=True)
     seen: dict[tuple, Candidate] = {}
     candidates: list[Candidate] = []
@@ -114,7 +146,8 @@ def run_search(cfg, workdir: Path, space: SearchSpace = SearchSpace(), trials: i
         log(f"[search] trial {n + 1}/{trials}: {knob_options(knobs)}")
         out = workdir / f"trial-{n}"
         try:
-            _, report = build(replace(cfg, prune=prune_for(cfg.prune, knobs), out=out))
+            _, report = build(replace(cfg, prune=prune_for(cfg.prune, knobs), target=target_for(cfg.target, knobs),
+                                      out=out))
             art = out
         except BudgetError:
             art = out.parent / f"{out.name}.rejected"
@@ -132,6 +165,8 @@ def run_search(cfg, workdir: Path, space: SearchSpace = SearchSpace(), trials: i
 
     study = optuna.create_study(directions=["minimize", "minimize", "maximize"],
                                 sampler=optuna.samplers.TPESampler(seed=cfg.prune.seed, n_startup_trials=min(4, trials)))
+    for seed in seeds:
+        study.enqueue_trial({k: v for k, v in seed.items() if k in asdict(space)})
     study.optimize(objective, n_trials=trials, timeout=timeout)
     front = {tuple(sorted(t.params.items())) for t in study.best_trials}
     for key, c in seen.items():
@@ -139,6 +174,10 @@ def run_search(cfg, workdir: Path, space: SearchSpace = SearchSpace(), trials: i
     ok = [c for c in candidates if c.ok]
     chosen = min(ok, key=lambda c: (c.size_mb, -c.accuracy)) if ok else None
     result = SearchResult(candidates, chosen, original, round(time.perf_counter() - t0, 1))
+    if peer:
+        from edgeprune.peer import measure_peer
+
+        result.peer = measure_peer(cfg) or {}
     result.files = write_front(result, workdir, cfg)
     return result
 
@@ -160,7 +199,10 @@ def write_front(result: SearchResult, workdir: Path, cfg) -> dict:
           f"{cfg.target.budgets.max_size_mb} MB, p95 <= {cfg.target.budgets.max_p95_latency_ms} ms).", "",
           f"{len(result.candidates)} candidates in {result.seconds} s (Optuna multi-objective TPE; validation split). "
           f"Original MoE: {result.original.get('size_mb')} MB, p50 {result.original.get('p50_ms')} ms, accuracy "
-          f"{result.original.get('accuracy')}. Pareto-optimal in size, p50 and accuracy: marked *.", "",
+          f"{result.original.get('accuracy')}. Pareto-optimal in size, p50 and accuracy: marked *." +
+          (f" The peer (the dense model through `optimum-cli export onnx` + `onnxruntime quantize "
+           f"{_peer_flag(cfg)}`): {result.peer['size_mb']} MB, p50 {result.peer['p50_ms']} ms (timed alone), accuracy "
+           f"{result.peer['accuracy']}." if result.peer else ""), "",
           "| # | options | size MB | p50 ms | accuracy | drop (points) | budgets | Pareto |",
           "| ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for c in sorted(result.candidates, key=lambda c: c.size_mb):
@@ -192,6 +234,9 @@ def plot(result: SearchResult, path: Path, title: str) -> None:
         if result.original:
             ax.scatter([result.original[key]], [result.original["accuracy"]], marker="*", s=200, c="tab:orange",
                        label="original MoE (PyTorch)")
+        if result.peer:
+            ax.scatter([result.peer[key]], [result.peer["accuracy"]], marker="D", s=90, c="tab:green",
+                       label="dense peer (optimum-cli)")
         if result.chosen:
             ax.scatter([getattr(result.chosen, key)], [result.chosen.accuracy], s=160, facecolors="none",
                        edgecolors="tab:red", linewidths=2, label="chosen")
@@ -213,4 +258,11 @@ def replot(workdir: Path, title: str) -> None:
     data = json.loads((Path(workdir) / "pareto.json").read_text())
     cands = [Candidate(**c) for c in data["candidates"]]
     chosen = next((c for c in cands if data["chosen"] and c.number == data["chosen"]["number"]), None)
-    plot(SearchResult(cands, chosen, data["original"], data["seconds"]), Path(workdir) / "pareto.png", title)
+    plot(SearchResult(cands, chosen, data["original"], data["seconds"], peer=data.get("peer") or {}),
+         Path(workdir) / "pareto.png", title)
+
+
+def _peer_flag(cfg) -> str:
+    from edgeprune.peer import peer_flag
+
+    return peer_flag(cfg.target.name)

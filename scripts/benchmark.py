@@ -29,6 +29,7 @@ from edgeprune.errors import BudgetError
 from edgeprune.export.quantize import size_mb
 from edgeprune.export.targets import load_target
 from edgeprune.original import DataSpec, OriginalSpec, ensure_original
+from edgeprune.peer import optimum_cli_peer
 from edgeprune.pruning.pipeline import PruneConfig, load_model
 from edgeprune.results import command_line, write_results
 from edgeprune.tasks import get_task
@@ -36,24 +37,6 @@ from edgeprune.tokenization import load_tokenizer
 from edgeprune.training import encode
 from edgeprune.validate import (interleaved, onnx_runner, original_logits, percentiles, quality,
                                 throughput, torch_runner)
-
-
-PEER_FLAGS = {"x86_64": "--avx512_vnni", "arm64": "--arm64", "arm64-small": "--arm64", "web": "--arm64"}
-
-
-def optimum_cli_peer(dense_dir: Path, target: str, opset: int) -> Path:
-    """The dense baseline through optimum's command line, as a user without edgeprune would ship it."""
-    import subprocess
-
-    out = Path(f"build/peer-{dense_dir.name}-{target}")
-    model = out / "quantized" / "model_quantized.onnx"
-    if model.is_file():
-        return model
-    subprocess.run(["optimum-cli", "export", "onnx", "--model", str(dense_dir), "--task", "text-classification",
-                    "--opset", str(opset), str(out / "onnx")], check=True)
-    subprocess.run(["optimum-cli", "onnxruntime", "quantize", "--onnx_model", str(out / "onnx"), PEER_FLAGS[target],
-                    "-o", str(out / "quantized")], check=True)
-    return model
 
 
 def artifact_model(art: Path) -> Path:
@@ -138,7 +121,7 @@ def main() -> None:
                    "artifact": accuracy_row(art_model, ref, art_va, t),
                    "dense_baseline": accuracy_row(dense_art / "model.onnx", ref, va, t)}
             paths = {"artifact": art_model, "dense_baseline": dense_art / "model.onnx"}
-            if tname in PEER_FLAGS:
+            if t.quantization.precision.startswith("int8"):  # the peer is optimum-cli's int8 (CPU targets)
                 peer = optimum_cli_peer(ddir, tname, t.export.opset)
                 row["optimum_cli_peer"] = accuracy_row(peer, ref, va, t)
                 paths["optimum_cli_peer"] = peer

@@ -1,6 +1,7 @@
 """``edgeprune search`` and ``build --search`` on a tiny MoE: a candidate within budgets in seconds, the Pareto
 table and a valid PNG plot, the chosen candidate built into the artifact; bad input is one line."""
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -65,3 +66,48 @@ def test_search_command_and_its_errors(tmp_path, cache, tiny_original, loose_tar
     res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--search", "1", "--plan", "p.json",
                                     "--out", str(tmp_path / "b")] + FAST)
     assert res.exit_code == 2 and "--search chooses the knobs itself; drop --plan" in res.output
+
+
+def test_try_knobs_parse_and_refuse_in_one_line():
+    import pytest
+
+    from edgeprune.errors import ConfigError
+    from edgeprune.search import parse_knobs, target_for
+    from edgeprune.export.targets import load_target
+
+    assert parse_knobs("drop_layers=2, heads-keep=0.75,vocab_reserve=2000,embedding_bits=4") == \
+        {"drop_layers": 2, "heads_keep": 0.75, "vocab_reserve": 2000, "embedding_bits": 4}
+    for bad, msg in (("depth=2", "unknown knob 'depth'"), ("drop_layers=two", "needs a number"),
+                     ("heads_keep=0.6", "is not in the space")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_knobs(bad)
+    t = target_for(load_target("x86_64"), {"embedding_bits": 4})
+    assert t.quantization.embedding_bits == 4 and t.name == "x86_64"
+
+
+def test_a_tried_candidate_is_built_first_with_its_embedding_precision(tmp_path, cache, tiny_original, loose_targets):
+    import onnx
+
+    from edgeprune.build import BuildConfig
+    from edgeprune.export.layout import model_file
+    from edgeprune.export.targets import load_target
+    from edgeprune.manifest import read_manifest
+    from edgeprune.pruning.pipeline import PruneConfig
+    from edgeprune.tasks import get_task
+
+    cfg = BuildConfig(task=get_task("sst2"), target=load_target("x86_64"), out=tmp_path / "unused",
+                      model_dir=str(tiny_original), eval_examples=48, latency_iters=5,
+                      prune=PruneConfig(calibration_examples=64, recovery_steps=4))
+    seed = {"drop_layers": 0, "heads_keep": 1.0, "ffn_keep": 1.0, "vocab_reserve": -1, "embedding_bits": 4}
+    result = run_search(cfg, tmp_path / "s", trials=1, log=lambda _: None, seeds=(seed,))
+    assert [c.knobs for c in result.candidates] == [seed]
+    art = Path(result.candidates[0].artifact)
+    ops = {n.op_type for n in onnx.load(str(model_file(art, read_manifest(art)))).graph.node}
+    assert "GatherBlockQuantized" in ops
+    assert "--embedding-bits 4" in (tmp_path / "s" / "pareto.md").read_text()
+
+
+def test_build_embedding_bits_4_needs_an_int8_dynamic_target(tmp_path, tiny_original):
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "mobile-gpu",
+                                    "--embedding-bits", "4", "--out", str(tmp_path / "b")] + FAST)
+    assert res.exit_code == 2 and "--embedding-bits 4 goes with int8-dynamic targets" in res.output

@@ -177,14 +177,14 @@ def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=
             adapter.check_k(b, cfg.experts)
 
 
-def memory_path(original_dir: str | Path, task: Task, cfg: PruneConfig) -> tuple[bool, int, str]:
+def memory_path(original_dir: str | Path, task: Task, cfg: PruneConfig, stage: str = "prune") -> tuple[bool, int, str]:
     """In memory or layer by layer (:func:`edgeprune.scale.memory.choose_path`), decided from the checkpoint's
     headers before anything is loaded: ``(layer-wise?, hidden-state bytes to keep in memory, why)``."""
     from edgeprune.models.checkpoint import read_config
     from edgeprune.scale import memory
 
     adapter_for(read_config(original_dir)["model_type"])  # a supported family, before anything is sized
-    est = memory.estimate(original_dir, cfg.experts, task.max_length, cfg.calibration_examples)
+    est = memory.estimate(original_dir, cfg.experts, task.max_length, cfg.calibration_examples, stage=stage)
     return memory.choose_path(est, cfg.layerwise, cfg.max_memory_gb)
 
 
@@ -199,7 +199,7 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     cfg.validate()
     if cfg.method in PROGRESSIVE:
         raise ConfigError(f"{cfg.method} makes its plan while fine-tuning; run `edgeprune prune` instead")
-    layerwise, keep, why = (False, 0, "") if model is not None else memory_path(original_dir, task, cfg)
+    layerwise, keep, why = (False, 0, "") if model is not None else memory_path(original_dir, task, cfg, "score")
     if layerwise:  # the in-memory path is the usual one: said only in the record
         _say(f"calibration: {why}", progress)
     if info is not None and why:

@@ -99,11 +99,32 @@ def load_tensors(model: nn.Module, ckpt: LazyCheckpoint, names, dtype: torch.dty
 
 
 def unload(module: nn.Module) -> None:
-    """Every parameter of ``module`` back to the meta device (its memory freed)."""
+    """Every parameter of ``module`` back to the meta device, and its memory given back to the system."""
     for sub in module.modules():
         for leaf, p in list(sub._parameters.items()):
             if p is not None:
                 sub._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
+    trim()
+
+
+def trim() -> None:
+    """``malloc_trim(0)`` where the C library is glibc: freed tensors of a layer (16 MB each here, below glibc's
+    adaptive mmap threshold, so on the heap) would otherwise stay in the resident set, layer after layer."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def model_keys(model: nn.Module) -> set[str]:
@@ -292,15 +313,14 @@ def collect_routing_layerwise(model_dir: str | Path, enc: Encoded, max_examples:
 
     handles = [blk.register_forward_pre_hook(pre(i), with_kwargs=True) for i, blk in blocks.items()]
     try:
-        with ckpt:
-            load_tensors(model, ckpt, [k for k in model_keys(model) if k in ckpt and layer_of(k, prefix) is None],
-                         wdtype)
-            batches = distributed.my_batches(calibration_batches(enc, max_examples, batch_size, "embed", progress))
-            _run_stack(model, ckpt, batches, store, progress, last=max(blocks), on_output=on_output,
-                       desc="calibrate (layer-wise)")
-            # routers in memory for the scoring methods that read them (Chowdhury et al.)
-            load_tensors(model, ckpt, [k for layer in blocks for k in adapter.router_keys(model, layer) if k in ckpt],
-                         wdtype)
+        # (no ``with ckpt``: every tensor read maps and unmaps its shard, so only copies stay resident)
+        load_tensors(model, ckpt, [k for k in model_keys(model) if k in ckpt and layer_of(k, prefix) is None], wdtype)
+        batches = distributed.my_batches(calibration_batches(enc, max_examples, batch_size, "embed", progress))
+        _run_stack(model, ckpt, batches, store, progress, last=max(blocks), on_output=on_output,
+                   desc="calibrate (layer-wise)")
+        # routers in memory for the scoring methods that read them (Chowdhury et al.)
+        load_tensors(model, ckpt, [k for layer in blocks for k in adapter.router_keys(model, layer) if k in ckpt],
+                     wdtype)
     finally:
         for h in handles:
             h.remove()
@@ -322,12 +342,10 @@ def logits_layerwise(model_dir: str | Path, enc: Encoded, batch_size: int = 64, 
     chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     store = HiddenStore(max_hidden_bytes, offload_dir)
     try:
-        with ckpt:
-            load_tensors(model, ckpt, [k for k in model_keys(model) if k in ckpt and layer_of(k, prefix) is None],
-                         next(model.parameters()).dtype)
-            batches = [(b, {k: v for k, v in collate(enc, idx).items() if k != "labels"})
-                       for b, idx in enumerate(chunks)]
-            out = _run_stack(model, ckpt, batches, store, progress, head=True, desc="original logits (layer-wise)")
+        load_tensors(model, ckpt, [k for k in model_keys(model) if k in ckpt and layer_of(k, prefix) is None],
+                     next(model.parameters()).dtype)
+        batches = [(b, {k: v for k, v in collate(enc, idx).items() if k != "labels"}) for b, idx in enumerate(chunks)]
+        out = _run_stack(model, ckpt, batches, store, progress, head=True, desc="original logits (layer-wise)")
     finally:
         store.close()
     logits = np.zeros((len(enc), next(iter(out.values())).shape[-1]), dtype=np.float32)

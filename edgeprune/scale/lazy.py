@@ -82,6 +82,10 @@ class LazyCheckpoint(Mapping):
         self._inside = False
         self._close()
 
+    def release(self) -> None:
+        """Unmap the shard kept open (its pages leave the resident set); the next read opens it again."""
+        self._close()
+
     def _close(self) -> None:
         if self._open is not None:
             fh = self._open[1]

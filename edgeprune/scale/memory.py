@@ -5,11 +5,12 @@ the in-memory and the layer-wise path; the choice between them; a one-line refus
 The estimate (bytes; ``C`` the checkpoint, ``O`` its tensors outside the layer stack, ``L`` its largest layer,
 ``P`` the pruned model: ``C`` less the share ``1 - k / Z`` of the expert tensors, ``H`` the calibration set's
 hidden states, ``n x max_length x hidden x 4``, ``A`` one calibration batch's activations,
-``64 x max_length x (16 x hidden + heads x max_length) x 4``):
+``64 x max_length x (24 hidden + 4 top-k x expert width + heads x max_length) x 4``):
 
-* in memory: ``C + P + A`` (the original, the pruned copy that ``apply_plan`` builds beside it, one batch);
-* layer-wise: ``O + 2 L + A`` at least (a layer of the original and the pruned layer written from it), plus as
-  much of ``H`` as the cap leaves (the rest goes to disk).
+* scoring in memory: ``C + A``; pruning in memory: ``C + 3 P + A`` (the original, and the pruned model three
+  times over while ``apply_plan`` and the fold build it: a fresh model, the copied tensors, the dense sibling);
+* layer-wise (both): ``O + 2 L + A`` at least (a layer of the original and the pruned layer written from it),
+  plus as much of ``H`` as the cap leaves (the rest goes to disk).
 
 It is deliberately an upper bound of the tensors' bytes plus the framework's working set (``BASE``); measured
 against VmHWM in ``results/scale.md`` (``python scripts/scale.py``).
@@ -27,7 +28,7 @@ from edgeprune.errors import ConfigError
 from edgeprune.models.checkpoint import read_config
 from edgeprune.scale.lazy import LazyCheckpoint
 
-GB = 1024 ** 3
+GB = 1024 ** 3  # "GB" in messages and --max-memory: 2^30 bytes (GiB)
 BASE = int(0.6 * GB)  # Python, torch, transformers and tokenizers loaded, before any tensor
 _EXPERT = re.compile(r"\.experts?[._]")
 _STACK = re.compile(r"^(.*?(?:layers|layer|h|block|blocks))\.(\d+)\.")
@@ -42,9 +43,12 @@ class MemoryEstimate:
     hidden: int
     activations: int
 
+    stage: str = "prune"  # "score": no pruned copy
+
     @property
     def in_memory(self) -> int:
-        return BASE + self.checkpoint + self.pruned + self.activations
+        copies = 3 * self.pruned if self.stage == "prune" else 0
+        return BASE + self.checkpoint + copies + self.activations
 
     @property
     def layerwise_min(self) -> int:
@@ -55,7 +59,7 @@ class MemoryEstimate:
         return self.layerwise_min + self.hidden
 
     def to_dict(self) -> dict:
-        return {**{k: round(v / GB, 3) for k, v in asdict(self).items()},
+        return {**{k: round(v / GB, 3) if isinstance(v, int) else v for k, v in asdict(self).items()},
                 "in_memory_gb": round(self.in_memory / GB, 3), "layerwise_gb": round(self.layerwise / GB, 3),
                 "layerwise_min_gb": round(self.layerwise_min / GB, 3)}
 
@@ -69,7 +73,7 @@ def _config_int(cfg: dict, *keys: str, default: int = 0) -> int:
 
 
 def estimate(model_dir: str | Path, experts: Optional[int], max_length: int, examples: int,
-             batch_size: int = 64) -> MemoryEstimate:
+             batch_size: int = 64, stage: str = "prune") -> MemoryEstimate:
     """The estimate for ``model_dir`` (headers only: nothing is loaded)."""
     ckpt = LazyCheckpoint(model_dir)
     cfg = read_config(model_dir)
@@ -85,14 +89,16 @@ def estimate(model_dir: str | Path, experts: Optional[int], max_length: int, exa
     kept = min(1.0, (experts or z) / z)
     hidden = _config_int(cfg, "hidden_size", "d_model", default=1024)
     heads = _config_int(cfg, "num_attention_heads", "num_heads", default=16)
-    width = 4  # activations in fp32
+    top_k = _config_int(cfg, "num_experts_per_tok", "moe_topk", default=1)
+    width = _config_int(cfg, "moe_intermediate_size", "intermediate_size", "d_ff", default=4 * hidden)
     return MemoryEstimate(
         checkpoint=ckpt.total_bytes,
         outside=by_layer.get(None, 0),
         largest_layer=max((v for k, v in by_layer.items() if k is not None), default=0),
         pruned=int(ckpt.total_bytes - (1 - kept) * expert_bytes),
-        hidden=examples * max_length * hidden * width,
-        activations=batch_size * max_length * (16 * hidden + heads * max_length) * width)
+        hidden=examples * max_length * hidden * 4,  # fp32
+        activations=batch_size * max_length * (24 * hidden + 4 * top_k * width + heads * max_length) * 4,
+        stage=stage)
 
 
 def available_bytes() -> int:

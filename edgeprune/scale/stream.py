@@ -24,7 +24,7 @@ from edgeprune.models.registry import adapter_for
 from edgeprune.pruning.apply import plan_layer
 from edgeprune.pruning.plan import PrunePlan, validate_plan
 from edgeprune.scale.lazy import LazyCheckpoint, layer_of
-from edgeprune.scale.layerwise import layer_stack, skeleton
+from edgeprune.scale.layerwise import layer_stack, skeleton, trim
 
 
 class _LayerState(dict):
@@ -93,35 +93,36 @@ def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype:
     layers = sorted({layer_of(k, prefix) for k in target_shapes} - {None}) + [None]
     out.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
-    ckpt = LazyCheckpoint(model_dir)
-    with ckpt:
-        for n, layer in enumerate(tqdm(layers, desc="prune (streamed)", disable=not progress, unit="layer")):
-            state = _LayerState({k: v for k, v in pruned_shapes.items() if layer_of(k, prefix) == layer})
-            if layer in by_layer:
-                # one layer's original tensors, read at most once (a fused expert tensor serves every kept expert)
-                original = _Chain({}, ckpt, wdtype)
-                plan_layer(adapter, original, state, paths[layer], by_layer[layer],
-                           adapter.router_keys(src_model, layer))
-            view = _Chain(state, ckpt, wdtype)
-            mapped = adapter.fold_layer(view, paths[layer], pruned.get_submodule(paths[layer])) \
-                if folding and layer in paths else {}
-            tensors = {}
-            for key, (shape, dt) in target_shapes.items():
-                if layer_of(key, prefix) != layer:
-                    continue
-                t = mapped.get(key, view.get(key))
-                if t is None:
-                    raise ValueError(f"streamed prune of {adapter.model_type}: no source for {key}")
-                if t.shape != shape and not folding:
-                    raise ValueError(f"streamed prune: {key} has shape {tuple(t.shape)}, the pruned model "
-                                     f"{tuple(shape)}")
-                tensors[key] = zero_pad(t, shape, key).to(dt).contiguous()
-            name = f"model-{n + 1:05d}-of-{len(layers):05d}.safetensors"
-            save_file(tensors, str(out / name), metadata={"format": "pt"})
-            for key, t in tensors.items():
-                weight_map[key] = name
-                total += t.numel() * t.element_size()
-            del state, view, tensors, mapped
+    ckpt = LazyCheckpoint(model_dir)  # read tensor by tensor: each read maps and unmaps its shard
+    for n, layer in enumerate(tqdm(layers, desc="prune (streamed)", disable=not progress, unit="layer")):
+        state = _LayerState({k: v for k, v in pruned_shapes.items() if layer_of(k, prefix) == layer})
+        original = None
+        if layer in by_layer:
+            # one layer's original tensors, read at most once (a fused expert tensor serves every kept expert)
+            original = _Chain({}, ckpt, wdtype)
+            plan_layer(adapter, original, state, paths[layer], by_layer[layer],
+                       adapter.router_keys(src_model, layer))
+        view = _Chain(state, ckpt, wdtype)
+        mapped = adapter.fold_layer(view, paths[layer], pruned.get_submodule(paths[layer])) \
+            if folding and layer in paths else {}
+        tensors = {}
+        for key, (shape, dt) in target_shapes.items():
+            if layer_of(key, prefix) != layer:
+                continue
+            t = mapped.get(key, view.get(key))
+            if t is None:
+                raise ValueError(f"streamed prune of {adapter.model_type}: no source for {key}")
+            if t.shape != shape and not folding:
+                raise ValueError(f"streamed prune: {key} has shape {tuple(t.shape)}, the pruned model "
+                                 f"{tuple(shape)}")
+            tensors[key] = zero_pad(t, shape, key).to(dt).contiguous()
+        name = f"model-{n + 1:05d}-of-{len(layers):05d}.safetensors"
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        for key, t in tensors.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+        del state, view, tensors, mapped, original
+        trim()
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     target.config.save_pretrained(out)
