@@ -334,9 +334,12 @@ def score(task, data, prune_cfg, model_dir, out) -> None:
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Weight of distillation from the original's logits during recovery (0: labels only).")
+@click.option("--generate", is_flag=True,
+              help="Language-model checkpoints: keep the LM head, so that the pruned (at k = 1 folded) model generates "
+                   "(`edgeprune export-lm`, `edgeprune generate`); needs --recovery-steps 0 for now.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output checkpoint directory.")
 def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, heads_keep, vocab_reserve,
-          recovery_steps, distill, out) -> None:
+          recovery_steps, distill, generate, out) -> None:
     """Prune (or merge) to k experts per layer, fold the router at k = 1, recover; save a checkpoint."""
     from edgeprune.cache import atomic_dir
     from edgeprune.pruning.pipeline import prune as run_prune, save_pruned
@@ -347,6 +350,7 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, he
     prune_cfg.ffn_keep = ffn_keep
     prune_cfg.drop_layers, prune_cfg.heads_keep = drop_layers, heads_keep
     prune_cfg.vocab_reserve = None if vocab_reserve == -1 else vocab_reserve
+    prune_cfg.generate = generate
     prune_cfg.validate()
     guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
     plan = PrunePlan.load(plan_file) if plan_file else None
@@ -357,6 +361,44 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, he
             save_pruned(model, original_dir, tmp, plan, info)
     click.echo(f"{(model.config.architectures or [type(model).__name__])[0]}: k per layer "
                f"{plan.summary()['k_per_layer']}; checkpoint: {out}")
+
+
+@main.command("export-lm")
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option("--prompt", "prompts", multiple=True, help="Parity prompts (default: three sst2 sentences); repeatable.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
+def export_lm_command(model_dir, prompts, out) -> None:
+    """Export a dense causal LM (e.g. `prune --generate` at k = 1) to ONNX with a KV cache, parity-gated."""
+    from edgeprune.cache import atomic_dir
+    from edgeprune.export.lm_export import export_lm
+
+    guard_output(out, {"checkpoint": model_dir})
+    with output_lock(out), atomic_dir(out) as tmp:
+        info = export_lm(model_dir, tmp, list(prompts) or None)
+    click.echo(f"parity: greedy tokens equal on {info['parity']['prompts']} prompts, max first-step logit diff "
+               f"{info['parity']['max_abs_logit_diff']:.2e}; artifact: {out}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="0: greedy; otherwise sampling at this temperature.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", type=int, help="Sampling seed (default: random).")
+@click.option("--stop", multiple=True, help="Stop before this string; repeatable.")
+def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, stop) -> None:
+    """Generate from a decoder artifact with its KV cache (onnxruntime + tokenizers only), streaming."""
+    from edgeprune.lm_runtime import EdgeLM
+
+    lm = EdgeLM(directory)
+    for piece in lm.stream(prompt, max_new_tokens, temperature, top_p, stop, seed):
+        click.echo(piece, nl=False)
+    click.echo()
+    if lm.last.get("truncated"):
+        click.echo(f"[edgeprune] the prompt's first {lm.last['truncated']} tokens were dropped to fit the "
+                   f"{lm.context}-token context", err=True)
 
 
 @main.command()

@@ -215,8 +215,9 @@ class MoEAdapter:
         paths = self.block_paths(model)
         if any(self.num_experts(model.get_submodule(p)) != 1 for p in paths.values()):
             raise ValueError("fold needs exactly one expert in every MoE layer")
-        dense_cfg = self.fold_config(model.config)
-        dense = self.dense.classifier_class(dense_cfg).to(model.dtype)
+        dense_cls = self.fold_class(model)
+        dense_cfg = self.fold_config(model.config, dense_cls)
+        dense = dense_cls(dense_cfg).to(model.dtype)
         src, dst = model.state_dict(), dense.state_dict()
         mapped = {}
         for layer, path in paths.items():
@@ -229,7 +230,20 @@ class MoEAdapter:
         dense.load_state_dict(dst)
         return dense.eval()
 
-    def fold_config(self, config):
+    def fold_class(self, model: nn.Module) -> type:
+        """The sibling's class for ``model``: its sequence classifier, or its language model (``...ForCausalLM``,
+        transformers' Auto mapping) when ``model`` is one (the generation path keeps the LM head)."""
+        if type(model).__name__.endswith("ForCausalLM"):
+            from transformers import AutoModelForCausalLM
+
+            try:
+                return AutoModelForCausalLM._model_mapping[self.dense.config_class]
+            except KeyError:
+                raise ConfigError(f"{self.model_type}: transformers has no causal LM for the dense sibling "
+                                  f"{self.dense.config_class.__name__}") from None
+        return self.dense.classifier_class
+
+    def fold_config(self, config, dense_cls: Optional[type] = None):
         """The dense sibling's config for a one-expert ``config``."""
         cfg = config.to_dict()
         for k in ("model_type", "architectures", "transformers_version", "auto_map", self.num_experts_key,
@@ -237,7 +251,7 @@ class MoEAdapter:
             cfg.pop(k, None)
         cfg.update(self.dense.overrides(config.to_dict()))
         dense_cfg = self.dense.config_class(**cfg)
-        dense_cfg.architectures = [self.dense.classifier_class.__name__]
+        dense_cfg.architectures = [(dense_cls or self.dense.classifier_class).__name__]
         return dense_cfg
 
     def fold_layer(self, state, path: str, block: nn.Module) -> dict[str, torch.Tensor]:

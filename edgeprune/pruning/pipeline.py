@@ -61,6 +61,7 @@ class PruneConfig:
     layerwise: Optional[bool] = None  # None: chosen by the memory estimate (edgeprune.scale.memory)
     max_memory_gb: Optional[float] = None  # cap for that choice (None: the memory available now)
     offload_dir: Optional[str] = None  # layer-wise hidden states beyond the cap (None: a temporary directory)
+    generate: bool = False  # keep a language model's LM head: the pruned (folded) model generates (issue 14)
 
     def load_options(self) -> dict:
         """How :func:`load_model` reads the original: dtype, and the label words of a language model."""
@@ -106,6 +107,14 @@ class PruneConfig:
         if self.layerwise and self.method in PROGRESSIVE:
             raise ConfigError(f"{self.method} fine-tunes the whole original while dropping experts, which needs it in "
                               "memory; use a one-shot method (reap, frequency, ...) with --layerwise")
+        if self.generate:
+            for flag, on in (("--recovery-steps", self.recovery_steps > 0), ("--ffn-keep", self.ffn_keep < 1),
+                             ("--drop-layers", self.drop_layers > 0), ("--heads-keep", self.heads_keep < 1),
+                             ("--vocab-reserve", self.vocab_reserve is not None), ("--layerwise", bool(self.layerwise)),
+                             ("a progressive method", self.method in PROGRESSIVE)):
+                if on:
+                    raise ConfigError(f"--generate prunes and folds the language model as it is; {flag} is not there "
+                                      "yet for it (give --recovery-steps 0 and none of the structural options)")
         if not 0 <= self.distill_alpha <= 1:
             raise ConfigError(f"distill alpha must be in [0, 1], got {self.distill_alpha}")
 
@@ -248,6 +257,8 @@ def prune(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
             if on:
                 raise ConfigError(f"{flag} needs a plan that keeps one expert in every layer (the folded model)")
     info: dict = {"config": cfg.to_dict()}
+    if cfg.generate:
+        return _prune_language_model(original_dir, task, data, cfg, plan, progress, info)
     layerwise, _, why = memory_path(original_dir, task, cfg)
     if layerwise:
         return _prune_streamed(original_dir, task, data, cfg, plan, progress, info)
@@ -330,6 +341,29 @@ def _prune_streamed(original_dir, task, data, cfg, plan, progress, info):
     info["teacher"] = "none: the original is not loaded on the layer-wise path (recovery on labels only)"
     return _finish(pruned, None, adapter_for(raw["model_type"]), plan, task, data, cfg, tok, tok_json, train_enc,
                    info, t0, progress)
+
+
+def _prune_language_model(original_dir, task, data, cfg, plan, progress, info):
+    """``--generate``: the plan made as for label words (calibration over the task's prompts, rendered with the
+    verbalisers), applied to the language model itself, which folds into its dense sibling's ``...ForCausalLM``
+    at k = 1 (:meth:`~edgeprune.models.adapter.MoEAdapter.fold_class`). No recovery yet (KL distillation of the
+    next-token distribution is the next step of issue 14)."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype
+
+    raw = read_config(original_dir)
+    if not any("CausalLM" in a for a in raw.get("architectures") or []):
+        raise ConfigError(f"--generate needs a language-model checkpoint (...ForCausalLM); {original_dir} is "
+                          f"{', '.join(raw.get('architectures') or ['unknown'])}")
+    t0 = time.perf_counter()
+    if plan is None:
+        plan = score(original_dir, task, data, cfg, progress=progress, info=info)
+    lm = load_checked(AutoModelForCausalLM, original_dir, dtype=torch_dtype(cfg.dtype, raw))
+    pruned = apply_plan(lm, plan)
+    info["generate"] = {"class": type(pruned).__name__, "recovery": "none (not there yet for generation)"}
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    return pruned, plan, info
 
 
 class StreamedCheckpoint:

@@ -1,0 +1,111 @@
+"""The first steps of the generation path (issue 14): a language-model MoE pruned and folded into its dense
+sibling's causal LM, exported with a KV cache (optimum) under a greedy-parity gate, and EdgeLM (onnxruntime +
+tokenizers + numpy) generating from it; every bad input one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from edgeprune.errors import ConfigError, ModelError
+from edgeprune.pruning.apply import apply_plan
+from tests.test_families import cli, plan_keeping
+
+LMS = {
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=48)),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24,
+                                                            intermediate_size=64, norm_topk_prob=True)),
+}
+
+
+def tiny_lm(family: str, vocab: int, context: int = 128):
+    cfg_cls, cls, kw = LMS[family]
+    torch.manual_seed(0)
+    return cls(cfg_cls(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, max_position_embeddings=context, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                       **kw)).eval()
+
+
+@pytest.mark.parametrize("family", list(LMS))
+def test_a_language_model_folds_into_its_siblings_causal_lm_exactly(family):
+    lm = tiny_lm(family, 100)
+    plan = plan_keeping(lm, [4])
+    dense, one_expert = apply_plan(lm, plan), apply_plan(lm, plan, fold=False)
+    assert type(dense).__name__ in ("MistralForCausalLM", "Qwen3ForCausalLM")
+    x = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(dense(input_ids=x).logits, one_expert(input_ids=x).logits)
+
+
+@pytest.fixture(scope="module")
+def lm_artifact(tmp_path_factory, tiny_tokenizer):
+    tok, vocab = tiny_tokenizer
+    root = tmp_path_factory.mktemp("lm")
+    tiny_lm("mixtral", vocab).save_pretrained(root / "moe")
+    tok.save_pretrained(root / "moe")
+    cli(["prune", "--model", str(root / "moe"), "--generate", "--experts", "1", "--recovery-steps", "0",
+         "--calibration-examples", "48", "--verbalisers", "bad,good", "--out", str(root / "pruned")])
+    res = cli(["export-lm", str(root / "pruned"), "--out", str(root / "art")])
+    assert "greedy tokens equal on 3 prompts" in res.output
+    return root
+
+
+def test_prune_generate_export_and_edgelm_match_pytorch_token_for_token(lm_artifact):
+    from transformers import AutoModelForCausalLM
+
+    from edgeprune.lm_runtime import EdgeLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(lm_artifact / "pruned").eval()
+    assert type(pruned).__name__ == "MistralForCausalLM"
+    info = json.loads((lm_artifact / "pruned" / "edgeprune_prune.json").read_text())
+    assert info["generate"]["class"] == "MistralForCausalLM"
+    manifest = json.loads((lm_artifact / "art" / "edgeprune.json").read_text())
+    assert manifest["kind"] == "causal-lm" and manifest["parity"]["max_abs_logit_diff"] < 1e-4
+    lm = EdgeLM(lm_artifact / "art")
+    for prompt in ("a dull , lifeless film", "one of the best movies of the year"):
+        ids = lm.tokenizer.encode(prompt).ids
+        with torch.no_grad():
+            ref = pruned.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                  eos_token_id=3)[0, len(ids):].tolist()
+        got = list(lm.tokens(prompt, 10))
+        assert got == ref[: len(got)] and len(got) >= 1
+
+
+def test_edgelm_sampling_stop_strings_and_long_prompts(lm_artifact):
+    from edgeprune.lm_runtime import EdgeLM
+
+    lm = EdgeLM(lm_artifact / "art")
+    a = lm.generate("a gorgeous film", 12, temperature=0.9, top_p=0.9, seed=3)
+    assert a == lm.generate("a gorgeous film", 12, temperature=0.9, top_p=0.9, seed=3)  # seeded
+    greedy = lm.generate("a gorgeous film", 12)
+    assert greedy == "".join(lm.stream("a gorgeous film", 12))
+    words = greedy.split()
+    if len(words) > 2:  # stop before the third word: the text ends before it
+        cut = lm.generate("a gorgeous film", 12, stop=[words[2]])
+        assert words[2] not in cut and greedy.startswith(cut.rstrip())
+    lm.generate("a gorgeous film " * 200, 5)  # longer than the 128-token context: the oldest tokens go
+    assert lm.last["truncated"] > 0
+    res = cli(["generate", str(lm_artifact / "art"), "a gorgeous film " * 200, "--max-new-tokens", "3"])
+    assert "tokens were dropped to fit the 128-token context" in res.output
+
+
+def test_edgelm_and_generate_errors_are_one_line(lm_artifact, tmp_path, tiny_original):
+    from edgeprune.lm_runtime import EdgeLM
+
+    lm = EdgeLM(lm_artifact / "art")
+    with pytest.raises(ConfigError, match="leaves no room"):
+        lm.generate("hi", 500)
+    with pytest.raises(ConfigError, match="temperature must be >= 0"):
+        lm.generate("hi", 3, temperature=-1)
+    with pytest.raises(ModelError, match="no such directory"):
+        EdgeLM(tmp_path / "nope")
+    res = cli(["prune", "--model", str(tiny_original), "--generate", "--recovery-steps", "0", "--out",
+               str(tmp_path / "p")], code=2)
+    assert "--generate needs a language-model checkpoint" in res.output
+    res = cli(["prune", "--model", str(lm_artifact / "moe"), "--generate", "--recovery-steps", "5", "--out",
+               str(tmp_path / "p")], code=2)
+    assert "--recovery-steps is not there yet" in res.output
+    res = cli(["export-lm", str(tiny_original), "--out", str(tmp_path / "e")], code=4)
+    assert "export-lm takes a causal language model" in res.output
