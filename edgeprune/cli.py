@@ -366,15 +366,16 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, he
 @main.command("export-lm")
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--prompt", "prompts", multiple=True, help="Parity prompts (default: three sst2 sentences); repeatable.")
+@click.option("--int4", is_flag=True, help="Also write a 4-bit MatMulNBits variant (onnx/model_q4.onnx).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
-def export_lm_command(model_dir, prompts, out) -> None:
+def export_lm_command(model_dir, prompts, int4, out) -> None:
     """Export a dense causal LM (e.g. `prune --generate` at k = 1) to ONNX with a KV cache, parity-gated."""
     from edgeprune.cache import atomic_dir
     from edgeprune.export.lm_export import export_lm
 
     guard_output(out, {"checkpoint": model_dir})
     with output_lock(out), atomic_dir(out) as tmp:
-        info = export_lm(model_dir, tmp, list(prompts) or None)
+        info = export_lm(model_dir, tmp, list(prompts) or None, int4=int4)
     click.echo(f"parity: greedy tokens equal on {info['parity']['prompts']} prompts, max first-step logit diff "
                f"{info['parity']['max_abs_logit_diff']:.2e}; artifact: {out}")
 
@@ -388,11 +389,12 @@ def export_lm_command(model_dir, prompts, out) -> None:
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", type=int, help="Sampling seed (default: random).")
 @click.option("--stop", multiple=True, help="Stop before this string; repeatable.")
-def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, stop) -> None:
+@click.option("--variant", help="A variant of the artifact (e.g. int4) instead of its fp32 graph.")
+def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, stop, variant) -> None:
     """Generate from a decoder artifact with its KV cache (onnxruntime + tokenizers only), streaming."""
     from edgeprune.lm_runtime import EdgeLM
 
-    lm = EdgeLM(directory)
+    lm = EdgeLM(directory, variant=variant)
     for piece in lm.stream(prompt, max_new_tokens, temperature, top_p, stop, seed):
         click.echo(piece, nl=False)
     click.echo()

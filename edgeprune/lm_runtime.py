@@ -25,7 +25,8 @@ from edgeprune.errors import ConfigError, ModelError
 
 
 class EdgeLM:
-    def __init__(self, directory: str | Path, threads: Optional[int] = None):
+    def __init__(self, directory: str | Path, threads: Optional[int] = None, variant: Optional[str] = None,
+                 model_file: Optional[str] = None):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -33,7 +34,13 @@ class EdgeLM:
         if not d.is_dir():
             raise ModelError(f"{d}: no such directory; give a decoder artifact (edgeprune.json) or an optimum export")
         manifest = json.loads((d / "edgeprune.json").read_text()) if (d / "edgeprune.json").is_file() else {}
-        model = d / manifest.get("model_file", "model.onnx")
+        if variant and not model_file:
+            known = manifest.get("variants") or {}
+            if variant not in known:
+                raise ConfigError(f"{d}: no {variant!r} variant (has: {', '.join(known) or 'none'}); export it with "
+                                  "`edgeprune export-lm --int4`")
+            model_file = known[variant]["model_file"]
+        model = d / (model_file or manifest.get("model_file", "model.onnx"))
         if not model.is_file():
             model = next((p for p in (d / "onnx" / "model.onnx", d / "model.onnx") if p.is_file()), model)
         if not model.is_file() or not (d / "tokenizer.json").is_file():

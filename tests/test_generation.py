@@ -47,7 +47,7 @@ def lm_artifact(tmp_path_factory, tiny_tokenizer):
     tok.save_pretrained(root / "moe")
     cli(["prune", "--model", str(root / "moe"), "--generate", "--experts", "1", "--recovery-steps", "0",
          "--calibration-examples", "48", "--verbalisers", "bad,good", "--out", str(root / "pruned")])
-    res = cli(["export-lm", str(root / "pruned"), "--out", str(root / "art")])
+    res = cli(["export-lm", str(root / "pruned"), "--int4", "--out", str(root / "art")])
     assert "greedy tokens equal on 3 prompts" in res.output
     return root
 
@@ -109,3 +109,19 @@ def test_edgelm_and_generate_errors_are_one_line(lm_artifact, tmp_path, tiny_ori
     assert "--recovery-steps is not there yet" in res.output
     res = cli(["export-lm", str(tiny_original), "--out", str(tmp_path / "e")], code=4)
     assert "export-lm takes a causal language model" in res.output
+
+
+def test_the_int4_variant_is_matmulnbits_and_generates(lm_artifact):
+    import onnx
+
+    manifest = json.loads((lm_artifact / "art" / "edgeprune.json").read_text())
+    v = manifest["variants"]["int4"]
+    graph = onnx.load(str(lm_artifact / "art" / v["model_file"])).graph
+    weights = {i.name for i in graph.initializer}
+    assert any(n.op_type == "MatMulNBits" for n in graph.node)
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # only activations left
+    assert 0 <= v["greedy_token_agreement_with_fp32"] <= 1
+    res = cli(["generate", str(lm_artifact / "art"), "a gorgeous film", "--max-new-tokens", "4", "--variant", "int4"])
+    assert res.output.strip()
+    res = cli(["generate", str(lm_artifact / "art"), "hi", "--variant", "int8"], code=2)
+    assert "no 'int8' variant" in res.output
