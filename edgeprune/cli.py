@@ -367,8 +367,13 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, he
 @click.argument("model_dir", type=click.Path(file_okay=False))
 @click.option("--prompt", "prompts", multiple=True, help="Parity prompts (default: three sst2 sentences); repeatable.")
 @click.option("--int4", is_flag=True, help="Also write a 4-bit MatMulNBits variant (onnx/model_q4.onnx).")
+@click.option("--original", "original_dir", type=click.Path(file_okay=False),
+              help="The MoE language model it was pruned from: validate side by side on task text (perplexity, "
+                   "next-token agreement, time to first token, decode tokens/s) into edgeprune.json.")
+@click.option("--task", "task_name", default="sst2", show_default=True, help="Task whose text --original validates on.")
+@click.option("--verbalisers", help="Label words for the task text (default: the label names).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
-def export_lm_command(model_dir, prompts, int4, out) -> None:
+def export_lm_command(model_dir, prompts, int4, original_dir, task_name, verbalisers, out) -> None:
     """Export a dense causal LM (e.g. `prune --generate` at k = 1) to ONNX with a KV cache, parity-gated."""
     from edgeprune.cache import atomic_dir
     from edgeprune.export.lm_export import export_lm
@@ -376,8 +381,35 @@ def export_lm_command(model_dir, prompts, int4, out) -> None:
     guard_output(out, {"checkpoint": model_dir})
     with output_lock(out), atomic_dir(out) as tmp:
         info = export_lm(model_dir, tmp, list(prompts) or None, int4=int4)
+        if original_dir:
+            info["validation"] = validate_lm_artifact(tmp, original_dir, task_name, verbalisers, info)
+            (Path(tmp) / "edgeprune.json").write_text(json.dumps(info, indent=1))
     click.echo(f"parity: greedy tokens equal on {info['parity']['prompts']} prompts, max first-step logit diff "
                f"{info['parity']['max_abs_logit_diff']:.2e}; artifact: {out}")
+    for name, m in (info.get("validation") or {}).get("models", {}).items():
+        click.echo(f"{name}: perplexity {m['perplexity']}" +
+                   (f", next-token agreement {m['next_token_agreement']}" if "next_token_agreement" in m else "") +
+                   f", first token {m['ttft_ms']} ms, decode {m['decode_tokens_per_s']} tokens/s")
+
+
+def validate_lm_artifact(art, original_dir, task_name, verbalisers, info) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from edgeprune.lm_runtime import EdgeLM
+    from edgeprune.models.checkpoint import load_checked
+    from edgeprune.original import DataSpec
+    from edgeprune.prompts import for_task
+    from edgeprune.tasks import get_task
+    from edgeprune.validate_lm import compare, task_texts
+
+    task = get_task(task_name)
+    words = for_task(task, None, tuple(w.strip() for w in verbalisers.split(",")) if verbalisers else None)
+    original = load_checked(AutoModelForCausalLM, original_dir)
+    artifacts = {"artifact fp32": EdgeLM(art, threads=1)}
+    if "int4" in (info.get("variants") or {}):
+        artifacts["artifact int4"] = EdgeLM(art, threads=1, variant="int4")
+    texts = task_texts(task, DataSpec(), words)
+    return compare(original, artifacts, artifacts["artifact fp32"].tokenizer, texts, texts[0])
 
 
 @main.command()

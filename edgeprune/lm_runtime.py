@@ -87,8 +87,9 @@ class EdgeLM:
         return ids[-room:]
 
     def tokens(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-               seed: Optional[int] = None) -> Iterator[int]:
-        """The generated token ids one by one (stops at an EOS token or after ``max_new_tokens``)."""
+               seed: Optional[int] = None, ignore_eos: bool = False) -> Iterator[int]:
+        """The generated token ids one by one (stops at an EOS token, unless ``ignore_eos``: benchmarks, or after
+        ``max_new_tokens``)."""
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -109,7 +110,7 @@ class EdgeLM:
                     for name, v in zip((o.name for o in self.session.get_outputs()[1:]), out[1:])}
             token = pick(logits, temperature, top_p, rng)
             yield token
-            if token in self.eos:
+            if token in self.eos and not ignore_eos:
                 return
             step_ids, total = [token], total + 1
 

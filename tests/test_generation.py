@@ -125,3 +125,14 @@ def test_the_int4_variant_is_matmulnbits_and_generates(lm_artifact):
     assert res.output.strip()
     res = cli(["generate", str(lm_artifact / "art"), "hi", "--variant", "int8"], code=2)
     assert "no 'int8' variant" in res.output
+
+
+def test_export_lm_validates_against_the_original_side_by_side(lm_artifact, tmp_path):
+    out = tmp_path / "art"
+    res = cli(["export-lm", str(lm_artifact / "pruned"), "--original", str(lm_artifact / "moe"), "--verbalisers",
+               "bad,good", "--out", str(out)])
+    v = json.loads((out / "edgeprune.json").read_text())["validation"]
+    assert set(v["models"]) == {"original", "artifact fp32"} and v["tokens"] > 100
+    art = v["models"]["artifact fp32"]
+    assert art["perplexity"] > 1 and 0 <= art["next_token_agreement"] <= 1 and art["decode_tokens_per_s"] > 0
+    assert "artifact fp32: perplexity" in res.output
