@@ -73,6 +73,15 @@ class EdgeLM:
             feeds[name] = np.zeros((1, heads, 0, dim), dtype=np.float16 if "16" in meta.type else np.float32)
         return feeds
 
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Next-token logits at every position of ``ids`` (one pass, empty cache): (len(ids), vocab)."""
+        feeds = {"input_ids": np.array([ids], dtype=np.int64), **self._empty_past()}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = np.ones((1, len(ids)), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
+        return self.session.run(["logits"], feeds)[0][0]
+
     def _prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids
         if not ids:

@@ -29,15 +29,6 @@ def _nll_and_choice(logits: np.ndarray, ids: list[int]) -> tuple[float, np.ndarr
     return float(-logp[np.arange(len(nxt)), nxt].sum()), logits[:-1].argmax(-1)
 
 
-def _onnx_logits(lm, ids: list[int]) -> np.ndarray:
-    feeds = {"input_ids": np.array([ids], dtype=np.int64), **lm._empty_past()}
-    if "attention_mask" in lm.inputs:
-        feeds["attention_mask"] = np.ones((1, len(ids)), dtype=np.int64)
-    if "position_ids" in lm.inputs:
-        feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
-    return lm.session.run(["logits"], feeds)[0][0]
-
-
 def compare(original, artifacts: dict, tokenizer, texts: Sequence[str], prompt: str, new_tokens: int = 32,
             repeats: int = 3, threads: int = 1) -> dict:
     """``original``: a PyTorch causal LM; ``artifacts``: name -> EdgeLM. Perplexity and next-token agreement
@@ -56,7 +47,7 @@ def compare(original, artifacts: dict, tokenizer, texts: Sequence[str], prompt: 
         nll, choice = _nll_and_choice(ref, ids)
         rows["original"]["nll"] += nll
         for name, lm in artifacts.items():
-            nll_a, choice_a = _nll_and_choice(_onnx_logits(lm, ids), ids)
+            nll_a, choice_a = _nll_and_choice(lm.logits(ids), ids)
             rows[name]["nll"] += nll_a
             rows[name]["agree"] += int((choice_a == choice).sum())
         n += len(ids) - 1

@@ -67,7 +67,7 @@ def export_lm(model_dir: str | Path, out: str | Path, prompts: Optional[Sequence
             ref = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=raw.get("pad_token_id") or 0,
                                  eos_token_id=list(lm.eos) or None)[0, len(ids):].tolist()
             first = model(x).logits[0, -1].float().numpy()
-        onnx_first = _first_logits(lm, ids)
+        onnx_first = lm.logits(ids)[-1]
         diffs.append(float(np.abs(first - onnx_first).max()))
         if got != ref[: len(got)] or diffs[-1] > atol:
             raise ExportError(f"parity: ONNX Runtime's greedy continuation of {prompt!r} differs from PyTorch's "
@@ -98,12 +98,3 @@ def int4_variant(out: Path, fp32, prompts: list[str], max_new_tokens: int, block
     return {"model_file": "onnx/model_q4.onnx", "bits": 4, "block_size": block, "algorithm": "RTN",
             "greedy_token_agreement_with_fp32": round(same / max(1, total), 4),
             "size_mb": round((out / "onnx" / "model_q4.onnx").stat().st_size / 1e6, 3)}
-
-
-def _first_logits(lm, ids: list[int]) -> np.ndarray:
-    feeds = {"input_ids": np.array([ids], dtype=np.int64), **lm._empty_past()}
-    if "attention_mask" in lm.inputs:
-        feeds["attention_mask"] = np.ones((1, len(ids)), dtype=np.int64)
-    if "position_ids" in lm.inputs:
-        feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
-    return lm.session.run(["logits"], feeds)[0][0, -1]
