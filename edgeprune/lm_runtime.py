@@ -58,6 +58,8 @@ class EdgeLM:
         self.inputs = set(names)
         self.kv = {i.name: i for i in self.session.get_inputs() if i.name in self.past_names}
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+        self.tokenizer.no_truncation()  # the context is handled here (left truncation, said), not by the file's setting
+        self.tokenizer.no_padding()
         eos = manifest.get("eos_token_ids", gen.get("eos_token_id", cfg.get("eos_token_id")))
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.bos = manifest.get("bos_token_id", gen.get("bos_token_id", cfg.get("bos_token_id")))

@@ -3,7 +3,7 @@
     python scripts/benchmark.py                     # sst2 agnews x x86_64 arm64 mobile-gpu -> results/benchmark.*
     python scripts/benchmark.py --ffn-keep 0.5 --recovery-steps 1000 --out results/benchmark_ffn
                                                     # plus width pruning of the folded FFNs (edgeprune.pruning.neurons)
-    python scripts/benchmark.py --targets arm64-small --drop-layers 2 --heads-keep 0.5 --vocab-reserve 2000 ...
+    python scripts/benchmark.py --targets arm64 --drop-layers 2 --heads-keep 0.5 --vocab-reserve 2000 ...
                                                     # below the dense floor (edgeprune.pruning.structure, vocab)
 
 For each task and target it runs the real `edgeprune build` pipeline (default method and k = 1), then

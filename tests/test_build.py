@@ -131,7 +131,7 @@ def test_killed_build_leaves_previous_artifact(tmp_path, cache, tiny_original, l
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["--target", "riscv"], 2, "unknown target 'riscv'; known: arm64, arm64-small, mobile-gpu, web, x86_64"),
+    (["--target", "riscv"], 2, "unknown target 'riscv'; known: arm64, mobile-gpu, web, x86_64"),
     (["--experts", "0"], 2, "--experts must be >= 1, got 0"),
     (["--experts", "9"], 2, "layer 1: k=9 experts but the layer has only Z=4"),
     (["--task", "agnews"], 2, "the model has 2 labels but task agnews has 4"),
@@ -169,6 +169,7 @@ def test_bad_target_fields(tmp_path):
 def test_static_qdq_target(tmp_path, cache, tiny_original, loose_targets):
     custom = tmp_path / "static.toml"
     text = (loose_targets / "x86_64.toml").read_text().replace('precision = "int8-dynamic"', 'precision = "int8-static"')
+    text = text.replace("embedding_bits = 4", "embedding_bits = 8")  # 4 bits go with int8-dynamic only
     custom.write_text(text.replace("fuse = true", "fuse = false"))
     out = tmp_path / "art"
     run(["build", "--model", str(tiny_original), "--target", str(custom), "--out", str(out)] + FAST)
@@ -249,13 +250,25 @@ def test_four_bit_embedding_target_option(tmp_path, cache, tiny_original, loose_
 
     from edgeprune.runtime import EdgeModel
 
-    profile = tmp_path / "x86_64-e4.toml"
-    profile.write_text((loose_targets / "x86_64.toml").read_text().replace("quantize_embeddings = true",
-                                                                            "quantize_embeddings = true\nembedding_bits = 4"))
+    import numpy as np
+    import onnxruntime as ort
+
+    profile = loose_targets / "arm64.toml"  # embedding_bits = 4 and the ORT format
+    assert "embedding_bits = 4" in profile.read_text() and "ort_format = true" in profile.read_text()
     out = tmp_path / "art"
     run(["build", "--model", str(tiny_original), "--target", str(profile), "--out", str(out)] + FAST)
-    ops = {n.op_type for n in onnx.load(str(onnx_file(out))).graph.node}
+    graph = onnx.load(str(onnx_file(out))).graph
+    ops = {n.op_type for n in graph.node}
     assert "GatherBlockQuantized" in ops and "EmbedLayerNormalization" not in ops
+    # stored as packed uint8 (the ORT format has no int4 tensors), and the ORT-format model loads and agrees
+    inits = {i.name: i for i in graph.initializer}
+    assert all(inits[n.input[0]].data_type == onnx.TensorProto.UINT8 for n in graph.node
+               if n.op_type == "GatherBlockQuantized")
+    feeds = {"input_ids": np.array([[2, 7, 9, 3]], dtype=np.int64), "attention_mask": np.ones((1, 4), dtype=np.int64),
+             "token_type_ids": np.zeros((1, 4), dtype=np.int64)}
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (onnx_file(out), out / "model.ort"))
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in a.get_inputs()}}
+    assert np.allclose(a.run(None, feeds)[0], b.run(None, feeds)[0], atol=1e-5)
     assert {"MatMulInteger", "DynamicQuantizeLinear"} & ops or "QAttention" in ops
     report = json.loads((out / "report.json").read_text())
     assert "GatherBlockQuantized" in report["export"]["quantization"]["embedding"]
@@ -265,3 +278,25 @@ def test_four_bit_embedding_target_option(tmp_path, cache, tiny_original, loose_
     res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", str(bad), "--out",
                                     str(tmp_path / "b")])
     assert res.exit_code == 2 and "embedding_bits = 4 goes with precision int8-dynamic" in res.output
+
+
+def test_packed_4bit_embedding_is_the_int4_one_bit_for_bit(tmp_path, tiny_original):
+    """gather_4bit's uint8 packing (value + 8, two per byte, the operator's default zero point) changes no output."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from edgeprune.export.quantize import gather_4bit, weight_only
+    from edgeprune.models.label_words import load_classifier
+
+    model = load_classifier(tiny_original)
+    x = torch.tensor([[2, 7, 9, 11, 3]])
+    src = tmp_path / "fp32.onnx"
+    torch.onnx.export(model, (x,), str(src), input_names=["input_ids"], output_names=["logits"], opset_version=17,
+                      dynamo=False)
+    weight_only(src, tmp_path / "int4.onnx", 4, ("Gather",))
+    gather_4bit(src, tmp_path / "packed.onnx")
+    feeds = {"input_ids": x.numpy()}
+    a, b = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for f in ("int4.onnx", "packed.onnx"))
+    assert np.array_equal(a, b)

@@ -129,7 +129,8 @@ def test_build_with_fewer_layers_and_heads_is_exact_after_fusion(tmp_path, cache
     fp32 artifact (ORT's attention fusion told the pruned head count) gives the pruned PyTorch model's logits."""
     fp32 = tmp_path / "fp32.toml"
     fp32.write_text((loose_targets / "x86_64.toml").read_text().replace('precision = "int8-dynamic"',
-                                                                         'precision = "fp32"'))
+                                                                         'precision = "fp32"')
+                    .replace("embedding_bits = 4", "embedding_bits = 8"))
     out = tmp_path / "art"
     res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", str(fp32), "--drop-layers", "1",
                                     "--heads-keep", "0.5", "--out", str(out)] + FAST, catch_exceptions=False)
