@@ -217,10 +217,11 @@ def original_logits_cached(original_dir: Path, original_hash: str, cfg: BuildCon
     path = cache_root() / "stages" / f"logits-{key}.npy"
     if path.is_file():
         return np.load(path)
-    if next(original.parameters()).device.type == "meta":  # a layer-wise build
+    if getattr(original, "edgeprune_skeleton", False):  # a layer-wise build
         from edgeprune.scale.layerwise import logits_layerwise
 
-        logits = logits_layerwise(original_dir, enc, dtype=cfg.prune.dtype, offload_dir=cfg.prune.offload_dir)
+        logits = logits_layerwise(original_dir, enc, dtype=cfg.prune.dtype, offload_dir=cfg.prune.offload_dir,
+                                  model=original)
     else:
         logits = original_logits(original, enc)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +260,7 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
     if layerwise:
         log(f"original: {why}")
     # too large for memory: its skeleton (config, blocks) here; scoring, pruning and its validation logits layer by layer
-    original = skeleton(original_dir, cfg.prune.dtype) if layerwise else \
+    original = skeleton(original_dir, cfg.prune.dtype, cfg.task, cfg.prune.prompt, cfg.prune.verbalisers) if layerwise else \
         load_model(original_dir, task=cfg.task, **cfg.prune.load_options())
     words = of_model(original)
     tok = load_tokenizer(original_dir)

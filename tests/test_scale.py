@@ -32,6 +32,9 @@ SST2 = get_task("sst2")
 # decoder loops of both styles (a tensor per layer, a tuple), per-layer masks (gpt-oss's sliding window),
 # shared experts, fused 3-D experts, DeepSeek's router, SparseMixer; and the project's own BERT-MoE encoder
 FAMILIES = ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3", "phimoe"]
+# language-model checkpoints: their label-word classifier, score rows read from the LM head row by row
+LMS = ["olmoe", "granitemoe"]
+WORDS = ("bad", "good")
 
 
 def sharded(model, d: Path, tok) -> Path:
@@ -44,7 +47,7 @@ def sharded(model, d: Path, tok) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_tokenizer):
     tok, vocab = tiny_tokenizer
-    out = {f: sharded(tiny_family_checkpoint(f, vocab=vocab), tmp_path_factory.mktemp(f), tok) for f in FAMILIES}
+    out = {f: sharded(tiny_family_checkpoint(f, vocab=vocab), tmp_path_factory.mktemp(f), tok) for f in FAMILIES + LMS}
     out["bert_moe"] = sharded(tiny_moe(num_experts=4, vocab=vocab, layers=4), tmp_path_factory.mktemp("bert"), tok)
     return out
 
@@ -62,15 +65,22 @@ def test_the_checkpoints_are_sharded_one_layer_per_shard_at_least(checkpoints):
         assert len(set(index.values())) >= 4
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["bert_moe"])
+@pytest.mark.parametrize("family", FAMILIES + LMS + ["bert_moe"])
 def test_layerwise_statistics_equal_the_in_memory_ones_bit_for_bit(family, checkpoints, tmp_path):
+    from edgeprune.models.label_words import of_model
+    from edgeprune.scale.layerwise import skeleton
+
     d = checkpoints[family]
-    model = load_model(d, task=SST2)
-    enc = encode(DataSpec().load(SST2, "train", limit=96), load_tokenizer(d), SST2.max_length)
+    words = WORDS if family in LMS else None
+    model = load_model(d, task=SST2, verbalisers=words)
+    enc = encode(DataSpec().load(SST2, "train", limit=96), load_tokenizer(d), SST2.max_length, of_model(model))
     ref = collect_routing(model, enc, max_examples=96, batch_size=16, progress=False)
     # hidden states beyond 20 kB go to files: both the memory and the disk side are exercised
-    got, _ = collect_routing_layerwise(d, enc, max_examples=96, batch_size=16, progress=False,
-                                       max_hidden_bytes=20_000, offload_dir=tmp_path / "hidden")
+    got, sk = collect_routing_layerwise(d, enc, max_examples=96, batch_size=16, progress=False,
+                                        max_hidden_bytes=20_000, offload_dir=tmp_path / "hidden",
+                                        model=skeleton(d, task=SST2, verbalisers=words))
+    if family in LMS:  # the label rows: the LM head's rows of the verbalisers, as in memory
+        assert torch.equal(sk.edgeprune_extra["score.weight"], model.score.weight.detach())
     assert same_stats(ref, got)
     assert not list((tmp_path / "hidden").glob("*")) or True  # the temporary files are the store's
 
@@ -89,18 +99,19 @@ def test_every_methods_layerwise_plan_is_the_in_memory_plan_byte_for_byte(method
     assert plans[0] == plans[1]
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["bert_moe"])
+@pytest.mark.parametrize("family", FAMILIES + LMS + ["bert_moe"])
 def test_streamed_prune_and_fold_equal_the_in_memory_ones_tensor_for_tensor(family, checkpoints, tmp_path):
     from edgeprune.models.label_words import load_classifier
 
     d = checkpoints[family]
-    model = load_model(d, task=SST2)
+    words = WORDS if family in LMS else None
+    model = load_model(d, task=SST2, verbalisers=words)
     for kept in ([1, 3], [2]):
         if family == "phimoe" and len(kept) == 1:
             continue  # SparseMixer picks two: one expert is refused (tests/test_families.py)
         plan = plan_keeping(model, kept)
         ref = apply_plan(model, plan).state_dict()
-        out = stream_apply(d, plan, tmp_path / f"k{len(kept)}", progress=False)
+        out = stream_apply(d, plan, tmp_path / f"k{len(kept)}", progress=False, task=SST2, verbalisers=words)
         assert len(list(out.glob("model-*.safetensors"))) >= 3
         got = load_classifier(out).state_dict()
         assert ref.keys() == got.keys()
@@ -170,7 +181,7 @@ def test_the_estimate_chooses_layerwise_when_in_memory_would_not_fit(checkpoints
 
 def test_layerwise_refuses_what_it_cannot_do_in_one_line(tmp_path, tiny_tokenizer):
     tok, vocab = tiny_tokenizer
-    for family, what in (("olmoe", "label words"), ("switch_transformers", "encoder-decoder")):
+    for family, what in (("switch_transformers", "encoder-decoder"),):
         d = tmp_path / family
         tiny_family_checkpoint(family, vocab=vocab).save_pretrained(d)
         tok.save_pretrained(d)
@@ -212,3 +223,16 @@ def test_torchrun_prune_recovers_data_parallel_under_accelerate_and_rank_0_write
     from edgeprune.models.label_words import load_classifier
 
     assert load_classifier(out).config.model_type == "mistral"
+
+
+def test_a_layerwise_build_of_a_language_model_validates_against_layerwise_logits(checkpoints, tmp_path, cache,
+                                                                                 loose_targets):
+    out = tmp_path / "art"
+    res = cli(["build", "--model", str(checkpoints["olmoe"]), "--target", "x86_64", "--experts", "1", "--layerwise",
+               "--verbalisers", "bad,good", "--calibration-examples", "48", "--recovery-steps", "2", "--eval-examples",
+               "40", "--latency-iters", "5", "--out", str(out)])
+    assert "original: layer-wise (--layerwise)" in res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["original_memory"]["path"] == "layer-wise" and report["speed"]["p50_speedup"] is None
+    assert report["prune"]["calibration"]["path"] == "layer-wise" and "labels only" in report["prune"]["teacher"]
+    assert "not timed" in (out / "report.md").read_text()

@@ -215,7 +215,7 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
         info["calibration"] = {"path": "layer-wise" if layerwise else "in memory", "why": why,
                                "processes": distributed.world_size()}
     if layerwise:
-        model = skeleton(original_dir, cfg.dtype)
+        model = skeleton(original_dir, cfg.dtype, task, cfg.prompt, cfg.verbalisers)
     model = model if model is not None else load_model(original_dir, task=task, **cfg.load_options())
     tok = load_tokenizer(original_dir)
     check_model(model, task, cfg, tok)
@@ -319,7 +319,8 @@ def _prune_streamed(original_dir, task, data, cfg, plan, progress, info):
     raw = read_config(original_dir)
     streamed = StreamedCheckpoint(tempfile.mkdtemp(prefix="edgeprune-streamed-", dir=cfg.offload_dir))
     try:
-        stream_apply(original_dir, plan, streamed.dir, dtype=cfg.dtype, progress=progress)
+        stream_apply(original_dir, plan, streamed.dir, dtype=cfg.dtype, progress=progress, task=task,
+                     prompt=cfg.prompt, verbalisers=cfg.verbalisers)
     except BaseException:
         streamed.discard()
         raise
@@ -337,7 +338,7 @@ def _prune_streamed(original_dir, task, data, cfg, plan, progress, info):
                           dtype=torch_dtype(cfg.dtype, raw))
     streamed.discard()
     check_model_labels(pruned, task)
-    train_enc = encode(data.load(task, "train"), tok, task.max_length, None)
+    train_enc = encode(data.load(task, "train"), tok, task.max_length, of_model(pruned))
     info["teacher"] = "none: the original is not loaded on the layer-wise path (recovery on labels only)"
     return _finish(pruned, None, adapter_for(raw["model_type"]), plan, task, data, cfg, tok, tok_json, train_enc,
                    info, t0, progress)

@@ -47,29 +47,59 @@ class _Stop(Exception):
     """Raised by the last layer's recorder: nothing after the stack runs in the recording pass."""
 
 
-def skeleton(model_dir: str | Path, dtype: Optional[str] = None) -> nn.Module:
+def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prompt: Optional[str] = None,
+             verbalisers=None) -> nn.Module:
     """The checkpoint's classifier with every parameter on the meta device (buffers real: rotary frequencies,
-    position ids), in the dtype it would be loaded in."""
+    position ids), in the dtype it would be loaded in.
+
+    A language-model checkpoint becomes its label-word classifier as in memory
+    (:func:`edgeprune.models.label_words.to_classifier`): the classifier's ``score`` rows are the verbalisers'
+    LM-head rows (divided by Granite's ``logits_scaling``), read row by row from the shards and kept on the model as
+    ``edgeprune_extra`` (a tensor that is in no shard: :class:`LazyCheckpoint` serves it from there)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from edgeprune.models import label_words
     from edgeprune.models.checkpoint import read_config, torch_dtype
+    from edgeprune.tokenization import load_tokenizer
 
     raw = read_config(model_dir)
     arch = " ".join(raw.get("architectures") or [])
     if raw.get("is_encoder_decoder"):
         raise ModelError(f"{model_dir}: {raw['model_type']} is an encoder-decoder, whose layers pass state the "
                          "layer-wise path does not see; drop --layerwise (the in-memory path)")
-    if arch and "SequenceClassification" not in arch:
-        raise ModelError(f"{model_dir}: a {arch} checkpoint classifies by label words, which the layer-wise path "
-                         "does not build yet; give a checkpoint with a sequence-classification head, or drop "
-                         "--layerwise (the in-memory path)")
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    cls = label_words.class_for(raw)
-    cls = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
+    wdtype = torch_dtype(dtype, raw)
+    extra = {}
+    if arch and "SequenceClassification" not in arch:
+        if "CausalLM" not in arch or task is None:
+            raise ModelError(f"{model_dir}: a {arch} checkpoint has no sequence-classification head the layer-wise "
+                             "path can use (a ...ForCausalLM classifies by label words, with the task given)")
+        adapter_for(config)  # a supported family (its file registers a classifier class where transformers has none)
+        words = label_words.for_task(task, prompt, verbalisers).resolve(load_tokenizer(model_dir))
+        cls = AutoModelForSequenceClassification._model_mapping.get(type(config), None)
+        if cls is None:
+            raise ModelError(f"{config.model_type}: no sequence-classification class to score label words with")
+        config.num_labels = task.num_labels
+        config.id2label = dict(enumerate(task.labels))
+        config.label2id = {l: i for i, l in enumerate(task.labels)}
+        config.architectures = [cls.__name__]
+        setattr(config, label_words.CONFIG_KEY, words.to_dict())
+        ckpt = LazyCheckpoint(model_dir)
+        head = "lm_head.weight" if "lm_head.weight" in ckpt else next(
+            (k for k in ckpt if k.endswith("embed_tokens.weight")), None)
+        if head is None:
+            raise ModelError(f"{model_dir}: no lm_head.weight (nor a tied embed_tokens.weight) for the label rows")
+        scale = float(raw.get("logits_scaling", 1.0) or 1.0)
+        extra["score.weight"] = (ckpt.rows(head, words.token_ids).float() / scale).to(wdtype)
+        config.tie_word_embeddings = False
+    else:
+        cls = label_words.class_for(raw)
+        cls = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
     with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config, dtype=torch_dtype(dtype, raw))
+        model = cls._from_config(config, dtype=wdtype)
+    model.edgeprune_extra = extra
+    model.edgeprune_skeleton = True  # never whole in memory: not to be run or timed as a model (validate.speed)
     return model.eval()
 
 
@@ -267,15 +297,15 @@ def _run_stack(model: nn.Module, ckpt: LazyCheckpoint, batches, store: HiddenSto
 
 
 def _open(model_dir, dtype, model):
-    ckpt = LazyCheckpoint(model_dir)
     model = model if model is not None else skeleton(model_dir, dtype)
+    ckpt = LazyCheckpoint(model_dir, extra=getattr(model, "edgeprune_extra", None))
     keys = model_keys(model)
     params = dict(model.named_parameters())
     missing = sorted(k for k in keys if k not in ckpt and k in params)
     if missing:
         raise ModelError(f"{model_dir}: the weights do not match config.json ({len(missing)} weight(s) missing, "
                          f"e.g. {missing[0]}); is the config the one saved with these weights?")
-    bad = sorted(k for k in keys if k in ckpt and k in params and tuple(params[k].shape) != ckpt.info[k].shape)
+    bad = sorted(k for k in keys if k in ckpt and k in params and k in ckpt.info and tuple(params[k].shape) != ckpt.info[k].shape)
     if bad:
         raise ModelError(f"{model_dir}: the weights do not match config.json (shape mismatch, e.g. {bad[0]}); is "
                          "the config the one saved with these weights?")

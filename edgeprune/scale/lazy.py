@@ -43,8 +43,10 @@ class LazyCheckpoint(Mapping):
     ``ckpt.info[name]`` has the shape, dtype and bytes without reading; ``layer_of(name, prefix)`` says which
     layer of the stack at ``prefix`` (``"model.layers"``) a tensor belongs to."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, extra: Optional[dict[str, torch.Tensor]] = None):
+        """``extra``: tensors that are in no shard but belong to the model (a label-word classifier's score rows)."""
         self.dir = Path(model_dir)
+        self.extra = dict(extra or {})
         self.files = weight_files(self.dir)
         self.info: dict[str, TensorInfo] = {}
         for f in self.files:
@@ -57,6 +59,8 @@ class LazyCheckpoint(Mapping):
 
     # -- Mapping -------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.extra:
+            return self.extra[name]
         info = self.info[name]
         if not self._inside:
             with safe_open(str(info.file), framework="pt") as fh:
@@ -67,10 +71,20 @@ class LazyCheckpoint(Mapping):
         return self._open[1].get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.info)
+        return iter(list(self.info) + [k for k in self.extra if k not in self.info])
 
     def __len__(self) -> int:
-        return len(self.info)
+        return len(set(self.info) | set(self.extra))
+
+    def __contains__(self, name) -> bool:
+        return name in self.info or name in self.extra
+
+    def rows(self, name: str, ids) -> torch.Tensor:
+        """Rows ``ids`` of a 2-D tensor, each read alone (a vocabulary-sized LM head is never read whole)."""
+        info = self.info[name]
+        with safe_open(str(info.file), framework="pt") as fh:
+            sl = fh.get_slice(name)
+            return torch.cat([sl[int(i) : int(i) + 1] for i in ids])
 
     def __enter__(self) -> "LazyCheckpoint":
         """Inside ``with``, the shard read last stays open (memory-mapped) until a tensor of another shard is read:

@@ -67,13 +67,14 @@ def _meta_state(model) -> dict[str, tuple[torch.Size, torch.dtype]]:
 
 
 def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype: Optional[str] = None,
-                 fold: bool = True, progress: bool = True) -> Path:
+                 fold: bool = True, progress: bool = True, task=None, prompt: Optional[str] = None,
+                 verbalisers=None) -> Path:
     """Write the original at ``model_dir`` pruned by ``plan`` (folded at k = 1 where the family has a dense
     sibling) into ``out`` as a sharded safetensors checkpoint (config + weights; no tokenizer). Returns ``out``."""
     from accelerate import init_empty_weights
 
     out = Path(out)
-    src_model = skeleton(model_dir, dtype)
+    src_model = skeleton(model_dir, dtype, task, prompt, verbalisers)  # (task etc.: a language model's label words)
     validate_plan(plan, src_model)
     adapter = adapter_for(src_model.config)
     paths = adapter.block_paths(src_model)
@@ -93,7 +94,8 @@ def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype:
     layers = sorted({layer_of(k, prefix) for k in target_shapes} - {None}) + [None]
     out.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
-    ckpt = LazyCheckpoint(model_dir)  # read tensor by tensor: each read maps and unmaps its shard
+    # read tensor by tensor: each read maps and unmaps its shard
+    ckpt = LazyCheckpoint(model_dir, extra=src_model.edgeprune_extra)
     for n, layer in enumerate(tqdm(layers, desc="prune (streamed)", disable=not progress, unit="layer")):
         state = _LayerState({k: v for k, v in pruned_shapes.items() if layer_of(k, prefix) == layer})
         original = None
