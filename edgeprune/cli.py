@@ -374,7 +374,7 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, he
 @click.option("--verbalisers", help="Label words for the task text (default: the label names).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Artifact directory.")
 def export_lm_command(model_dir, prompts, int4, original_dir, task_name, verbalisers, out) -> None:
-    """Export a dense causal LM (e.g. `prune --generate` at k = 1) to ONNX with a KV cache, parity-gated."""
+    """Export a dense causal LM (from `prune --generate` at k = 1) to ONNX with a KV cache, parity-gated."""
     from edgeprune.cache import atomic_dir
     from edgeprune.export.lm_export import export_lm
 
