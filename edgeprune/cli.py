@@ -382,7 +382,9 @@ def export_lm_command(model_dir, prompts, int4, original_dir, task_name, verbali
     with output_lock(out), atomic_dir(out) as tmp:
         info = export_lm(model_dir, tmp, list(prompts) or None, int4=int4)
         if original_dir:
-            info["validation"] = validate_lm_artifact(tmp, original_dir, task_name, verbalisers, info)
+            from edgeprune.validate_lm import validate_artifact
+
+            info["validation"] = validate_artifact(tmp, original_dir, task_name, verbalisers, info)
             (Path(tmp) / "edgeprune.json").write_text(json.dumps(info, indent=1))
     click.echo(f"parity: greedy tokens equal on {info['parity']['prompts']} prompts, max first-step logit diff "
                f"{info['parity']['max_abs_logit_diff']:.2e}; artifact: {out}")
@@ -390,26 +392,6 @@ def export_lm_command(model_dir, prompts, int4, original_dir, task_name, verbali
         click.echo(f"{name}: perplexity {m['perplexity']}" +
                    (f", next-token agreement {m['next_token_agreement']}" if "next_token_agreement" in m else "") +
                    f", first token {m['ttft_ms']} ms, decode {m['decode_tokens_per_s']} tokens/s")
-
-
-def validate_lm_artifact(art, original_dir, task_name, verbalisers, info) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from edgeprune.lm_runtime import EdgeLM
-    from edgeprune.models.checkpoint import load_checked
-    from edgeprune.original import DataSpec
-    from edgeprune.prompts import for_task
-    from edgeprune.tasks import get_task
-    from edgeprune.validate_lm import compare, task_texts
-
-    task = get_task(task_name)
-    words = for_task(task, None, tuple(w.strip() for w in verbalisers.split(",")) if verbalisers else None)
-    original = load_checked(AutoModelForCausalLM, original_dir)
-    artifacts = {"artifact fp32": EdgeLM(art, threads=1)}
-    if "int4" in (info.get("variants") or {}):
-        artifacts["artifact int4"] = EdgeLM(art, threads=1, variant="int4")
-    texts = task_texts(task, DataSpec(), words)
-    return compare(original, artifacts, artifacts["artifact fp32"].tokenizer, texts, texts[0])
 
 
 @main.command()

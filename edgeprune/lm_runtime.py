@@ -77,12 +77,16 @@ class EdgeLM:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Next-token logits at every position of ``ids`` (one pass, empty cache): (len(ids), vocab)."""
-        feeds = {"input_ids": np.array([ids], dtype=np.int64), **self._empty_past()}
+        return self.session.run(["logits"], self._feeds(ids, self._empty_past(), len(ids)))[0][0]
+
+    def _feeds(self, step_ids: list[int], past: dict, total: int) -> dict[str, np.ndarray]:
+        """One step's inputs: ``step_ids`` after ``total - len(step_ids)`` cached positions."""
+        feeds = {"input_ids": np.array([step_ids], dtype=np.int64), **past}
         if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = np.ones((1, len(ids)), dtype=np.int64)
+            feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
         if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None]
-        return self.session.run(["logits"], feeds)[0][0]
+            feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None]
+        return feeds
 
     def _prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids
@@ -110,12 +114,7 @@ class EdgeLM:
         past = self._empty_past()
         step_ids, total = ids, len(ids)
         for _ in range(max_new_tokens):
-            feeds = {"input_ids": np.array([step_ids], dtype=np.int64), **past}
-            if "attention_mask" in self.inputs:
-                feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
-            if "position_ids" in self.inputs:
-                feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None]
-            out = self.session.run(None, feeds)
+            out = self.session.run(None, self._feeds(step_ids, past, total))
             logits = out[0][0, -1].astype(np.float64)
             past = {name.replace("present", "past_key_values"): v
                     for name, v in zip((o.name for o in self.session.get_outputs()[1:]), out[1:])}

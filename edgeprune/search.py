@@ -193,6 +193,8 @@ def _layers(cfg) -> int:
 
 def write_front(result: SearchResult, workdir: Path, cfg) -> dict:
     """``pareto.md``, ``pareto.json`` and ``pareto.png`` in ``workdir``."""
+    from edgeprune.peer import peer_flag
+
     md = [f"# Search: {cfg.task.name} for {cfg.target.name}", "",
           f"Command: `{cfg.command or 'edgeprune search'}` (recovery {cfg.prune.recovery_steps} steps per candidate; "
           f"budgets of {cfg.target.name}: accuracy drop <= {cfg.target.budgets.max_accuracy_drop} points, size <= "
@@ -201,7 +203,7 @@ def write_front(result: SearchResult, workdir: Path, cfg) -> dict:
           f"Original MoE: {result.original.get('size_mb')} MB, p50 {result.original.get('p50_ms')} ms, accuracy "
           f"{result.original.get('accuracy')}. Pareto-optimal in size, p50 and accuracy: marked *." +
           (f" The peer (the dense model through `optimum-cli export onnx` + `onnxruntime quantize "
-           f"{_peer_flag(cfg)}`): {result.peer['size_mb']} MB, p50 {result.peer['p50_ms']} ms (timed alone), accuracy "
+           f"{peer_flag(cfg.target.name)}`): {result.peer['size_mb']} MB, p50 {result.peer['p50_ms']} ms (timed alone), accuracy "
            f"{result.peer['accuracy']}." if result.peer else ""), "",
           "| # | options | size MB | p50 ms | accuracy | drop (points) | budgets | Pareto |",
           "| ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
@@ -260,9 +262,3 @@ def replot(workdir: Path, title: str) -> None:
     chosen = next((c for c in cands if data["chosen"] and c.number == data["chosen"]["number"]), None)
     plot(SearchResult(cands, chosen, data["original"], data["seconds"], peer=data.get("peer") or {}),
          Path(workdir) / "pareto.png", title)
-
-
-def _peer_flag(cfg) -> str:
-    from edgeprune.peer import peer_flag
-
-    return peer_flag(cfg.target.name)

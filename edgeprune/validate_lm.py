@@ -96,3 +96,24 @@ def _onnx_speed(lm, prompt: str, new_tokens: int, repeats: int) -> dict:
         ttft.append((stamps[0] - t0) * 1000)
         rate.append((len(stamps) - 1) / max(1e-9, stamps[-1] - stamps[0]))
     return {"ttft_ms": round(median(ttft), 3), "decode_tokens_per_s": round(median(rate), 1)}
+
+
+def validate_artifact(art, original_dir, task_name: str, verbalisers: Optional[str], manifest: dict) -> dict:
+    """``export-lm --original``: :func:`compare` of the original MoE LM with the artifact's fp32 graph (and its
+    int4 variant when ``manifest`` lists one) on the task's validation text, one thread."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeprune.lm_runtime import EdgeLM
+    from edgeprune.models.checkpoint import load_checked
+    from edgeprune.original import DataSpec
+    from edgeprune.prompts import for_task
+    from edgeprune.tasks import get_task
+
+    task = get_task(task_name)
+    words = for_task(task, None, tuple(w.strip() for w in verbalisers.split(",")) if verbalisers else None)
+    original = load_checked(AutoModelForCausalLM, original_dir)
+    artifacts = {"artifact fp32": EdgeLM(art, threads=1)}
+    if "int4" in (manifest.get("variants") or {}):
+        artifacts["artifact int4"] = EdgeLM(art, threads=1, variant="int4")
+    texts = task_texts(task, DataSpec(), words)
+    return compare(original, artifacts, artifacts["artifact fp32"].tokenizer, texts, texts[0])

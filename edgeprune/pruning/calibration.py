@@ -132,6 +132,14 @@ def add_in_order(stats: dict[int, LayerStats], parts: dict[tuple[int, int], Batc
     return stats
 
 
+def capture_input(seen: dict, key):
+    """A forward pre-hook that keeps a block's input, flattened to (tokens, hidden), as ``seen[key]``."""
+    def pre(_m, args, kwargs):
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        seen[key] = hidden.detach().reshape(-1, hidden.shape[-1])
+    return pre
+
+
 def logit_rows_per_batch(max_logit_rows: int, batch_size: int, n: int) -> int:
     return max(1, max_logit_rows * batch_size // max(1, n))
 
@@ -149,15 +157,8 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
     blocks = adapter.blocks(model)
     n = min(len(enc), max_examples)
     rows = logit_rows_per_batch(max_logit_rows, batch_size, n)
-    seen: dict[int, dict] = {i: {} for i in blocks}
-
-    def on_block(i):
-        def pre(_m, args, kwargs):
-            hidden = args[0] if args else next(iter(kwargs.values()))
-            seen[i]["x"] = hidden.detach().reshape(-1, hidden.shape[-1])
-        return pre
-
-    handles = [b.register_forward_pre_hook(on_block(i), with_kwargs=True) for i, b in blocks.items()]
+    seen: dict[int, torch.Tensor] = {}
+    handles = [b.register_forward_pre_hook(capture_input(seen, i), with_kwargs=True) for i, b in blocks.items()]
     model.eval()
     parts: dict[tuple[int, int], BatchStats] = {}
     try:
@@ -166,7 +167,7 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
             model(**model_inputs(model, batch))
             mask = batch["attention_mask"].reshape(-1).bool()
             for i, block in blocks.items():
-                x = seen[i]["x"]
+                x = seen[i]
                 parts[(i, b)] = batch_stats(adapter, block, x[real_tokens(mask, x.shape[0])], i, b, rows)
     finally:
         for h in handles:

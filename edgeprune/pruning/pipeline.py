@@ -159,9 +159,7 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None, task: Optiona
 def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=None) -> None:
     """Labels match the task, k fits every layer, a decoder classifier pads with its tokenizer's padding id:
     checked before any heavy work."""
-    if model.config.num_labels != task.num_labels:
-        raise ConfigError(f"the model has {model.config.num_labels} labels but task {task.name} has "
-                          f"{task.num_labels} ({', '.join(task.labels)})")
+    check_model_labels(model, task)
     adapter = adapter_for(model.config)
     blocks = adapter.blocks(model)
     if not blocks:

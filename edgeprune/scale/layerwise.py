@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from edgeprune.errors import ModelError
 from edgeprune.models.registry import adapter_for
-from edgeprune.pruning.calibration import (LayerStats, add_in_order, batch_stats, calibration_batches, empty_stats,
-                                           logit_rows_per_batch, real_tokens)
+from edgeprune.pruning.calibration import (LayerStats, add_in_order, batch_stats, calibration_batches, capture_input,
+                                           empty_stats, logit_rows_per_batch, real_tokens)
 from edgeprune.scale import distributed
 from edgeprune.scale.lazy import LazyCheckpoint, layer_of
 from edgeprune.training import Encoded, model_inputs
@@ -167,7 +167,6 @@ class HiddenStore:
     def __init__(self, max_bytes: Optional[int], offload_dir: Optional[str | Path] = None):
         self.max_bytes = max_bytes
         self.in_memory: dict[int, torch.Tensor] = {}
-        self.on_disk: set[int] = set()
         self.bytes = 0
         self._tmp = None
         self.dir = Path(offload_dir) if offload_dir else None
@@ -187,7 +186,6 @@ class HiddenStore:
             self.bytes += size
         else:
             torch.save(t, self._path(b))
-            self.on_disk.add(b)
 
     def get(self, b: int) -> torch.Tensor:
         if b in self.in_memory:
@@ -198,7 +196,6 @@ class HiddenStore:
         t = self.in_memory.pop(b, None)
         if t is not None:
             self.bytes -= t.numel() * t.element_size()
-        self.on_disk.discard(b)
 
     def close(self) -> None:
         self.in_memory.clear()
@@ -208,6 +205,12 @@ class HiddenStore:
 
 def _first_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A layer's hidden-state input, positional or ``hidden_states=`` (taken out of ``kwargs``), unwrapped from the
+    1-tuple that a recorder or a replayed layer returns."""
+    return _first_tensor(args[0]) if args else _first_tensor(kwargs.pop("hidden_states"))
 
 
 def _run_stack(model: nn.Module, ckpt: LazyCheckpoint, batches, store: HiddenStore, progress: bool,
@@ -228,7 +231,7 @@ def _run_stack(model: nn.Module, ckpt: LazyCheckpoint, batches, store: HiddenSto
 
     def recorder(i: int):
         def forward(*args, **kwargs):
-            hidden = _first_tensor(args[0]) if args else _first_tensor(kwargs.pop("hidden_states"))
+            hidden = _hidden(args, kwargs)
             if i == 0:
                 store.put(now["b"], hidden)
             recorded[now["b"]][i] = (tuple(args[1:]), kwargs)
@@ -239,7 +242,7 @@ def _run_stack(model: nn.Module, ckpt: LazyCheckpoint, batches, store: HiddenSto
 
     def replay(i: int):
         def forward(*args, **kwargs):
-            hidden = _first_tensor(args[0]) if args else _first_tensor(kwargs.pop("hidden_states"))
+            hidden = _hidden(args, kwargs)
             if i < len(stack) - 1:
                 return (hidden,)
             final = store.get(now["b"])
@@ -309,6 +312,9 @@ def _open(model_dir, dtype, model):
     if bad:
         raise ModelError(f"{model_dir}: the weights do not match config.json (shape mismatch, e.g. {bad[0]}); is "
                          "the config the one saved with these weights?")
+    prefix, _ = layer_stack(model)  # the tensors outside the layer stack stay loaded (embeddings, norm, head)
+    load_tensors(model, ckpt, [k for k in keys if k in ckpt and layer_of(k, prefix) is None],
+                 next(model.parameters()).dtype)
     return ckpt, model
 
 
@@ -323,28 +329,19 @@ def collect_routing_layerwise(model_dir: str | Path, enc: Encoded, max_examples:
     ckpt, model = _open(model_dir, dtype, model)
     adapter = adapter_for(model.config)
     blocks = adapter.blocks(model)
-    prefix, _ = layer_stack(model)
     wdtype = next(model.parameters()).dtype
     n = min(len(enc), max_examples)
     rows = logit_rows_per_batch(max_logit_rows, batch_size, n)
     store = HiddenStore(max_hidden_bytes, offload_dir)
     parts, seen = {}, {}
 
-    def pre(i):
-        def hook(_m, args, kwargs):
-            hidden = args[0] if args else next(iter(kwargs.values()))
-            seen[i] = hidden.detach().reshape(-1, hidden.shape[-1])
-        return hook
-
     def on_output(i, b, mask):
         if i in blocks:
             x = seen.pop(i)
             parts[(i, b)] = batch_stats(adapter, blocks[i], x[real_tokens(mask, x.shape[0])], i, b, rows)
 
-    handles = [blk.register_forward_pre_hook(pre(i), with_kwargs=True) for i, blk in blocks.items()]
+    handles = [blk.register_forward_pre_hook(capture_input(seen, i), with_kwargs=True) for i, blk in blocks.items()]
     try:
-        # (no ``with ckpt``: every tensor read maps and unmaps its shard, so only copies stay resident)
-        load_tensors(model, ckpt, [k for k in model_keys(model) if k in ckpt and layer_of(k, prefix) is None], wdtype)
         batches = distributed.my_batches(calibration_batches(enc, max_examples, batch_size, "embed", progress))
         _run_stack(model, ckpt, batches, store, progress, last=max(blocks), on_output=on_output,
                    desc="calibrate (layer-wise)")
@@ -367,13 +364,10 @@ def logits_layerwise(model_dir: str | Path, enc: Encoded, batch_size: int = 64, 
     from edgeprune.training import collate
 
     ckpt, model = _open(model_dir, dtype, model)
-    prefix, _ = layer_stack(model)
     order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
     chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     store = HiddenStore(max_hidden_bytes, offload_dir)
     try:
-        load_tensors(model, ckpt, [k for k in model_keys(model) if k in ckpt and layer_of(k, prefix) is None],
-                     next(model.parameters()).dtype)
         batches = [(b, {k: v for k, v in collate(enc, idx).items() if k != "labels"}) for b, idx in enumerate(chunks)]
         out = _run_stack(model, ckpt, batches, store, progress, head=True, desc="original logits (layer-wise)")
     finally:

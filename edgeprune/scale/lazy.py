@@ -54,21 +54,15 @@ class LazyCheckpoint(Mapping):
                 for name in fh.keys():
                     sl = fh.get_slice(name)
                     self.info[name] = TensorInfo(f, tuple(sl.get_shape()), sl.get_dtype())
-        self._open: Optional[tuple[Path, object]] = None  # the shard read last, kept open inside ``with``
-        self._inside = False
 
     # -- Mapping -------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self.extra:
             return self.extra[name]
         info = self.info[name]
-        if not self._inside:
-            with safe_open(str(info.file), framework="pt") as fh:
-                return fh.get_tensor(name)
-        if self._open is None or self._open[0] != info.file:
-            self._close()
-            self._open = (info.file, safe_open(str(info.file), framework="pt"))
-        return self._open[1].get_tensor(name)
+        # each read maps and unmaps its shard: only the copy stays resident, never the shard's mapped pages
+        with safe_open(str(info.file), framework="pt") as fh:
+            return fh.get_tensor(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self.info) + [k for k in self.extra if k not in self.info])
@@ -86,40 +80,10 @@ class LazyCheckpoint(Mapping):
             sl = fh.get_slice(name)
             return torch.cat([sl[int(i) : int(i) + 1] for i in ids])
 
-    def __enter__(self) -> "LazyCheckpoint":
-        """Inside ``with``, the shard read last stays open (memory-mapped) until a tensor of another shard is read:
-        one shard's pages mapped at a time, so the resident memory stays about a layer, not the checkpoint."""
-        self._inside = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._inside = False
-        self._close()
-
-    def release(self) -> None:
-        """Unmap the shard kept open (its pages leave the resident set); the next read opens it again."""
-        self._close()
-
-    def _close(self) -> None:
-        if self._open is not None:
-            fh = self._open[1]
-            self._open = None
-            if hasattr(fh, "__exit__"):
-                fh.__exit__(None, None, None)
-            del fh
-
     # -- sizes ---------------------------------------------------------------------------------------------
     @property
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.info.values())
-
-    def bytes_by_layer(self, prefix: str) -> dict[Optional[int], int]:
-        """Bytes per layer of the stack at ``prefix``; key None for every tensor outside it."""
-        out: dict[Optional[int], int] = {}
-        for name, i in self.info.items():
-            layer = layer_of(name, prefix)
-            out[layer] = out.get(layer, 0) + i.nbytes
-        return out
 
 
 def layer_of(name: str, prefix: str) -> Optional[int]:
