@@ -236,3 +236,19 @@ def test_a_layerwise_build_of_a_language_model_validates_against_layerwise_logit
     assert report["original_memory"]["path"] == "layer-wise" and report["speed"]["p50_speedup"] is None
     assert report["prune"]["calibration"]["path"] == "layer-wise" and "labels only" in report["prune"]["teacher"]
     assert "not timed" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_layerwise_logits_equal_the_in_memory_ones(family, checkpoints):
+    """What a layer-wise build validates against: the original's logits, layer by layer (exactly, 0 tolerance)."""
+    from edgeprune.models.label_words import of_model
+    from edgeprune.scale.layerwise import logits_layerwise, skeleton
+    from edgeprune.validate import original_logits
+
+    d = checkpoints[family]
+    words = WORDS if family in LMS else None
+    model = load_model(d, task=SST2, verbalisers=words)
+    enc = encode(DataSpec().load(SST2, "validation", limit=90), load_tokenizer(d), SST2.max_length, of_model(model))
+    got = logits_layerwise(d, enc, progress=False, max_hidden_bytes=10_000,
+                           model=skeleton(d, task=SST2, verbalisers=words))
+    assert np.array_equal(original_logits(model, enc), got)
