@@ -338,12 +338,22 @@ def build(cfg: BuildConfig) -> tuple[Path, dict]:
         for name, src in cfg.extra_files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp / name)
-        shutil.copy2(pruned_dir / "prune_plan.json", tmp / "prune_plan.json")
-        (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        (tmp / "report.md").write_text(report_markdown(report))
-        (tmp / "README.md").write_text(model_card(report, manifest))
-        (tmp / "build_config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+        write_records(tmp, cfg, pruned_dir, manifest, report, report_markdown, model_card)
+    return finish(final, dest, report)
+
+
+def write_records(tmp: Path, cfg: BuildConfig, pruned_dir: Path, manifest: dict, report: dict, markdown, card) -> None:
+    """The plan, manifest, report (JSON and ``markdown(report)``), model card and resolved config into ``tmp``."""
+    shutil.copy2(pruned_dir / "prune_plan.json", tmp / "prune_plan.json")
+    (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
+    (tmp / "report.json").write_text(json.dumps(report, indent=1))
+    (tmp / "report.md").write_text(markdown(report))
+    (tmp / "README.md").write_text(card(report, manifest))
+    (tmp / "build_config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+
+
+def finish(final: Path, dest: Path, report: dict) -> tuple[Path, dict]:
+    """Exit 1 (:class:`BudgetError`) when a budget failed (the artifact went to ``dest``, ``<out>.rejected``)."""
     if report["violations"]:
         raise BudgetError("budgets failed (previous artifact kept; this one is in "
                           f"{dest}):\n" + "\n".join(f"  - {v}" for v in report["violations"]))

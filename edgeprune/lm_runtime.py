@@ -88,7 +88,9 @@ class EdgeLM:
             feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None]
         return feeds
 
-    def _prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
+    def prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """The prompt's token ids as generation starts from them (BOS for an empty prompt; the oldest tokens
+        dropped to leave ``max_new_tokens`` of room in the context, said in ``self.last``)."""
         ids = self.tokenizer.encode(prompt).ids
         if not ids:
             if self.bos is None:
@@ -105,12 +107,25 @@ class EdgeLM:
                seed: Optional[int] = None, ignore_eos: bool = False) -> Iterator[int]:
         """The generated token ids one by one (stops at an EOS token, unless ``ignore_eos``: benchmarks, or after
         ``max_new_tokens``)."""
+        self._check(max_new_tokens, temperature, top_p)
+        return self.generate_ids(self.prompt_ids(prompt, max_new_tokens), max_new_tokens, temperature, top_p, seed,
+                                 ignore_eos)
+
+    @staticmethod
+    def _check(max_new_tokens: int, temperature: float, top_p: float) -> None:
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1]; got {temperature}, {top_p}")
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: Optional[int] = None, ignore_eos: bool = False) -> Iterator[int]:
+        """:meth:`tokens` from prompt token ids (which must fit the context with ``max_new_tokens``)."""
+        self._check(max_new_tokens, temperature, top_p)
+        if not ids or len(ids) + max_new_tokens > self.context:
+            raise ConfigError(f"{len(ids)} prompt tokens + {max_new_tokens} new ones do not fit the {self.context}-"
+                              "token context (or the prompt is empty)")
         rng = np.random.default_rng(seed)
-        ids = self._prompt_ids(prompt, max_new_tokens)
         past = self._empty_past()
         step_ids, total = ids, len(ids)
         for _ in range(max_new_tokens):

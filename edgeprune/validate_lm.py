@@ -1,119 +1,217 @@
-"""A decoder artifact against its original, side by side in one run (issue 14, validation): on task text, the
-perplexity of each model and how often its next-token choice agrees with the original's; at batch 1 on the
-target's threads, the time to first token and the decode speed (tokens/s) with the KV cache.
+"""A decoder artifact against its original, side by side in one run (issue 14, validation).
 
-Task text: the task's validation examples rendered as a language model sees them in edgeprune (the task prompt
-followed by the gold label's verbaliser), so the measurement is on the kind of text the model was pruned for.
-The original is the MoE in PyTorch (fp32, its own cache); the artifact runs in ONNX Runtime (:class:`EdgeLM`).
+On the task's validation split (prompt + completion, :mod:`edgeprune.generation.data`), for the original MoE in
+PyTorch (fp32) and each ONNX graph of the artifact (:class:`~edgeprune.lm_runtime.EdgeLM`):
+
+* **perplexity on the completions**: exp of the mean negative log-likelihood of the completion tokens given
+  everything before them (``text_perplexity``: over every token of prompt and completion);
+* **next-token agreement**: the share of positions (prompt and completion) where the graph's most likely next
+  token is the original's;
+* **greedy-continuation agreement**: for the first ``greedy_prompts`` prompts, ``new_tokens`` greedy tokens from
+  the prompt alone; ``greedy_exact`` is the share of prompts whose continuation equals the original's,
+  ``greedy_prefix`` the mean share of tokens before the first difference;
+* **label accuracy** where the completion is a label word (the shipped tasks): the label whose verbaliser's
+  first token is the most likely at the completion's first position, among the labels' (label-word scoring);
+* at batch 1 on the target's threads: **time to first token** (the prompt's pass) and **decode tokens/s** (the
+  following tokens with the KV cache), median of ``repeats``, the original and the graphs alternating;
+* **peak memory** of a fresh process that loads the graph and generates (VmHWM above the bare import).
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 from statistics import median
 from typing import Optional, Sequence
 
 import numpy as np
 
 
-def task_texts(task, data, words, limit: int = 64) -> list[str]:
-    """The first ``limit`` validation examples as prompt + gold verbaliser."""
-    examples = data.load(task, "validation", limit=limit)
-    return [words.render(ex.text, getattr(ex, "text_pair", None)) + " " + words.verbalisers[ex.label] for ex in examples]
-
-
-def _nll_and_choice(logits: np.ndarray, ids: list[int]) -> tuple[float, np.ndarray]:
-    z = logits[:-1].astype(np.float64)
+def _logp(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
     z = z - z.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    nxt = np.asarray(ids[1:])
-    return float(-logp[np.arange(len(nxt)), nxt].sum()), logits[:-1].argmax(-1)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def compare(original, artifacts: dict, tokenizer, texts: Sequence[str], prompt: str, new_tokens: int = 32,
-            repeats: int = 3, threads: int = 1) -> dict:
-    """``original``: a PyTorch causal LM; ``artifacts``: name -> EdgeLM. Perplexity and next-token agreement
-    on ``texts``; time to first token (ms) and decode tokens/s for ``prompt`` (greedy, ``new_tokens``)."""
+def _torch_logits(model, ids: list[int]) -> np.ndarray:
     import torch
 
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def _torch_greedy(model, ids: list[int], new_tokens: int, eos: set) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=model.config.pad_token_id or 0, eos_token_id=sorted(eos) or None)
+    return out[0, len(ids):].tolist()
+
+
+def evaluate(original, artifacts: dict, enc, label_ids: Optional[Sequence[int]] = None, greedy_prompts: int = 16,
+             new_tokens: int = 32, repeats: int = 3, threads: int = 1, speed_prompt: Optional[list[int]] = None,
+             progress: bool = True) -> dict:
+    """``original``: the PyTorch causal LM; ``artifacts``: name -> EdgeLM; ``enc``: an ``LMEncoded`` validation
+    split. See the module docstring for what is measured."""
+    import torch
+    from tqdm.auto import tqdm
+
     torch.set_num_threads(threads)
-    rows: dict = {"original": {"nll": 0.0}, **{k: {"nll": 0.0, "agree": 0} for k in artifacts}}
-    n = 0
-    for text in texts:
-        ids = tokenizer.encode(text).ids
-        if len(ids) < 2:
-            continue
-        with torch.no_grad():
-            ref = original(torch.tensor([ids])).logits[0].float().numpy()
-        nll, choice = _nll_and_choice(ref, ids)
-        rows["original"]["nll"] += nll
+    names = ["original", *artifacts]
+    acc = {n: {"nll": 0.0, "text_nll": 0.0, "agree": 0, "correct": 0, "exact": 0, "prefix": 0.0} for n in names}
+    comp_tokens = all_tokens = labelled = 0
+    for i in tqdm(range(len(enc)), desc="validate", disable=not progress, unit="example"):
+        ids, start = enc.input_ids[i], enc.starts[i]
+        ref = _torch_logits(original, ids)
+        choice = ref[:-1].argmax(-1)
+        nxt = np.asarray(ids[1:])
+        span = slice(start - 1, len(ids) - 1)
+        label = enc.labels[i] if label_ids else None
+        for name in names:
+            z = ref if name == "original" else artifacts[name].logits(ids)
+            token_lp = _logp(z[:-1])[np.arange(len(nxt)), nxt]
+            acc[name]["nll"] -= float(token_lp[span].sum())
+            acc[name]["text_nll"] -= float(token_lp.sum())
+            acc[name]["agree"] += int((z[:-1].argmax(-1) == choice).sum())
+            if label is not None:
+                acc[name]["correct"] += int(int(np.argmax(z[start - 1][list(label_ids)])) == label)
+        comp_tokens += len(ids) - start
+        all_tokens += len(ids) - 1
+        labelled += label is not None
+    greedy_n = min(greedy_prompts, len(enc))
+    for i in range(greedy_n):
+        prompt = enc.prompt_ids(i)
+        ref = _torch_greedy(original, prompt, new_tokens, next(iter(artifacts.values())).eos if artifacts else set())
         for name, lm in artifacts.items():
-            nll_a, choice_a = _nll_and_choice(lm.logits(ids), ids)
-            rows[name]["nll"] += nll_a
-            rows[name]["agree"] += int((choice_a == choice).sum())
-        n += len(ids) - 1
-    out = {}
-    for name, r in rows.items():
-        out[name] = {"perplexity": round(float(np.exp(r["nll"] / max(1, n))), 3)}
-        if "agree" in r:
-            out[name]["next_token_agreement"] = round(r["agree"] / max(1, n), 4)
-    ids = tokenizer.encode(prompt).ids
-    out["original"].update(_torch_speed(original, ids, new_tokens, repeats))
-    for name, lm in artifacts.items():
-        out[name].update(_onnx_speed(lm, prompt, new_tokens, repeats))
+            got = list(lm.generate_ids(prompt, new_tokens))
+            same = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+            acc[name]["exact"] += int(got == ref)
+            acc[name]["prefix"] += same / max(1, len(ref))
+    out: dict = {}
+    for name in names:
+        a = acc[name]
+        row = {"perplexity": round(float(np.exp(a["nll"] / max(1, comp_tokens))), 4),
+               "text_perplexity": round(float(np.exp(a["text_nll"] / max(1, all_tokens))), 4)}
+        if name != "original":
+            row["next_token_agreement"] = round(a["agree"] / max(1, all_tokens), 4)
+            row["greedy_exact"] = round(a["exact"] / max(1, greedy_n), 4)
+            row["greedy_prefix"] = round(a["prefix"] / max(1, greedy_n), 4)
+        if labelled:
+            row["label_accuracy"] = round(a["correct"] / labelled, 4)
+        out[name] = row
+    prompt = speed_prompt if speed_prompt is not None else enc.prompt_ids(0)
+    speeds = {n: {"ttft": [], "rate": []} for n in names}
+    for _ in range(repeats):  # alternating rounds: the machine's drift hits every model alike
+        _torch_speed(original, prompt, new_tokens, speeds["original"])
+        for name, lm in artifacts.items():
+            _onnx_speed(lm, prompt, new_tokens, speeds[name])
+    for name in names:
+        out[name]["ttft_ms"] = round(median(speeds[name]["ttft"]), 3)
+        out[name]["decode_tokens_per_s"] = round(median(speeds[name]["rate"]), 1)
     for name in artifacts:
         o, a = out["original"], out[name]
         a["decode_speedup"] = round(a["decode_tokens_per_s"] / o["decode_tokens_per_s"], 2)
         a["ttft_speedup"] = round(o["ttft_ms"] / a["ttft_ms"], 2)
-    return {"tokens": n, "texts": len(texts), "threads": threads, "models": out}
+        a["perplexity_ratio"] = round(a["perplexity"] / o["perplexity"], 4)
+    return {"examples": len(enc), "completion_tokens": comp_tokens, "tokens": all_tokens, "labelled": labelled,
+            "greedy_prompts": greedy_n, "new_tokens": new_tokens, "threads": threads,
+            "speed_prompt_tokens": len(prompt), "models": out}
 
 
-def _torch_speed(model, ids: list[int], new_tokens: int, repeats: int) -> dict:
+def _torch_speed(model, ids: list[int], new_tokens: int, into: dict) -> None:
     import torch
 
-    ttft, rate = [], []
-    for _ in range(repeats):
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            out = model(torch.tensor([ids]), use_cache=True)
-            t1 = time.perf_counter()
-            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-            for _ in range(new_tokens - 1):
-                out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-            t2 = time.perf_counter()
-        ttft.append((t1 - t0) * 1000)
-        rate.append((new_tokens - 1) / (t2 - t1))
-    return {"ttft_ms": round(median(ttft), 3), "decode_tokens_per_s": round(median(rate), 1)}
-
-
-def _onnx_speed(lm, prompt: str, new_tokens: int, repeats: int) -> dict:
-    ttft, rate = [], []
-    for _ in range(repeats):
+    with torch.no_grad():
         t0 = time.perf_counter()
-        stamps = []
-        for _tok in lm.tokens(prompt, new_tokens, ignore_eos=True):
-            stamps.append(time.perf_counter())
-        ttft.append((stamps[0] - t0) * 1000)
-        rate.append((len(stamps) - 1) / max(1e-9, stamps[-1] - stamps[0]))
-    return {"ttft_ms": round(median(ttft), 3), "decode_tokens_per_s": round(median(rate), 1)}
+        out = model(torch.tensor([ids]), use_cache=True)
+        t1 = time.perf_counter()
+        past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+        for _ in range(new_tokens - 1):
+            out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+        t2 = time.perf_counter()
+    into["ttft"].append((t1 - t0) * 1000)
+    into["rate"].append((new_tokens - 1) / (t2 - t1))
+
+
+def _onnx_speed(lm, ids: list[int], new_tokens: int, into: dict) -> None:
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for _tok in lm.generate_ids(ids, new_tokens, ignore_eos=True)]
+    into["ttft"].append((stamps[0] - t0) * 1000)
+    into["rate"].append((len(stamps) - 1) / max(1e-9, stamps[-1] - stamps[0]))
+
+
+_MEM_PROBE = """
+import json, resource, sys
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM'):
+            return int(line.split()[1]) / 1024
+import numpy, onnxruntime, tokenizers
+base = hwm()
+from edgeprune.lm_runtime import EdgeLM
+lm = EdgeLM(sys.argv[1], threads=int(sys.argv[3]), model_file=sys.argv[2])
+list(lm.generate_ids(list(range(4, 36)), 16, ignore_eos=True))
+print(json.dumps({"peak_mb": hwm(), "session_mb": hwm() - base}))
+"""
+
+
+_TORCH_PROBE = """
+import json, sys
+def hwm():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM'):
+            return int(line.split()[1]) / 1024
+import torch, transformers
+torch.set_num_threads(int(sys.argv[2]))
+base = hwm()
+from edgeprune.pruning.pipeline import load_language_model
+m = load_language_model(sys.argv[1], moe=False)
+with torch.no_grad():
+    x = torch.arange(4, 36)[None]
+    m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+print(json.dumps({"peak_mb": hwm(), "session_mb": hwm() - base}))
+"""
+
+
+def torch_memory(model_dir: Path, threads: int = 1) -> dict:
+    """The same for a checkpoint in PyTorch (the original): load, then 16 greedy tokens after 32."""
+    out = subprocess.run([sys.executable, "-c", _TORCH_PROBE, str(model_dir), str(threads)], capture_output=True,
+                         text=True, timeout=1200)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "probe failed"}
+    return {k: round(v, 1) for k, v in json.loads(out.stdout).items()}
+
+
+def process_memory(directory: Path, model_file: str, threads: int = 1) -> dict:
+    """Peak RSS of a fresh process that loads ``model_file`` of the artifact and generates 16 tokens after a
+    32-token prompt; ``session_mb`` is the part above the bare onnxruntime + tokenizers import."""
+    out = subprocess.run([sys.executable, "-c", _MEM_PROBE, str(directory), model_file, str(threads)],
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "probe failed"}
+    return {k: round(v, 1) for k, v in json.loads(out.stdout).items()}
 
 
 def validate_artifact(art, original_dir, task_name: str, verbalisers: Optional[str], manifest: dict) -> dict:
-    """``export-lm --original``: :func:`compare` of the original MoE LM with the artifact's fp32 graph (and its
-    int4 variant when ``manifest`` lists one) on the task's validation text, one thread."""
-    from transformers import AutoModelForCausalLM
-
+    """``export-lm --original``: :func:`evaluate` of the original MoE LM with the artifact's fp32 graph (and its
+    int4 variant when ``manifest`` lists one) on the task's validation split cast as generation data, one
+    thread."""
     from edgeprune.lm_runtime import EdgeLM
-    from edgeprune.models.checkpoint import load_checked
     from edgeprune.original import DataSpec
-    from edgeprune.prompts import for_task
+    from edgeprune.pruning.pipeline import PruneConfig, lm_examples, load_language_model, verbaliser_ids
     from edgeprune.tasks import get_task
 
     task = get_task(task_name)
-    words = for_task(task, None, tuple(w.strip() for w in verbalisers.split(",")) if verbalisers else None)
-    original = load_checked(AutoModelForCausalLM, original_dir)
+    cfg = PruneConfig(generate=True, verbalisers=tuple(w.strip() for w in verbalisers.split(",")) if verbalisers
+                      else None)
+    original = load_language_model(original_dir)
     artifacts = {"artifact fp32": EdgeLM(art, threads=1)}
     if "int4" in (manifest.get("variants") or {}):
         artifacts["artifact int4"] = EdgeLM(art, threads=1, variant="int4")
-    texts = task_texts(task, DataSpec(), words)
-    return compare(original, artifacts, artifacts["artifact fp32"].tokenizer, texts, texts[0])
+    enc = lm_examples(original_dir, task, DataSpec(), cfg, "validation", 64)
+    return evaluate(original, artifacts, enc, verbaliser_ids(original_dir, task, cfg), progress=False)

@@ -87,3 +87,30 @@ def loose_targets(tmp_path, monkeypatch):
     tdir = write_loose_profiles(tmp_path / "targets")
     monkeypatch.setenv("EDGEPRUNE_TARGETS", str(tdir))
     return tdir
+
+
+def make_bpe_tokenizer(out: Path, vocab_size: int = 400):
+    """A byte-level BPE tokenizer (as decoders have) trained here on sst2 sentences, with BOS / EOS / padding
+    tokens and a chat template, saved as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [ex.text for ex in load_split(get_task("sst2"), "train", limit=3000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+                          "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return fast, tok.get_vocab_size()
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory):
+    return make_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))

@@ -104,9 +104,9 @@ def test_edgelm_and_generate_errors_are_one_line(lm_artifact, tmp_path, tiny_ori
     res = cli(["prune", "--model", str(tiny_original), "--generate", "--recovery-steps", "0", "--out",
                str(tmp_path / "p")], code=2)
     assert "--generate needs a language-model checkpoint" in res.output
-    res = cli(["prune", "--model", str(lm_artifact / "moe"), "--generate", "--recovery-steps", "5", "--out",
+    res = cli(["prune", "--model", str(lm_artifact / "moe"), "--generate", "--ffn-keep", "0.5", "--out",
                str(tmp_path / "p")], code=2)
-    assert "--recovery-steps is not there yet" in res.output
+    assert "--ffn-keep is not there yet" in res.output
     res = cli(["export-lm", str(tiny_original), "--out", str(tmp_path / "e")], code=4)
     assert "export-lm takes a causal language model" in res.output
 

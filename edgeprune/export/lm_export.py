@@ -1,14 +1,27 @@
-"""A dense causal LM (a folded MoE from ``edgeprune prune --generate``) to ONNX with a KV cache.
+"""A causal LM (a folded MoE from ``prune --generate``, or one with k > 1 experts) to ONNX with a KV cache.
 
-optimum's exporter does it (``task="text-generation-with-past"``: Mistral, Llama, Qwen3, Granite, ...), then the
-parity gate runs every prompt through ONNX Runtime (:class:`edgeprune.lm_runtime.EdgeLM`, the app's runtime) and
-through PyTorch: the greedy continuations must be equal token for token and the first step's logits within
-``atol``; otherwise nothing is written. The artifact: ``onnx/model.onnx``, tokenizer files, ``config.json``,
-``generation_config.json`` and ``edgeprune.json`` (``kind: causal-lm``, the model file, the context length, EOS /
-BOS ids, the parity record), and with ``int4`` a 4-bit ``MatMulNBits`` variant (:func:`int4_variant`).
+Export: optimum's ONNX exporter (``onnx_export_from_model``, task ``text-generation-with-past``) with optimum's
+own config for the model type where it has one (Mistral, Llama, Qwen3, Granite, Qwen3-MoE, DeepSeek-V3, gpt-oss)
+and otherwise Mistral's (the same inputs and outputs: ``input_ids``, ``attention_mask``, ``position_ids``,
+``past_key_values.{i}.key / .value`` -> ``logits``, ``present.{i}.key / .value``; the past's head size read from
+the config). A model that still has MoE blocks (k > 1, or a family kept with one expert, OLMoE) is traced under
+its adapter's export patch (:meth:`~edgeprune.models.adapter.MoEAdapter.export_patch`: every kept expert
+computed and combined with the routing weights, no data-dependent loop; the router skipped at one expert).
+
+Parity gate (:func:`parity`): every prompt runs through ONNX Runtime (:class:`edgeprune.lm_runtime.EdgeLM`, the
+app's runtime, with its KV cache) and through PyTorch; the greedy continuations must be equal token for token
+and the first step's logits within ``atol``; otherwise the export fails (exit 5) and nothing is written.
+
+Weights for the edge (:func:`weight_variant`): ``int4`` / ``int8`` weight-only ``MatMulNBits`` (ONNX Runtime's
+quantizer; RTN or HQQ; block size and accuracy level from the target) and the word embedding as 4-bit
+``GatherBlockQuantized``; a tied LM head is untied first (:func:`untie_head`), so that the head becomes a
+MatMul of its own initializer that the quantizer can take. Each variant's greedy agreement with the fp32 graph
+is recorded (not gated: fewer bits change some tokens; validation measures what that costs).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import tempfile
@@ -20,15 +33,102 @@ import numpy as np
 from edgeprune.errors import ExportError, ModelError
 
 PROMPTS = ("a gorgeous , witty , seductive movie .", "the story is bland and the acting is flat", "it 's a charming film")
+FILES = {"fp32": "onnx/model.onnx", "int8": "onnx/model_int8.onnx", "int4": "onnx/model_q4.onnx"}
+
+
+def onnx_config(model):
+    """optimum's with-past ONNX config for the model type, or Mistral's for a family optimum does not list."""
+    import optimum.exporters.onnx.model_configs as configs  # noqa: F401  (fills the registry)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        ctor = TasksManager.get_exporter_config_constructor("onnx", model=model, task="text-generation-with-past",
+                                                            library_name="transformers")
+        return ctor(model.config, use_past=True, use_past_in_inputs=True), "optimum"
+    except (KeyError, ValueError):
+        return configs.MistralOnnxConfig(model.config, task="text-generation", use_past=True,
+                                         use_past_in_inputs=True), "optimum+mistral-config"
+
+
+def export_graph(model, out_dir: Path, opset: Optional[int] = None) -> str:
+    """``model`` -> ``out_dir/model.onnx`` (+ config.json, generation_config.json); returns how it was exported."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from edgeprune.models.registry import adapter_for
+
+    try:
+        adapter = adapter_for(model.config)
+    except ModelError:
+        adapter = None  # a dense sibling (Mistral, Qwen3, ...)
+    moe = adapter is not None and bool(adapter.blocks(model))
+    cfg, how = onnx_config(model)
+    patch = adapter.export_patch(model) if moe else contextlib.nullcontext()
+    model.eval()
+    try:
+        with patch, contextlib.redirect_stdout(io.StringIO()):
+            onnx_export_from_model(model, str(out_dir), opset=opset, task="text-generation-with-past",
+                                   custom_onnx_configs={"model": cfg}, do_validation=False)
+    except Exception as exc:
+        raise ExportError(f"the KV-cache export of the {model.config.model_type} model failed "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    return how + ("+dense_dispatch" if moe else "")
+
+
+def write_decoder(model, model_dir: Path, out: Path, opset: Optional[int] = None) -> dict:
+    """The fp32 graph, tokenizer and ``edgeprune.json`` (``kind: causal-lm``) of ``model`` into ``out``."""
+    from edgeprune.tokenization import copy_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="edgeprune-lm-") as tmp:
+        how = export_graph(model, Path(tmp), opset)
+        (out / "onnx").mkdir(parents=True, exist_ok=True)
+        for f in Path(tmp).iterdir():
+            onnx_file = f.suffix in (".onnx", ".onnx_data") or f.name.endswith(".onnx.data")
+            shutil.move(str(f), out / ("onnx" if onnx_file else "") / f.name)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise ModelError(f"{model_dir}: no tokenizer.json; save the tokenizer with the model")
+    copy_tokenizer(model_dir, out)
+    raw = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text()) if (out / "generation_config.json").is_file() else {}
+    eos = gen.get("eos_token_id", raw.get("eos_token_id"))
+    manifest = {"kind": "causal-lm", "model_file": FILES["fp32"], "model_type": raw["model_type"], "exporter": how,
+                "context": int(raw.get("max_position_embeddings") or 2048),
+                "eos_token_ids": eos if isinstance(eos, list) else [eos] if eos is not None else [],
+                "bos_token_id": gen.get("bos_token_id", raw.get("bos_token_id")), "precision": "fp32"}
+    (out / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def parity(model, out: Path, prompts: Sequence[str], max_new_tokens: int, atol: float) -> dict:
+    """ONNX Runtime's greedy continuation of every prompt equals PyTorch's token for token and the first-step
+    logits agree within ``atol``; else :class:`ExportError`."""
+    import torch
+
+    from edgeprune.lm_runtime import EdgeLM
+
+    lm = EdgeLM(out)
+    diffs = []
+    for prompt in prompts:
+        got = list(lm.tokens(prompt, max_new_tokens))
+        ids = lm.prompt_ids(prompt, max_new_tokens)
+        with torch.no_grad():
+            x = torch.tensor([ids])
+            ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=model.config.pad_token_id or 0,
+                                 eos_token_id=sorted(lm.eos) or None)[0, len(ids):].tolist()
+            first = model(x).logits[0, -1].float().numpy()
+        diffs.append(float(np.abs(first - lm.logits(ids)[-1]).max()))
+        if got != ref[: len(got)] or diffs[-1] > atol:
+            raise ExportError(f"parity: ONNX Runtime's greedy continuation of {prompt[:60]!r} differs from PyTorch's "
+                              f"({got[:8]} vs {ref[:8]}; first-step logits differ by {diffs[-1]:.2e}, tolerance {atol})")
+    return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "greedy_equal": True,
+            "max_abs_logit_diff": max(diffs), "atol": atol}
 
 
 def export_lm(model_dir: str | Path, out: str | Path, prompts: Optional[Sequence[str]] = None,
               max_new_tokens: int = 8, atol: float = 1e-4, int4: bool = False, block: int = 32) -> dict:
-    import torch
-    from optimum.exporters.onnx import main_export
+    """``edgeprune export-lm``: a saved causal LM to a parity-gated artifact in ``out`` (+ the int4 variant)."""
     from transformers import AutoModelForCausalLM
 
-    from edgeprune.lm_runtime import EdgeLM
     from edgeprune.models.checkpoint import load_checked, read_config, weight_files
 
     model_dir, out = Path(model_dir), Path(out)
@@ -40,61 +140,79 @@ def export_lm(model_dir: str | Path, out: str | Path, prompts: Optional[Sequence
     if not (model_dir / "tokenizer.json").is_file():
         raise ModelError(f"{model_dir}: no tokenizer.json; save the tokenizer with the model")
     model = load_checked(AutoModelForCausalLM, model_dir)
-    with tempfile.TemporaryDirectory(prefix="edgeprune-lm-") as tmp:
-        try:
-            main_export(str(model_dir), output=tmp, task="text-generation-with-past", device="cpu")
-        except Exception as exc:  # optimum raises ValueError / KeyError for unsupported architectures
-            raise ExportError(f"optimum cannot export {raw['model_type']} with a KV cache "
-                              f"({str(exc).splitlines()[0][:160]})") from None
-        (out / "onnx").mkdir(parents=True, exist_ok=True)
-        for f in Path(tmp).iterdir():
-            shutil.move(str(f), out / ("onnx" if f.suffix in (".onnx", ".onnx_data") or f.name.endswith(".onnx.data")
-                                       else "") / f.name)
-    gen = json.loads((out / "generation_config.json").read_text()) if (out / "generation_config.json").is_file() else {}
-    eos = gen.get("eos_token_id", raw.get("eos_token_id"))
-    manifest = {"kind": "causal-lm", "model_file": "onnx/model.onnx", "model_type": raw["model_type"],
-                "context": int(raw.get("max_position_embeddings") or 2048),
-                "eos_token_ids": eos if isinstance(eos, list) else [eos] if eos is not None else [],
-                "bos_token_id": gen.get("bos_token_id", raw.get("bos_token_id")), "precision": "fp32"}
-    (out / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
-    lm = EdgeLM(out)
-    diffs, n = [], 0
-    for prompt in prompts or PROMPTS:
-        got = list(lm.tokens(prompt, max_new_tokens))
-        ids = lm.tokenizer.encode(prompt).ids or [lm.bos]
-        with torch.no_grad():
-            x = torch.tensor([ids])
-            ref = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=raw.get("pad_token_id") or 0,
-                                 eos_token_id=list(lm.eos) or None)[0, len(ids):].tolist()
-            first = model(x).logits[0, -1].float().numpy()
-        onnx_first = lm.logits(ids)[-1]
-        diffs.append(float(np.abs(first - onnx_first).max()))
-        if got != ref[: len(got)] or diffs[-1] > atol:
-            raise ExportError(f"parity: ONNX Runtime's greedy continuation of {prompt!r} differs from PyTorch's "
-                              f"({got[:8]} vs {ref[:8]}; first-step logits differ by {diffs[-1]:.2e}, tolerance {atol})")
-        n += 1
-    manifest["parity"] = {"prompts": n, "max_new_tokens": max_new_tokens, "greedy_equal": True,
-                          "max_abs_logit_diff": max(diffs), "atol": atol}
+    manifest = write_decoder(model, model_dir, out)
+    prompts = list(prompts or PROMPTS)
+    manifest["parity"] = parity(model, out, prompts, max_new_tokens, atol)
     if int4:
-        manifest["variants"] = {"int4": int4_variant(out, lm, list(prompts or PROMPTS), max_new_tokens, block)}
+        manifest["variants"] = {"int4": weight_variant(out, "int4", prompts, max_new_tokens, block=block)}
+    from edgeprune.export.genai import write_genai_config
+
+    manifest["genai"] = write_genai_config(out, FILES["fp32"], manifest["eos_token_ids"])
     (out / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def int4_variant(out: Path, fp32, prompts: list[str], max_new_tokens: int, block: int) -> dict:
-    """``onnx/model_q4.onnx``: every MatMul as ONNX Runtime's 4-bit ``MatMulNBits`` (symmetric blocks of
-    ``block``, round to nearest), with how often its greedy tokens agree with the fp32 graph's on the prompts
-    (not gated: 4 bits change some tokens; the measured agreement is recorded)."""
-    from edgeprune.export.quantize import weight_only
+def untie_head(model) -> int:
+    """A ``MatMul`` whose weight is a ``Transpose`` of an initializer (a tied LM head: the embedding, transposed at
+    run time) gets the transposed initializer of its own; returns how many were untied."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    done = 0
+    for node in model.graph.node:
+        t = producers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[t.input[0]])
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        name = f"{t.input[0]}.untied"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), name))
+        node.input[1] = name
+        done += 1
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [n for n in model.graph.node if n.op_type != "Transpose" or any(o in used for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return done
+
+
+def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_tokens: int, block: int = 32,
+                   accuracy_level: int = 0, algorithm: str = "rtn", embedding: str = "int4",
+                   file: Optional[str] = None) -> dict:
+    """``FILES[precision]`` from the fp32 graph: the head untied, every weight MatMul as ``MatMulNBits`` of
+    ``precision``'s bits (``algorithm``, blocks of ``block``), the word embedding 4-bit ``GatherBlockQuantized``
+    when ``embedding`` is ``int4`` (into ``file``, default ``FILES[precision]``); with its greedy-token agreement with the fp32 graph on ``prompts``."""
+    import onnx
+
+    from edgeprune.export.quantize import pack_int4_gathers, weight_only
     from edgeprune.lm_runtime import EdgeLM
 
-    weight_only(out / "onnx" / "model.onnx", out / "onnx" / "model_q4.onnx", 4, ("MatMul",), block=block)
-    q4 = EdgeLM(out, variant="int4", model_file="onnx/model_q4.onnx")
+    bits = {"int4": 4, "int8": 8}[precision]
+    file = file or FILES[precision]
+    src, dst = out / FILES["fp32"], out / file
+    with tempfile.TemporaryDirectory(prefix="edgeprune-q-") as tmp:
+        untied = Path(tmp) / "untied.onnx"
+        g = onnx.load(str(src))
+        n_untied = untie_head(g)
+        onnx.save(g, str(untied))
+        weight_only(untied, Path(tmp) / "mm.onnx", bits, ("MatMul",), block=block,
+                    accuracy_level=accuracy_level or None, algorithm=algorithm)
+        if embedding == "int4":
+            weight_only(Path(tmp) / "mm.onnx", Path(tmp) / "emb.onnx", 4, ("Gather",), block=block)
+            q = onnx.load(str(Path(tmp) / "emb.onnx"))
+            pack_int4_gathers(q)  # the ORT format has no int4 tensors (see quantize.gather_4bit)
+            onnx.save(q, str(dst))
+        else:
+            shutil.move(str(Path(tmp) / "mm.onnx"), dst)
+    fp32 = EdgeLM(out, model_file=FILES["fp32"])
+    qlm = EdgeLM(out, model_file=file)
     same = total = 0
     for prompt in prompts:
-        a, b = list(fp32.tokens(prompt, max_new_tokens)), list(q4.tokens(prompt, max_new_tokens))
+        a, b = list(fp32.tokens(prompt, max_new_tokens)), list(qlm.tokens(prompt, max_new_tokens))
         same += sum(x == y for x, y in zip(a, b))
         total += max(len(a), len(b))
-    return {"model_file": "onnx/model_q4.onnx", "bits": 4, "block_size": block, "algorithm": "RTN",
+    return {"model_file": file, "bits": bits, "block_size": block, "algorithm": algorithm.upper(),
+            "accuracy_level": accuracy_level, "embedding": embedding, "untied_heads": n_untied,
             "greedy_token_agreement_with_fp32": round(same / max(1, total), 4),
-            "size_mb": round((out / "onnx" / "model_q4.onnx").stat().st_size / 1e6, 3)}
+            "size_mb": round(dst.stat().st_size / 1e6, 3)}

@@ -124,15 +124,21 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
 
 
 def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], block: int = 32,
-                accuracy_level: Optional[int] = None) -> None:
+                accuracy_level: Optional[int] = None, algorithm: str = "rtn") -> None:
     """ONNX Runtime's weight-only quantizer: ``MatMul`` -> ``MatMulNBits``, ``Gather`` of an initializer ->
-    ``com.microsoft.GatherBlockQuantized`` (4-bit only), symmetric blocks of ``block`` along the input / hidden
-    axis, round to nearest."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    ``com.microsoft.GatherBlockQuantized`` (4-bit only), blocks of ``block`` along the input / hidden axis;
+    ``algorithm`` ``rtn``: symmetric, round to nearest; ``hqq``: Half-Quadratic Quantization (Badri & Shaji
+    2023; asymmetric, scale and zero point fitted per block without data), MatMul only."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line a node
     axes = (("MatMul", 0), ("Gather", 1))
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level, bits=bits,
-                                       op_types_to_quantize=op_types, quant_axes=axes)
+    if algorithm == "hqq":
+        cfg = HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=op_types, quant_axes=axes)
+    else:
+        cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
+                                           bits=bits, op_types_to_quantize=op_types, quant_axes=axes)
     q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True,
                              accuracy_level=accuracy_level, op_types_to_quantize=op_types, quant_axes=axes,
                              algo_config=cfg)

@@ -15,6 +15,13 @@ Schema (every key checked; an unknown key or a bad value is a one-line error nam
                     used by ``build`` where the command line does not give the option
     [budgets]       max_size_mb, max_p95_latency_ms, latency_batch, latency_seq_len, max_accuracy_drop,
                     min_agreement
+    [generate]      decoder artifacts (``build --generate``): weights = "int4" | "int8" | "fp32" (the artifact's
+                    graph: weight-only MatMulNBits), variants (more of those beside it), block_size,
+                    accuracy_level, algorithm = "rtn" | "hqq", embedding_weights = "int4" | "fp32" (the word embedding as
+                    4-bit GatherBlockQuantized, or left as it is), new_tokens (decode speed), parity_atol; budgets
+                    max_size_mb, max_perplexity_ratio (vs the original), max_quantization_perplexity_ratio (vs the
+                    fp32 graph), min_next_token_agreement, max_label_accuracy_drop (points), min_decode_speedup
+                    (vs the original in PyTorch), max_ttft_ms
 """
 from __future__ import annotations
 
@@ -97,6 +104,34 @@ class Budgets:
     min_agreement: Optional[float] = None
 
 
+WEIGHTS = ("int4", "int8", "fp32")
+ALGORITHMS = ("rtn", "hqq")
+
+
+@dataclass
+class GenerateSpec:
+    """How a decoder artifact's weights are stored and what it must reach (see the module docstring)."""
+
+    weights: str = "int4"
+    variants: list = field(default_factory=list)
+    block_size: int = 32
+    accuracy_level: int = 0  # MatMulNBits: 0 the kernel's default, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
+    algorithm: str = "rtn"
+    embedding_weights: str = "int4"
+    new_tokens: int = 32
+    parity_atol: float = 1e-3
+    max_size_mb: Optional[float] = None
+    max_perplexity_ratio: Optional[float] = None
+    max_quantization_perplexity_ratio: Optional[float] = None
+    min_next_token_agreement: Optional[float] = None
+    max_label_accuracy_drop: Optional[float] = None
+    min_decode_speedup: Optional[float] = None
+    max_ttft_ms: Optional[float] = None
+
+    def precisions(self) -> list[str]:
+        return [self.weights] + [v for v in self.variants if v != self.weights]
+
+
 @dataclass
 class Target:
     name: str
@@ -108,6 +143,7 @@ class Target:
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     prune: PruneSpec = field(default_factory=PruneSpec)
     budgets: Budgets = field(default_factory=Budgets)
+    generate: GenerateSpec = field(default_factory=GenerateSpec)
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -115,7 +151,7 @@ class Target:
 
 
 SECTIONS = {"export": ExportSpec, "quantization": QuantSpec, "optimization": OptimSpec, "runtime": RuntimeSpec,
-            "prune": PruneSpec, "budgets": Budgets}
+            "prune": PruneSpec, "budgets": Budgets, "generate": GenerateSpec}
 
 
 def targets_dir() -> Path:
@@ -190,7 +226,36 @@ def _typed(section: str, cls, values: dict, where: str):
                 raise ConfigError(f"{where}: [prune].{key} = {v!r} should be in (0, 1]")
     if section == "budgets":
         validate_budgets(obj, where)
+    if section == "generate":
+        validate_generate(obj, where)
     return obj
+
+
+def validate_generate(g: GenerateSpec, where: str) -> None:
+    """[generate]: known precisions and algorithm, block size a power of two >= 16, budgets in range."""
+    import math
+
+    for v in g.precisions():
+        if v not in WEIGHTS:
+            raise ConfigError(f"{where}: [generate] precision {v!r} is not one of {', '.join(WEIGHTS)}")
+    if g.algorithm not in ALGORITHMS:
+        raise ConfigError(f"{where}: [generate].algorithm {g.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    if g.block_size < 16 or g.block_size & (g.block_size - 1):
+        raise ConfigError(f"{where}: [generate].block_size {g.block_size} must be a power of two >= 16")
+    if g.accuracy_level not in range(5):
+        raise ConfigError(f"{where}: [generate].accuracy_level {g.accuracy_level} must be 0-4")
+    if g.embedding_weights not in ("int4", "fp32"):
+        raise ConfigError(f"{where}: [generate].embedding_weights {g.embedding_weights!r} must be int4 or fp32")
+    if g.new_tokens < 2:
+        raise ConfigError(f"{where}: [generate].new_tokens must be >= 2 (decode speed needs a second token)")
+    for key in ("parity_atol", "max_size_mb", "max_perplexity_ratio", "max_quantization_perplexity_ratio",
+                "min_decode_speedup", "max_ttft_ms", "max_label_accuracy_drop", "min_next_token_agreement"):
+        v = getattr(g, key)
+        if v is not None and (not math.isfinite(v) or v < 0 or (v == 0 and key != "max_label_accuracy_drop")):
+            raise ConfigError(f"{where}: [generate].{key} = {v} must be a finite number > 0")
+    if g.min_next_token_agreement is not None and g.min_next_token_agreement > 1:
+        raise ConfigError(f"{where}: [generate].min_next_token_agreement = {g.min_next_token_agreement} must be at "
+                          "most 1 (a share)")
 
 
 def validate_budgets(b: "Budgets", where: str) -> None:

@@ -108,13 +108,13 @@ class PruneConfig:
             raise ConfigError(f"{self.method} fine-tunes the whole original while dropping experts, which needs it in "
                               "memory; use a one-shot method (reap, frequency, ...) with --layerwise")
         if self.generate:
-            for flag, on in (("--recovery-steps", self.recovery_steps > 0), ("--ffn-keep", self.ffn_keep < 1),
+            for flag, on in (("--ffn-keep", self.ffn_keep < 1),
                              ("--drop-layers", self.drop_layers > 0), ("--heads-keep", self.heads_keep < 1),
                              ("--vocab-reserve", self.vocab_reserve is not None), ("--layerwise", bool(self.layerwise)),
                              ("a progressive method", self.method in PROGRESSIVE)):
                 if on:
-                    raise ConfigError(f"--generate prunes and folds the language model as it is; {flag} is not there "
-                                      "yet for it (give --recovery-steps 0 and none of the structural options)")
+                    raise ConfigError(f"--generate prunes experts and folds the language model; {flag} is not there "
+                                      "yet for it (drop it)")
         if not 0 <= self.distill_alpha <= 1:
             raise ConfigError(f"distill alpha must be in [0, 1], got {self.distill_alpha}")
 
@@ -156,10 +156,11 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None, task: Optiona
     return load_checked(label_words.class_for(raw), model_dir, dtype=torch_dtype(dtype, raw))
 
 
-def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=None) -> None:
-    """Labels match the task, k fits every layer, a decoder classifier pads with its tokenizer's padding id:
-    checked before any heavy work."""
-    check_model_labels(model, task)
+def check_model(model: torch.nn.Module, task: Task, cfg: PruneConfig, tokenizer=None, labels: bool = True) -> None:
+    """Labels match the task (a classifier's: ``labels``), k fits every layer, a decoder classifier pads with its
+    tokenizer's padding id: checked before any heavy work."""
+    if labels:
+        check_model_labels(model, task)
     adapter = adapter_for(model.config)
     blocks = adapter.blocks(model)
     if not blocks:
@@ -206,6 +207,8 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     cfg.validate()
     if cfg.method in PROGRESSIVE:
         raise ConfigError(f"{cfg.method} makes its plan while fine-tuning; run `edgeprune prune` instead")
+    if cfg.generate:
+        return _score_language_model(original_dir, task, data, cfg, model, progress, release)
     layerwise, keep, why = (False, 0, "") if model is not None else memory_path(original_dir, task, cfg, "score")
     if layerwise:  # the in-memory path is the usual one: said only in the record
         _say(f"calibration: {why}", progress)
@@ -218,8 +221,6 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
     tok = load_tokenizer(original_dir)
     check_model(model, task, cfg, tok)
     mcfg = method_config(cfg.method, **cfg.method_options)
-    adapter = adapter_for(model.config)
-    blocks = adapter.blocks(model)
     # Calibrate for every method (cheap): data-free methods still need the gate statistics for the fold scale.
     enc = encode(data.load(task, "train", limit=cfg.calibration_examples), tok, task.max_length, of_model(model))
     if layerwise:
@@ -230,11 +231,72 @@ def score(original_dir: str | Path, task: Task, data: DataSpec, cfg: PruneConfig
         stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress)
     if release:  # every process has the same statistics; only rank 0 goes on (prune keeps them for recovery)
         distributed.release_workers()
+    return _plan(original_dir, task, cfg, model, mcfg, stats)
+
+
+def _plan(original_dir, task: Task, cfg: PruneConfig, model, mcfg, stats) -> PrunePlan:
+    adapter = adapter_for(model.config)
+    blocks = adapter.blocks(model)
     scores = score_experts(mcfg, model, stats, source_dir=str(original_dir))
     return make_plan(cfg.method, scores, {i: adapter.num_experts(b) for i, b in blocks.items()},
                      {i: adapter.top_k(b) for i, b in blocks.items()}, k=cfg.experts, coverage=cfg.coverage, stats=stats,
                      merge=mcfg.merges, seed=cfg.seed, gate_scale=cfg.gate_scale, source=str(original_dir), task=task.name,
                      options=dict(cfg.method_options, calibration_examples=cfg.calibration_examples))
+
+
+def load_language_model(original_dir: str | Path, dtype: Optional[str] = None, moe: bool = True) -> torch.nn.Module:
+    """``--generate``: the checkpoint's own causal LM (safetensors, checked against its config), of a supported
+    MoE family unless not ``moe`` (a pruned and folded one)."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype, weight_files
+
+    raw = read_config(original_dir)
+    if moe:
+        adapter_for(raw["model_type"])
+    if not any("CausalLM" in a for a in raw.get("architectures") or []):
+        raise ConfigError(f"--generate needs a language-model checkpoint (...ForCausalLM); {original_dir} is "
+                          f"{', '.join(raw.get('architectures') or ['unknown'])}")
+    weight_files(original_dir)
+    return load_checked(AutoModelForCausalLM, original_dir, dtype=torch_dtype(dtype, raw))
+
+
+def lm_examples(original_dir, task: Task, data: DataSpec, cfg: PruneConfig, split: str, limit: Optional[int] = None):
+    """The generation data of ``split`` tokenised for the checkpoint (:mod:`edgeprune.generation.data`)."""
+    from edgeprune.generation.data import encode_lm, load_examples
+    from edgeprune.prompts import for_task
+
+    words = for_task(task, cfg.prompt, cfg.verbalisers)
+    return encode_lm(load_examples(task, data, split, words, limit), load_tokenizer(original_dir), task.max_length)
+
+
+def verbaliser_ids(original_dir, task: Task, cfg: PruneConfig, data: Optional[DataSpec] = None) -> Optional[tuple]:
+    """The label words' first token ids (the task metric of a cast classification task), or None when the
+    task has no labels or the validation data are the user's prompt / completion file."""
+    from edgeprune.generation.data import is_generation_file
+    from edgeprune.prompts import for_task
+
+    if not task.labels or (data is not None and is_generation_file(data.eval_file)):
+        return None
+    return for_task(task, cfg.prompt, cfg.verbalisers).resolve(load_tokenizer(original_dir)).token_ids
+
+
+def _score_language_model(original_dir, task, data, cfg, model, progress, release) -> PrunePlan:
+    """``--generate``: calibrate the language model itself over the prompt and completion tokens of the task's
+    training split (bounded), in memory, then the plan as for any model."""
+    from edgeprune.scale import distributed
+
+    if model is None:
+        if memory_path(original_dir, task, cfg, "score")[0]:
+            raise ConfigError(f"--generate holds the language model in memory and {original_dir} does not fit "
+                              "(see --max-memory); the layer-wise path is for classifiers so far")
+        model = load_language_model(original_dir, cfg.dtype)
+    check_model(model, task, cfg, labels=False)
+    enc = lm_examples(original_dir, task, data, cfg, "train", cfg.calibration_examples)
+    stats = collect_routing(model, enc.as_encoded(), max_examples=cfg.calibration_examples, progress=progress)
+    if release:
+        distributed.release_workers()
+    return _plan(original_dir, task, cfg, model, method_config(cfg.method, **cfg.method_options), stats)
 
 
 def _say(msg: str, progress: bool) -> None:
@@ -343,24 +405,27 @@ def _prune_streamed(original_dir, task, data, cfg, plan, progress, info):
 
 
 def _prune_language_model(original_dir, task, data, cfg, plan, progress, info):
-    """``--generate``: the plan made as for label words (calibration over the task's prompts, rendered with the
-    verbalisers), applied to the language model itself, which folds into its dense sibling's ``...ForCausalLM``
-    at k = 1 (:meth:`~edgeprune.models.adapter.MoEAdapter.fold_class`). No recovery yet (KL distillation of the
-    next-token distribution is the next step of issue 14)."""
-    from transformers import AutoModelForCausalLM
+    """``--generate``: the plan made on the language model over the task's prompt and completion tokens, applied
+    to the language model itself, which folds into its dense sibling's ``...ForCausalLM`` at k = 1
+    (:meth:`~edgeprune.models.adapter.MoEAdapter.fold_class`), then recovered by distillation of the original's
+    next-token distribution on the completion tokens (:mod:`edgeprune.generation.distill`)."""
+    from edgeprune.generation.distill import distill
 
-    from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype
-
-    raw = read_config(original_dir)
-    if not any("CausalLM" in a for a in raw.get("architectures") or []):
-        raise ConfigError(f"--generate needs a language-model checkpoint (...ForCausalLM); {original_dir} is "
-                          f"{', '.join(raw.get('architectures') or ['unknown'])}")
     t0 = time.perf_counter()
+    lm = load_language_model(original_dir, cfg.dtype)
+    check_model(lm, task, cfg, labels=False)
     if plan is None:
-        plan = score(original_dir, task, data, cfg, progress=progress, info=info)
-    lm = load_checked(AutoModelForCausalLM, original_dir, dtype=torch_dtype(cfg.dtype, raw))
+        plan = score(original_dir, task, data, cfg, model=lm, progress=progress, info=info, release=False)
     pruned = apply_plan(lm, plan)
-    info["generate"] = {"class": type(pruned).__name__, "recovery": "none (not there yet for generation)"}
+    info["score_and_apply_seconds"] = round(time.perf_counter() - t0, 1)
+    train = lm_examples(original_dir, task, data, cfg, "train") if cfg.recovery_steps else None
+    info["recovery"] = distill(pruned, lm, train, cfg.recovery_steps, alpha=cfg.distill_alpha, seed=cfg.seed,
+                               progress=progress) if train is not None else {"steps": 0, "seconds": 0.0}
+    from edgeprune.scale import distributed
+
+    distributed.release_workers()
+    info["generate"] = {"class": type(pruned).__name__, "recovery": "KL distillation on completion tokens"
+                        if cfg.recovery_steps else "none (--recovery-steps 0)"}
     info["seconds"] = round(time.perf_counter() - t0, 1)
     return pruned, plan, info
 

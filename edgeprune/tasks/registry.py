@@ -95,6 +95,15 @@ TASKS: dict[str, Task] = {
         max_length=128,
         description="MultiNLI (premise/hypothesis, 3 labels); no data shipped, pass --train-file/--eval-file",
     ),
+    "completion": Task(
+        name="completion",
+        text_columns=("prompt",),
+        label_column="completion",
+        labels=(),
+        max_length=256,
+        description="your own prompts and completions, for --generate: --train-file/--eval-file JSONL with "
+                    "prompt/completion or chat messages per line",
+    ),
 }
 
 
