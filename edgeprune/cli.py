@@ -367,9 +367,12 @@ def score(task, data, prune_cfg, model_dir, out) -> None:
 @click.option("--recovery-steps", default=200, show_default=True, type=click.IntRange(0))
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Weight of distillation from the original's logits during recovery (0: labels only).")
+@click.option("--fsdp", is_flag=True,
+              help="Under torchrun: shard the recovery fine-tuning's parameters, gradients and optimizer state over "
+                   "the processes (PyTorch FSDP2) instead of replicating them (DDP).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output checkpoint directory.")
 def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, heads_keep, vocab_reserve,
-          recovery_steps, distill, out) -> None:
+          recovery_steps, distill, fsdp, out) -> None:
     """Prune (or merge) to k experts per layer, fold the router at k = 1, recover; save a checkpoint."""
     from edgeprune.cache import atomic_dir
     from edgeprune.pruning.pipeline import prune as run_prune, save_pruned
@@ -380,6 +383,7 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, he
     prune_cfg.ffn_keep = ffn_keep
     prune_cfg.drop_layers, prune_cfg.heads_keep = drop_layers, heads_keep
     prune_cfg.vocab_reserve = None if vocab_reserve == -1 else vocab_reserve
+    prune_cfg.fsdp = fsdp
     prune_cfg.validate()
     guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
     plan = PrunePlan.load(plan_file) if plan_file else None
@@ -478,9 +482,12 @@ def targets() -> None:
 @click.option("--search", "search_trials", type=click.IntRange(1), default=None, metavar="TRIALS",
               help="First search TRIALS candidates (edgeprune search) and build the smallest within the budgets; the "
                    "Pareto table and plot go into the artifact.")
+@click.option("--fsdp", is_flag=True,
+              help="Under torchrun: shard the recovery fine-tuning's parameters, gradients and optimizer state over "
+                   "the processes (PyTorch FSDP2) instead of replicating them (DDP).")
 @click.option("--out", type=click.Path(file_okay=False), help="Artifact directory [default: build/<task>-<target>].")
 def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, drop_layers, heads_keep, vocab_reserve,
-          recovery_steps, distill, eval_examples, latency_iters, embedding_bits, search_trials, out) -> None:
+          recovery_steps, distill, eval_examples, latency_iters, embedding_bits, search_trials, fsdp, out) -> None:
     """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
     from edgeprune.build import BuildConfig, build as run_build
     from edgeprune.export.targets import load_target
@@ -500,6 +507,7 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
     prune_cfg.ffn_keep = ffn_keep
     prune_cfg.drop_layers, prune_cfg.heads_keep = drop_layers, heads_keep
     prune_cfg.vocab_reserve = vocab_reserve
+    prune_cfg.fsdp = fsdp
     if prune_cfg.generate:
         if search_trials or embedding_bits:
             raise ConfigError("--search and --embedding-bits are for classifiers; a --generate build takes its "
@@ -613,7 +621,8 @@ def search(task, data, prune_cfg, model_dir, target_name, trials, timeout, recov
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--budget", "budget_file", type=click.Path(dir_okay=False),
-              help="TOML with a [budgets] table (a target profile works) replacing the artifact's target budgets.")
+              help="TOML with a [budgets] table (a target profile works; its [generate] table for a decoder artifact) "
+                   "replacing the artifact's target budgets.")
 @click.option("--max-size-mb", type=float)
 @click.option("--max-p95-latency-ms", type=float)
 @click.option("--max-accuracy-drop", type=float, help="Points of accuracy vs the original.")
@@ -621,10 +630,15 @@ def search(task, data, prune_cfg, model_dir, target_name, trials, timeout, recov
 def check(directory, budget_file, **overrides) -> None:
     """Check an artifact's report against budgets: exit 0 if all hold, 1 with one line per violation."""
     from edgeprune.check import load_artifact, resolve_budgets, violations
+    from edgeprune.generation.build import is_decoder_artifact
 
-    report, manifest = load_artifact(directory)
-    budgets = resolve_budgets(manifest, budget_file, overrides)
-    bad = violations(report, budgets)
+    if is_decoder_artifact(directory):  # a `build --generate` artifact: its [generate] budgets
+        from edgeprune.generation.build import check_decoder
+
+        bad = check_decoder(directory, budget_file, overrides.get("max_size_mb"))
+    else:
+        report, manifest = load_artifact(directory)
+        bad = violations(report, resolve_budgets(manifest, budget_file, overrides))
     if bad:
         for line in bad:
             click.echo(f"budget violated: {line}", err=True)

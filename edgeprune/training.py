@@ -62,6 +62,7 @@ class TrainConfig:
     only_router: bool = False
     distill_alpha: float = 0.0
     distill_temperature: float = 2.0
+    fsdp: bool = False  # under torchrun: shard the training over the processes (FSDP2) instead of DDP
     seed: int = 0
     max_length: int = 128
 
@@ -206,19 +207,27 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.train()
-    groups = [g for g in _param_groups(model, cfg) if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate)
     world, rank = distributed.world_size(), distributed.rank()
+    if world > 1 and on_step is not None:
+        raise ConfigError("this method changes the model at every step, which runs in one process; run it "
+                          "without torchrun")
+    sharded = world > 1 and cfg.fsdp
+    if cfg.fsdp and world == 1:
+        raise ConfigError("--fsdp shards the recovery over the processes of torchrun; run the command under "
+                          "`torchrun --no-python --nproc_per_node N edgeprune ...` or drop --fsdp")
     accelerator, net = None, model
-    if world > 1:  # under torchrun: data-parallel (DDP) through accelerate, each process a share of every step
-        if on_step is not None:
-            raise ConfigError("this method changes the model at every step, which runs in one process; run it "
-                              "without torchrun")
+    if sharded:  # FSDP2: parameters, gradients and optimizer state sharded over the processes (edgeprune.scale.fsdp)
+        from edgeprune.scale import fsdp
+
+        net = fsdp.shard(model)
+    groups = [g for g in _param_groups(net, cfg) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    if world > 1 and not sharded:  # data-parallel (DDP) through accelerate, each process a share of every step
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         net, opt = accelerator.prepare(model, opt)  # DDP around the same module: trained in place
-        progress = progress and rank == 0
+    progress = progress and rank == 0
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
 
     def lr_lambda(step: int) -> float:
@@ -265,10 +274,13 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     bar.close()
+    if sharded:
+        fsdp.gather_into(net, model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
     return {"steps": cfg.max_steps, "seconds": round(time.perf_counter() - t0, 1), "processes": world,
+            "parallel": "fsdp" if sharded else "ddp" if world > 1 else "none",
             "final_loss": float(np.mean(losses[-50:])) if losses else math.nan}
 
 

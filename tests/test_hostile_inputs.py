@@ -36,10 +36,10 @@ def test_there_are_at_least_150_cases_over_every_command(hostile):
     assert len(cases) >= 150
     commands = {c.args(world)[0] for c in cases}
     assert {"score", "prune", "build", "check", "predict", "upcycle", "original", "baseline", "families", "tasks",
-            "targets"} <= commands
+            "targets", "generate", "export-lm"} <= commands
 
 
-@pytest.mark.parametrize("group", ["data", "model", "artifact", "target", "plan", "option"])
+@pytest.mark.parametrize("group", ["data", "model", "artifact", "target", "plan", "option", "generation"])
 def test_every_hostile_input_is_handled(hostile, group):
     mod, world = hostile
     rows = [mod.run_case(world, c) for c in mod.all_cases() if c.group == group]

@@ -252,3 +252,37 @@ def test_layerwise_logits_equal_the_in_memory_ones(family, checkpoints):
     got = logits_layerwise(d, enc, progress=False, max_hidden_bytes=10_000,
                            model=skeleton(d, task=SST2, verbalisers=words))
     assert np.array_equal(original_logits(model, enc), got)
+
+
+def test_torchrun_fsdp_recovery_gives_the_ddp_weights(checkpoints, tmp_path):
+    """--fsdp shards the recovery (FSDP2 on CPUs over gloo); the same global batches give the weights DDP gives."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    outs = {}
+    for port, flag in ((29521, []), (29522, ["--fsdp"])):
+        out = tmp_path / ("fsdp" if flag else "ddp")
+        res = subprocess.run(["torchrun", "--no-python", "--nproc_per_node", "2", "--master_port", str(port),
+                              "edgeprune", "prune", "--model", str(checkpoints["mixtral"]), "--experts", "1",
+                              "--calibration-examples", "64", "--recovery-steps", "3", "--in-memory", *flag,
+                              "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.count("checkpoint:") == 1
+        outs[bool(flag)] = out
+    info = json.loads((outs[True] / "edgeprune_prune.json").read_text())["recovery"]
+    assert info["processes"] == 2 and info["parallel"] == "fsdp"
+    assert json.loads((outs[False] / "edgeprune_prune.json").read_text())["recovery"]["parallel"] == "ddp"
+    a, b = (load_file(str(outs[k] / "model.safetensors")) for k in (False, True))
+    assert a.keys() == b.keys()
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5
+
+
+def test_fsdp_needs_torchrun_and_recovery(checkpoints, tmp_path):
+    res = cli(["prune", "--model", str(checkpoints["mixtral"]), "--experts", "1", "--calibration-examples", "32",
+               "--recovery-steps", "2", "--fsdp", "--in-memory", "--out", str(tmp_path / "p")], code=2)
+    assert "--fsdp shards the recovery over the processes of torchrun" in res.output
+    res = cli(["prune", "--model", str(checkpoints["mixtral"]), "--recovery-steps", "0", "--fsdp", "--out",
+               str(tmp_path / "p")], code=2)
+    assert "--recovery-steps is 0; drop --fsdp" in res.output

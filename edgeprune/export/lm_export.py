@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
 
 from edgeprune.errors import ExportError, ModelError
 
@@ -177,15 +178,42 @@ def untie_head(model) -> int:
     return done
 
 
+class CalibrationReader(CalibrationDataReader):
+    """The graph's feeds for each calibration sequence (empty cache), as ONNX Runtime's quantizers read them."""
+
+    def __init__(self, graph: Path, sequences: Sequence[Sequence[int]]):
+        import onnx
+
+        inputs = onnx.load(str(graph), load_external_data=False).graph.input
+        self.past = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in inputs
+                     if i.name.startswith("past_key_values.")}
+        self.names = {i.name for i in inputs}
+        self.sequences = [list(s) for s in sequences]
+        self.rewind()
+
+    def rewind(self) -> None:
+        self._it = iter(self.sequences)
+
+    def get_next(self):
+        ids = next(self._it, None)
+        if ids is None:
+            return None
+        feeds = {"input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
+                 "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
+        feeds.update({n: np.zeros((1, shape[1], 0, shape[3]), np.float32) for n, shape in self.past.items()})
+        return {k: v for k, v in feeds.items() if k in self.names}
+
+
 def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_tokens: int, block: int = 32,
                    accuracy_level: int = 0, algorithm: str = "rtn", embedding: str = "int4",
-                   file: Optional[str] = None) -> dict:
+                   file: Optional[str] = None, calibration: Optional[Sequence[Sequence[int]]] = None) -> dict:
     """``FILES[precision]`` from the fp32 graph: the head untied, every weight MatMul as ``MatMulNBits`` of
     ``precision``'s bits (``algorithm``, blocks of ``block``), the word embedding 4-bit ``GatherBlockQuantized``
-    when ``embedding`` is ``int4`` (into ``file``, default ``FILES[precision]``); with its greedy-token agreement with the fp32 graph on ``prompts``."""
+    when ``embedding`` is ``int4`` (into ``file``, default ``FILES[precision]``); ``gptq`` runs the fp32 graph over
+    ``calibration`` (token id sequences: the training split's prompts and completions); with its greedy-token agreement with the fp32 graph on ``prompts``."""
     import onnx
 
-    from edgeprune.export.quantize import pack_int4_gathers, weight_only
+    from edgeprune.export.quantize import gather_4bit, weight_only
     from edgeprune.lm_runtime import EdgeLM
 
     bits = {"int4": 4, "int8": 8}[precision]
@@ -196,13 +224,11 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
         g = onnx.load(str(src))
         n_untied = untie_head(g)
         onnx.save(g, str(untied))
+        reader = CalibrationReader(untied, calibration) if algorithm == "gptq" and calibration else None
         weight_only(untied, Path(tmp) / "mm.onnx", bits, ("MatMul",), block=block,
-                    accuracy_level=accuracy_level or None, algorithm=algorithm)
-        if embedding == "int4":
-            weight_only(Path(tmp) / "mm.onnx", Path(tmp) / "emb.onnx", 4, ("Gather",), block=block)
-            q = onnx.load(str(Path(tmp) / "emb.onnx"))
-            pack_int4_gathers(q)  # the ORT format has no int4 tensors (see quantize.gather_4bit)
-            onnx.save(q, str(dst))
+                    accuracy_level=accuracy_level or None, algorithm=algorithm, calibration=reader)
+        if embedding == "int4":  # packed as uint8, the graph's own opset kept (see quantize.gather_4bit)
+            gather_4bit(Path(tmp) / "mm.onnx", dst)
         else:
             shutil.move(str(Path(tmp) / "mm.onnx"), dst)
     fp32 = EdgeLM(out, model_file=FILES["fp32"])

@@ -124,18 +124,27 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
 
 
 def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], block: int = 32,
-                accuracy_level: Optional[int] = None, algorithm: str = "rtn") -> None:
+                accuracy_level: Optional[int] = None, algorithm: str = "rtn", calibration=None) -> None:
     """ONNX Runtime's weight-only quantizer: ``MatMul`` -> ``MatMulNBits``, ``Gather`` of an initializer ->
     ``com.microsoft.GatherBlockQuantized`` (4-bit only), blocks of ``block`` along the input / hidden axis;
     ``algorithm`` ``rtn``: symmetric, round to nearest; ``hqq``: Half-Quadratic Quantization (Badri & Shaji
-    2023; asymmetric, scale and zero point fitted per block without data), MatMul only."""
+    2023; asymmetric, scale and zero point fitted per block without data), MatMul only; ``gptq``: GPTQ (Frantar
+    et al. 2023: each column rounded in turn and the rest of its block corrected by the inverse Hessian of the
+    layer's inputs), 4-bit MatMul only, on ``calibration`` (an onnxruntime ``CalibrationDataReader`` of the graph's
+    inputs)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+                                                                 GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line a node
     axes = (("MatMul", 0), ("Gather", 1))
     if algorithm == "hqq":
         cfg = HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=op_types, quant_axes=axes)
+    elif algorithm == "gptq":
+        if bits != 4 or calibration is None:
+            raise ExportError("GPTQ quantizes 4-bit weights from calibration data; use it for int4 with data")
+        cfg = GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration, block_size=block,
+                                        op_types_to_quantize=op_types)
     else:
         cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
                                            bits=bits, op_types_to_quantize=op_types, quant_axes=axes)

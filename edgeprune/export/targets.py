@@ -17,7 +17,8 @@ Schema (every key checked; an unknown key or a bad value is a one-line error nam
                     min_agreement
     [generate]      decoder artifacts (``build --generate``): weights = "int4" | "int8" | "fp32" (the artifact's
                     graph: weight-only MatMulNBits), variants (more of those beside it), block_size,
-                    accuracy_level, algorithm = "rtn" | "hqq", embedding_weights = "int4" | "fp32" (the word embedding as
+                    accuracy_level, algorithm = "rtn" | "hqq" | "gptq" (int4; an int8 graph takes rtn;
+                    calibration_examples: GPTQ's training sequences), embedding_weights = "int4" | "fp32" (the word embedding as
                     4-bit GatherBlockQuantized, or left as it is), new_tokens (decode speed), parity_atol; budgets
                     max_size_mb, max_perplexity_ratio (vs the original), max_quantization_perplexity_ratio (vs the
                     fp32 graph), min_next_token_agreement, max_label_accuracy_drop (points), min_decode_speedup
@@ -105,7 +106,7 @@ class Budgets:
 
 
 WEIGHTS = ("int4", "int8", "fp32")
-ALGORITHMS = ("rtn", "hqq")
+ALGORITHMS = ("rtn", "hqq", "gptq")
 
 
 @dataclass
@@ -119,6 +120,7 @@ class GenerateSpec:
     algorithm: str = "rtn"
     embedding_weights: str = "int4"
     new_tokens: int = 32
+    calibration_examples: int = 32  # gptq: training-split sequences the fp32 graph runs over
     parity_atol: float = 1e-3
     max_size_mb: Optional[float] = None
     max_perplexity_ratio: Optional[float] = None
@@ -246,6 +248,8 @@ def validate_generate(g: GenerateSpec, where: str) -> None:
         raise ConfigError(f"{where}: [generate].accuracy_level {g.accuracy_level} must be 0-4")
     if g.embedding_weights not in ("int4", "fp32"):
         raise ConfigError(f"{where}: [generate].embedding_weights {g.embedding_weights!r} must be int4 or fp32")
+    if g.calibration_examples < 1:
+        raise ConfigError(f"{where}: [generate].calibration_examples must be >= 1")
     if g.new_tokens < 2:
         raise ConfigError(f"{where}: [generate].new_tokens must be >= 2 (decode speed needs a second token)")
     for key in ("parity_atol", "max_size_mb", "max_perplexity_ratio", "max_quantization_perplexity_ratio",

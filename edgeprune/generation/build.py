@@ -28,12 +28,14 @@ def log(msg: str) -> None:
     print(f"[edgeprune] {msg}", flush=True)
 
 
-def stage_export(pruned_dir: Path, spec, prompts: list[str]) -> Path:
-    """The fp32 KV-cache graph (parity-gated) and the target's weight variants, cached by their inputs."""
+def stage_export(pruned_dir: Path, spec, prompts: list[str], calibration: list[list[int]]) -> Path:
+    """The fp32 KV-cache graph (parity-gated) and the target's weight variants, cached by their inputs
+    (``calibration``: GPTQ's token sequences)."""
     from edgeprune.pruning.pipeline import load_language_model
 
     weights = {k: v for k, v in asdict(spec).items() if not k.startswith(("max_", "min_"))}
-    key = fingerprint("export-lm", dir_sha256(pruned_dir), weights, prompts)
+    key = fingerprint("export-lm", dir_sha256(pruned_dir), weights, prompts,
+                      calibration if spec.algorithm == "gptq" else None)
     out = cache_root() / "stages" / f"export-lm-{key}"
     if reusable(out, log):
         log(f"export: reusing {out} (files verified)")
@@ -51,8 +53,10 @@ def stage_export(pruned_dir: Path, spec, prompts: list[str]) -> Path:
                 continue
             log(f"quantize: {precision} weight-only ({spec.algorithm.upper()}, blocks of {spec.block_size}"
                 + (", 4-bit embedding)" if spec.embedding_weights == "int4" else ")"))
+            algorithm = spec.algorithm if precision == "int4" or spec.algorithm != "gptq" else "rtn"
             manifest["variants"][precision] = weight_variant(tmp, precision, prompts, 8, spec.block_size,
-                                                             spec.accuracy_level, spec.algorithm, spec.embedding_weights)
+                                                             spec.accuracy_level, algorithm, spec.embedding_weights,
+                                                             calibration=calibration)
         (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
         seal(tmp)
     return out
@@ -80,6 +84,51 @@ def lm_violations(report: dict, spec) -> list[str]:
     return out
 
 
+def is_decoder_artifact(directory) -> bool:
+    path = Path(directory) / "edgeprune.json"
+    try:
+        return json.loads(path.read_text()).get("kind") == "causal-lm"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_decoder(directory, budget_file=None, max_size_mb=None) -> list[str]:
+    """``edgeprune check`` of a decoder artifact: its report against the ``[generate]`` budgets it was built with,
+    those of ``budget_file``'s ``[generate]`` table instead, and ``max_size_mb``."""
+    from dataclasses import replace
+
+    from edgeprune.errors import ModelError
+    from edgeprune.export.targets import GenerateSpec, _typed, read_toml
+
+    directory = Path(directory)
+    try:
+        report = json.loads((directory / "report.json").read_text())
+        report["validation"]["models"]["artifact"], report["size"]["artifact_mb"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(f"{directory / 'report.json'}: missing or without the decoder measurements; rebuild the "
+                         "artifact") from None
+    if budget_file:
+        table = read_toml(Path(budget_file), "budget file").get("generate", {})
+        spec = _typed("generate", GenerateSpec, {k: v for k, v in table.items() if k.startswith(("max_", "min_"))},
+                      str(budget_file))
+    else:
+        spec = GenerateSpec(**{k: v for k, v in (report.get("budgets") or {}).items()
+                               if k in GenerateSpec.__dataclass_fields__})
+    if max_size_mb is not None:
+        spec = replace(spec, max_size_mb=max_size_mb)
+    return lm_violations(report, spec)
+
+
+def default_original(cfg) -> Path:
+    """Without ``--model``: the decoder original of the task (``edgeprune original --family mixtral``), built on
+    first use and cached."""
+    from edgeprune.generation.original import ensure_lm_original
+
+    log(f"original: the default decoder MoE for {cfg.task.name} (SmolLM2 upcycled into Mixtral; built once, then "
+        "cached)")
+    return ensure_lm_original(cfg.task, cfg.data)
+
+
 def build_lm(cfg) -> tuple[Path, dict]:
     """:func:`edgeprune.build.build` for ``--generate`` (``cfg`` a :class:`~edgeprune.build.BuildConfig`)."""
     from edgeprune.build import finish, stage_prune, versions, write_records
@@ -90,10 +139,7 @@ def build_lm(cfg) -> tuple[Path, dict]:
 
     t0 = time.perf_counter()
     cfg.prune.validate()
-    if not cfg.model_dir:
-        raise ConfigError("--generate needs a causal-LM MoE checkpoint: give --model DIR (e.g. the one "
-                          "`edgeprune original --family mixtral` builds)")
-    original_dir = Path(cfg.model_dir)
+    original_dir = Path(cfg.model_dir) if cfg.model_dir else default_original(cfg)
     spec, t = cfg.target.generate, cfg.target
     original = load_language_model(original_dir, cfg.prune.dtype)
     check_model(original, cfg.task, cfg.prune, labels=False)
@@ -110,7 +156,9 @@ def build_lm(cfg) -> tuple[Path, dict]:
 
     tok = load_tokenizer(original_dir)
     prompts = [tok.decode(val.prompt_ids(i), skip_special_tokens=True) for i in range(min(4, len(val)))]
-    export_dir = stage_export(pruned_dir, spec, prompts)
+    calibration = lm_examples(original_dir, cfg.task, cfg.data, cfg.prune, "train",
+                              spec.calibration_examples).input_ids if spec.algorithm == "gptq" else []
+    export_dir = stage_export(pruned_dir, spec, prompts, calibration)
     export_info = json.loads((export_dir / "edgeprune.json").read_text())
     precisions = spec.precisions()
     measured = ["fp32"] + [p for p in precisions if p != "fp32"]

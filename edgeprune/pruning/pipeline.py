@@ -62,6 +62,7 @@ class PruneConfig:
     max_memory_gb: Optional[float] = None  # cap for that choice (None: the memory available now)
     offload_dir: Optional[str] = None  # layer-wise hidden states beyond the cap (None: a temporary directory)
     generate: bool = False  # keep a language model's LM head: the pruned (folded) model generates (issue 14)
+    fsdp: bool = False  # under torchrun: the recovery sharded over the processes (FSDP2) instead of DDP
 
     def load_options(self) -> dict:
         """How :func:`load_model` reads the original: dtype, and the label words of a language model."""
@@ -115,6 +116,19 @@ class PruneConfig:
                 if on:
                     raise ConfigError(f"--generate prunes experts and folds the language model; {flag} is not there "
                                       "yet for it (drop it)")
+        if self.fsdp and self.method in PROGRESSIVE:
+            raise ConfigError(f"--fsdp shards the recovery over torchrun's processes; {self.method} drops experts "
+                              "while it trains, in one process")
+        if self.fsdp and self.generate:
+            raise ConfigError("--fsdp: the generation recovery (KL distillation) runs in one process so far; drop "
+                              "--fsdp")
+        if self.fsdp and self.recovery_steps == 0:
+            raise ConfigError("--fsdp shards the recovery fine-tuning, and --recovery-steps is 0; drop --fsdp")
+        import os
+
+        if self.fsdp and os.environ.get("WORLD_SIZE", "1") == "1":  # the launcher's, not after release_workers
+            raise ConfigError("--fsdp shards the recovery over the processes of torchrun; run the command under "
+                              "`torchrun --no-python --nproc_per_node N edgeprune ...` or drop --fsdp")
         if not 0 <= self.distill_alpha <= 1:
             raise ConfigError(f"distill alpha must be in [0, 1], got {self.distill_alpha}")
 
@@ -487,7 +501,7 @@ def _finish(pruned, original, adapter, plan, task, data, cfg, tok, tok_json, tra
                                       teacher=original, max_length=task.max_length, progress=progress)
     info["recovery"] = recover(pruned, train_enc, cfg.recovery_steps, teacher=original,
                                distill_alpha=cfg.distill_alpha, max_length=task.max_length, progress=progress,
-                               seed=cfg.seed)
+                               seed=cfg.seed, fsdp=cfg.fsdp)
     from edgeprune.scale import distributed
 
     distributed.release_workers()  # under torchrun, recovery was data-parallel; the rest is rank 0's
