@@ -37,8 +37,8 @@ class EdgeLM:
         if variant and not model_file:
             known = manifest.get("variants") or {}
             if variant not in known:
-                raise ConfigError(f"{d}: no {variant!r} variant (has: {', '.join(known) or 'none'}); export it with "
-                                  "`edgeprune export-lm --int4`")
+                raise ConfigError(f"{d}: no {variant!r} variant (has: {', '.join(known) or 'none'}); list it in the "
+                                  "target's [generate] variants (or `edgeprune export-lm --int4`)")
             model_file = known[variant]["model_file"]
         model = d / (model_file or manifest.get("model_file", "model.onnx"))
         if not model.is_file():

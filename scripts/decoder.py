@@ -9,7 +9,8 @@
 2. ``edgeprune build --generate --task sst2 --target x86_64 --model ORIGINAL`` with the fp32 and int8 graphs kept
    beside the int4 one (reap, k = 1: folded into MistralForCausalLM; ``--recovery-steps`` of KL distillation).
 3. The dense SmolLM2 (before upcycling, not fine-tuned: the floor of size and speed) exported the same way, and the
-   weight alternatives (int4 HQQ, GPTQ, block 128, int8 compute; int8 with int8 compute) from the artifact's fp32 graph.
+   weight alternatives (int4 symmetric, block 128, fp32 compute, GPTQ, HQQ; int8 with fp32 compute) from the
+   artifact's fp32 graph.
 4. One side-by-side run (:func:`edgeprune.validate_lm.evaluate`): the original in PyTorch and every graph in ONNX
    Runtime on sst2's validation split, one thread: perplexity (completions, and the whole text), next-token and
    greedy agreement with the original, label accuracy, time to first token, decode tokens/s; size; peak memory of
@@ -86,13 +87,18 @@ def main() -> None:
     val = lm_examples(original_dir, task, data, prune, "validation", args.eval_examples)
     prompts = [EdgeLM(art).tokenizer.decode(val.prompt_ids(i), skip_special_tokens=True) for i in range(4)]
     train_ids = lm_examples(original_dir, task, data, prune, "train", 32).input_ids  # GPTQ's calibration
-    alternatives = {"int4 HQQ, block 32": dict(algorithm="hqq", block=32, file="onnx/model_q4_hqq.onnx"),
-                    "int4 GPTQ, block 32": dict(algorithm="gptq", block=32, file="onnx/model_q4_gptq.onnx",
-                                                calibration=train_ids),
-                    "int4 RTN, block 128": dict(block=128, file="onnx/model_q4_b128.onnx"),
-                    "int4 RTN, block 32, int8 compute": dict(block=32, accuracy_level=4, file="onnx/model_q4_acc4.onnx"),
-                    "int8 RTN, block 32, int8 compute": dict(precision="int8", block=32, accuracy_level=4,
-                                                             file="onnx/model_int8_acc4.onnx")}
+    alternatives = {
+        "int4 RTN symmetric, block 32": dict(block=32, symmetric=True, file="onnx/model_q4_sym.onnx"),
+        "int4 RTN, block 32": dict(block=32, file="onnx/model_q4_asym.onnx"),
+        "int4 RTN, block 128": dict(block=128, file="onnx/model_q4_b128.onnx"),
+        "int4 RTN, block 32, fp32 compute": dict(block=32, accuracy_level=1, file="onnx/model_q4_acc1.onnx"),
+        "int4 GPTQ, block 32": dict(algorithm="gptq", block=32, file="onnx/model_q4_gptq.onnx", calibration=train_ids),
+        "int4 HQQ, block 128": dict(algorithm="hqq", block=128, file="onnx/model_q4_hqq.onnx"),
+        "int8 RTN, block 32, fp32 compute": dict(precision="int8", block=32, accuracy_level=1,
+                                                 file="onnx/model_int8_acc1.onnx")}
+    for kw in alternatives.values():  # the target's own settings where an alternative does not set them
+        kw.setdefault("accuracy_level", spec.accuracy_level)
+        kw.setdefault("symmetric", spec.symmetric)
     alt_info = {name: weight_variant(alt, kw.pop("precision", "int4"), prompts, 8, **kw)
                 for name, kw in alternatives.items()}
     dense_art = work / "dense"
@@ -154,7 +160,7 @@ def render(p: dict, args) -> list[str]:
              f"Artifact: `edgeprune build --generate` (reap, k = 1, folded into {r['prune']['generate']['class']}, "
              f"{r['prune']['recovery']['steps']} steps of KL distillation on the completion tokens: loss "
              f"{r['prune']['recovery'].get('first_loss')} -> {r['prune']['recovery'].get('last_loss')}), "
-             f"exported with a KV cache through optimum (greedy tokens equal to PyTorch's on "
+             f"exported with a KV cache by the {r['export']['exporter']} (greedy tokens equal to PyTorch's on "
              f"{r['export']['parity']['prompts']} prompts, first-step logits within "
              f"{r['export']['parity']['max_abs_logit_diff']:.1e}), int4 / int8 weight-only MatMulNBits with a 4-bit "
              "GatherBlockQuantized embedding (head untied). The floor: the dense SmolLM2 (not fine-tuned on the task) "
@@ -171,7 +177,11 @@ def render(p: dict, args) -> list[str]:
         lines.append(f"| {name} | {p['sizes_mb'].get(name, '')} | {mem.get('peak_mb', mem.get('error', ''))} | " +
                      " | ".join(str(row.get(c, "")) for c in cols) + " |")
     ok = lambda c: "met" if c else "NOT met"  # noqa: E731
-    lines += ["", "Goals (int4 artifact, the target's default: RTN, blocks of 32, 4-bit embedding):", "",
+    w = r["weights"]
+    lines += ["", f"Goals (the int4 artifact, the target's [generate]: {w['algorithm'].upper()}, "
+              f"{'symmetric' if w['symmetric'] else 'a zero point per block'}, blocks of {w['block_size']}, accuracy "
+              f"level {w['accuracy_level']}, {w['embedding_weights']} embedding; its fp32 graph from the "
+              f"{r['export']['exporter']}):", "",
               f"- decode {g['decode_speedup_int4']}x the original's tokens/s (goal >= 8x): {ok(g['decode_speedup_int4'] >= 8)}",
               f"- {g['size_ratio_int4']}x smaller than the original's safetensors (goal >= 6x): {ok(g['size_ratio_int4'] >= 6)}",
               f"- completion perplexity {g['int4_perplexity_vs_fp32']}x the folded fp32 graph's, whole-text "

@@ -598,6 +598,11 @@ def run_case(w: World, case: Case) -> dict:
 GEN_FAST = ["--calibration-examples", "8", "--recovery-steps", "1", "--eval-examples", "8"]
 
 
+def _no_chat_template(d: Path) -> None:
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    _json_edit(d / "tokenizer_config.json", chat_template=None)
+
+
 def generation_cases() -> list[Case]:
     """``--generate`` (build, score, prune), ``generate``, ``export-lm`` and ``check`` of a decoder artifact."""
     def build(*extra, model="gen"):
@@ -622,8 +627,11 @@ def generation_cases() -> list[Case]:
         Case("build --generate: chat messages", lambda w: build("--task", "completion", "--train-file",
              str(w.p("c.jsonl")), "--eval-file", str(w.p("c.jsonl")))(w), setup=write("c.jsonl", chat), expect="ok"),
         Case("build --generate: chat messages, tokenizer without a chat template",
-             lambda w: build("--task", "completion", "--train-file", str(w.p("c.jsonl")), "--eval-file",
-                             str(w.p("c.jsonl")), model="lm")(w), setup=write("c.jsonl", chat), out=out),
+             lambda w: ["build", "--generate", "--model", str(w.p("model")), "--target", "x86_64", "--task",
+                        "completion", "--train-file", str(w.p("c.jsonl")), "--eval-file", str(w.p("c.jsonl")),
+                        *GEN_FAST, "--out", str(w.p("art"))],
+             setup=lambda w: (write("c.jsonl", chat)(w), w.copy(w.gen, "model"), _no_chat_template(w.p("model"))),
+             out=out),
         Case("build --generate: JSONL line not JSON", lambda w: build("--task", "completion", "--train-file",
              str(w.p("g.jsonl")))(w), setup=write("g.jsonl", good + "{oops\n"), out=out),
         Case("build --generate: JSONL without completion", lambda w: build("--task", "completion", "--train-file",

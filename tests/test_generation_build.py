@@ -5,6 +5,7 @@ expert computed), int4 / int8 weights with the head untied, validation side by s
 previous artifact kept; every bad input one line."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -25,7 +26,9 @@ FOLDS_TO = {"mixtral": "MistralForCausalLM", "qwen3_moe": "Qwen3ForCausalLM", "o
 def tiny_causal_lm(family: str, vocab: int, seed: int = 0, **overrides):
     cfg_cls, _, kw = FAMILIES[family]
     torch.manual_seed(seed)
-    common = {**COMMON, "max_position_embeddings": 320, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    # head size 16: ONNX Runtime's GroupQueryAttention (the model builder's graphs) takes multiples of 16 on CPUs
+    common = {**COMMON, "max_position_embeddings": 320, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+              **({"head_dim": 16} if family in ("mixtral", "qwen3_moe") else {})}
     common.pop("num_labels")
     model = LM_CLASSES[family](cfg_cls(vocab_size=vocab, **{**common, **kw, **overrides})).eval()
     with torch.no_grad():  # routers that spread tokens over the experts
@@ -85,6 +88,9 @@ def test_build_generate_end_to_end(family, lm_dirs, tmp_path, cache, monkeypatch
     assert manifest["model_file"] == "onnx/model_q4.onnx" and (out / manifest["model_file"]).is_file()
     assert manifest["parity"]["greedy_equal"] and manifest["parity"]["max_abs_logit_diff"] < 1e-4
     assert report["prune"]["generate"]["class"] == FOLDS_TO[family]
+    # the fused graph of onnxruntime-genai's model builder where it writes the fold, optimum's exporter otherwise
+    builder = family in ("mixtral", "qwen3_moe") and importlib.util.find_spec("onnxruntime_genai") is not None
+    assert (manifest["exporter"] == "onnxruntime-genai model builder") == builder, manifest["exporter"]
     assert report["prune"]["recovery"]["steps"] == 3 and "KL" in report["prune"]["recovery"]["objective"]
     v = report["validation"]
     assert set(v["models"]) == {"original", "fp32", "int4", "artifact"}
@@ -287,7 +293,8 @@ def test_budgets_fail_the_build_and_keep_the_previous_artifact(lm_dirs, tmp_path
     assert "below the budget min_decode_speedup = 1000000.0" in res.output
 
 
-def test_weight_variants_untie_the_head_and_hqq(lm_dirs, tmp_path, bpe_tokenizer, cache):
+@pytest.mark.parametrize("exporter", ["optimum", "genai"])
+def test_weight_variants_untie_the_head_and_hqq(exporter, lm_dirs, tmp_path, bpe_tokenizer, cache):
     import onnx
 
     from edgeprune.export.lm_export import weight_variant, write_decoder
@@ -297,16 +304,20 @@ def test_weight_variants_untie_the_head_and_hqq(lm_dirs, tmp_path, bpe_tokenizer
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    tied = MistralForCausalLM(MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    if exporter == "genai":
+        pytest.importorskip("onnxruntime_genai")
+    tied = MistralForCausalLM(MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                             max_position_embeddings=128, bos_token_id=1, eos_token_id=2)).eval()
     src = tmp_path / "tied"
     tied.save_pretrained(src)
     tok.save_pretrained(src)
     art = tmp_path / "art"
-    write_decoder(tied, src, art)
+    assert write_decoder(tied, src, art, exporter=exporter)["exporter"].startswith(
+        {"optimum": "optimum", "genai": "onnxruntime-genai"}[exporter])
     g = onnx.load(str(art / "onnx" / "model.onnx")).graph
-    assert any(n.op_type == "Transpose" for n in g.node)  # the tied head, transposed at run time
+    # one weight for the embedding and the head, transposed at run time for the one that needs it the other way
+    assert any(n.op_type == "Transpose" and n.input[0] in {i.name for i in g.initializer} for n in g.node)
     calibration = [tok("a gorgeous , witty film")["input_ids"], tok("the plot is thin and dull")["input_ids"]]
     for precision, algorithm in (("int4", "rtn"), ("int8", "rtn"), ("int4", "hqq"), ("int4", "gptq")):
         info = weight_variant(art, precision, ["a gorgeous film"], 4, algorithm=algorithm, calibration=calibration)
@@ -320,7 +331,7 @@ def test_weight_variants_untie_the_head_and_hqq(lm_dirs, tmp_path, bpe_tokenizer
         lm = EdgeLM(art, model_file=info["model_file"])
         ids = lm.prompt_ids("a gorgeous film", 4)
         ref = EdgeLM(art).logits(ids)
-        assert np.abs(lm.logits(ids) - ref).max() < (0.5 if precision == "int4" else 0.05)
+        assert np.abs(lm.logits(ids) - ref).max() < (0.5 if precision == "int4" else 0.1)  # the 4-bit embedding in both
 
 
 def test_generate_profile_errors(tmp_path):

@@ -18,8 +18,9 @@ GENAI_TYPES = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo", "phi3", 
                "chatglm", "nemotron", "phi", "phimoe", "gpt_oss", "smollm3", "ernie4_5")
 
 
-def genai_config(config: dict, model_file: str, eos_ids: list, max_length: int) -> dict:
-    """The config for ``model_file`` (relative to the artifact) of a model with the HF ``config``."""
+def genai_config(config: dict, model_file: str, eos_ids: list, max_length: int, position_ids: bool = True) -> dict:
+    """The config for ``model_file`` (relative to the artifact) of a model with the HF ``config``; ``position_ids``:
+    the graph takes them (optimum's does; the model builder's GroupQueryAttention derives them from the mask)."""
     heads = config["num_attention_heads"]
     head_size = config.get("head_dim") or config["hidden_size"] // heads
     kv = config.get("num_key_value_heads") or heads
@@ -30,7 +31,8 @@ def genai_config(config: dict, model_file: str, eos_ids: list, max_length: int) 
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": model_file, "head_size": head_size, "hidden_size": config["hidden_size"],
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           **({"position_ids": "position_ids"} if position_ids else {}),
                            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
@@ -49,9 +51,13 @@ def write_genai_config(directory: Path, model_file: str, eos_ids: list) -> bool:
     """``directory/genai_config.json`` for ``model_file``, from the artifact's ``config.json``; False (nothing
     written) for multi-head latent attention (DeepSeek), whose cached keys and values differ in size, which genai's
     one ``head_size`` cannot say."""
+    import onnx
+
     config = json.loads((directory / "config.json").read_text())
     if "kv_lora_rank" in config:
         return False
-    cfg = genai_config(config, model_file, eos_ids, int(config.get("max_position_embeddings") or 2048))
+    inputs = {i.name for i in onnx.load(str(directory / model_file), load_external_data=False).graph.input}
+    cfg = genai_config(config, model_file, eos_ids, int(config.get("max_position_embeddings") or 2048),
+                       position_ids="position_ids" in inputs)
     (directory / "genai_config.json").write_text(json.dumps(cfg, indent=1))
     return True

@@ -75,15 +75,66 @@ def export_graph(model, out_dir: Path, opset: Optional[int] = None) -> str:
     return how + ("+dense_dispatch" if moe else "")
 
 
-def write_decoder(model, model_dir: Path, out: Path, opset: Optional[int] = None) -> dict:
-    """The fp32 graph, tokenizer and ``edgeprune.json`` (``kind: causal-lm``) of ``model`` into ``out``."""
+# architectures onnxruntime-genai 0.11's model builder writes (its create_model); MoE blocks excluded (PhiMoE's own)
+BUILDER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                         "GraniteForCausalLM", "OlmoForCausalLM", "Phi3ForCausalLM", "PhiForCausalLM",
+                         "GemmaForCausalLM", "Gemma2ForCausalLM", "NemotronForCausalLM", "SmolLM3ForCausalLM")
+
+
+def builder_supports(model) -> bool:
+    """onnxruntime-genai is installed and its model builder writes ``model``'s (dense) architecture, with heads
+    that ONNX Runtime's GroupQueryAttention takes (CPU: a head size that is a multiple of 16)."""
+    import importlib.util
+
+    c = model.config
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return (type(model).__name__ in BUILDER_ARCHITECTURES and head % 16 == 0
+            and importlib.util.find_spec("onnxruntime_genai") is not None)
+
+
+def build_graph(model_dir: Path, out_dir: Path) -> str:
+    """onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder -p fp32 -e cpu``): the fp32
+    graph with ONNX Runtime's fused decoder operators (GroupQueryAttention with the rotary embedding inside,
+    SkipSimplifiedLayerNormalization), which the weight-only quantizer then takes like any other."""
+    import os
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="edgeprune-genai-") as tmp:
+        res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o",
+                              str(Path(tmp) / "out"), "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache"),
+                              "--extra_options", "hf_token=false"], capture_output=True, text=True,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=3600)
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ExportError(f"onnxruntime-genai's model builder failed on {model_dir}: {last[:200]}")
+        import onnx
+
+        graph = onnx.load(str(Path(tmp) / "out" / "model.onnx"))  # its weights are in model.onnx.data
+        onnx.save(graph, str(out_dir / "model.onnx"), save_as_external_data=graph.ByteSize() > 1_900_000_000)
+    for name in ("config.json", "generation_config.json"):
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+    return "onnxruntime-genai model builder"
+
+
+def write_decoder(model, model_dir: Path, out: Path, opset: Optional[int] = None, exporter: str = "auto") -> dict:
+    """The fp32 graph, tokenizer and ``edgeprune.json`` (``kind: causal-lm``) of ``model`` into ``out``: from
+    onnxruntime-genai's model builder (fused decoder operators; ``exporter`` ``auto`` where it supports the
+    architecture, or ``genai``), or optimum's exporter (``optimum``, and every other model)."""
     from edgeprune.tokenization import copy_tokenizer
 
+    if exporter == "genai" and not builder_supports(model):
+        raise ExportError(f"onnxruntime-genai's model builder does not write {type(model).__name__} (or is not "
+                          "installed); use [generate].exporter = \"optimum\"")
     with tempfile.TemporaryDirectory(prefix="edgeprune-lm-") as tmp:
-        how = export_graph(model, Path(tmp), opset)
+        if exporter in ("auto", "genai") and builder_supports(model):
+            how = build_graph(model_dir, Path(tmp))
+        else:
+            how = export_graph(model, Path(tmp), opset)
         (out / "onnx").mkdir(parents=True, exist_ok=True)
         for f in Path(tmp).iterdir():
-            onnx_file = f.suffix in (".onnx", ".onnx_data") or f.name.endswith(".onnx.data")
+            onnx_file = f.suffix in (".onnx", ".onnx_data", ".data") or f.name.endswith(".onnx.data")
             shutil.move(str(f), out / ("onnx" if onnx_file else "") / f.name)
     if not (model_dir / "tokenizer.json").is_file():
         raise ModelError(f"{model_dir}: no tokenizer.json; save the tokenizer with the model")
@@ -109,7 +160,10 @@ def parity(model, out: Path, prompts: Sequence[str], max_new_tokens: int, atol: 
     lm = EdgeLM(out)
     diffs = []
     for prompt in prompts:
-        got = list(lm.tokens(prompt, max_new_tokens))
+        try:
+            got = list(lm.tokens(prompt, max_new_tokens))
+        except Exception as exc:  # onnxruntime's own failures (a kernel's constraint, a shape)
+            raise ExportError(f"ONNX Runtime cannot run the exported graph: {str(exc).splitlines()[0][:200]}") from None
         ids = lm.prompt_ids(prompt, max_new_tokens)
         with torch.no_grad():
             x = torch.tensor([ids])
@@ -154,22 +208,28 @@ def export_lm(model_dir: str | Path, out: str | Path, prompts: Optional[Sequence
 
 
 def untie_head(model) -> int:
-    """A ``MatMul`` whose weight is a ``Transpose`` of an initializer (a tied LM head: the embedding, transposed at
-    run time) gets the transposed initializer of its own; returns how many were untied."""
+    """Tied embeddings export as one initializer read through a run-time ``Transpose``: optimum's graph feeds the LM
+    head's ``MatMul`` with the transposed embedding, the model builder's feeds the embedding ``Gather`` with the
+    transposed head. Each such ``MatMul`` (its weight) or ``Gather`` (its data) gets the transposed initializer of
+    its own, so that the quantizer takes both (the head as MatMulNBits, the embedding as GatherBlockQuantized);
+    returns how many were untied."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     done = 0
     for node in model.graph.node:
-        t = producers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        slot = {"MatMul": 1, "Gather": 0}.get(node.op_type)
+        t = producers.get(node.input[slot]) if slot is not None and len(node.input) > slot else None
         if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
             continue
         w = numpy_helper.to_array(inits[t.input[0]])
         perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
         name = f"{t.input[0]}.untied"
-        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), name))
-        node.input[1] = name
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), name)
+            model.graph.initializer.append(inits[name])
+        node.input[slot] = name
         done += 1
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     keep = [n for n in model.graph.node if n.op_type != "Transpose" or any(o in used for o in n.output)]
@@ -206,7 +266,8 @@ class CalibrationReader(CalibrationDataReader):
 
 def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_tokens: int, block: int = 32,
                    accuracy_level: int = 0, algorithm: str = "rtn", embedding: str = "int4",
-                   file: Optional[str] = None, calibration: Optional[Sequence[Sequence[int]]] = None) -> dict:
+                   file: Optional[str] = None, calibration: Optional[Sequence[Sequence[int]]] = None,
+                   symmetric: bool = True) -> dict:
     """``FILES[precision]`` from the fp32 graph: the head untied, every weight MatMul as ``MatMulNBits`` of
     ``precision``'s bits (``algorithm``, blocks of ``block``), the word embedding 4-bit ``GatherBlockQuantized``
     when ``embedding`` is ``int4`` (into ``file``, default ``FILES[precision]``); ``gptq`` runs the fp32 graph over
@@ -226,7 +287,8 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
         onnx.save(g, str(untied))
         reader = CalibrationReader(untied, calibration) if algorithm == "gptq" and calibration else None
         weight_only(untied, Path(tmp) / "mm.onnx", bits, ("MatMul",), block=block,
-                    accuracy_level=accuracy_level or None, algorithm=algorithm, calibration=reader)
+                    accuracy_level=accuracy_level or None, algorithm=algorithm, calibration=reader,
+                    symmetric=symmetric)
         if embedding == "int4":  # packed as uint8, the graph's own opset kept (see quantize.gather_4bit)
             gather_4bit(Path(tmp) / "mm.onnx", dst)
         else:
@@ -239,6 +301,7 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
         same += sum(x == y for x, y in zip(a, b))
         total += max(len(a), len(b))
     return {"model_file": file, "bits": bits, "block_size": block, "algorithm": algorithm.upper(),
+            "symmetric": symmetric if algorithm != "hqq" else False,
             "accuracy_level": accuracy_level, "embedding": embedding, "untied_heads": n_untied,
             "greedy_token_agreement_with_fp32": round(same / max(1, total), 4),
             "size_mb": round(dst.stat().st_size / 1e6, 3)}

@@ -124,10 +124,11 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
 
 
 def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], block: int = 32,
-                accuracy_level: Optional[int] = None, algorithm: str = "rtn", calibration=None) -> None:
+                accuracy_level: Optional[int] = None, algorithm: str = "rtn", calibration=None,
+                symmetric: bool = True) -> None:
     """ONNX Runtime's weight-only quantizer: ``MatMul`` -> ``MatMulNBits``, ``Gather`` of an initializer ->
     ``com.microsoft.GatherBlockQuantized`` (4-bit only), blocks of ``block`` along the input / hidden axis;
-    ``algorithm`` ``rtn``: symmetric, round to nearest; ``hqq``: Half-Quadratic Quantization (Badri & Shaji
+    ``algorithm`` ``rtn``: round to nearest (``symmetric``, or with a zero point per block); ``hqq``: Half-Quadratic Quantization (Badri & Shaji
     2023; asymmetric, scale and zero point fitted per block without data), MatMul only; ``gptq``: GPTQ (Frantar
     et al. 2023: each column rounded in turn and the rest of its block corrected by the inverse Hessian of the
     layer's inputs), 4-bit MatMul only, on ``calibration`` (an onnxruntime ``CalibrationDataReader`` of the graph's
@@ -146,9 +147,9 @@ def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], bloc
         cfg = GPTQWeightOnlyQuantConfig(calibration_data_reader=calibration, block_size=block,
                                         op_types_to_quantize=op_types)
     else:
-        cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=accuracy_level,
+        cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, accuracy_level=accuracy_level,
                                            bits=bits, op_types_to_quantize=op_types, quant_axes=axes)
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True,
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=symmetric,
                              accuracy_level=accuracy_level, op_types_to_quantize=op_types, quant_axes=axes,
                              algo_config=cfg)
     q.process()

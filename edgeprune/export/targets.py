@@ -16,9 +16,12 @@ Schema (every key checked; an unknown key or a bad value is a one-line error nam
     [budgets]       max_size_mb, max_p95_latency_ms, latency_batch, latency_seq_len, max_accuracy_drop,
                     min_agreement
     [generate]      decoder artifacts (``build --generate``): weights = "int4" | "int8" | "fp32" (the artifact's
-                    graph: weight-only MatMulNBits), variants (more of those beside it), block_size,
+                    graph: weight-only MatMulNBits), variants (more of those beside it), exporter = "auto" |
+                    "genai" | "optimum" (the fp32 graph: onnxruntime-genai's model builder, fused, where it writes
+                    the architecture; optimum's exporter otherwise), block_size,
                     accuracy_level, algorithm = "rtn" | "hqq" | "gptq" (int4; an int8 graph takes rtn;
-                    calibration_examples: GPTQ's training sequences), embedding_weights = "int4" | "fp32" (the word embedding as
+                    calibration_examples: GPTQ's training sequences), symmetric (false: a zero point per block),
+                    embedding_weights = "int4" | "fp32" (the word embedding as
                     4-bit GatherBlockQuantized, or left as it is), new_tokens (decode speed), parity_atol; budgets
                     max_size_mb, max_perplexity_ratio (vs the original), max_quantization_perplexity_ratio (vs the
                     fp32 graph), min_next_token_agreement, max_label_accuracy_drop (points), min_decode_speedup
@@ -115,9 +118,11 @@ class GenerateSpec:
 
     weights: str = "int4"
     variants: list = field(default_factory=list)
+    exporter: str = "auto"  # the fp32 graph: "genai" (onnxruntime-genai's model builder), "optimum", "auto" (genai where it can)
     block_size: int = 32
     accuracy_level: int = 0  # MatMulNBits: 0 the kernel's default, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
     algorithm: str = "rtn"
+    symmetric: bool = True  # rtn / gptq: no zero point (false: a zero point per block)
     embedding_weights: str = "int4"
     new_tokens: int = 32
     calibration_examples: int = 32  # gptq: training-split sequences the fp32 graph runs over
@@ -240,6 +245,8 @@ def validate_generate(g: GenerateSpec, where: str) -> None:
     for v in g.precisions():
         if v not in WEIGHTS:
             raise ConfigError(f"{where}: [generate] precision {v!r} is not one of {', '.join(WEIGHTS)}")
+    if g.exporter not in ("auto", "genai", "optimum"):
+        raise ConfigError(f"{where}: [generate].exporter {g.exporter!r} is not one of auto, genai, optimum")
     if g.algorithm not in ALGORITHMS:
         raise ConfigError(f"{where}: [generate].algorithm {g.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
     if g.block_size < 16 or g.block_size & (g.block_size - 1):

@@ -42,8 +42,8 @@ def stage_export(pruned_dir: Path, spec, prompts: list[str], calibration: list[l
         return out
     model = load_language_model(pruned_dir, moe=False)
     with atomic_dir(out) as tmp:
-        log("export: ONNX with a KV cache")
-        manifest = write_decoder(model, pruned_dir, tmp)
+        log(f"export: ONNX with a KV cache ({spec.exporter} exporter)")
+        manifest = write_decoder(model, pruned_dir, tmp, exporter=spec.exporter)
         manifest["parity"] = parity(model, tmp, prompts, 8, spec.parity_atol)
         log(f"export: greedy tokens equal on {len(prompts)} prompts, first-step logits within "
             f"{manifest['parity']['max_abs_logit_diff']:.2e}")
@@ -56,7 +56,7 @@ def stage_export(pruned_dir: Path, spec, prompts: list[str], calibration: list[l
             algorithm = spec.algorithm if precision == "int4" or spec.algorithm != "gptq" else "rtn"
             manifest["variants"][precision] = weight_variant(tmp, precision, prompts, 8, spec.block_size,
                                                              spec.accuracy_level, algorithm, spec.embedding_weights,
-                                                             calibration=calibration)
+                                                             calibration=calibration, symmetric=spec.symmetric)
         (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
         seal(tmp)
     return out
