@@ -28,7 +28,7 @@ def test_agnews_validation_is_fixed_and_disjoint_from_train():
 
 
 def test_unknown_task():
-    with pytest.raises(ConfigError, match="unknown task 'qnli'; known tasks: agnews, mnli, rte, sst2"):
+    with pytest.raises(ConfigError, match="unknown task 'qnli'; known tasks: agnews, completion, mnli, rte, sst2"):
         get_task("qnli")
 
 

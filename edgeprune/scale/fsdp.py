@@ -11,7 +11,8 @@ same global batches give the same weights as one process (tested: the checkpoint
 Why not accelerate's FSDP plugin: accelerate 1.15 refuses to start FSDP without an accelerator ("There are
 currently no available devices found, must be one of 'XPU', 'CUDA', ..."), while PyTorch's ``fully_shard`` runs
 on CPU tensors over gloo. What is not sharded here: each process reads the pruned checkpoint whole before sharding
-it (then frees its copy), and the distillation teacher, when there is one, is whole in every process.
+it (the sharded copy shares its tensors, which are then freed: one whole copy at the peak, not two), and the
+distillation teacher, when there is one, is whole in every process.
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def shard(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     names = layer_classes(model)
-    net = copy.deepcopy(model)
+    # the copy shares model's parameter tensors (no second copy of the weights); fully_shard replaces the copy's
+    # with its shards, and model's are freed below
+    net = copy.deepcopy(model, memo={id(t): t for t in [*model.parameters(), *model.buffers()]})
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
     for module in list(net.modules()):
         if type(module).__name__ in names:
