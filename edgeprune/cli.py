@@ -460,7 +460,8 @@ def targets() -> None:
         b = t.budgets
         click.echo(f"{name:11s} {t.quantization.precision:12s} ort={str(t.runtime.ort_format).lower():5s} "
                    f"shapes={'fixed' if t.export.fixed_shapes else 'dynamic':7s} budgets: <= {b.max_size_mb} MB, "
-                   f"p95 <= {b.max_p95_latency_ms} ms, drop <= {b.max_accuracy_drop} pts. {t.description}")
+                   f"p95 <= {b.max_p95_latency_ms} ms, drop <= {b.max_accuracy_drop} pts; --generate: "
+                   f"{t.generate.weights} ({t.generate.algorithm}, blocks of {t.generate.block_size}). {t.description}")
 
 
 @main.command()
@@ -485,7 +486,8 @@ def targets() -> None:
 @click.option("--fsdp", is_flag=True,
               help="Under torchrun: shard the recovery fine-tuning's parameters, gradients and optimizer state over "
                    "the processes (PyTorch FSDP2) instead of replicating them (DDP).")
-@click.option("--out", type=click.Path(file_okay=False), help="Artifact directory [default: build/<task>-<target>].")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Artifact directory [default: build/<task>-<target>, build/<task>-<target>-generate with --generate].")
 def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, drop_layers, heads_keep, vocab_reserve,
           recovery_steps, distill, eval_examples, latency_iters, embedding_bits, search_trials, fsdp, out) -> None:
     """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
@@ -519,7 +521,7 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
         from edgeprune.pruning.plan import PrunePlan
 
         PrunePlan.load(plan_file)
-    out = Path(out or f"build/{task.name}-{target.name}")
+    out = Path(out or f"build/{task.name}-{target.name}" + ("-generate" if prune_cfg.generate else ""))
     guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
     guard_output(out.parent / f"{out.name}.rejected", {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file,
                                                         **data_inputs(data)})

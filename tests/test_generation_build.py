@@ -347,3 +347,21 @@ def test_generate_profile_errors(tmp_path):
         f.write_text(f'name = "t"\n[generate]\n{body}\n')
         with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             load_target(str(f))
+
+
+def test_evaluate_the_original_alone(lm_dirs):
+    """What `edgeprune original --family` records of the original it built: evaluate with no graph beside it."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeprune.original import DataSpec
+    from edgeprune.pruning.pipeline import PruneConfig, lm_examples, verbaliser_ids
+    from edgeprune.tasks import get_task
+    from edgeprune.validate_lm import evaluate
+
+    d, task, cfg = lm_dirs["mixtral"], get_task("sst2"), PruneConfig(generate=True)
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    v = evaluate(model, {}, lm_examples(d, task, DataSpec(), cfg, "validation", 6), verbaliser_ids(d, task, cfg),
+                 greedy_prompts=0, new_tokens=4, repeats=1, progress=False)
+    row = v["models"]["original"]
+    assert set(v["models"]) == {"original"} and row["perplexity"] > 1 and 0 <= row["label_accuracy"] <= 1
+    assert row["decode_tokens_per_s"] > 0
