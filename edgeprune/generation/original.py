@@ -111,7 +111,7 @@ def upcycle_lm(dense: torch.nn.Module, num_experts: int = 4, top_k: int = 2, dro
 
 
 def ensure_lm_original(task, data, family: str = "mixtral", num_experts: int = 4, top_k: int = 2,
-                       drop_fraction: float = 0.1, steps: int = 200, batch_size: int = 8, learning_rate: float = 1e-4,
+                       drop_fraction: float = 0.1, steps: int = 150, batch_size: int = 8, learning_rate: float = 1e-4,
                        seed: int = 0, force: bool = False, progress: bool = True) -> Path:
     """The upcycled SmolLM2 MoE fine-tuned on ``task`` (built once, cached): ``edgeprune original --family``."""
     from edgeprune.generation.data import encode_lm, load_examples
