@@ -138,6 +138,14 @@ class GenerateSpec:
     def precisions(self) -> list[str]:
         return [self.weights] + [v for v in self.variants if v != self.weights]
 
+    @staticmethod
+    def is_budget(key: str) -> bool:
+        return key.startswith(("max_", "min_"))
+
+    def settings(self, budgets: bool = False) -> dict:
+        """The budgets (``budgets``) or everything else: how the weights are made."""
+        return {k: v for k, v in asdict(self).items() if self.is_budget(k) == budgets}
+
 
 @dataclass
 class Target:

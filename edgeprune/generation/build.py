@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from edgeprune.cache import atomic_dir, cache_root, dir_sha256, fingerprint, reusable, seal
@@ -33,8 +32,7 @@ def stage_export(pruned_dir: Path, spec, prompts: list[str], calibration: list[l
     (``calibration``: GPTQ's token sequences)."""
     from edgeprune.pruning.pipeline import load_language_model
 
-    weights = {k: v for k, v in asdict(spec).items() if not k.startswith(("max_", "min_"))}
-    key = fingerprint("export-lm", dir_sha256(pruned_dir), weights, prompts,
+    key = fingerprint("export-lm", dir_sha256(pruned_dir), spec.settings(), prompts,
                       calibration if spec.algorithm == "gptq" else None)
     out = cache_root() / "stages" / f"export-lm-{key}"
     if reusable(out, log):
@@ -109,7 +107,7 @@ def check_decoder(directory, budget_file=None, max_size_mb=None) -> list[str]:
                          "artifact") from None
     if budget_file:
         table = read_toml(Path(budget_file), "budget file").get("generate", {})
-        spec = _typed("generate", GenerateSpec, {k: v for k, v in table.items() if k.startswith(("max_", "min_"))},
+        spec = _typed("generate", GenerateSpec, {k: v for k, v in table.items() if GenerateSpec.is_budget(k)},
                       str(budget_file))
     else:
         spec = GenerateSpec(**{k: v for k, v in (report.get("budgets") or {}).items()
@@ -185,8 +183,7 @@ def build_lm(cfg) -> tuple[Path, dict]:
         "validation": v, "memory": memory,
         "size": {"original_mb": original_mb, "artifact_mb": sizes[spec.weights], "graphs_mb": sizes,
                  "size_ratio": round(original_mb / sizes[spec.weights], 2)},
-        "weights": {k: v2 for k, v2 in asdict(spec).items() if not k.startswith(("max_", "min_"))},
-        "budgets": {k: v2 for k, v2 in asdict(spec).items() if k.startswith(("max_", "min_"))},
+        "weights": spec.settings(), "budgets": spec.settings(budgets=True),
         "data": {"validation_split": "validation", "examples": len(val),
                  "note": "validation split of the task data; not a held-out test set"},
     }
