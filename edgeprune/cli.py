@@ -167,13 +167,16 @@ def upcycle(dense_dir, num_experts, top_k, drop_fraction, moe_layers, seed, out)
         raise ConfigError(f"--top-k {top_k} is larger than --num-experts {num_experts}")
     if layers is not None and len(set(layers)) != len(layers):
         raise ConfigError(f"--moe-layers {moe_layers!r} names a layer twice; give each layer once")
-    guard_output(out, {"dense checkpoint (--dense)": dense_dir})
+    out = guard_output(out, {"dense checkpoint (--dense)": dense_dir})
     with output_lock(out), atomic_dir(out) as tmp:
         try:
             moe = run_upcycle(dense_dir, tmp, num_experts=num_experts, num_experts_per_tok=top_k,
                               drop_fraction=drop_fraction, moe_layers=layers, seed=seed)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        (tmp / "edgeprune_upcycle.json").write_text(json.dumps(
+            {"dense": dense_dir, "num_experts": num_experts, "top_k": top_k, "drop_fraction": drop_fraction,
+             "moe_layers": moe.config.moe_layers, "seed": seed}, indent=1))
     click.echo(f"BERT-MoE: {num_experts} experts in layers {moe.config.moe_layers}, "
                f"{sum(p.numel() for p in moe.parameters()) / 1e6:.1f}M parameters -> {out}")
 
@@ -385,7 +388,7 @@ def prune(task, data, prune_cfg, model_dir, plan_file, ffn_keep, drop_layers, he
     prune_cfg.vocab_reserve = None if vocab_reserve == -1 else vocab_reserve
     prune_cfg.fsdp = fsdp
     prune_cfg.validate()
-    guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
+    out = guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
     plan = PrunePlan.load(plan_file) if plan_file else None
     original_dir = resolve_original(model_dir, task, data)
     with writer_lock(out):
@@ -411,7 +414,7 @@ def export_lm_command(model_dir, prompts, int4, original_dir, task_name, verbali
     from edgeprune.cache import atomic_dir
     from edgeprune.export.lm_export import export_lm
 
-    guard_output(out, {"checkpoint": model_dir})
+    out = guard_output(out, {"checkpoint": model_dir})
     with output_lock(out), atomic_dir(out) as tmp:
         info = export_lm(model_dir, tmp, list(prompts) or None, int4=int4)
         if original_dir:
@@ -522,14 +525,15 @@ def build(task, data, prune_cfg, model_dir, target_name, plan_file, ffn_keep, dr
 
         PrunePlan.load(plan_file)
     out = Path(out or f"build/{task.name}-{target.name}" + ("-generate" if prune_cfg.generate else ""))
-    guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
+    out = guard_output(out, {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)})
     guard_output(out.parent / f"{out.name}.rejected", {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file,
                                                         **data_inputs(data)})
     cfg = BuildConfig(task=task, target=target, out=out, data=data, model_dir=model_dir, prune=prune_cfg,
                       plan_file=plan_file, eval_examples=eval_examples, latency_iters=latency_iters,
                       command=" ".join(["edgeprune"] + sys.argv[1:]))
     if search_trials:
-        guard_output(out.parent / f"{out.name}.search", {"checkpoint (--model)": model_dir, **data_inputs(data)})
+        guard_output(out.parent / f"{out.name}.search", {"checkpoint (--model)": model_dir, **data_inputs(data)},
+                     replace=False)  # the search adds trial folders; it replaces nothing
     with writer_lock(out):
         if search_trials:
             from dataclasses import replace
@@ -606,7 +610,7 @@ def search(task, data, prune_cfg, model_dir, target_name, trials, timeout, recov
     prune_cfg.recovery_steps, prune_cfg.distill_alpha = recovery_steps, distill
     prune_cfg.validate()
     out = Path(out or f"build/search-{task.name}-{target.name}")
-    guard_output(out, {"checkpoint (--model)": model_dir, **data_inputs(data)})
+    guard_output(out, {"checkpoint (--model)": model_dir, **data_inputs(data)}, replace=False)
     cfg = BuildConfig(task=task, target=target, out=out, data=data, model_dir=model_dir, prune=prune_cfg,
                       eval_examples=eval_examples, latency_iters=latency_iters,
                       command=" ".join(["edgeprune"] + sys.argv[1:]))
@@ -695,14 +699,17 @@ def data_inputs(data) -> dict:
     return {"training data (--train-file)": data.train_file, "evaluation data (--eval-file)": data.eval_file}
 
 
-def guard_output(out, inputs: dict, directory: bool = True) -> None:
-    """Refuse, before any work, an output that is, contains or lies inside an input or the cache, or that
-    cannot be written (see :mod:`edgeprune.guard`)."""
+def guard_output(out, inputs: dict, directory: bool = True, replace: bool = True) -> Path:
+    """Refuse, before any work, an output that is, contains or lies inside an input or the cache, that cannot be
+    written, or (a folder) whose replacement could lose a user's files (see :mod:`edgeprune.guard`). Returns the
+    real path to write (links resolved)."""
     from edgeprune.cache import cache_root
-    from edgeprune.guard import check_writable, refuse_overlap
+    from edgeprune.guard import check_writable, refuse_overlap, resolve_output
 
     refuse_overlap(out, {**inputs, "edgeprune cache": str(cache_root())})
-    check_writable(out, directory=directory)
+    real = resolve_output(out) if directory and replace else Path(out)
+    check_writable(real, directory=directory)
+    return real
 
 
 def _print_meta(out: Path, meta: dict) -> None:

@@ -5,6 +5,10 @@
   --out D`` used to replace the user's checkpoint by the artifact.
 * :func:`check_writable`: the output's nearest existing ancestor must be a writable directory, checked
   before the pipeline runs rather than after it.
+* :func:`resolve_output`: an output folder is replaced whole, so an existing one must be edgeprune's own (it
+  holds one of :data:`MARKERS`) or empty; a user's folder, a dangling link or the current directory is refused
+  before any work (exit 2). Links are resolved up front, so the new folder is written where the link points and
+  nothing is left beside the link.
 * :func:`output_lock`: one writer per output path (``fcntl.flock`` on a sibling lock file); a second build
   into the same ``--out`` fails at once with one line instead of silently racing the first.
 """
@@ -43,6 +47,37 @@ def refuse_overlap(out: str | os.PathLike, inputs: Mapping[str, Optional[str | o
         if _inside(o, p) and not p.is_file():
             raise ConfigError(f"{option} {out} lies inside the {name} ({path}); edgeprune never writes into its "
                               f"inputs. Choose an {option} outside it")
+
+
+MARKERS = ("edgeprune.json", "edgeprune_prune.json", "edgeprune_original.json", "edgeprune_upcycle.json")
+"""Files that only edgeprune writes at the top of its outputs: an artifact (``edgeprune.json``), a pruned
+checkpoint, an original, an upcycled checkpoint. A folder holding one of them may be replaced."""
+
+
+def resolve_output(out: str | os.PathLike, option: str = "--out") -> Path:
+    """The real path an output folder ``out`` will be written to, refused (one line, exit 2) when replacing it
+    could lose a user's files: an existing folder that is neither empty nor an edgeprune output, a symbolic link
+    that points nowhere, or the current directory (or a folder around it)."""
+    given = Path(os.path.expanduser(str(out)))
+    if given.is_symlink() and not given.exists():
+        raise ConfigError(f"{option} {out} is a symbolic link to {os.readlink(given)}, which does not exist; "
+                          f"remove the link or choose another {option}")
+    real = _resolved(given)
+    if _inside(_resolved(os.getcwd()), real):
+        raise ConfigError(f"{option} {out} is the current directory or contains it, and edgeprune replaces its "
+                          f"{option} whole; choose a new folder, e.g. {option} build/out")
+    if real.is_dir():
+        try:
+            entries = sorted(e.name for e in real.iterdir())
+        except OSError as exc:
+            raise ConfigError(f"{option} {out}: cannot read the folder ({exc.strerror}); choose another "
+                              f"{option}") from None
+        if entries and not any((real / m).is_file() for m in MARKERS):
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ConfigError(f"{option} {out} is an existing folder that edgeprune did not write ({len(entries)} "
+                              f"entries: {shown}); edgeprune replaces its {option} whole, so give a new or empty "
+                              "folder")
+    return real
 
 
 def check_writable(out: str | os.PathLike, option: str = "--out", directory: bool = True) -> None:

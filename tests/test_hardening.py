@@ -213,3 +213,43 @@ def test_sigterm_during_a_build_stage_keeps_the_previous_artifact_and_a_clean_ca
     assert all(p.startswith("prune-") for p in new_stages)  # the finished prune stage is kept, sealed
     monkeypatch.undo()
     run(["build", "--model", str(user_model), "--experts", "2", "--out", str(out)] + FAST, 0)
+
+
+@pytest.mark.parametrize("command", ["build", "prune", "upcycle"])
+def test_a_users_folder_as_out_is_refused_and_kept(command, tmp_path, user_model, cache, loose_targets):
+    folder = tmp_path / "my-project"
+    (folder / "src").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    before = tree_hash(folder)
+    args = ["upcycle"] if command == "upcycle" else [command, "--model", str(user_model)] + FAST[:4]
+    res = run(args + ["--out", str(folder)], 2)
+    line = res.output.strip().splitlines()
+    assert len(line) == 1 and "is an existing folder that edgeprune did not write (2 entries: notes.txt, src)" in line[0]
+    assert tree_hash(folder) == before and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_out_links_dot_and_previous_artifacts(tmp_path, user_model, cache, loose_targets, monkeypatch):
+    args = ["build", "--model", str(user_model)] + FAST
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    res = run(args + ["--out", str(dangling)], 2)
+    assert "is a symbolic link to" in res.output and "which does not exist" in res.output
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "a.txt").write_text("x")
+    monkeypatch.chdir(folder)
+    res = run(args + ["--out", "."], 2)
+    assert "is the current directory or contains it" in res.output and (folder / "a.txt").read_text() == "x"
+    monkeypatch.chdir(tmp_path)
+    # a link to an empty folder: the artifact is written where the link points; no litter beside the link
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real")
+    run(args + ["--out", str(link)], 0)
+    assert link.is_symlink() and (tmp_path / "real" / "edgeprune.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    # an edgeprune artifact (and an empty folder) may be replaced
+    run(args + ["--experts", "2", "--out", str(link)], 0)
+    assert json.loads((tmp_path / "real" / "edgeprune.json").read_text())["prune_plan"]["k_per_layer"]
+    (tmp_path / "empty").mkdir()
+    run(args + ["--out", str(tmp_path / "empty")], 0)
