@@ -10,7 +10,9 @@ back by the next :func:`atomic_dir` on the same path. Temporary directories left
 removed on the next write beside them.
 
 Cached stages are verified, not trusted: :func:`seal` records the SHA-256 of every file a stage wrote and
-:func:`verify` checks them before the stage is reused.
+:func:`verify` checks them before the stage is reused. :class:`Entry` (any cached directory: an original, a
+converted checkpoint) and :class:`Stage` (a build stage named by the fingerprint of its inputs) are the one way
+every cached thing is reused or written: fingerprint -> verified reuse -> atomic write -> seal.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 
 def cache_root() -> Path:
@@ -179,3 +181,55 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def log(msg: str) -> None:
+    print(f"[edgeprune] {msg}", flush=True)
+
+
+class Entry:
+    """A cached directory: reused only when every file it holds verifies against its seal (and the caller's
+    ``check`` passes), else written into a temporary sibling that is sealed and swapped into place, so an
+    interrupted write leaves nothing behind. The log says which entry was reused (with a ``label``), or which was
+    rebuilt and why."""
+
+    def __init__(self, directory: str | Path, label: Optional[str] = None):
+        self.dir = Path(directory)
+        self.label = label
+
+    def reuse(self, check: Optional[Callable[[Path], Optional[str]]] = None, verified: str = "files verified") -> bool:
+        """True when the entry verifies (and ``check`` returns None, else what is wrong: said, and the entry
+        removed to be rebuilt)."""
+        if not reusable(self.dir, log):
+            return False
+        problem = check(self.dir) if check is not None else None
+        if problem is None:
+            if self.label:
+                log(f"{self.label}: reusing {self.dir} ({verified})")
+            return True
+        log(f"cache: {self.dir.name} {problem}; rebuilding it")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return False
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Path]:
+        """A temporary directory that becomes the entry, sealed, only if the block completes."""
+        with atomic_dir(self.dir) as tmp:
+            yield tmp
+            seal(tmp)
+
+    def run(self, build: Callable[[Path], None], check: Optional[Callable[[Path], Optional[str]]] = None,
+            verified: str = "files verified") -> Path:
+        """The entry's directory: reused when it verifies, else built by ``build(tmp)`` and sealed."""
+        if not self.reuse(check, verified):
+            with self.write() as tmp:
+                build(tmp)
+        return self.dir
+
+
+class Stage(Entry):
+    """``Stage(name, *inputs)``: the cached directory of a build stage whose output depends only on ``inputs``
+    (configs and file hashes, anything JSON-able), under ``stages/`` of the cache."""
+
+    def __init__(self, name: str, *inputs, label: Optional[str] = None):
+        super().__init__(cache_root() / "stages" / f"{name}-{fingerprint(name, *inputs)}", label or name)

@@ -15,7 +15,7 @@ user would pick instead of edgeprune: the dense baseline exported by `optimum-cl
 `optimum-cli onnxruntime quantize --arm64` (arm64 targets; `--avx512_vnni` for x86_64). With
 --ffn-keep < 1 the artifact is narrower than the dense baseline, which then stops being its floor.
 Latency: p50/p95 at batch 1, 64 tokens, 1 thread; throughput at batch 32; every model of a row is timed in
-alternating rounds (edgeprune.validate.interleaved) so that host drift falls on all alike. Ratios are vs the original.
+alternating rounds (edgeprune.validate.classifier.interleaved) so that host drift falls on all alike. Ratios are vs the original.
 """
 from __future__ import annotations
 
@@ -24,25 +24,31 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from edgeprune.build import BuildConfig, build, stage_export
+from edgeprune.build.config import BuildConfig
+
+from edgeprune.build.spine import build
+
+from edgeprune.build.classifier_export import stage_export
 from edgeprune.errors import BudgetError
 from edgeprune.export.quantize import size_mb
-from edgeprune.export.targets import load_target
-from edgeprune.original import DataSpec, OriginalSpec, ensure_original
-from edgeprune.peer import optimum_cli_peer
-from edgeprune.pruning.pipeline import PruneConfig, load_model
-from edgeprune.results import command_line, write_results
+from edgeprune.targets import load_target
+from edgeprune.tasks.spec import DataSpec
+from edgeprune.originals.classifier import OriginalSpec, ensure_original
+from edgeprune.build.peer import optimum_cli_peer
+from edgeprune.pruning.config import PruneConfig
+from edgeprune.models.loading import load_model
+from edgeprune.validate.results import command_line, write_results
 from edgeprune.tasks import get_task
-from edgeprune.tokenization import load_tokenizer
-from edgeprune.training import encode
-from edgeprune.validate import (interleaved, onnx_runner, original_logits, percentiles, quality,
+from edgeprune.models.tokenizer import load_tokenizer
+from edgeprune.tasks.encoding import encode
+from edgeprune.validate.classifier import (interleaved, onnx_runner, original_logits, percentiles, quality,
                                 throughput, torch_runner)
 
 
 def artifact_model(art: Path) -> Path:
     """The artifact's ONNX file (its manifest's model_file)."""
-    from edgeprune.export.layout import model_file
-    from edgeprune.manifest import read_manifest
+    from edgeprune.runtime.layout import model_file
+    from edgeprune.runtime.manifest import read_manifest
 
     return model_file(art, read_manifest(art))
 

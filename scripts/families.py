@@ -26,19 +26,24 @@ import torch
 import transformers as tf
 from transformers import AutoTokenizer
 
-from edgeprune.build import BuildConfig, build
+from edgeprune.build.config import BuildConfig
+
+from edgeprune.build.spine import build
 from edgeprune.errors import ConfigError
 from edgeprune.models.label_words import of_model
 from edgeprune.models.registry import adapter_for
-from edgeprune.export.targets import Budgets, load_target
-from edgeprune.models.upcycle import default_dense_path
-from edgeprune.original import DataSpec
+from edgeprune.targets import Budgets, load_target
+from edgeprune.originals.upcycle import default_dense_path
+from edgeprune.tasks.spec import DataSpec
 from edgeprune.pruning.apply import apply_plan
-from edgeprune.pruning.pipeline import PruneConfig, load_model, score
-from edgeprune.results import command_line, write_results
+from edgeprune.pruning.config import PruneConfig
+from edgeprune.models.loading import load_model
+from edgeprune.pruning.pipeline import score
+from edgeprune.validate.results import command_line, write_results
 from edgeprune.tasks import get_task
-from edgeprune.tokenization import load_tokenizer
-from edgeprune.training import encode, predict_logits
+from edgeprune.models.tokenizer import load_tokenizer
+from edgeprune.tasks.encoding import encode
+from edgeprune.training.loop import predict_logits
 
 COMMON = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
               max_position_embeddings=512, num_labels=2, pad_token_id=0, vocab_size=30522)

@@ -2,10 +2,10 @@
 
     python scripts/ffn_table.py                       # sst2 agnews, P = 1 (expert pruning only), 0.75, 0.5, 0.375
 
-Each row is the real pipeline (edgeprune.build stages: prune with the default method at k = 1, then --ffn-keep P
+Each row is the real pipeline (edgeprune.build.classifier stages: prune with the default method at k = 1, then --ffn-keep P
 and recovery, export for the target): accuracy and agreement with the original on the full validation split,
 size, and p50 / p95 at batch 1, 64 tokens, the target's threads, every model of a task timed in alternating rounds
-with the original MoE in PyTorch fp32 (edgeprune.validate.interleaved). P = 1 uses the default 200 recovery steps,
+with the original MoE in PyTorch fp32 (edgeprune.validate.classifier.interleaved). P = 1 uses the default 200 recovery steps,
 P < 1 uses --recovery-steps (default 1000: slimming needs the longer recovery).
 """
 from __future__ import annotations
@@ -13,17 +13,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgeprune.build import BuildConfig, original_logits_cached, stage_export, stage_prune
+from edgeprune.build.config import BuildConfig
+
+from edgeprune.build.classifier import original_logits_cached
+from edgeprune.build.spine import Prepared
+
+from edgeprune.build.classifier_export import stage_export
+
+from edgeprune.build.stage import stage_prune
 from edgeprune.cache import dir_sha256
 from edgeprune.export.quantize import size_mb
-from edgeprune.export.targets import load_target
-from edgeprune.original import DataSpec, OriginalSpec, ensure_original
-from edgeprune.pruning.pipeline import PruneConfig, load_model
-from edgeprune.results import command_line, write_results
+from edgeprune.targets import load_target
+from edgeprune.tasks.spec import DataSpec
+from edgeprune.originals.classifier import OriginalSpec, ensure_original
+from edgeprune.pruning.config import PruneConfig
+from edgeprune.models.loading import load_model
+from edgeprune.validate.results import command_line, write_results
 from edgeprune.tasks import get_task
-from edgeprune.tokenization import load_tokenizer
-from edgeprune.training import encode
-from edgeprune.validate import interleaved, onnx_runner, percentiles, quality, torch_runner
+from edgeprune.models.tokenizer import load_tokenizer
+from edgeprune.tasks.encoding import encode
+from edgeprune.validate.classifier import interleaved, onnx_runner, percentiles, quality, torch_runner
 
 
 def main() -> None:
@@ -50,7 +59,7 @@ def main() -> None:
             cfg = BuildConfig(task=task, target=t, out=Path("build/unused"),
                               prune=PruneConfig(method=args.method, experts=1, recovery_steps=steps, ffn_keep=keep))
             if ref is None:  # the original's logits depend on task and data only, not on the prune config
-                ref = original_logits_cached(odir, ohash, cfg, va, original)
+                ref = original_logits_cached(cfg, Prepared(odir, ohash, original), va)
             pruned = stage_prune(cfg, odir, ohash)
             paths[keep] = stage_export(cfg, pruned, va) / "model.onnx"
             q = quality(ref, paths[keep], va)

@@ -8,7 +8,7 @@ Variants of the target's [optimization] table, set explicitly whatever the profi
 and ORT's SkipLayerNormFusion disabled in every session), and that plus `gelu_approximation = true` (FastGelu,
 the CPU profiles' choice). Accuracy and agreement with the original on the validation split;
 latency p50/p95 at batch 1, 64 tokens, the target's threads, all models timed in alternating rounds
-(edgeprune.validate.interleaved); ratios vs the original MoE in PyTorch fp32 and vs the fully fused graph.
+(edgeprune.validate.classifier.interleaved); ratios vs the original MoE in PyTorch fp32 and vs the fully fused graph.
 """
 from __future__ import annotations
 
@@ -17,16 +17,25 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from edgeprune.build import BuildConfig, original_logits_cached, stage_export, stage_prune
+from edgeprune.build.config import BuildConfig
+
+from edgeprune.build.classifier import original_logits_cached
+from edgeprune.build.spine import Prepared
+
+from edgeprune.build.classifier_export import stage_export
+
+from edgeprune.build.stage import stage_prune
 from edgeprune.cache import dir_sha256
-from edgeprune.export.targets import load_target
-from edgeprune.original import DataSpec, OriginalSpec, ensure_original
-from edgeprune.pruning.pipeline import PruneConfig, load_model
-from edgeprune.results import command_line, write_results
+from edgeprune.targets import load_target
+from edgeprune.tasks.spec import DataSpec
+from edgeprune.originals.classifier import OriginalSpec, ensure_original
+from edgeprune.pruning.config import PruneConfig
+from edgeprune.models.loading import load_model
+from edgeprune.validate.results import command_line, write_results
 from edgeprune.tasks import get_task
-from edgeprune.tokenization import load_tokenizer
-from edgeprune.training import encode
-from edgeprune.validate import interleaved, onnx_runner, percentiles, quality, torch_runner
+from edgeprune.models.tokenizer import load_tokenizer
+from edgeprune.tasks.encoding import encode
+from edgeprune.validate.classifier import interleaved, onnx_runner, percentiles, quality, torch_runner
 
 VARIANTS = {"fully fused": {"skip_layer_norm": True, "gelu_approximation": False},
             "skip_layer_norm = false": {"skip_layer_norm": False, "gelu_approximation": False},
@@ -50,7 +59,7 @@ def main() -> None:
     cfg = BuildConfig(task=task, target=t, out=Path("build/unused"),
                       prune=PruneConfig(method=args.method, experts=1, recovery_steps=args.recovery_steps))
     ohash = dir_sha256(odir)
-    ref = original_logits_cached(odir, ohash, cfg, va, original)
+    ref = original_logits_cached(cfg, Prepared(odir, ohash, original), va)
     pruned = stage_prune(cfg, odir, ohash)
     rows, paths = {}, {}
     for name, change in VARIANTS.items():

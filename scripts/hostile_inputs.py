@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from click.testing import CliRunner  # noqa: E402
 
 from edgeprune.cli import main  # noqa: E402
-from edgeprune.results import command_line, write_results  # noqa: E402
+from edgeprune.validate.results import command_line, write_results  # noqa: E402
 
 DOCUMENTED = {1: "budget", 2: "usage / config", 3: "data", 4: "model", 5: "export", 130: "interrupted"}
 FAST = ["--calibration-examples", "16", "--recovery-steps", "1", "--eval-examples", "16", "--latency-iters", "5"]

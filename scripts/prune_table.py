@@ -15,14 +15,22 @@ import argparse
 import json
 import time
 
-from edgeprune.original import DataSpec, OriginalSpec, ensure_original, load_meta
+from edgeprune.tasks.spec import DataSpec
+
+from edgeprune.originals.classifier import OriginalSpec, ensure_original
+
+from edgeprune.models.checkpoint import load_meta
 from edgeprune.pruning.apply import apply_plan
-from edgeprune.pruning.pipeline import PROGRESSIVE, PruneConfig, load_model, prune, score
-from edgeprune.pruning.recover import recover, train_router
-from edgeprune.results import command_line, write_results
+from edgeprune.pruning import methods
+from edgeprune.pruning.config import PruneConfig
+from edgeprune.models.loading import load_model
+from edgeprune.pruning.pipeline import prune, score
+from edgeprune.pruning.recover import recover
+from edgeprune.validate.results import command_line, write_results
 from edgeprune.tasks import get_task
-from edgeprune.tokenization import load_tokenizer
-from edgeprune.training import TeacherCache, accuracy, encode, predict_logits
+from edgeprune.models.tokenizer import load_tokenizer
+from edgeprune.tasks.encoding import encode
+from edgeprune.training.loop import TeacherCache, accuracy, predict_logits
 
 METHODS = ["random", "frequency", "chen2022", "chowdhury2024", "reap", "uncurl", "chen2022-progressive",
            "chen2022-eager"]
@@ -60,17 +68,18 @@ def main() -> None:
                     if method == "chen2022-eager" and k != 1:
                         continue
                     t0 = time.perf_counter()
+                    progressive = methods.get(method).progressive
                     cfg = PruneConfig(method=method, experts=k, calibration_examples=args.calibration_examples,
-                                      recovery_steps=args.recovery_steps, window=max(5, args.recovery_steps // 8))
-                    if method in PROGRESSIVE:
+                                      recovery_steps=args.recovery_steps,
+                                      method_options={"window": max(5, args.recovery_steps // 8)} if progressive else {})
+                    if progressive:
                         model, plan, _ = prune(odir, task, data, cfg, progress=False)
                         before = None
                     else:
                         plan = score(odir, task, data, cfg, model=original, progress=False)
                         model = apply_plan(original, plan)
                         before = accuracy(predict_logits(model, va), va.labels)
-                        if method == "uncurl" and not plan.folds:
-                            train_router(model, tr, 50, teacher=teacher, max_length=task.max_length, progress=False)
+                        cfg.method_config().after_apply(model, plan, tr, teacher, cfg, task, progress=False)
                         recover(model, tr, args.recovery_steps, teacher=teacher, max_length=task.max_length,
                                 progress=False)
                     after = accuracy(predict_logits(model, va), va.labels)

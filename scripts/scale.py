@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from edgeprune.results import write_results
+from edgeprune.validate.results import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 WRAP = """import atexit, os, sys
@@ -50,7 +50,7 @@ def write_checkpoint(out: Path, layers: int, hidden: int, width: int, experts: i
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, MixtralConfig, MixtralForSequenceClassification
 
-    from edgeprune.models.upcycle import default_dense_path
+    from edgeprune.originals.upcycle import default_dense_path
     from edgeprune.scale.lazy import layer_of
 
     tok = AutoTokenizer.from_pretrained(default_dense_path())

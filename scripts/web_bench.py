@@ -9,7 +9,7 @@ validation sentences, one per call (batch 1, as an app classifies), through
 * headless Chromium (Debian's, driven by puppeteer-core): the artifact's own demo page, transformers.js 3.8.1 on
   ONNX Runtime Web (WASM, one thread), served by ``edgeprune serve``'s server with the library from tests/js;
 * Node: transformers.js on onnxruntime-node (one intra-op thread);
-* Python: :class:`edgeprune.runtime.EdgeModel` (ONNX Runtime, one thread), the reference.
+* Python: :class:`edgeprune.runtime.classifier.EdgeModel` (ONNX Runtime, one thread), the reference.
 
 Per runtime: model load time, p50 / p95 of the per-sentence latency (tokenization included), accuracy on the
 sentences, agreement of labels and the largest probability difference with EdgeModel. The runtimes are run in
@@ -72,8 +72,8 @@ def main() -> None:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
-    from edgeprune.original import DataSpec
-    from edgeprune.serve import serve_in_background
+    from edgeprune.tasks.spec import DataSpec
+    from edgeprune.runtime.serve import serve_in_background
     from edgeprune.tasks import get_task
 
     task = get_task("sst2")
@@ -152,7 +152,7 @@ def main() -> None:
            "probabilities move by up to the max above (the same is seen with the arm64 artifact's 8-bit embedding, so "
            "it is not the 4-bit GatherBlockQuantized). tests/test_web.py holds both to 1e-4 on a tiny model.",
            "", "Screenshot of the demo page (taken by the browser run): `results/web_demo.png`."]
-    from edgeprune.results import write_results
+    from edgeprune.validate.results import write_results
 
     write_results(ROOT / args.out, payload, md)
     print("\n".join(md))

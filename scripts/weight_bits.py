@@ -18,19 +18,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeprune.build import BuildConfig, stage_prune
+from edgeprune.build.config import BuildConfig
+
+from edgeprune.build.stage import stage_prune
 from edgeprune.cache import dir_sha256
 from edgeprune.export.onnx_export import export_onnx, onnx_logits
 from edgeprune.export.quantize import quantize, weight_only
-from edgeprune.export.targets import load_target
-from edgeprune.models.label_words import load_classifier
-from edgeprune.original import DataSpec, OriginalSpec, ensure_original
-from edgeprune.pruning.pipeline import load_model
-from edgeprune.results import command_line, write_results
+from edgeprune.targets import load_target
+from edgeprune.models.registry import load_classifier
+from edgeprune.tasks.spec import DataSpec
+from edgeprune.originals.classifier import OriginalSpec, ensure_original
+from edgeprune.models.loading import load_model
+from edgeprune.validate.results import command_line, write_results
 from edgeprune.tasks import get_task
-from edgeprune.tokenization import load_tokenizer
-from edgeprune.training import encode, predict_logits
-from edgeprune.validate import interleaved, onnx_runner, percentiles
+from edgeprune.models.tokenizer import load_tokenizer
+from edgeprune.tasks.encoding import encode
+from edgeprune.training.loop import predict_logits
+from edgeprune.validate.classifier import interleaved, onnx_runner, percentiles
 
 
 def main() -> None:

@@ -64,7 +64,9 @@ def tiny_original(tmp_path_factory, tiny_tokenizer):
 
 
 def write_loose_profiles(tdir: Path, names=None) -> Path:
-    """The real target profiles (or those ``names``) in ``tdir`` with budgets a random tiny model can meet. The CPU
+    """The real target profiles (or those ``names``) in ``tdir`` with budgets a random tiny model can meet, and
+    without the budgets on time (p95 latency, decode speed-up, time to first token): a test must not pass or fail
+    with how busy the machine is (budget logic on latency is tested with figures the test sets). The CPU
     profiles' structural [prune] preset is left out (the pipeline's tests choose their knobs;
     tests/test_structure.py tests presets), the web profile keeps its vocabulary preset (tests/test_web.py)."""
     tdir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +77,7 @@ def write_loose_profiles(tdir: Path, names=None) -> Path:
         text = f.read_text()
         text = re.sub(r"max_accuracy_drop = [0-9.]+", "max_accuracy_drop = 100.0", text)
         text = re.sub(r"min_agreement = [0-9.]+", "min_agreement = 0.0", text)
+        text = re.sub(r"\n(max_p95_latency_ms|min_decode_speedup|max_ttft_ms) = [0-9.]+", "", text)
         if f.stem != "web":
             text = re.sub(r"\n\[prune\]\n(?:[a-z_]+ = [0-9.]+\n?)+", "\n", text)
         (tdir / f.name).write_text(text)

@@ -8,7 +8,7 @@ from transformers import (SwitchTransformersConfig, SwitchTransformersForConditi
                           Qwen2MoeConfig, Qwen2MoeForSequenceClassification, Qwen3MoeConfig,
                           Qwen3MoeForSequenceClassification)
 
-from edgeprune.prompts import LabelWords
+from edgeprune.tasks.prompts import LabelWords
 from edgeprune.tasks import get_task
 
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

@@ -10,14 +10,14 @@ import pytest
 from click.testing import CliRunner
 
 from edgeprune.cli import main
-from edgeprune.export.targets import load_target
+from edgeprune.targets import load_target
 
 FAST = ["--calibration-examples", "64", "--recovery-steps", "4", "--eval-examples", "48", "--latency-iters", "5"]
 
 
 def onnx_file(out):
     """The artifact's ONNX file, where its manifest says (onnx/model_quantized.onnx for int8)."""
-    from edgeprune.export.layout import model_file
+    from edgeprune.runtime.layout import model_file
 
     return model_file(out, json.loads((out / "edgeprune.json").read_text()))
 
@@ -99,7 +99,7 @@ def test_parity_check_fails_on_corrupted_weight(tmp_path, tiny_original):
 
     from edgeprune.errors import ExportError
     from edgeprune.export.onnx_export import export_onnx, parity
-    from edgeprune.training import Encoded
+    from edgeprune.tasks.encoding import Encoded
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_original).eval()
     target = load_target("x86_64")
@@ -230,7 +230,7 @@ def test_session_memory_is_the_probe_process_not_its_parent(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from edgeprune.validate import session_memory
+    from edgeprune.validate.classifier import session_memory
 
     graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)], "g",
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
@@ -287,7 +287,7 @@ def test_packed_4bit_embedding_is_the_int4_one_bit_for_bit(tmp_path, tiny_origin
     import torch
 
     from edgeprune.export.quantize import gather_4bit, weight_only
-    from edgeprune.models.label_words import load_classifier
+    from edgeprune.models.registry import load_classifier
 
     model = load_classifier(tiny_original)
     x = torch.tensor([[2, 7, 9, 11, 3]])

@@ -246,7 +246,7 @@ def test_hook_calibration_equals_the_bert_moe_blocks_own_routing_record(tiny_tok
     block itself records (its routing and REAP's expert-output norms): the BERT-MoE plans do not move."""
     from edgeprune.pruning.calibration import calibration_batches, collect_routing
     from edgeprune.tasks import get_task, load_split
-    from edgeprune.training import encode
+    from edgeprune.tasks.encoding import encode
     from tests.conftest import tiny_moe
 
     tok, vocab = tiny_tokenizer
@@ -347,7 +347,7 @@ def test_ort_moe_operator_equals_the_family_in_pytorch_and_in_onnx_runtime(famil
 
     from edgeprune.export.onnx_export import export_onnx
     from edgeprune.export.ort_moe import ort_moe_patch
-    from edgeprune.export.targets import load_target
+    from edgeprune.targets import load_target
 
     model = apply_plan(tiny_family_model(family, vocab=100), plan_keeping(tiny_family_model(family, vocab=100),
                                                                            [0, 2, 3, 5]), fold=False)
@@ -378,7 +378,7 @@ def test_parity_gate_fails_a_trace_that_dropped_the_experts_its_example_did_not_
     from edgeprune.errors import ExportError
     from edgeprune.export.onnx_export import parity, traceable_masks
     from edgeprune.tasks import get_task, load_split
-    from edgeprune.training import encode
+    from edgeprune.tasks.encoding import encode
 
     tok, vocab = tiny_tokenizer
     model = tiny_family_model("mixtral", vocab=vocab)
@@ -404,7 +404,7 @@ def test_parity_gate_fails_a_trace_that_dropped_the_experts_its_example_did_not_
 @pytest.mark.parametrize("family", [f for f in FAMS if adapter_for(f).dense is not None])
 def test_ffn_keep_slims_every_folded_sibling(family, family_dirs, tmp_path):
     """--ffn-keep 0.5 on the folded dense sibling: every FFN keeps half its neurons; the checkpoint reloads."""
-    from edgeprune.models.label_words import load_classifier
+    from edgeprune.models.registry import load_classifier
 
     out = tmp_path / "slim"
     cli(["prune", "--model", str(family_dirs[family]), "--experts", "1", "--ffn-keep", "0.5", "--recovery-steps", "0",
@@ -421,7 +421,7 @@ def test_ffn_keep_slims_every_folded_sibling(family, family_dirs, tmp_path):
 
 
 def test_a_bf16_checkpoint_loads_in_its_dtype_or_the_one_asked(tmp_path, tiny_tokenizer):
-    from edgeprune.pruning.pipeline import load_model
+    from edgeprune.models.loading import load_model
     from edgeprune.tasks import get_task
 
     tok, vocab = tiny_tokenizer
@@ -439,7 +439,7 @@ def test_reap_uses_renormalised_top_k_gates_where_the_family_does_not_renormalis
     """Qwen3-MoE without norm_topk_prob routes with raw softmax gates; REAP's saliency sums g / sum(top-k g)."""
     from edgeprune.pruning.calibration import calibration_batches, collect_routing
     from edgeprune.tasks import get_task, load_split
-    from edgeprune.training import encode, model_inputs
+    from edgeprune.tasks.encoding import encode, model_inputs
 
     tok, vocab = tiny_tokenizer
     model = tiny_family_model("qwen3_moe", vocab=vocab)
@@ -470,7 +470,7 @@ def test_reap_uses_renormalised_top_k_gates_where_the_family_does_not_renormalis
 
 
 def test_a_sharded_checkpoint_loads_like_the_single_file(tmp_path, tiny_tokenizer):
-    from edgeprune.pruning.pipeline import load_model
+    from edgeprune.models.loading import load_model
     from edgeprune.tasks import get_task
 
     tok, vocab = tiny_tokenizer

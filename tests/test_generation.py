@@ -55,7 +55,7 @@ def lm_artifact(tmp_path_factory, tiny_tokenizer):
 def test_prune_generate_export_and_edgelm_match_pytorch_token_for_token(lm_artifact):
     from transformers import AutoModelForCausalLM
 
-    from edgeprune.lm_runtime import EdgeLM
+    from edgeprune.runtime.decoder import EdgeLM
 
     pruned = AutoModelForCausalLM.from_pretrained(lm_artifact / "pruned").eval()
     assert type(pruned).__name__ == "MistralForCausalLM"
@@ -74,7 +74,7 @@ def test_prune_generate_export_and_edgelm_match_pytorch_token_for_token(lm_artif
 
 
 def test_edgelm_sampling_stop_strings_and_long_prompts(lm_artifact):
-    from edgeprune.lm_runtime import EdgeLM
+    from edgeprune.runtime.decoder import EdgeLM
 
     lm = EdgeLM(lm_artifact / "art")
     a = lm.generate("a gorgeous film", 12, temperature=0.9, top_p=0.9, seed=3)
@@ -92,14 +92,14 @@ def test_edgelm_sampling_stop_strings_and_long_prompts(lm_artifact):
 
 
 def test_edgelm_and_generate_errors_are_one_line(lm_artifact, tmp_path, tiny_original):
-    from edgeprune.lm_runtime import EdgeLM
+    from edgeprune.runtime.decoder import EdgeLM
 
     lm = EdgeLM(lm_artifact / "art")
     with pytest.raises(ConfigError, match="leaves no room"):
         lm.generate("hi", 500)
     with pytest.raises(ConfigError, match="temperature must be >= 0"):
         lm.generate("hi", 3, temperature=-1)
-    with pytest.raises(ModelError, match="no such directory"):
+    with pytest.raises(ModelError, match="no such artifact folder"):
         EdgeLM(tmp_path / "nope")
     res = cli(["prune", "--model", str(tiny_original), "--generate", "--recovery-steps", "0", "--out",
                str(tmp_path / "p")], code=2)

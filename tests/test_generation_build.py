@@ -76,7 +76,7 @@ def build(model_dir, out, *extra, code=0):
 def test_build_generate_end_to_end(family, lm_dirs, tmp_path, cache, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from edgeprune.lm_runtime import EdgeLM
+    from edgeprune.runtime.decoder import EdgeLM
 
     gen_targets(tmp_path, monkeypatch)
     out = tmp_path / "art"
@@ -145,13 +145,13 @@ def test_k2_keeps_two_experts_and_exports_with_every_kept_expert(lm_dirs, tmp_pa
     assert report["export"]["exporter"] == "optimum+mistral-config+dense_dispatch"
     assert report["export"]["parity"]["max_abs_logit_diff"] < 1e-4
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "decoder"
-    from edgeprune.lm_runtime import EdgeLM as _EdgeLM
+    from edgeprune.runtime.decoder import EdgeLM as _EdgeLM
 
     assert_genai_equals_edgelm(out, _EdgeLM(out))
     # parity on many prompts: a traced MoE could have kept only the experts the example reached
     from transformers import AutoModelForCausalLM
 
-    from edgeprune.lm_runtime import EdgeLM
+    from edgeprune.runtime.decoder import EdgeLM
 
     pruned = AutoModelForCausalLM.from_pretrained(next(cache.glob("stages/prune-*"))).eval()
     lm = EdgeLM(next(cache.glob("stages/export-lm-*")), model_file="onnx/model.onnx")
@@ -167,10 +167,12 @@ def test_k2_keeps_two_experts_and_exports_with_every_kept_expert(lm_dirs, tmp_pa
 def test_recovery_steps_zero_is_the_exact_fold_and_kl_falls(lm_dirs, cache):
     from transformers import AutoModelForCausalLM
 
-    from edgeprune.generation.distill import distill
-    from edgeprune.original import DataSpec
+    from edgeprune.pruning.distill import distill
+    from edgeprune.tasks.spec import DataSpec
     from edgeprune.pruning.apply import apply_plan
-    from edgeprune.pruning.pipeline import PruneConfig, lm_examples, prune
+    from edgeprune.pruning.config import PruneConfig
+    from edgeprune.pruning.lm_data import lm_examples
+    from edgeprune.pruning.pipeline import prune
     from edgeprune.tasks import get_task
 
     task, d = get_task("sst2"), lm_dirs["mixtral"]
@@ -188,11 +190,12 @@ def test_recovery_steps_zero_is_the_exact_fold_and_kl_falls(lm_dirs, cache):
 
 
 def test_calibration_sees_prompt_and_completion_tokens(lm_dirs, bpe_tokenizer):
-    from edgeprune.generation.data import cast, encode_lm
-    from edgeprune.original import DataSpec
-    from edgeprune.prompts import for_task
+    from edgeprune.tasks.generation import cast, encode_lm
+    from edgeprune.tasks.spec import DataSpec
+    from edgeprune.tasks.prompts import for_task
     from edgeprune.pruning.calibration import collect_routing
-    from edgeprune.pruning.pipeline import PruneConfig, lm_examples
+    from edgeprune.pruning.config import PruneConfig
+    from edgeprune.pruning.lm_data import lm_examples
     from edgeprune.tasks import get_task
 
     tok, _ = bpe_tokenizer
@@ -212,7 +215,7 @@ def test_calibration_sees_prompt_and_completion_tokens(lm_dirs, bpe_tokenizer):
 
 
 def test_jsonl_prompt_completion_and_chat_messages(lm_dirs, tmp_path, cache, monkeypatch, bpe_tokenizer):
-    from edgeprune.generation.data import encode_lm, read_generation_file
+    from edgeprune.tasks.generation import encode_lm, read_generation_file
 
     tok, _ = bpe_tokenizer
     lines = [{"prompt": f"Q: is the film {w}?\nA:", "completion": f" it is {w}"} for w in
@@ -236,7 +239,7 @@ def test_jsonl_prompt_completion_and_chat_messages(lm_dirs, tmp_path, cache, mon
 
 
 def test_generation_data_errors_are_one_line(lm_dirs, tmp_path, cache, bpe_tokenizer, monkeypatch):
-    from edgeprune.generation.data import GenExample, read_generation_file
+    from edgeprune.tasks.generation import GenExample, read_generation_file
 
     cases = {"notjson.jsonl": ('{"prompt": "a", "completion": " b"}\n{oops', "line 2: not JSON"),
              "fields.jsonl": ('{"prompt": "a", "completion": " b"}\n{"prompt": "a"}', "line 2: needs string fields"),
@@ -298,7 +301,7 @@ def test_weight_variants_untie_the_head_and_hqq(exporter, lm_dirs, tmp_path, bpe
     import onnx
 
     from edgeprune.export.lm_export import weight_variant, write_decoder
-    from edgeprune.lm_runtime import EdgeLM
+    from edgeprune.runtime.decoder import EdgeLM
 
     tok, vocab = bpe_tokenizer
     from transformers import MistralConfig, MistralForCausalLM
@@ -336,7 +339,7 @@ def test_weight_variants_untie_the_head_and_hqq(exporter, lm_dirs, tmp_path, bpe
 
 def test_generate_profile_errors(tmp_path):
     from edgeprune.errors import ConfigError
-    from edgeprune.export.targets import load_target
+    from edgeprune.targets import load_target
 
     for body, msg in (('weights = "int3"', "precision 'int3' is not one of"), ('algorithm = "awq"', "algorithm 'awq'"),
                       ("block_size = 24", "power of two"), ('embedding_weights = "int8"', "must be int4 or fp32"),
@@ -353,10 +356,11 @@ def test_evaluate_the_original_alone(lm_dirs):
     """What `edgeprune original --family` records of the original it built: evaluate with no graph beside it."""
     from transformers import AutoModelForCausalLM
 
-    from edgeprune.original import DataSpec
-    from edgeprune.pruning.pipeline import PruneConfig, lm_examples, verbaliser_ids
+    from edgeprune.tasks.spec import DataSpec
+    from edgeprune.pruning.config import PruneConfig
+    from edgeprune.pruning.lm_data import lm_examples, verbaliser_ids
     from edgeprune.tasks import get_task
-    from edgeprune.validate_lm import evaluate
+    from edgeprune.validate.decoder import evaluate
 
     d, task, cfg = lm_dirs["mixtral"], get_task("sst2"), PruneConfig(generate=True)
     model = AutoModelForCausalLM.from_pretrained(d).eval()

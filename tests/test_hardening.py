@@ -161,7 +161,7 @@ def test_damaged_cached_stage_is_rebuilt_and_says_so(tmp_path, cache, user_model
 
 
 def test_unexpected_exception_is_one_line(monkeypatch, tmp_path):
-    import edgeprune.export.targets as targets
+    import edgeprune.targets as targets
 
     def boom(*a, **k):
         raise ZeroDivisionError("division by zero")
@@ -174,7 +174,7 @@ def test_unexpected_exception_is_one_line(monkeypatch, tmp_path):
 def test_sigterm_is_an_interruption_with_one_line(monkeypatch):
     import signal
 
-    import edgeprune.export.targets as targets
+    import edgeprune.targets as targets
 
     def term(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeprune.prompts import LabelWords, for_task
+from edgeprune.tasks.prompts import LabelWords, for_task
 from edgeprune.tasks import get_task, load_split
 from tests.families import tiny_family_checkpoint
 
@@ -36,8 +36,8 @@ def cli(args, code=0):
 def test_classifier_equals_the_language_models_next_token_scores(family, tmp_path, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from edgeprune.pruning.pipeline import load_model
-    from edgeprune.training import collate, encode
+    from edgeprune.models.loading import load_model
+    from edgeprune.tasks.encoding import collate, encode
 
     tok, vocab = tiny_tokenizer
     lm_dir = tmp_path / family
@@ -61,7 +61,7 @@ def test_classifier_equals_the_language_models_next_token_scores(family, tmp_pat
 
 def test_prompt_is_rendered_in_one_pass_and_truncated_on_the_left(tiny_tokenizer):
     from edgeprune.tasks.loading import Example
-    from edgeprune.training import encode
+    from edgeprune.tasks.encoding import encode
 
     words = for_task(get_task("rte"))
     assert words.render("a {text_pair} b", "c") == "Premise: a {text_pair} b\nHypothesis: c\nEntailment:"
@@ -101,7 +101,7 @@ def test_artifact_records_the_prompt_and_edgemodel_tokenizes_like_training(lm_di
                                                                         tiny_tokenizer):
     from edgeprune.runtime import EdgeModel
     from edgeprune.tasks.loading import Example
-    from edgeprune.training import encode
+    from edgeprune.tasks.encoding import encode
 
     out = tmp_path / "art"
     cli(["build", "--model", str(lm_dir), "--target", "x86_64", "--experts", "1", "--out", str(out),

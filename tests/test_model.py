@@ -5,9 +5,9 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertMod
 
 from edgeprune.models import BertMoeForSequenceClassification
 from edgeprune.models.registry import adapter_for
-from edgeprune.models.upcycle import upcycle_model
+from edgeprune.originals.upcycle import upcycle_model
 from edgeprune.pruning.calibration import collect_routing
-from edgeprune.training import Encoded
+from edgeprune.tasks.encoding import Encoded
 from tests.conftest import tiny_config, tiny_moe
 
 

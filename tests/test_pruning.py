@@ -13,10 +13,11 @@ from edgeprune.models.families.bert_moe import ADAPTER as BERT_ADAPTER
 
 ROLES = BERT_ADAPTER.expert_roles
 from edgeprune.pruning.methods import method_config, score_experts
-from edgeprune.pruning.pipeline import PruneConfig
+from edgeprune.pruning.config import PruneConfig
 from edgeprune.pruning.plan import PrunePlan, adaptive_k, make_plan, validate_k
 from edgeprune.pruning.progressive import ProgressiveDropper
-from edgeprune.training import Encoded, TeacherCache, TrainConfig, train
+from edgeprune.tasks.encoding import Encoded
+from edgeprune.training.loop import TeacherCache, TrainConfig, train
 from tests.conftest import tiny_moe
 from tests.test_model import batch
 
@@ -259,7 +260,7 @@ def test_neuron_saliency_is_mean_abs_activation_times_output_column_norm():
     """s_j = mean over non-padding tokens of |a_j| * ||W_out[:, j]||_2, checked against a direct computation."""
     from edgeprune.models.families.bert_moe import ADAPTER as BERT_MOE
     from edgeprune.pruning.neurons import neuron_saliency
-    from edgeprune.training import collate
+    from edgeprune.tasks.encoding import collate
 
     dense = _folded(seed=1)
     e = enc(n=10)

@@ -73,9 +73,21 @@ def test_predict_cli_and_errors(artifact, tmp_path):
     assert [l["text"] for l in lines] == ["good", "bad"]
     assert abs(lines[0]["negative"] + lines[0]["positive"] - 1) < 1e-3
     res = CliRunner().invoke(main, ["predict", str(tmp_path), "x"])
-    assert res.exit_code == 4 and "no edgeprune.json; is this an edgeprune build output?" in res.output
-    res = CliRunner().invoke(main, ["check", str(tmp_path)])
-    assert res.exit_code == 4 and "no report.json / edgeprune.json" in res.output
+    assert res.exit_code == 4 and "not an edgeprune artifact (no edgeprune.json); give the --out folder of an edgeprune build" in res.output
+
+
+@pytest.mark.parametrize("command", [["predict", "{}", "x"], ["check", "{}"], ["serve", "{}", "--port", "0"],
+                                     ["generate", "{}", "hello"]])
+def test_one_message_per_situation_across_commands(command, tmp_path):
+    """A missing folder, and a folder that is not an artifact, get the same line (exit 4) from every command."""
+    for folder, message in ((tmp_path / "missing", "no such artifact folder; give the --out folder of an edgeprune "
+                                                   "build"),
+                            (tmp_path, "not an edgeprune artifact (no edgeprune.json); give the --out folder of an "
+                                       "edgeprune build")):
+        if command[0] == "generate" and folder == tmp_path:
+            continue  # a folder without edgeprune.json is a plain KV-cache export for EdgeLM (tests/test_generation.py)
+        res = CliRunner().invoke(main, [a.replace("{}", str(folder)) for a in command])
+        assert res.exit_code == 4 and res.output.strip() == f"error: {folder}: {message}", res.output
 
 
 def test_help_lists_every_subcommand():

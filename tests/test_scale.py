@@ -14,16 +14,18 @@ import pytest
 import torch
 
 from edgeprune.errors import ConfigError, ModelError
-from edgeprune.original import DataSpec
+from edgeprune.tasks.spec import DataSpec
 from edgeprune.pruning.apply import apply_plan
 from edgeprune.pruning.calibration import collect_routing
-from edgeprune.pruning.pipeline import PruneConfig, load_model, score
+from edgeprune.pruning.config import PruneConfig
+from edgeprune.models.loading import load_model
+from edgeprune.pruning.pipeline import score
 from edgeprune.scale import memory
-from edgeprune.scale.layerwise import collect_routing_layerwise
-from edgeprune.scale.stream import stream_apply
+from edgeprune.pruning.layerwise import collect_routing_layerwise
+from edgeprune.pruning.stream import stream_apply
 from edgeprune.tasks import get_task
-from edgeprune.tokenization import load_tokenizer
-from edgeprune.training import encode
+from edgeprune.models.tokenizer import load_tokenizer
+from edgeprune.tasks.encoding import encode
 from tests.conftest import tiny_moe
 from tests.families import tiny_family_checkpoint
 from tests.test_families import cli, plan_keeping
@@ -68,7 +70,7 @@ def test_the_checkpoints_are_sharded_one_layer_per_shard_at_least(checkpoints):
 @pytest.mark.parametrize("family", FAMILIES + LMS + ["bert_moe"])
 def test_layerwise_statistics_equal_the_in_memory_ones_bit_for_bit(family, checkpoints, tmp_path):
     from edgeprune.models.label_words import of_model
-    from edgeprune.scale.layerwise import skeleton
+    from edgeprune.pruning.layerwise import skeleton
 
     d = checkpoints[family]
     words = WORDS if family in LMS else None
@@ -101,7 +103,7 @@ def test_every_methods_layerwise_plan_is_the_in_memory_plan_byte_for_byte(method
 
 @pytest.mark.parametrize("family", FAMILIES + LMS + ["bert_moe"])
 def test_streamed_prune_and_fold_equal_the_in_memory_ones_tensor_for_tensor(family, checkpoints, tmp_path):
-    from edgeprune.models.label_words import load_classifier
+    from edgeprune.models.registry import load_classifier
 
     d = checkpoints[family]
     words = WORDS if family in LMS else None
@@ -119,7 +121,7 @@ def test_streamed_prune_and_fold_equal_the_in_memory_ones_tensor_for_tensor(fami
 
 
 def test_a_streamed_uncurl_merge_equals_the_in_memory_merge(checkpoints, tmp_path):
-    from edgeprune.models.label_words import load_classifier
+    from edgeprune.models.registry import load_classifier
 
     d = checkpoints["qwen2_moe"]
     plan = score(d, SST2, DataSpec(), PruneConfig(method="uncurl", experts=2, calibration_examples=64), progress=False)
@@ -149,7 +151,7 @@ def test_cli_prune_layerwise_writes_what_the_in_memory_prune_writes(checkpoints,
 def test_the_memory_estimate_refuses_a_cap_that_is_too_small_before_loading_anything(checkpoints, tmp_path,
                                                                                     monkeypatch):
     import edgeprune.pruning.pipeline as pipeline
-    import edgeprune.scale.layerwise as layerwise
+    import edgeprune.pruning.layerwise as layerwise
 
     def boom(*a, **k):
         raise AssertionError("loaded the model")
@@ -220,7 +222,7 @@ def test_torchrun_prune_recovers_data_parallel_under_accelerate_and_rank_0_write
     info = json.loads((out / "edgeprune_prune.json").read_text())
     assert info["calibration"]["processes"] == 2 and info["recovery"]["processes"] == 2
     assert res.stdout.count("checkpoint:") == 1  # one writer
-    from edgeprune.models.label_words import load_classifier
+    from edgeprune.models.registry import load_classifier
 
     assert load_classifier(out).config.model_type == "mistral"
 
@@ -242,8 +244,8 @@ def test_a_layerwise_build_of_a_language_model_validates_against_layerwise_logit
 def test_layerwise_logits_equal_the_in_memory_ones(family, checkpoints):
     """What a layer-wise build validates against: the original's logits, layer by layer (exactly, 0 tolerance)."""
     from edgeprune.models.label_words import of_model
-    from edgeprune.scale.layerwise import logits_layerwise, skeleton
-    from edgeprune.validate import original_logits
+    from edgeprune.pruning.layerwise import logits_layerwise, skeleton
+    from edgeprune.validate.classifier import original_logits
 
     d = checkpoints[family]
     words = WORDS if family in LMS else None

@@ -6,16 +6,16 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from edgeprune.cli import main
-from edgeprune.search import SearchSpace, knob_options, run_search
+from edgeprune.build.search import SearchSpace, knob_options, run_search
 
 FAST = ["--calibration-examples", "64", "--recovery-steps", "4", "--eval-examples", "48", "--latency-iters", "5"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_search_returns_a_candidate_within_budgets_and_a_plot(tmp_path, cache, tiny_original, loose_targets):
-    from edgeprune.build import BuildConfig
-    from edgeprune.export.targets import load_target
-    from edgeprune.pruning.pipeline import PruneConfig
+    from edgeprune.build.config import BuildConfig
+    from edgeprune.targets import load_target
+    from edgeprune.pruning.config import PruneConfig
     from edgeprune.tasks import get_task
 
     cfg = BuildConfig(task=get_task("sst2"), target=load_target("x86_64"), out=tmp_path / "unused",
@@ -72,8 +72,8 @@ def test_try_knobs_parse_and_refuse_in_one_line():
     import pytest
 
     from edgeprune.errors import ConfigError
-    from edgeprune.search import parse_knobs, target_for
-    from edgeprune.export.targets import load_target
+    from edgeprune.build.search import parse_knobs, target_for
+    from edgeprune.targets import load_target
 
     assert parse_knobs("drop_layers=2, heads-keep=0.75,vocab_reserve=2000,embedding_bits=4") == \
         {"drop_layers": 2, "heads_keep": 0.75, "vocab_reserve": 2000, "embedding_bits": 4}
@@ -88,11 +88,11 @@ def test_try_knobs_parse_and_refuse_in_one_line():
 def test_a_tried_candidate_is_built_first_with_its_embedding_precision(tmp_path, cache, tiny_original, loose_targets):
     import onnx
 
-    from edgeprune.build import BuildConfig
-    from edgeprune.export.layout import model_file
-    from edgeprune.export.targets import load_target
-    from edgeprune.manifest import read_manifest
-    from edgeprune.pruning.pipeline import PruneConfig
+    from edgeprune.build.config import BuildConfig
+    from edgeprune.runtime.layout import model_file
+    from edgeprune.targets import load_target
+    from edgeprune.runtime.manifest import read_manifest
+    from edgeprune.pruning.config import PruneConfig
     from edgeprune.tasks import get_task
 
     cfg = BuildConfig(task=get_task("sst2"), target=load_target("x86_64"), out=tmp_path / "unused",

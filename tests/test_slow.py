@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from transformers import AutoModel
 
 from edgeprune.cli import main
-from edgeprune.models.upcycle import default_dense_path, upcycle_model
+from edgeprune.originals.upcycle import default_dense_path, upcycle_model
 
 pytestmark = pytest.mark.slow
 

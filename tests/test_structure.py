@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from edgeprune.cli import main
 from edgeprune.errors import ConfigError
 from edgeprune.pruning import structure
-from edgeprune.training import Encoded
+from edgeprune.tasks.encoding import Encoded
 
 FAST = ["--calibration-examples", "64", "--recovery-steps", "4", "--eval-examples", "48", "--latency-iters", "5"]
 
@@ -30,7 +30,7 @@ def examples(n=24, seed=1):
 
 
 def logits(model, enc):
-    from edgeprune.training import collate
+    from edgeprune.tasks.encoding import collate
 
     batch = collate(enc, list(range(len(enc))))
     batch.pop("labels")
@@ -141,9 +141,9 @@ def test_build_with_fewer_layers_and_heads_is_exact_after_fusion(tmp_path, cache
     manifest = json.loads((out / "edgeprune.json").read_text())
     assert manifest["depth"] == [2, 1] and manifest["heads"] == [2, 1]
     assert "layers 2 -> 1" in (out / "report.md").read_text() and "attention heads 2 -> 1" in (out / "README.md").read_text()
-    from edgeprune.models.label_words import load_classifier
+    from edgeprune.models.registry import load_classifier
     from edgeprune.runtime import EdgeModel
-    from edgeprune.tokenization import load_tokenizer
+    from edgeprune.models.tokenizer import load_tokenizer
 
     pruned_dir = next((cache / "stages").glob("prune-*"))
     torch_model = load_classifier(pruned_dir)
@@ -180,7 +180,7 @@ def test_target_preset_applies_where_the_command_line_is_silent(tmp_path, cache,
                       ("[prune]\ndrop_layers = -1\n", r"\[prune\].drop_layers = -1 should be an integer >= 0")]:
         bad.write_text(body)
         with pytest.raises(ConfigError, match=msg):
-            from edgeprune.export.targets import load_target
+            from edgeprune.targets import load_target
 
             load_target(str(bad))
 

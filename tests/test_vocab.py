@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from edgeprune.models.upcycle import default_dense_path
+from edgeprune.originals.upcycle import default_dense_path
 from edgeprune.pruning.vocab import kept_ids, prune_vocabulary, slim_tokenizer_json
 from edgeprune.tasks import get_task, load_split
 from tests.conftest import tiny_moe

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from edgeprune.cli import main
 from edgeprune.errors import ConfigError, ModelError
-from edgeprune.export.targets import load_target
+from edgeprune.targets import load_target
 from tests.conftest import write_loose_profiles
 
 FAST = ["--calibration-examples", "64", "--recovery-steps", "4", "--eval-examples", "48", "--latency-iters", "5"]
@@ -129,7 +129,7 @@ def get(url_base: str, path: str) -> tuple[int, dict, bytes]:
 
 
 def test_serve_gives_the_demo_cross_origin_isolated_and_refuses_bad_input(web_artifact, tmp_path):
-    from edgeprune.serve import server, serve_in_background
+    from edgeprune.runtime.serve import server, serve_in_background
 
     lib = tmp_path / "lib"
     lib.mkdir()
@@ -191,7 +191,7 @@ def test_node_transformers_js_matches_edgemodel(web_artifact, tmp_path):
 @needs_node
 @needs_browser
 def test_browser_demo_page_matches_edgemodel(web_artifact, tmp_path):
-    from edgeprune.serve import serve_in_background
+    from edgeprune.runtime.serve import serve_in_background
 
     (tmp_path / "in.json").write_text(json.dumps({"texts": TEXTS, "pairs": None, "repeat": 1}))
     url, stop = serve_in_background(web_artifact, lib=LIB)
@@ -215,7 +215,7 @@ def test_browser_demo_page_says_when_transformers_js_cannot_run_the_model(web_ar
     manifest.update(transformers_js=False, model_type="bert_moe")
     (art / "edgeprune.json").write_text(json.dumps(manifest))
     (tmp_path / "in.json").write_text(json.dumps({"texts": ["x"], "pairs": None}))
-    from edgeprune.serve import serve_in_background
+    from edgeprune.runtime.serve import serve_in_background
 
     url, stop = serve_in_background(art, lib=LIB)
     try:
@@ -235,7 +235,7 @@ def test_pair_task_in_node_and_the_browser_matches_edgemodel(tmp_path, tiny_orig
     the Node runner use its AutoTokenizer with text_pair and AutoModelForSequenceClassification; labels and
     probabilities equal EdgeModel's, long pairs truncated alike."""
     from edgeprune.runtime import EdgeModel
-    from edgeprune.serve import serve_in_background
+    from edgeprune.runtime.serve import serve_in_background
 
     _, art = build_web(tmp_path, tiny_original, "--task", "rte")
     texts = ["the cat sat on the mat .", "", "a film . " * 60, "😀 it rains"]
@@ -257,7 +257,7 @@ def test_pair_task_in_node_and_the_browser_matches_edgemodel(tmp_path, tiny_orig
 
 def test_artifacts_from_before_the_onnx_folder_still_load(web_artifact, tmp_path):
     """An artifact built before the transformers.js layout (model.onnx at the top, no model_file) loads as before."""
-    from edgeprune.check import load_artifact
+    from edgeprune.validate.budgets import load_artifact
     from edgeprune.runtime import EdgeModel
 
     old = tmp_path / "old"

@@ -8,7 +8,7 @@ the config). A model that still has MoE blocks (k > 1, or a family kept with one
 its adapter's export patch (:meth:`~edgeprune.models.adapter.MoEAdapter.export_patch`: every kept expert
 computed and combined with the routing weights, no data-dependent loop; the router skipped at one expert).
 
-Parity gate (:func:`parity`): every prompt runs through ONNX Runtime (:class:`edgeprune.lm_runtime.EdgeLM`, the
+Parity gate (:func:`parity`): every prompt runs through ONNX Runtime (:class:`edgeprune.runtime.decoder.EdgeLM`, the
 app's runtime, with its KV cache) and through PyTorch; the greedy continuations must be equal token for token
 and the first step's logits within ``atol``; otherwise the export fails (exit 5) and nothing is written.
 
@@ -122,7 +122,7 @@ def write_decoder(model, model_dir: Path, out: Path, opset: Optional[int] = None
     """The fp32 graph, tokenizer and ``edgeprune.json`` (``kind: causal-lm``) of ``model`` into ``out``: from
     onnxruntime-genai's model builder (fused decoder operators; ``exporter`` ``auto`` where it supports the
     architecture, or ``genai``), or optimum's exporter (``optimum``, and every other model)."""
-    from edgeprune.tokenization import copy_tokenizer
+    from edgeprune.models.tokenizer import copy_tokenizer
 
     if exporter == "genai" and not builder_supports(model):
         raise ExportError(f"onnxruntime-genai's model builder does not write {type(model).__name__} (or is not "
@@ -155,7 +155,7 @@ def parity(model, out: Path, prompts: Sequence[str], max_new_tokens: int, atol: 
     logits agree within ``atol``; else :class:`ExportError`."""
     import torch
 
-    from edgeprune.lm_runtime import EdgeLM
+    from edgeprune.runtime.decoder import EdgeLM
 
     lm = EdgeLM(out)
     diffs = []
@@ -275,7 +275,7 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
     import onnx
 
     from edgeprune.export.quantize import gather_4bit, weight_only
-    from edgeprune.lm_runtime import EdgeLM
+    from edgeprune.runtime.decoder import EdgeLM
 
     bits = {"int4": 4, "int8": 8}[precision]
     file = file or FILES[precision]

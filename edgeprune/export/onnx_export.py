@@ -26,8 +26,9 @@ import torch
 
 from edgeprune.errors import ExportError
 from edgeprune.export.ort_session import pad_to, session  # noqa: F401
-from edgeprune.export.targets import Target
-from edgeprune.training import Encoded, collate, model_inputs, predict_logits
+from edgeprune.targets import Target
+from edgeprune.tasks.encoding import Encoded, collate, model_inputs
+from edgeprune.training.loop import predict_logits
 
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 

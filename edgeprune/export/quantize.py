@@ -25,8 +25,8 @@ import onnx
 
 from edgeprune.errors import ExportError
 from edgeprune.export.ort_session import DISABLED_KEY, disabled_optimizers, mark_disabled_optimizers, pad_to  # noqa: F401
-from edgeprune.export.targets import Target
-from edgeprune.training import Encoded, collate
+from edgeprune.targets import Target
+from edgeprune.tasks.encoding import Encoded, collate
 
 
 def optimize(src: Path, dst: Path, target: Target, num_heads: int, hidden_size: int,

@@ -110,3 +110,13 @@ def load_checked(model_class, model_dir: str | Path, dtype=None, **kwargs):
         raise ModelError(f"{model_dir}: the weights do not match config.json ({what}); they would be "
                          "re-initialised at random. Is the config the one saved with these weights?")
     return model.eval()
+
+
+META = "edgeprune_original.json"
+"""edgeprune's record of an original it built (what it is, how it was trained, its pretrained MoE)."""
+
+
+def load_meta(model_dir: str | Path) -> dict:
+    """The record ``edgeprune_original.json`` of ``model_dir`` ({} for a checkpoint edgeprune did not build)."""
+    path = Path(model_dir) / META
+    return json.loads(path.read_text()) if path.is_file() else {}

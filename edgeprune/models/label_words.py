@@ -27,7 +27,7 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from edgeprune.errors import ModelError
-from edgeprune.prompts import CONFIG_KEY, LabelWords, for_task  # noqa: F401  (re-exported)
+from edgeprune.tasks.prompts import CONFIG_KEY, LabelWords, for_task  # noqa: F401  (re-exported)
 
 def of_model(model_or_config) -> Optional[LabelWords]:
     """The label words a classifier was made with (None for a checkpoint with its own classification head)."""
@@ -115,28 +115,12 @@ def seq2seq_classifier_class(pretrained_class: type, stack_class: type, name: st
     return _define(name, (Seq2SeqLabelWords, pretrained_class), {"stack_class": stack_class}, config_class)
 
 
-def class_for(config: dict) -> type:
-    """The class to load a saved classifier with: edgeprune's own where config.json names one (T5's label words
-    cannot be in the Auto mapping, T5 has a classifier there), else the Auto class."""
-    return CLASSES.get((config.get("architectures") or [""])[0], AutoModelForSequenceClassification)
-
-
-def load_classifier(model_dir):
-    """A saved classifier (:func:`class_for`)."""
-    from edgeprune.models.checkpoint import read_config
-
-    return class_for(read_config(model_dir)).from_pretrained(model_dir).eval()
-
-
 @torch.no_grad()
 def to_classifier(lm: torch.nn.Module, words: LabelWords, task) -> torch.nn.Module:
     """The sequence classifier of ``lm``'s family whose logits are the label words' next-token scores."""
     if not words.token_ids:
         raise ValueError("resolve the label words against the tokenizer first")
-    from edgeprune.models.registry import adapter_for
-
-    cfg = lm.config
-    adapter_for(cfg)  # a supported family (its file registers a classifier class where transformers has none)
+    cfg = lm.config  # a supported family: its file (imported with the registry) defined the class where needed
     cls = AutoModelForSequenceClassification._model_mapping.get(type(cfg), None)
     if cls is None and lm.config.is_encoder_decoder:
         cls = next((c for c in CLASSES.values() if c.config_class is type(cfg)), None)

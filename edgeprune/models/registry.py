@@ -2,13 +2,20 @@
 ``MoEModelAttrs`` idea; REAP kept two registries in sync and suffered for it). Upcycling, calibration, every
 scoring method, pruning, folding, ``--ffn-keep``, recovery and export read the adapters here
 (:class:`~edgeprune.models.adapter.MoEAdapter`); each family is one file in ``edgeprune/models/families/``.
+
+Importing this module imports every family file, which registers the family's adapter and, where transformers
+has none, its label-word classifier class (:mod:`edgeprune.models.label_words`): there is no lookup with a
+side effect. The family files import only the adapter base and the label-word helpers, never this module, so
+there is no import cycle.
 """
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from transformers import AutoModelForSequenceClassification, PretrainedConfig
 
 from edgeprune.errors import ModelError
+from edgeprune.models import families
 from edgeprune.models.adapter import MoEAdapter
+from edgeprune.models.label_words import CLASSES
 
 ADAPTERS: dict[str, MoEAdapter] = {}
 
@@ -18,23 +25,22 @@ def register(adapter: MoEAdapter) -> MoEAdapter:
     return adapter
 
 
+for _name in families.__all__:
+    register(getattr(families, _name).ADAPTER)
+
+
 def all_adapters() -> list[MoEAdapter]:
     """Every registered family, by model_type."""
-    _load()
     return [ADAPTERS[k] for k in sorted(ADAPTERS)]
 
 
-def _load() -> None:
-    if not ADAPTERS:
-        from edgeprune.models import families
-
-        for name in families.__all__:
-            register(getattr(families, name).ADAPTER)
+def find_adapter(model_type: str) -> MoEAdapter | None:
+    """The adapter of ``model_type``, or None (a dense model, e.g. a folded sibling)."""
+    return ADAPTERS.get(model_type)
 
 
 def adapter_for(config: PretrainedConfig | str) -> MoEAdapter:
     """The adapter of ``config.model_type``, or a one-line error listing the supported families."""
-    _load()
     model_type = config if isinstance(config, str) else config.model_type
     try:
         return ADAPTERS[model_type]
@@ -47,9 +53,21 @@ def adapter_for(config: PretrainedConfig | str) -> MoEAdapter:
 
 def upcycle_adapter_for(config: PretrainedConfig) -> MoEAdapter:
     """The adapter whose dense family is ``config.model_type`` and that can upcycle it (BERT -> BERT-MoE)."""
-    _load()
     for a in ADAPTERS.values():
         if a.extra.get("upcycle_from") == config.model_type:
             return a
     raise ModelError(f"cannot upcycle model_type {config.model_type!r} (supported dense families: "
                      f"{', '.join(sorted(a.extra['upcycle_from'] for a in ADAPTERS.values() if 'upcycle_from' in a.extra))})")
+
+
+def class_for(config: dict) -> type:
+    """The class to load a saved classifier with: edgeprune's own where config.json names one (T5's label words
+    cannot be in the Auto mapping, T5 has a classifier there), else the Auto class."""
+    return CLASSES.get((config.get("architectures") or [""])[0], AutoModelForSequenceClassification)
+
+
+def load_classifier(model_dir):
+    """A saved classifier (:func:`class_for`)."""
+    from edgeprune.models.checkpoint import read_config
+
+    return class_for(read_config(model_dir)).from_pretrained(model_dir).eval()

@@ -23,12 +23,13 @@ from edgeprune.pruning.merge import merge_experts
 from edgeprune.pruning.plan import PrunePlan, group_mixing, validate_plan
 
 
-def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True) -> torch.nn.Module:
+def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True, adapter=None) -> torch.nn.Module:
     """A new model with the plan's experts per layer (the input model is not modified).
 
-    With ``fold`` and k = 1 in every layer, the result is the family's dense sibling where one exists."""
-    validate_plan(plan, model)
-    adapter = adapter_for(model.config)
+    With ``fold`` and k = 1 in every layer, the result is the family's dense sibling where one exists.
+    ``adapter``: the model's family where the caller resolved it (else looked up)."""
+    adapter = adapter or adapter_for(model.config)
+    validate_plan(plan, model, adapter)
     by_layer = {lp.layer: lp for lp in plan.layers}
     paths = adapter.block_paths(model)
     for layer, lp in by_layer.items():
@@ -45,14 +46,14 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True) -> to
     new.load_state_dict(dst)
     new.eval()
     if fold and plan.folds:
-        return fold_to_dense(new)
+        return fold_to_dense(new, adapter)
     return new
 
 
 def plan_layer(adapter, src, dst, path: str, lp, router_keys: list[str]) -> None:
     """Write the kept (or merged) experts and router rows of one layer into ``dst``, the pruned model's state.
 
-    ``src`` is the original's state: a dict, or a lazy checkpoint (:mod:`edgeprune.scale.stream`), of which only
+    ``src`` is the original's state: a dict, or a lazy checkpoint (:mod:`edgeprune.pruning.stream`), of which only
     the kept experts' tensors are read. Fused 3-D expert tensors are written into ``dst``'s tensor in place."""
     for j, group in enumerate(lp.groups):
         experts = [adapter.expert_tensors(src, path, e) for e, _ in group]
@@ -64,10 +65,10 @@ def plan_layer(adapter, src, dst, path: str, lp, router_keys: list[str]) -> None
         dst[key] = (mix.T @ rows.double().reshape(rows.shape[0], -1)).reshape(len(lp.groups), *rows.shape[1:]).to(rows.dtype)
 
 
-def fold_to_dense(model: torch.nn.Module) -> torch.nn.Module:
+def fold_to_dense(model: torch.nn.Module, adapter=None) -> torch.nn.Module:
     """The dense sibling equal to ``model`` whose every MoE layer has one expert; a family without a sibling
     keeps its class (one expert per layer, router skipped in export)."""
-    adapter = adapter_for(model.config)
+    adapter = adapter or adapter_for(model.config)
     if any(adapter.num_experts(b) != 1 for b in adapter.blocks(model).values()):
         raise ValueError("fold_to_dense needs exactly one expert in every MoE layer")
     dense = adapter.fold(model)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from edgeprune.models.registry import adapter_for
-from edgeprune.training import Encoded, collate, model_inputs
+from edgeprune.tasks.encoding import Encoded, collate, model_inputs
 
 
 @dataclass
@@ -146,14 +146,14 @@ def logit_rows_per_batch(max_logit_rows: int, batch_size: int, n: int) -> int:
 
 @torch.no_grad()
 def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 2048, batch_size: int = 64,
-                    max_logit_rows: int = 20000, progress: bool = True) -> dict[int, LayerStats]:
+                    max_logit_rows: int = 20000, progress: bool = True, adapter=None) -> dict[int, LayerStats]:
     """Run ``model`` over up to ``max_examples`` encoded examples and return :class:`LayerStats` per layer.
 
     Under ``torchrun`` each process takes every world-size-th batch and the contributions are gathered and added
     in batch order (:mod:`edgeprune.scale.distributed`): the same statistics as one process."""
     from edgeprune.scale import distributed
 
-    adapter = adapter_for(model.config)
+    adapter = adapter or adapter_for(model.config)
     blocks = adapter.blocks(model)
     n = min(len(enc), max_examples)
     rows = logit_rows_per_batch(max_logit_rows, batch_size, n)

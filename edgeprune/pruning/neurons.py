@@ -25,7 +25,7 @@ import torch
 
 from edgeprune.models.registry import MoEAdapter
 from edgeprune.pruning.calibration import calibration_batches, real_tokens
-from edgeprune.training import Encoded, model_inputs
+from edgeprune.tasks.encoding import Encoded, model_inputs
 
 
 def ffn_paths(model: torch.nn.Module, adapter: MoEAdapter) -> dict[int, tuple[tuple[str, ...], str]]:

@@ -73,7 +73,7 @@ class PrunePlan:
     def from_dict(cls, d: dict) -> "PrunePlan":
         """A plan from its JSON form, every field type-checked: integer layer and expert ids, finite numbers,
         merge weights of positive sum, a positive finite output scale, a known method."""
-        from edgeprune.pruning.pipeline import all_methods
+        from edgeprune.pruning.methods import names as all_methods
 
         if not isinstance(d, dict):
             raise ValueError(f"the plan is a JSON {type(d).__name__}, not an object")
@@ -141,11 +141,11 @@ def adaptive_k(usage: np.ndarray, coverage: float) -> int:
     return int(np.searchsorted(mass, coverage - 1e-9) + 1)
 
 
-def validate_plan(plan: PrunePlan, model) -> None:
-    """Check a (possibly hand-edited) plan against ``model`` before any weights move."""
+def validate_plan(plan: PrunePlan, model, adapter=None) -> None:
+    """Check a (possibly hand-edited) plan against ``model`` (of the family ``adapter``) before any weights move."""
     from edgeprune.models.registry import adapter_for
 
-    adapter = adapter_for(model.config)
+    adapter = adapter or adapter_for(model.config)
     blocks = adapter.blocks(model)
     if sorted(lp.layer for lp in plan.layers) != sorted(blocks):
         raise ConfigError(f"plan covers layers {[lp.layer for lp in plan.layers]} but the model's MoE layers are "

@@ -26,7 +26,7 @@ from edgeprune.pruning.plan import LayerPlan, PrunePlan
 
 @dataclass
 class ProgressiveDropper:
-    """``on_step`` callback for :func:`edgeprune.training.train` implementing Chen et al.'s dropping."""
+    """``on_step`` callback for :func:`edgeprune.training.loop.train` implementing Chen et al.'s dropping."""
 
     model: torch.nn.Module
     max_steps: int
@@ -35,11 +35,12 @@ class ProgressiveDropper:
     min_experts: int = 1
     eager: bool = False
     eager_at: Optional[int] = None
+    adapter: Optional[object] = None  # the model's family (looked up when not given)
 
     def __post_init__(self):
         from edgeprune.models.registry import adapter_for
 
-        self.blocks = adapter_for(self.model.config).blocks(self.model)
+        self.blocks = (self.adapter or adapter_for(self.model.config)).blocks(self.model)
         self.alpha = {i: np.zeros(b.num_experts) for i, b in self.blocks.items()}
         self.total = {i: np.zeros(b.num_experts) for i, b in self.blocks.items()}
         self.history: list[dict] = []
@@ -97,3 +98,15 @@ class ProgressiveDropper:
     def reset(self) -> None:
         for b in self.blocks.values():
             b.alive.fill_(True)
+
+
+def top_alive(plan: PrunePlan, k: Optional[int]) -> PrunePlan:
+    """Chen et al.'s threshold may leave more than k alive: keep the k with the largest alpha."""
+    if k is None:
+        return plan
+    for lp in plan.layers:
+        if lp.k > k:
+            alive = [g[0][0] for g in lp.groups]
+            best = sorted(alive, key=lambda e: -lp.scores[e])[:k]
+            lp.groups = [[(e, 1.0)] for e in sorted(best)]
+    return plan

@@ -6,15 +6,17 @@ from typing import Optional
 
 import torch
 
-from edgeprune.training import Encoded, TrainConfig, train
+from edgeprune.tasks.encoding import Encoded
+
+from edgeprune.training.loop import TrainConfig, train
 
 
 def train_router(model: torch.nn.Module, enc: Encoded, steps: int, teacher: Optional[torch.nn.Module] = None,
-                 max_length: int = 128, progress: bool = True, seed: int = 0) -> dict:
+                 max_length: int = 128, progress: bool = True, seed: int = 0, adapter=None) -> dict:
     """UNCURL step 5: re-initialise every router (N(0, initializer_range)) and train only the routers."""
     from edgeprune.models.registry import adapter_for
 
-    adapter = adapter_for(model.config)
+    adapter = adapter or adapter_for(model.config)
     blocks = adapter.blocks(model)
     if all(adapter.num_experts(b) == 1 for b in blocks.values()) or steps <= 0:
         return {"steps": 0}

@@ -37,7 +37,7 @@ import torch
 
 from edgeprune.errors import ConfigError
 from edgeprune.pruning.calibration import calibration_batches
-from edgeprune.training import Encoded, model_inputs
+from edgeprune.tasks.encoding import Encoded, model_inputs
 
 
 @dataclass(frozen=True)

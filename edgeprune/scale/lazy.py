@@ -1,8 +1,8 @@
 """A checkpoint's tensors without loading them: names, shapes, dtypes and bytes from the safetensors headers
 (every shard of a sharded checkpoint), each tensor read from its file only when asked for.
 
-This is what lets the layer-wise calibration (:mod:`edgeprune.scale.layerwise`) and the streamed prune
-(:mod:`edgeprune.scale.stream`) hold one layer at a time, and the memory estimate (:mod:`edgeprune.scale.memory`)
+This is what lets the layer-wise calibration (:mod:`edgeprune.pruning.layerwise`) and the streamed prune
+(:mod:`edgeprune.pruning.stream`) hold one layer at a time, and the memory estimate (:mod:`edgeprune.scale.memory`)
 size every stage before anything is loaded. It reads with ``safetensors.safe_open`` (memory-mapped; a
 ``get_tensor`` copies one tensor out), the same reader transformers uses.
 """

@@ -1,0 +1,4 @@
+"""``python -m edgeprune``: the command line."""
+from edgeprune.cli import main
+
+main()

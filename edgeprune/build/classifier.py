@@ -1,0 +1,202 @@
+"""The classifier kind of the build spine (:mod:`edgeprune.build.spine`): a sequence classifier (or a language
+model scoring label words) pruned, exported (:mod:`edgeprune.build.classifier_export`), validated side by side
+with the original on the task's validation split (accuracy, agreement, latency, throughput, size, memory) and
+published in the Hugging Face / transformers.js layout with a demo page."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from edgeprune.build.classifier_export import fixed_shape, stage_export
+from edgeprune.build.config import BuildConfig, log, versions
+from edgeprune.build.spine import Prepared
+from edgeprune.cache import Stage, dir_sha256
+from edgeprune.errors import ConfigError
+
+
+def check_lengths(cfg: BuildConfig, config) -> None:
+    """The target's sequence lengths fit the model's positions (before any heavy work)."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    t = cfg.target
+    for what, n in (("[export].sequence_length", t.export.sequence_length if t.export.fixed_shapes else 0),
+                    ("[budgets].latency_seq_len", t.budgets.latency_seq_len)):
+        if positions and n > positions:
+            raise ConfigError(f"{t.source}: {what} = {n} exceeds the model's {positions} positions "
+                              "(max_position_embeddings); lower it")
+
+
+def original_logits_cached(cfg: BuildConfig, prep: Prepared, enc) -> np.ndarray:
+    """The original's validation logits, a cached stage like the others (sealed and verified when reused),
+    computed layer by layer for a layer-wise build."""
+    from edgeprune.validate.classifier import original_logits
+
+    extra = [cfg.prune.load_options()] if cfg.prune.prompt or cfg.prune.verbalisers or cfg.prune.dtype else []
+    stage = Stage("logits", prep.original_hash, cfg.data.key(), cfg.task.name, cfg.eval_examples, *extra,
+                  label="original logits")
+
+    def build(tmp: Path) -> None:
+        if getattr(prep.original, "edgeprune_skeleton", False):  # a layer-wise build
+            from edgeprune.pruning.layerwise import logits_layerwise
+
+            logits = logits_layerwise(prep.original_dir, enc, dtype=cfg.prune.dtype,
+                                      offload_dir=cfg.prune.offload_dir, model=prep.original)
+        else:
+            logits = original_logits(prep.original, enc)
+        np.save(tmp / "logits.npy", logits)
+
+    def shaped(d: Path):
+        got = np.load(d / "logits.npy").shape
+        return None if got == (len(enc), cfg.task.num_labels) else f"holds logits of shape {got}"
+
+    return np.load(stage.run(build, check=shaped) / "logits.npy")
+
+
+class ClassifierBuild:
+    """The classifier's stages for :func:`edgeprune.build.spine.run`."""
+
+    def default_original(self, cfg: BuildConfig) -> Path:
+        from edgeprune.originals.classifier import OriginalSpec, ensure_original
+
+        log(f"original: default MoE for {cfg.task.name} (built once, then cached)")
+        return ensure_original(OriginalSpec(cfg.task, cfg.data, "moe"))
+
+    def prepare(self, cfg: BuildConfig, original_dir: Path) -> Prepared:
+        """The original (its skeleton when it is too large for memory: scoring, pruning and its validation logits
+        then go layer by layer), checked, and the encoded validation split."""
+        from edgeprune.models.label_words import of_model
+        from edgeprune.models.loading import family_of, load_model
+        from edgeprune.models.tokenizer import load_tokenizer
+        from edgeprune.pruning.config import check_model
+        from edgeprune.pruning.layerwise import skeleton
+        from edgeprune.pruning.pipeline import memory_path
+        from edgeprune.tasks.encoding import encode
+
+        layerwise, _, why = memory_path(original_dir, cfg.task, cfg.prune)
+        if layerwise:
+            log(f"original: {why}")
+        p = cfg.prune
+        original = skeleton(original_dir, p.dtype, cfg.task, p.prompt, p.verbalisers) if layerwise else \
+            load_model(original_dir, task=cfg.task, **p.load_options())
+        words = of_model(original)
+        tok = load_tokenizer(original_dir)
+        check_model(original, family_of(original), cfg.task, p, tok)
+        check_lengths(cfg, original.config)
+        val_examples = cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples)
+        return Prepared(original_dir, dir_sha256(original_dir), original,
+                        {"words": words, "val_examples": val_examples, "layerwise": layerwise, "why": why,
+                         "val_enc": encode(val_examples, tok, cfg.task.max_length, words)})
+
+    def export(self, cfg: BuildConfig, pruned_dir: Path, prep: Prepared) -> Path:
+        from edgeprune.models.tokenizer import load_tokenizer
+        from edgeprune.tasks.encoding import encode
+
+        x = prep.extra
+        x["prune_info"] = json.loads((pruned_dir / "edgeprune_prune.json").read_text())
+        x["art_val_enc"] = x["val_enc"]
+        if x["prune_info"].get("vocab"):  # a pruned vocabulary: the artifact reads its own tokenizer.json
+            x["art_val_enc"] = encode(x["val_examples"], load_tokenizer(pruned_dir), cfg.task.max_length, x["words"])
+        return stage_export(cfg, pruned_dir, x["art_val_enc"])
+
+    def validate(self, cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path) -> tuple[dict, dict]:
+        from edgeprune.validate.classifier import quality, session_memory, speed
+
+        t, x = cfg.target, prep.extra
+        fixed = fixed_shape(t)
+        log(f"validate: {len(x['val_enc'])} validation examples, latency at batch {t.budgets.latency_batch}, "
+            f"{t.budgets.latency_seq_len} tokens, {t.runtime.threads} thread(s)")
+        ref_logits = original_logits_cached(cfg, prep, x["val_enc"])
+        artifact_model = export_dir / "model.onnx"
+        measured = {
+            "quality": quality(ref_logits, artifact_model, x["art_val_enc"], fixed_length=fixed[1] if fixed else None),
+            "speed": speed(prep.original, artifact_model, t.runtime.threads, t.budgets.latency_batch,
+                           t.budgets.latency_seq_len, iters=cfg.latency_iters, throughput_iters=cfg.throughput_iters,
+                           fixed=fixed, artifact_vocab=(x["prune_info"].get("vocab") or {}).get("kept")),
+            "memory": session_memory(artifact_model, t.runtime.threads)}
+        report = _report(cfg, prep, pruned_dir, export_dir, measured)
+        return report, _manifest(cfg, prep, report, export_dir)
+
+    def violations(self, report: dict, cfg: BuildConfig) -> list[str]:
+        from edgeprune.validate.budgets import violations
+
+        return violations(report, cfg.target.budgets)
+
+    def place(self, tmp: Path, cfg: BuildConfig, pruned_dir: Path, export_dir: Path, manifest: dict) -> None:
+        from edgeprune.runtime import layout
+        from edgeprune.export.demo import write_demo
+
+        t = cfg.target
+        manifest["files"] = layout.place(export_dir, tmp, t.quantization.precision, t.export.variants)
+        layout.copy_tokenizer(pruned_dir, tmp, cfg.task.max_length)  # the pruned vocabulary's, if any
+        manifest["transformers_js"] = layout.write_config(pruned_dir, tmp, list(cfg.task.labels),
+                                                          t.quantization.precision, t.export.variants)
+        write_demo(tmp, manifest)
+        for name, src in cfg.extra_files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / name)
+
+    def markdown(self, report: dict) -> str:
+        from edgeprune.validate.report import report_markdown
+
+        return report_markdown(report)
+
+    def card(self, report: dict, manifest: dict) -> str:
+        from edgeprune.validate.report import model_card
+
+        return model_card(report, manifest)
+
+
+CLASSIFIER = ClassifierBuild()
+
+
+def _report(cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path, measured: dict) -> dict:
+    from edgeprune.pruning.plan import PrunePlan
+
+    t, x = cfg.target, prep.extra
+    original_mb = round(sum(f.stat().st_size for f in prep.original_dir.glob("*.safetensors")) / 1e6, 3)
+    artifact_mb = round((export_dir / "model.onnx").stat().st_size / 1e6, 3)
+    ort = export_dir / "model.ort"
+    report = {
+        "task": cfg.task.name, "target": t.name, "original": str(prep.original_dir),
+        "original_sha256": prep.original_hash, "plan": PrunePlan.load(pruned_dir / "prune_plan.json").summary(),
+        "prune": {k: v for k, v in x["prune_info"].items() if k in ("recovery", "router", "ffn", "depth", "heads",
+                                                                    "vocab", "seconds", "calibration", "teacher")},
+        "original_memory": {"path": "layer-wise" if x["layerwise"] else "in memory", "why": x["why"]},
+        "export": json.loads((export_dir / "export.json").read_text()), **measured,
+        "size": {"original_mb": original_mb, "artifact_mb": artifact_mb,
+                 "artifact_ort_mb": round(ort.stat().st_size / 1e6, 3) if ort.is_file() else None,
+                 "size_ratio": round(original_mb / artifact_mb, 2)},
+        "budgets": asdict(t.budgets), "data": {"validation_split": "validation", "examples": len(x["val_enc"]),
+                                               "note": "validation split of the task data; not a held-out test set"},
+    }
+    if cfg.extra_files:
+        report["search"] = sorted(cfg.extra_files)
+    return report
+
+
+def _manifest(cfg: BuildConfig, prep: Prepared, report: dict, export_dir: Path) -> dict:
+    """``edgeprune.json``: what an app needs to run the artifact (:mod:`edgeprune.runtime`) and where it came from."""
+    from edgeprune.runtime import layout
+
+    t, x, export_info, info = cfg.target, prep.extra, report["export"], prep.extra["prune_info"]
+    fixed = fixed_shape(t)
+    words = x["words"]
+    return {
+        "task": cfg.task.name, "labels": list(cfg.task.labels), "max_length": cfg.task.max_length,
+        "pair": cfg.task.is_pair, "input_names": export_info["input_names"], "target": t.name,
+        "pad_id": x["val_enc"].pad_id, "model_type": prep.original.config.model_type,
+        "label_words": words.to_dict() if words else None,  # prompt template + verbalisers of a language model
+        "fixed_shape": list(fixed) if fixed else None, "threads": t.runtime.threads,
+        "ort_disabled_optimizers": export_info.get("ort_disabled_optimizers", []),
+        "precision": t.quantization.precision, "quantization": export_info.get("quantization"),
+        "prune_plan": report["plan"], "ffn_width": (info.get("ffn") or {}).get("intermediate_size"),
+        "vocabulary": info.get("vocab"),
+        "depth": (info.get("depth") or {}).get("layers"), "heads": (info.get("heads") or {}).get("heads"),
+        "source_checkpoint": str(prep.original_dir), "source_sha256": prep.original_hash,
+        "versions": versions(), "command": cfg.command, "budgets": asdict(t.budgets),
+        "model_file": layout.onnx_name(t.quantization.precision),
+        "variants": {v: layout.onnx_name(v) for v in t.export.variants},
+    }

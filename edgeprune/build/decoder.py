@@ -1,0 +1,200 @@
+"""The decoder kind of the build spine (``edgeprune build --generate``): a causal-LM MoE -> a small on-device
+language model, proven against the original.
+
+original LM ─ calibrate on prompt + completion tokens ─ plan ─ prune, fold (k = 1: ``...ForCausalLM``)
+            ─ recovery: KL distillation on completion tokens (:mod:`edgeprune.pruning.distill`)
+            ─ KV-cache ONNX export, parity-gated (:mod:`edgeprune.export.lm_export`)
+            ─ int4 / int8 weight-only MatMulNBits + 4-bit embedding, per the target's ``[generate]``
+            ─ validation side by side (:mod:`edgeprune.validate.decoder`) ─ report, model card, budgets (exit 1)
+
+The stages are those of every build (:mod:`edgeprune.build.spine`): cached, verified, the artifact directory
+replaced atomically.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from edgeprune.build.config import BuildConfig, log, versions
+from edgeprune.build.spine import Prepared
+from edgeprune.cache import Stage, dir_sha256
+from edgeprune.errors import ConfigError
+from edgeprune.export.lm_export import FILES
+
+
+def stage_export(pruned_dir: Path, spec, prompts: list[str], calibration: list[list[int]]) -> Path:
+    """The fp32 KV-cache graph (parity-gated) and the target's weight variants, cached by their inputs
+    (``calibration``: GPTQ's token sequences)."""
+    stage = Stage("export-lm", dir_sha256(pruned_dir), spec.settings(), prompts,
+                  calibration if spec.algorithm == "gptq" else None, label="export")
+    return stage.run(lambda tmp: _export(tmp, pruned_dir, spec, prompts, calibration))
+
+
+def _export(tmp: Path, pruned_dir: Path, spec, prompts: list[str], calibration: list[list[int]]) -> None:
+    from edgeprune.export.lm_export import parity, weight_variant, write_decoder
+    from edgeprune.models.loading import load_language_model
+
+    model = load_language_model(pruned_dir, moe=False)
+    log(f"export: ONNX with a KV cache ({spec.exporter} exporter)")
+    manifest = write_decoder(model, pruned_dir, tmp, exporter=spec.exporter)
+    manifest["parity"] = parity(model, tmp, prompts, 8, spec.parity_atol)
+    log(f"export: greedy tokens equal on {len(prompts)} prompts, first-step logits within "
+        f"{manifest['parity']['max_abs_logit_diff']:.2e}")
+    manifest["variants"] = {}
+    for precision in spec.precisions():
+        if precision == "fp32":
+            continue
+        log(f"quantize: {precision} weight-only ({spec.algorithm.upper()}, blocks of {spec.block_size}"
+            + (", 4-bit embedding)" if spec.embedding_weights == "int4" else ")"))
+        algorithm = spec.algorithm if precision == "int4" or spec.algorithm != "gptq" else "rtn"
+        manifest["variants"][precision] = weight_variant(tmp, precision, prompts, 8, spec.block_size,
+                                                         spec.accuracy_level, algorithm, spec.embedding_weights,
+                                                         calibration=calibration, symmetric=spec.symmetric)
+    (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
+
+
+class DecoderBuild:
+    """The decoder's stages for :func:`edgeprune.build.spine.run`."""
+
+    def default_original(self, cfg: BuildConfig) -> Path:
+        """Without ``--model``: the decoder original of the task (``edgeprune original --family mixtral``), built
+        on first use and cached."""
+        from edgeprune.originals.decoder import ensure_lm_original
+
+        log(f"original: the default decoder MoE for {cfg.task.name} (SmolLM2 upcycled into Mixtral; built once, "
+            "then cached)")
+        return ensure_lm_original(cfg.task, cfg.data)
+
+    def prepare(self, cfg: BuildConfig, original_dir: Path) -> Prepared:
+        from edgeprune.models.loading import family_of, load_language_model
+        from edgeprune.pruning.config import check_model
+        from edgeprune.pruning.lm_data import lm_examples, verbaliser_ids
+
+        spec = cfg.target.generate
+        original = load_language_model(original_dir, cfg.prune.dtype)
+        check_model(original, family_of(original), cfg.task, cfg.prune, labels=False)
+        positions = getattr(original.config, "max_position_embeddings", None)
+        if positions and cfg.task.max_length + spec.new_tokens > positions:
+            raise ConfigError(f"task {cfg.task.name}'s {cfg.task.max_length} tokens + [generate].new_tokens "
+                              f"{spec.new_tokens} exceed the model's {positions} positions; lower new_tokens")
+        val = lm_examples(original_dir, cfg.task, cfg.data, cfg.prune, "validation", cfg.eval_examples)
+        return Prepared(original_dir, dir_sha256(original_dir), original,
+                        {"val": val, "label_ids": verbaliser_ids(original_dir, cfg.task, cfg.prune, cfg.data)})
+
+    def export(self, cfg: BuildConfig, pruned_dir: Path, prep: Prepared) -> Path:
+        from edgeprune.models.tokenizer import load_tokenizer
+        from edgeprune.pruning.lm_data import lm_examples
+
+        spec, val = cfg.target.generate, prep.extra["val"]
+        tok = load_tokenizer(prep.original_dir)
+        prompts = [tok.decode(val.prompt_ids(i), skip_special_tokens=True) for i in range(min(4, len(val)))]
+        calibration = lm_examples(prep.original_dir, cfg.task, cfg.data, cfg.prune, "train",
+                                  spec.calibration_examples).input_ids if spec.algorithm == "gptq" else []
+        return stage_export(pruned_dir, spec, prompts, calibration)
+
+    def validate(self, cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path) -> tuple[dict, dict]:
+        from edgeprune.runtime import EdgeLM
+        from edgeprune.validate.decoder import evaluate
+
+        spec, t, val = cfg.target.generate, cfg.target, prep.extra["val"]
+        measured = ["fp32"] + [p for p in spec.precisions() if p != "fp32"]
+        log(f"validate: {len(val)} validation examples; the original in PyTorch and {', '.join(measured)} in ONNX "
+            f"Runtime, {t.runtime.threads} thread(s)")
+        graphs = {p: EdgeLM(export_dir, threads=t.runtime.threads, model_file=FILES[p]) for p in measured}
+        v = evaluate(prep.original, graphs, val, prep.extra["label_ids"], new_tokens=spec.new_tokens,
+                     threads=t.runtime.threads)
+        v["models"]["artifact"] = art = v["models"][spec.weights]
+        if spec.weights != "fp32":
+            v["quantization_perplexity_ratio"] = round(art["perplexity"] / v["models"]["fp32"]["perplexity"], 4)
+        if "label_accuracy" in art:
+            v["label_accuracy_drop_points"] = round(100 * (v["models"]["original"]["label_accuracy"]
+                                                           - art["label_accuracy"]), 2)
+        report = _report(cfg, prep, pruned_dir, export_dir, v, measured)
+        return report, _manifest(cfg, prep, report, export_dir)
+
+    def violations(self, report: dict, cfg: BuildConfig) -> list[str]:
+        from edgeprune.validate.budgets import decoder_violations
+
+        return decoder_violations(report, cfg.target.generate)
+
+    def place(self, tmp: Path, cfg: BuildConfig, pruned_dir: Path, export_dir: Path, manifest: dict) -> None:
+        from edgeprune.export.genai import write_genai_config
+
+        spec = cfg.target.generate
+        (tmp / "onnx").mkdir()
+        for p in spec.precisions():
+            shutil.copy2(export_dir / FILES[p], tmp / FILES[p])
+        for f in export_dir.iterdir():
+            if f.is_file() and not f.name.startswith(("edgeprune", ".")):
+                shutil.copy2(f, tmp / f.name)
+        manifest["genai"] = write_genai_config(tmp, FILES[spec.weights], manifest["eos_token_ids"])
+
+    def markdown(self, report: dict) -> str:
+        from edgeprune.validate.report_decoder import report_markdown
+
+        return report_markdown(report)
+
+    def card(self, report: dict, manifest: dict) -> str:
+        from edgeprune.validate.report_decoder import model_card
+
+        return model_card(report, manifest)
+
+
+DECODER = DecoderBuild()
+
+
+def _report(cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path, v: dict, measured: list) -> dict:
+    from edgeprune.pruning.plan import PrunePlan
+    from edgeprune.validate.decoder import process_memory
+
+    spec, t = cfg.target.generate, cfg.target
+    prune_info = json.loads((pruned_dir / "edgeprune_prune.json").read_text())
+    export_info = json.loads((export_dir / "edgeprune.json").read_text())
+    original_mb = round(sum(f.stat().st_size for f in prep.original_dir.glob("*.safetensors")) / 1e6, 3)
+    sizes = {p: round((export_dir / FILES[p]).stat().st_size / 1e6, 3) for p in measured}
+    return {
+        "kind": "causal-lm", "task": cfg.task.name, "target": t.name, "original": str(prep.original_dir),
+        "original_sha256": prep.original_hash, "plan": PrunePlan.load(pruned_dir / "prune_plan.json").summary(),
+        "prune": {k: x for k, x in prune_info.items() if k in ("recovery", "generate", "seconds",
+                                                               "score_and_apply_seconds")},
+        "export": {k: export_info.get(k) for k in ("exporter", "parity", "variants")},
+        "validation": v,
+        "memory": {p: process_memory(export_dir, FILES[p], t.runtime.threads) for p in spec.precisions()},
+        "size": {"original_mb": original_mb, "artifact_mb": sizes[spec.weights], "graphs_mb": sizes,
+                 "size_ratio": round(original_mb / sizes[spec.weights], 2)},
+        "weights": spec.settings(), "budgets": spec.settings(budgets=True),
+        "data": {"validation_split": "validation", "examples": len(prep.extra["val"]),
+                 "note": "validation split of the task data; not a held-out test set"},
+    }
+
+
+def _manifest(cfg: BuildConfig, prep: Prepared, report: dict, export_dir: Path) -> dict:
+    spec, t = cfg.target.generate, cfg.target
+    export_info = json.loads((export_dir / "edgeprune.json").read_text())
+    return {**{k: export_info[k] for k in ("kind", "model_type", "context", "eos_token_ids", "bos_token_id",
+                                           "exporter", "parity")},
+            "model_file": FILES[spec.weights], "precision": spec.weights, "task": cfg.task.name,
+            "target": t.name, "threads": t.runtime.threads,
+            "variants": {p: {**(export_info["variants"].get(p) or {}), "model_file": FILES[p]}
+                         for p in spec.precisions() if p != spec.weights},
+            "weights": report["weights"], "prune_plan": report["plan"], "source_checkpoint": str(prep.original_dir),
+            "source_sha256": prep.original_hash, "versions": versions(), "command": cfg.command,
+            "budgets": report["budgets"]}
+
+
+def export_lm_artifact(model_dir, out: Path, prompts, int4: bool, original_dir=None, task_name: str = "sst2",
+                       verbalisers=None) -> dict:
+    """``edgeprune export-lm``: a saved dense causal LM exported with a KV cache (parity-gated) into ``out``,
+    atomically, and with ``original_dir`` validated side by side with the MoE it was pruned from."""
+    from edgeprune.cache import atomic_dir
+    from edgeprune.export.lm_export import export_lm
+
+    with atomic_dir(out) as tmp:
+        info = export_lm(model_dir, tmp, list(prompts) or None, int4=int4)
+        if original_dir:
+            from edgeprune.validate.decoder import validate_artifact
+
+            info["validation"] = validate_artifact(tmp, original_dir, task_name, verbalisers, info)
+            (Path(tmp) / "edgeprune.json").write_text(json.dumps(info, indent=1))
+    return info

@@ -1,0 +1,3 @@
+from edgeprune.cli import main
+
+main()

@@ -1,0 +1,77 @@
+"""Loading a user's (or edgeprune's) checkpoint for pruning: safetensors only, no remote code, tensors checked
+against the config (:mod:`edgeprune.models.checkpoint`), the family resolved once (:func:`family_of`) and passed
+to the stages that need it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from edgeprune.errors import ConfigError, ModelError
+from edgeprune.models.adapter import MoEAdapter
+from edgeprune.models.registry import adapter_for, class_for
+from edgeprune.models.tokenizer import load_tokenizer
+
+
+def family_of(model_or_dir) -> MoEAdapter:
+    """The adapter of a loaded model or of a checkpoint directory (read from its config.json)."""
+    if isinstance(model_or_dir, (str, Path)):
+        from edgeprune.models.checkpoint import read_config
+
+        return adapter_for(read_config(model_or_dir)["model_type"])
+    return adapter_for(model_or_dir.config)
+
+
+def load_model(model_dir: str | Path, dtype: Optional[str] = None, task=None,
+               prompt: Optional[str] = None, verbalisers: Optional[Sequence[str]] = None) -> torch.nn.Module:
+    """A local Hugging Face checkpoint of a supported MoE family as a sequence classifier: safetensors only, no
+    remote code, tensors checked against the config (:mod:`edgeprune.models.checkpoint`); ``dtype`` defaults to
+    the checkpoint's own. A checkpoint with only a language-model head becomes the family's classifier by
+    label-word scoring (:mod:`edgeprune.models.label_words`; ``task`` gives the labels, ``prompt`` and
+    ``verbalisers`` override the defaults)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from edgeprune.models import label_words
+    from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype, weight_files
+
+    raw = read_config(model_dir)
+    adapter = adapter_for(raw["model_type"])
+    weight_files(model_dir)
+    arch = " ".join(raw.get("architectures") or [])
+    if arch and "SequenceClassification" not in arch:
+        lm_class = AutoModelForSeq2SeqLM if "ConditionalGeneration" in arch else AutoModelForCausalLM
+        is_lm = "CausalLM" in arch or "ConditionalGeneration" in arch
+        if not is_lm or not {"causal-lm", "seq2seq-lm"} & set(adapter.heads):
+            raise ModelError(f"{model_dir}: a {arch} checkpoint has neither a sequence-classification nor a "
+                             f"language-model head that edgeprune can use (heads of {adapter.model_type}: "
+                             f"{', '.join(adapter.heads)})")
+        if task is None:
+            raise ModelError(f"{model_dir}: a language model classifies by label words; give the task")
+        lm = load_checked(lm_class, model_dir, dtype=torch_dtype(dtype, raw))
+        words = label_words.for_task(task, prompt, verbalisers).resolve(load_tokenizer(model_dir))
+        return label_words.to_classifier(lm, words, task)
+    if prompt is not None or verbalisers:
+        raise ConfigError(f"{model_dir} has its own classification head; --prompt and --verbalisers are for "
+                          "checkpoints with only a language-model head")
+    return load_checked(class_for(raw), model_dir, dtype=torch_dtype(dtype, raw))
+
+
+
+def load_language_model(original_dir: str | Path, dtype: Optional[str] = None, moe: bool = True) -> torch.nn.Module:
+    """``--generate``: the checkpoint's own causal LM (safetensors, checked against its config), of a supported
+    MoE family unless not ``moe`` (a pruned and folded one)."""
+    from transformers import AutoModelForCausalLM
+
+    from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype, weight_files
+
+    raw = read_config(original_dir)
+    if moe:
+        adapter_for(raw["model_type"])
+    if not any("CausalLM" in a for a in raw.get("architectures") or []):
+        raise ConfigError(f"--generate needs a language-model checkpoint (...ForCausalLM); {original_dir} is "
+                          f"{', '.join(raw.get('architectures') or ['unknown'])}")
+    weight_files(original_dir)
+    return load_checked(AutoModelForCausalLM, original_dir, dtype=torch_dtype(dtype, raw))
+
+

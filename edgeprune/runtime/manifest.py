@@ -1,0 +1,74 @@
+"""Reading an artifact's JSON files (``edgeprune.json``, ``report.json``) with every field checked, so that
+``check``, ``predict`` and :class:`~edgeprune.runtime.classifier.EdgeModel` fail on a damaged artifact with one line naming
+the file and the field (exit 4), never with a traceback. Free of PyTorch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgeprune.errors import ModelError
+
+MANIFEST = "edgeprune.json"
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``, or a one-line :class:`ModelError`."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing {what}; rebuild the artifact") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: the {what} is not valid JSON ({exc}); rebuild the artifact") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: the {what} is a JSON {type(data).__name__}, not an object; rebuild the artifact")
+    return data
+
+
+def _bad(path: Path, field: str, why: str) -> ModelError:
+    return ModelError(f"{path}: field {field!r} {why}; rebuild the artifact")
+
+
+def require_artifact(directory: str | Path) -> Path:
+    """``directory`` as an artifact folder, or the one message every command gives for a missing folder and for a
+    folder that is not an artifact (exit 4)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ModelError(f"{directory}: no such artifact folder; give the --out folder of an edgeprune build")
+    if not (d / MANIFEST).is_file():
+        raise ModelError(f"{directory}: not an edgeprune artifact (no {MANIFEST}); give the --out folder of an "
+                         "edgeprune build")
+    return d
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """``edgeprune.json`` of an artifact, checked: labels (distinct strings), max_length (> 0), pad_id,
+    fixed_shape, label_words (template + one verbaliser per label), budgets."""
+    path = require_artifact(directory) / MANIFEST
+    m = read_json(path, "manifest")
+    labels = m.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(l, str) for l in labels):
+        raise _bad(path, "labels", "must be a non-empty list of label names")
+    if len(set(labels)) != len(labels):
+        raise _bad(path, "labels", "has duplicates")
+    for key, low in (("max_length", 1), ("pad_id", 0)):
+        v = m.get(key, low if key == "pad_id" else None)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise _bad(path, key, f"must be an integer >= {low}")
+    fixed = m.get("fixed_shape")
+    if fixed is not None and not (isinstance(fixed, list) and len(fixed) == 2
+                                  and all(isinstance(x, int) and x >= 1 for x in fixed)):
+        raise _bad(path, "fixed_shape", "must be null or [batch, length] of positive integers")
+    words = m.get("label_words")
+    if words is not None:
+        if not isinstance(words, dict) or not isinstance(words.get("template"), str) or "{text}" not in words["template"]:
+            raise _bad(path, "label_words", "needs a template with {text}")
+        if not isinstance(words.get("verbalisers"), list) or len(words["verbalisers"]) != len(labels):
+            raise _bad(path, "label_words", "needs one verbaliser per label")
+    budgets = m.get("budgets")
+    if budgets is not None:
+        from edgeprune.targets import Budgets
+
+        known = set(Budgets.__dataclass_fields__)
+        if not isinstance(budgets, dict) or set(budgets) - known:
+            raise _bad(path, "budgets", f"must be an object with keys among {', '.join(sorted(known))}")
+    return m

@@ -1,0 +1,72 @@
+"""``edgeprune serve DIR``: the artifact's demo page on loopback (Python's ``http.server``, no PyTorch).
+
+The folder is served as it is, with the headers that make the page cross-origin isolated
+(``Cross-Origin-Opener-Policy: same-origin``, ``Cross-Origin-Embedder-Policy: require-corp``), which ONNX Runtime
+Web needs for more than one WASM thread (SharedArrayBuffer). ``--lib DIR`` serves a local transformers.js
+``dist/`` folder at ``/lib/`` (the page then loads neither the library nor the WASM binaries from a CDN).
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+from typing import Optional
+
+from edgeprune.errors import ConfigError, ModelError
+from edgeprune.runtime.manifest import read_manifest
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    lib: Optional[Path] = None
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript",
+                      ".js": "text/javascript", ".wasm": "application/wasm", ".onnx": "application/octet-stream",
+                      ".json": "application/json"}
+
+    def translate_path(self, path: str) -> str:
+        clean = path.split("?", 1)[0].split("#", 1)[0]
+        if self.lib is not None and clean.startswith("/lib/"):
+            target = (self.lib / clean[len("/lib/"):]).resolve()
+            return str(target) if target.is_relative_to(self.lib.resolve()) else str(self.lib / "missing")
+        return super().translate_path(path)
+
+    def end_headers(self) -> None:
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+    def log_message(self, fmt: str, *args) -> None:  # quiet: one line per failed request only
+        if len(args) > 1 and str(args[1]).startswith(("4", "5")):
+            super().log_message(fmt, *args)
+
+
+def server(directory: str | Path, host: str = "127.0.0.1", port: int = 8000,
+           lib: Optional[str | Path] = None) -> http.server.ThreadingHTTPServer:
+    """A server for the artifact in ``directory`` (not started; ``port=0`` picks a free port)."""
+    directory = Path(directory)
+    read_manifest(directory)  # an artifact, or a one-line error
+    if not (directory / "demo" / "index.html").is_file():
+        raise ModelError(f"{directory}: no demo/index.html (built before the demo page existed); rebuild the artifact")
+    lib_dir = Path(lib) if lib else None
+    if lib_dir is not None and not (lib_dir / "transformers.min.js").is_file():
+        raise ConfigError(f"--lib {lib_dir}: no transformers.min.js there; give the dist/ folder of "
+                          "@huggingface/transformers")
+    handler = type("ArtifactHandler", (Handler,), {"lib": lib_dir})
+    try:
+        return http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(directory)))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+
+
+def serve_in_background(directory: str | Path, lib: Optional[str | Path] = None) -> tuple[str, callable]:
+    """Start a server on a free loopback port in a thread; returns the demo's URL and a stop function."""
+    srv = server(directory, port=0, lib=lib)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        srv.shutdown()
+        srv.server_close()
+
+    return f"http://127.0.0.1:{srv.server_address[1]}/demo/index.html", stop

@@ -1,0 +1,55 @@
+"""The report (``report.md``) and model card (``README.md``) of a decoder artifact (``build --generate``)."""
+from __future__ import annotations
+
+
+def _table(v: dict, sizes: dict) -> list[str]:
+    cols = ("perplexity", "perplexity_ratio", "next_token_agreement", "greedy_exact", "greedy_prefix",
+            "label_accuracy", "ttft_ms", "decode_tokens_per_s", "decode_speedup")
+    rows = ["| model | MB | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+            "|---|---|" + "---|" * len(cols)]
+    for name, m in v["models"].items():
+        if name == "artifact":
+            continue
+        rows.append(f"| {name} | {sizes.get(name, '')} | " + " | ".join(str(m.get(c, "")) for c in cols) + " |")
+    return rows
+
+
+def report_markdown(r: dict) -> str:
+    v = r["validation"]
+    sizes = {"original": r["size"]["original_mb"], **r["size"]["graphs_mb"]}
+    lines = [f"# edgeprune generation build: {r['task']} / {r['target']}", "",
+             f"Original: `{r['original']}` ({r['size']['original_mb']} MB); artifact graph: {r['weights']['weights']} "
+             f"({r['size']['artifact_mb']} MB, {r['size']['size_ratio']}x smaller). Plan: k per layer "
+             f"{r['plan'].get('k_per_layer')}; {r['prune'].get('generate', {}).get('class', '')}; recovery: "
+             f"{r['prune'].get('recovery', {}).get('steps', 0)} steps.", "",
+             f"Validation: {v['examples']} examples ({v['completion_tokens']} completion tokens), greedy agreement on "
+             f"{v['greedy_prompts']} prompts x {v['new_tokens']} tokens, speed at batch 1, {v['threads']} thread(s), "
+             f"{v['speed_prompt_tokens']}-token prompt (the original in PyTorch with its cache, the graphs in ONNX "
+             "Runtime with theirs; the build host is a proxy for the device).", "", *_table(v, sizes), "",
+             f"Parity (fp32 graph vs PyTorch): greedy tokens equal on {r['export']['parity']['prompts']} prompts, "
+             f"first-step logits within {r['export']['parity']['max_abs_logit_diff']:.2e} "
+             f"(tolerance {r['export']['parity']['atol']}).", "",
+             "Peak memory of a process that loads the graph and generates: " +
+             ", ".join(f"{p} {m.get('peak_mb', m.get('error'))} MB" for p, m in r["memory"].items()) + ".", "",
+             "Budgets: " + (", ".join(f"{k} = {b}" for k, b in r["budgets"].items() if b is not None) or "none") + ".",
+             "", ("Violations:\n" + "\n".join(f"- {x}" for x in r["violations"])) if r["violations"]
+             else "All budgets hold.", "", f"Data: {r['data']['note']}.", ""]
+    return "\n".join(lines)
+
+
+def model_card(r: dict, manifest: dict) -> str:
+    art = r["validation"]["models"]["artifact"]
+    return "\n".join([
+        "---", "library_name: onnxruntime", "pipeline_tag: text-generation", "tags: [edgeprune, onnx, kv-cache]", "---",
+        f"# {r['task']} language model for {r['target']} (edgeprune)", "",
+        f"Pruned from `{r['original']}` by edgeprune (task {r['task']}), exported with a KV cache, weights "
+        f"{manifest['precision']} ({manifest['model_file']}).", "",
+        f"- perplexity on the validation completions {art['perplexity']} (original {r['validation']['models']['original']['perplexity']})",
+        f"- next-token agreement with the original {art['next_token_agreement']}; greedy continuations equal on "
+        f"{art['greedy_exact']:.0%} of the prompts",
+        f"- decode {art['decode_tokens_per_s']} tokens/s ({art['decode_speedup']}x the original), first token "
+        f"{art['ttft_ms']} ms; {r['size']['artifact_mb']} MB ({r['size']['size_ratio']}x smaller)", "",
+        "Use it without PyTorch:", "", "```python", "from edgeprune.runtime import EdgeLM",
+        "lm = EdgeLM('.')  # onnxruntime + tokenizers + numpy",
+        "print(lm.generate('...', max_new_tokens=32, temperature=0.7, top_p=0.9, stop=['\\n']))", "```", "",
+        "Or `edgeprune generate . \"prompt\"`. See report.md for every measurement.", ""])
