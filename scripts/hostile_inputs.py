@@ -524,6 +524,24 @@ def option_cases() -> list[Case]:
              setup=lambda w: w.p("d.tsv").write_text(GOOD_TSV), watch=lambda w: [w.p("d.tsv")], group="option"),
         Case("build: --out unwritable parent", lambda w: ["build", "--model", str(w.bert), "--out", "/proc/x/art"],
              group="option"),
+        Case("build: --out a user's folder", lambda w: ["build", "--model", str(w.bert), "--out", str(w.p("mine"))],
+             setup=_users_folder, watch=lambda w: [w.p("mine")], group="output"),
+        Case("prune: --out a user's folder", lambda w: ["prune", "--model", str(w.bert), "--out", str(w.p("mine"))],
+             setup=_users_folder, watch=lambda w: [w.p("mine")], group="output"),
+        Case("upcycle: --out a user's folder", lambda w: ["upcycle", "--out", str(w.p("mine"))],
+             setup=_users_folder, watch=lambda w: [w.p("mine")], group="output"),
+        Case("export-lm: --out a user's folder", lambda w: ["export-lm", str(w.bert), "--out", str(w.p("mine"))],
+             setup=_users_folder, watch=lambda w: [w.p("mine")], group="output"),
+        Case("build: --out a link to a user's folder", lambda w: ["build", "--model", str(w.bert), "--out",
+                                                                  str(w.p("link"))],
+             setup=lambda w: (_users_folder(w), _relink(w.p("link"), w.p("mine"))),
+             watch=lambda w: [w.p("mine")], group="output"),
+        Case("build: --out a dangling link", lambda w: ["build", "--model", str(w.bert), "--out", str(w.p("link"))],
+             setup=lambda w: _relink(w.p("link"), w.p("nowhere")), group="output"),
+        Case("build: --out the current folder", lambda w: ["build", "--model", str(w.bert), "--out", "."],
+             group="output"),
+        Case("build: --out a folder around the current one", lambda w: ["build", "--model", str(w.bert), "--out",
+                                                                        str(Path.cwd().parent)], group="output"),
         Case("prune: --ffn-keep 0", prune("--experts", "1", "--ffn-keep", "0"), group="option"),
         Case("prune: --ffn-keep 1.5", prune("--experts", "1", "--ffn-keep", "1.5"), group="option"),
         Case("prune: --ffn-keep with --experts 2", prune("--experts", "2", "--ffn-keep", "0.5"), group="option"),
@@ -551,11 +569,28 @@ def option_cases() -> list[Case]:
     ]
 
 
+def _users_folder(w: World) -> None:
+    """A folder of the user's own, which an --out must never replace."""
+    d = w.p("mine")
+    if d.exists():
+        shutil.rmtree(d)
+    (d / "src").mkdir(parents=True)
+    (d / "notes.txt").write_text("mine")
+
+
+def _relink(link: Path, target: Path) -> None:
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target)
+
+
 # -- running ------------------------------------------------------------------------------------------------------
 def run_case(w: World, case: Case) -> dict:
-    for leftover in ("plan.json", "pruned", "art", "up", "model", "t.toml", "dec", "art.rejected"):
+    for leftover in ("plan.json", "pruned", "art", "up", "model", "t.toml", "dec", "art.rejected", "mine", "link"):
         p = w.p(leftover)
-        if p.is_dir():
+        if p.is_symlink():
+            p.unlink()
+        elif p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()

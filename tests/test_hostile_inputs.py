@@ -39,7 +39,7 @@ def test_there_are_at_least_150_cases_over_every_command(hostile):
             "targets", "generate", "export-lm"} <= commands
 
 
-@pytest.mark.parametrize("group", ["data", "model", "artifact", "target", "plan", "option", "generation"])
+@pytest.mark.parametrize("group", ["data", "model", "artifact", "target", "plan", "option", "output", "generation"])
 def test_every_hostile_input_is_handled(hostile, group):
     mod, world = hostile
     rows = [mod.run_case(world, c) for c in mod.all_cases() if c.group == group]

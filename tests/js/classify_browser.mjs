@@ -43,7 +43,7 @@ try {
     await page.setViewport({ width: 800, height: 520 });
     await page.screenshot({ path: screenshot });
   }
-  console.log(JSON.stringify({ load_ms: state.load_ms, threads: await page.evaluate(() => window.edgeprune.runtime.manifest.threads), results }));
+  console.log(JSON.stringify({ load_ms: state.load_ms, threads: await page.evaluate(() => window.edgeprune.manifest.threads), results }));
 } finally {
   await browser.close();
 }
