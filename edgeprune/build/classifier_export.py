@@ -1,0 +1,129 @@
+"""The classifier's export stage: ONNX export (parity-checked against PyTorch on task inputs), fixed shapes where
+the target wants them, ONNX Runtime's transformer fusions, the target's quantization and variants, the ORT format
+and the mobile usability check. Cached (:class:`edgeprune.build.stage.Stage`): a reused export must reproduce the
+logits it recorded on the parity sample."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from edgeprune.build.config import BuildConfig, log
+from edgeprune.cache import Stage, dir_sha256
+from edgeprune.targets import Target
+
+
+def ort_model_type(model, adapter) -> Optional[str]:
+    """The ORT transformer optimizer's model type for ``model`` (a dense sibling's or an MoE family's;
+    ``adapter`` None for a folded decoder such as Mistral or Qwen3: plain ORT optimisation)."""
+    if model.config.model_type == "bert":
+        return "bert"
+    return adapter.ort_model_type if adapter is not None else None
+
+
+def attention_shape(config) -> tuple[int, int]:
+    """Heads and attention width for ONNX Runtime's attention fusion: after ``--heads-keep`` every layer has the
+    same, smaller number of heads (config ``pruned_heads``) and the attention width shrinks with it."""
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    pruned = getattr(config, "pruned_heads", None) or {}
+    if pruned:
+        left = {heads - len(set(h)) for h in pruned.values()}
+        if len(pruned) != config.num_hidden_layers or len(left) != 1:
+            return 0, 0  # uneven: the optimizer reads each attention's shape from the graph
+        kept = left.pop()
+        return kept, kept * (hidden // heads)
+    return heads, hidden
+
+
+def fixed_shape(t: Target) -> Optional[tuple[int, int]]:
+    return (t.export.batch_size, t.export.sequence_length) if t.export.fixed_shapes else None
+
+
+def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
+    """The quantized graph of the pruned checkpoint for ``cfg.target`` (see the module docstring)."""
+    from edgeprune.export.onnx_export import onnx_logits
+
+    t = cfg.target
+    fixed = fixed_shape(t)
+    fixed_len = fixed[1] if fixed else None
+    n = cfg.parity_examples
+    sample = type(val_enc)(val_enc.input_ids[:n], val_enc.token_type_ids[:n], val_enc.labels[:n], val_enc.pad_id)
+    stage = Stage("export", dir_sha256(pruned_dir), asdict(t.export), asdict(t.quantization), asdict(t.optimization),
+                  t.runtime.ort_format, t.runtime.mobile_usability, cfg.parity_examples)
+
+    def same_logits(d: Path) -> Optional[str]:  # the quantized graph's logits on the parity sample, as recorded
+        got = onnx_logits(d / "model.onnx", sample, fixed_length=fixed_len)
+        want = np.load(d / "parity_logits.npy")
+        ok = got.shape == want.shape and np.allclose(got, want, atol=1e-4)
+        return None if ok else "no longer reproduces its recorded logits"
+
+    return stage.run(lambda tmp: _export(tmp, pruned_dir, t, sample, fixed), check=same_logits,
+                     verified="files verified, parity re-checked")
+
+
+def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed) -> None:
+    import onnx
+
+    from edgeprune.export.onnx_export import export_onnx, onnx_logits, parity
+    from edgeprune.export.quantize import fix_shapes, mark_disabled_optimizers, optimize, quantize
+    from edgeprune.models.registry import load_classifier
+    from edgeprune.models.registry import find_adapter
+
+    fixed_len = fixed[1] if fixed else None
+    model = load_classifier(pruned_dir)  # MoE (k > 1) or folded dense sibling
+    info: dict = {}
+    log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes"))
+    info["exporter"] = export_onnx(model, pruned_dir, tmp / "fp32.onnx", t)
+    if fixed:
+        fix_shapes(tmp / "fp32.onnx", *fixed)
+    info["parity_fp32"] = parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed_len)
+    log(f"export: parity with PyTorch ok (max logit diff {info['parity_fp32']['max_abs_logit_diff']:.2e})")
+    info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, *attention_shape(model.config),
+                               ort_model_type(model, find_adapter(model.config.model_type)))
+    log(f"quantize: {t.quantization.precision}")
+    info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample)
+    info["variants"] = export_variants(tmp, t, sample, fixed_len)
+    info["ort_disabled_optimizers"] = t.optimization.ort_disabled_optimizers
+    mark_disabled_optimizers(tmp / "model.onnx", info["ort_disabled_optimizers"])
+    for f in ("fp32.onnx", "opt.onnx"):
+        (tmp / f).unlink()
+    _runtime_formats(tmp, t, info)
+    info["input_names"] = [i.name for i in onnx.load(str(tmp / "model.onnx")).graph.input]
+    (tmp / "export.json").write_text(json.dumps(info, indent=1))
+    np.save(tmp / "parity_logits.npy", onnx_logits(tmp / "model.onnx", sample, fixed_length=fixed_len))
+
+
+def _runtime_formats(tmp: Path, t: Target, info: dict) -> None:
+    """The ORT format and the mobile usability check, where the target asks for them."""
+    from edgeprune.export.quantize import mobile_usability, to_ort_format
+
+    if t.runtime.ort_format:
+        to_ort_format(tmp / "model.onnx", tmp / "model.ort")
+    if t.runtime.mobile_usability:
+        log("mobile usability check (NNAPI / CoreML)")
+        info["mobile_usability"] = mobile_usability(tmp / "model.onnx")
+
+
+def export_variants(tmp: Path, t: Target, sample, fixed_len: Optional[int]) -> dict:
+    """The target's extra precisions (``[export] variants``), from the same fused fp32 graph as the artifact,
+    each compared with the fp32 graph on the parity sample (the quantized artifact's own check is the build's
+    validation). fp16 keeps fp32 inputs and outputs (keep_io_types), as transformers.js' fp16 models do."""
+    from edgeprune.export.onnx_export import onnx_logits
+    from edgeprune.export.quantize import quantize
+
+    out = {}
+    if not t.export.variants:
+        return out
+    ref = onnx_logits(tmp / "fp32.onnx", sample, fixed_length=fixed_len)
+    for v in t.export.variants:
+        log(f"export: variant {v}")
+        vt = replace(t, quantization=replace(t.quantization, precision=v, embedding_bits=8))
+        quantize(tmp / "opt.onnx", tmp / f"model_{v}.onnx", vt)
+        got = onnx_logits(tmp / f"model_{v}.onnx", sample, fixed_length=fixed_len)
+        out[v] = {"max_abs_logit_diff_vs_fp32": float(np.abs(ref - got).max()),
+                  "agreement_vs_fp32": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+                  "examples": len(sample), "mb": round((tmp / f"model_{v}.onnx").stat().st_size / 1e6, 3)}
+    return out
