@@ -156,13 +156,12 @@ def test_build_with_fewer_layers_and_heads_is_exact_after_fusion(tmp_path, cache
     np.testing.assert_allclose(EdgeModel(out).logits(texts, batch_size=8), want, atol=1e-4)
 
 
-def test_target_preset_applies_where_the_command_line_is_silent(tmp_path, cache, tiny_original, loose_targets):
-    profile = tmp_path / "preset.toml"
-    profile.write_text((loose_targets / "x86_64.toml").read_text() +
-                       "\n[prune]\ndrop_layers = 1\nheads_keep = 0.5\nrecovery_steps = 3\n")
+def test_a_preset_applies_where_the_command_line_is_silent(tmp_path, cache, tiny_original, loose_targets):
+    preset = tmp_path / "preset.toml"
+    preset.write_text("[prune]\ndrop_layers = 1\nheads_keep = 0.5\nrecovery_steps = 3\n")
     out = tmp_path / "art"
-    args = ["build", "--model", str(tiny_original), "--target", str(profile), "--calibration-examples", "64",
-            "--eval-examples", "48", "--latency-iters", "5"]
+    args = ["build", "--model", str(tiny_original), "--target", "x86_64", "--preset", str(preset),
+            "--calibration-examples", "64", "--eval-examples", "48", "--latency-iters", "5"]
     res = CliRunner().invoke(main, args + ["--out", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "preset --drop-layers 1 --heads-keep 0.5 --recovery-steps 3" in res.output
@@ -174,7 +173,7 @@ def test_target_preset_applies_where_the_command_line_is_silent(tmp_path, cache,
     assert "preset --heads-keep 0.5" in res.output and "--drop-layers 1" not in res.output
     assert json.loads((tmp_path / "b" / "report.json").read_text())["prune"].get("depth") is None
     res = CliRunner().invoke(main, args + ["--experts", "2", "--out", str(tmp_path / "c")], catch_exceptions=False)
-    assert res.exit_code == 0 and "preset not applied (it is for the folded model (--experts 1))" in res.output
+    assert res.exit_code == 2 and "cannot be applied (it is for the folded model (--experts 1))" in res.output
     bad = tmp_path / "bad.toml"
     for body, msg in [("[prune]\nheads_keep = 0\n", r"\[prune\].heads_keep = 0 should be in \(0, 1\]"),
                       ("[prune]\ndrop_layers = -1\n", r"\[prune\].drop_layers = -1 should be an integer >= 0")]:
@@ -192,3 +191,61 @@ def test_vocab_reserve_minus_one_keeps_the_full_vocabulary_against_a_preset(tmp_
     assert res.exit_code == 0, res.output
     assert "preset --vocab-reserve" not in res.output
     assert json.loads((tmp_path / "art" / "edgeprune.json").read_text())["vocabulary"] is None
+
+
+def test_the_targets_recipe_is_the_default_originals_and_a_users_model_gets_the_plain_fold(tmp_path, cache,
+                                                                                           tiny_original):
+    """The CPU profiles' [prune] was chosen by a search on the default original: a --model gets the plain fold
+    (said in one line), a --preset that does not fit the model is refused (exit 2), the recipe's knobs that do not
+    fit are skipped with a line, never applied silently (issue 25, item 5)."""
+    from edgeprune.build.presets import apply_presets
+    from edgeprune.pruning.config import PruneConfig
+    from edgeprune.targets import load_target
+
+    target = load_target("x86_64")
+    assert target.prune.drop_layers == 2  # the profile as shipped
+    out = tmp_path / "art"
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "x86_64", "--experts", "1",
+                                    "--recovery-steps", "0", "--out", str(out)] + FAST[:2] + FAST[4:],
+                             catch_exceptions=False)
+    assert res.exit_code in (0, 1), res.output  # built (a random tiny model may miss the real accuracy budget)
+    assert "was chosen for the default original; not applied to --model" in res.output
+    art = out if out.exists() else tmp_path / "art.rejected"
+    manifest = json.loads((art / "edgeprune.json").read_text())
+    assert manifest["depth"] is None and manifest["vocabulary"] is None and manifest["heads"] is None
+    preset = tmp_path / "preset.toml"
+    preset.write_text("[prune]\ndrop_layers = 2\nrecovery_steps = 3\n")
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "x86_64", "--preset",
+                                    str(preset), "--out", str(tmp_path / "b")] + FAST)
+    assert res.exit_code == 2 and res.output.strip() == (
+        f"error: --preset {preset}: drop_layers = 2 does not fit the model (the model has 2 layers); edit the preset "
+        "or give --drop-layers yourself") and not (tmp_path / "b").exists()
+    said = []
+    cfg = PruneConfig()
+    apply_presets(cfg, target, None, set(), said.append)  # the default original: the recipe applies
+    assert (cfg.drop_layers, cfg.heads_keep, cfg.ffn_keep, cfg.vocab_reserve) == (2, 0.75, 0.75, 2000)
+    assert said == ["[edgeprune] target x86_64: preset --vocab-reserve 2000 --drop-layers 2 --heads-keep 0.75 "
+                    "--ffn-keep 0.75 --recovery-steps 1000"]
+
+
+def test_search_writes_a_preset_that_build_applies(tmp_path):
+    from edgeprune.build.presets import load_preset, write_preset
+
+    write_preset(tmp_path / "preset.toml", {"drop_layers": 1, "heads_keep": 0.75, "ffn_keep": 1.0,
+                                            "vocab_reserve": -1, "embedding_bits": 4}, 500, "a test")
+    assert load_preset(tmp_path / "preset.toml") == {"drop_layers": 1, "heads_keep": 0.75, "ffn_keep": 1.0,
+                                                     "recovery_steps": 500}
+    (tmp_path / "empty.toml").write_text("[budgets]\nmax_size_mb = 3\n")
+    with pytest.raises(ConfigError, match="no \\[prune\\] table"):
+        load_preset(tmp_path / "empty.toml")
+
+
+def test_a_preset_that_does_not_fit_is_named_knob_by_knob(tmp_path):
+    from edgeprune.build.presets import misfits
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe", "num_hidden_layers": 4}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}}))
+    assert misfits({"drop_layers": 4, "heads_keep": 0.5, "vocab_reserve": 10}, tmp_path) == {
+        "drop_layers": "the model has 4 layers", "vocab_reserve": "its tokenizer is not WordPiece",
+        "heads_keep": "olmoe has no dense sibling to fold into"}
+    assert misfits({"drop_layers": 1}, None) == {}

@@ -40,8 +40,8 @@ def build_web(root: Path, tiny_original: Path, *extra: str):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEPRUNE_TARGETS", str(tdir))
         mp.setenv("EDGEPRUNE_CACHE", str(root / "cache"))
-        res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "web", "--out",
-                                        str(root / "art"), *extra] + FAST, catch_exceptions=False)
+        res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "web", "--vocab-reserve",
+                                        "2000", "--out", str(root / "art"), *extra] + FAST, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return res, root / "art"
 
@@ -50,7 +50,7 @@ def build_web(root: Path, tiny_original: Path, *extra: str):
 def web_artifact(tmp_path_factory, tiny_original):
     """A tiny MoE built for the web target."""
     res, art = build_web(tmp_path_factory.mktemp("web"), tiny_original)
-    assert "target web: preset --vocab-reserve 2000" in res.output
+    assert "preset" not in res.output  # the web profile's own vocabulary preset is the default original's recipe
     return art
 
 
@@ -113,9 +113,14 @@ def test_command_line_vocab_reserve_wins_over_the_preset(tmp_path, cache, tiny_o
     assert res.exit_code == 0, res.output
     assert "preset --vocab-reserve" not in res.output
     assert json.loads((out / "edgeprune.json").read_text())["vocabulary"]["reserve"] == 0
+    preset = tmp_path / "preset.toml"
+    preset.write_text("[prune]\nvocab_reserve = 2000\n")
     res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "web", "--method",
-                                    "chen2022-progressive", "--experts", "1", "--out", str(tmp_path / "p")] + FAST)
-    assert "preset not applied (chen2022-progressive makes its plan while fine-tuning)" in res.output
+                                    "chen2022-progressive", "--experts", "1", "--preset", str(preset), "--out",
+                                    str(tmp_path / "p")] + FAST)
+    assert res.exit_code == 2 and res.output.strip() == (
+        f"error: --preset {preset}: cannot be applied (chen2022-progressive makes its plan while fine-tuning); drop "
+        "--preset or change the options")
 
 
 def get(url_base: str, path: str) -> tuple[int, dict, bytes]:

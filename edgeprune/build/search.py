@@ -218,7 +218,16 @@ def write_front(result: SearchResult, workdir: Path, cfg) -> dict:
     (workdir / "pareto.md").write_text("\n".join(md) + "\n")
     (workdir / "pareto.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     plot(result, workdir / "pareto.png", f"{cfg.task.name} / {cfg.target.name}")
-    return {"table": str(workdir / "pareto.md"), "plot": str(workdir / "pareto.png"), "json": str(workdir / "pareto.json")}
+    files = {"table": str(workdir / "pareto.md"), "plot": str(workdir / "pareto.png"),
+             "json": str(workdir / "pareto.json")}
+    if result.chosen is not None:  # the chosen knobs as a preset of this model (build --preset)
+        from edgeprune.build.presets import write_preset
+
+        write_preset(workdir / "preset.toml", result.chosen.knobs, cfg.prune.recovery_steps,
+                     f"edgeprune search's choice for {cfg.model_dir or 'the default original'} on {cfg.task.name} "
+                     f"({cfg.target.name} budgets); apply it with: edgeprune build --preset {workdir / 'preset.toml'}")
+        files["preset"] = str(workdir / "preset.toml")
+    return files
 
 
 def plot(result: SearchResult, path: Path, title: str) -> None:

@@ -21,13 +21,18 @@ from edgeprune.errors import BudgetError, ConfigError
 @click.option("--embedding-bits", type=click.Choice(["8", "4"]), default=None,
               help="The word embedding's precision: 8 (int8, the dynamic quantizer) or 4 (GatherBlockQuantized) "
                    "[default: the target's].")
+@click.option("--preset", "preset_file", type=click.Path(dir_okay=False, exists=True),
+              help="Apply a preset of structural knobs ([prune]: drop_layers, heads_keep, ffn_keep, vocab_reserve, "
+                   "recovery_steps), e.g. the preset.toml `edgeprune search` wrote for this model; options given "
+                   "win. Without it a --model gets the plain fold (the target's own [prune] is the default original's "
+                   "recipe).")
 @click.option("--search", "search_trials", type=click.IntRange(1), default=None, metavar="TRIALS",
               help="First search TRIALS candidates (edgeprune search) and build the smallest within the budgets; the "
                    "Pareto table and plot go into the artifact.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Artifact directory [default: build/<task>-<target>, build/<task>-<target>-generate with --generate].")
 def build(task, data, prune_cfg, model_dir, given, target_name, plan_file, eval_examples, latency_iters,
-          embedding_bits, search_trials, out) -> None:
+          embedding_bits, preset_file, search_trials, out) -> None:
     """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
     from edgeprune.build.config import BuildConfig
     from edgeprune.build.presets import apply_presets, with_embedding_bits
@@ -35,20 +40,21 @@ def build(task, data, prune_cfg, model_dir, given, target_name, plan_file, eval_
     from edgeprune.targets import load_target
 
     target = with_embedding_bits(load_target(target_name), embedding_bits)
-    if search_trials and plan_file:
-        raise ConfigError("--search chooses the knobs itself; drop --plan")
+    if search_trials and (plan_file or preset_file):
+        raise ConfigError(f"--search chooses the knobs itself; drop {'--plan' if plan_file else '--preset'}")
     if prune_cfg.generate:
-        if search_trials or embedding_bits:
-            raise ConfigError("--search and --embedding-bits are for classifiers; a --generate build takes its "
-                              "weights from the target's [generate] section")
+        if search_trials or embedding_bits or preset_file:
+            raise ConfigError("--search, --preset and --embedding-bits are for classifiers; a --generate build takes "
+                              "its weights from the target's [generate] section")
     else:
-        apply_presets(prune_cfg, target, plan_file, given, click.echo)
+        apply_presets(prune_cfg, target, plan_file, given, click.echo, model_dir=model_dir, preset_file=preset_file)
     prune_cfg.validate()
     if plan_file:
         from edgeprune.pruning.plan import PrunePlan
 
         PrunePlan.load(plan_file)
-    inputs = {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, **data_inputs(data)}
+    inputs = {"checkpoint (--model)": model_dir, "plan (--plan)": plan_file, "preset (--preset)": preset_file,
+              **data_inputs(data)}
     out = guard_output(out or f"build/{task.name}-{target.name}" + ("-generate" if prune_cfg.generate else ""), inputs)
     guard_output(out.parent / f"{out.name}.rejected", inputs)
     if search_trials:
@@ -128,7 +134,8 @@ def search(task, data, prune_cfg, model_dir, given, target_name, trials, timeout
     click.echo(Path(result.files["table"]).read_text())
     if result.chosen is None:
         raise BudgetError(f"none of {len(result.candidates)} candidates met the budgets of {target.name}")
-    click.echo(f"build it: edgeprune build --task {task.name} --target {target.name} "
-               f"{knob_options(result.chosen.knobs).replace('(full vocabulary)', '').strip()} --recovery-steps "
-               f"{prune_cfg.recovery_steps}")
+    model = f" --model {model_dir}" if model_dir else ""
+    click.echo(f"build it: edgeprune build --task {task.name} --target {target.name}{model} --preset "
+               f"{result.files['preset']}" + (f" --embedding-bits {result.chosen.knobs['embedding_bits']}"
+                                              if "embedding_bits" in result.chosen.knobs else ""))
     click.echo(f"plot: {result.files['plot']}")
