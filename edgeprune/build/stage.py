@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeprune.build.config import BuildConfig, log
-from edgeprune.cache import Stage
+from edgeprune.cache import Stage, cache_root
+from edgeprune.training.resume import checkpoints_under
 
 
 def prune_key(cfg: BuildConfig, original_dir: Path) -> dict:
@@ -34,7 +35,8 @@ def stage_prune(cfg: BuildConfig, original_dir: Path, original_hash: str) -> Pat
     if stage.reuse():
         return stage.dir
     log(f"prune: {cfg.prune.method}, k={cfg.prune.experts or 'adaptive'}, recovery {cfg.prune.recovery_steps} steps")
-    model, plan, info = prune(original_dir, cfg.task, cfg.data, cfg.prune, plan=plan)
+    with checkpoints_under(cache_root() / "partial" / stage.dir.name):  # an interrupted recovery resumes
+        model, plan, info = prune(original_dir, cfg.task, cfg.data, cfg.prune, plan=plan)
     with stage.write() as tmp:  # under torchrun, only rank 0 gets here (the others left after the shared work)
         save_pruned(model, original_dir, tmp, plan, info)
     return stage.dir

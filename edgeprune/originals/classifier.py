@@ -28,6 +28,7 @@ from edgeprune.tasks.spec import DataSpec
 from edgeprune.models.tokenizer import copy_tokenizer, load_tokenizer
 from edgeprune.tasks.encoding import encode
 from edgeprune.training.loop import TrainConfig, accuracy, predict_logits, train
+from edgeprune.training.resume import checkpoints_under
 
 
 
@@ -115,7 +116,8 @@ def ensure_original(spec: OriginalSpec, force: bool = False, progress: bool = Tr
               f"fine-tuned for {spec.train_config().max_steps} steps", flush=True)
     cfg = spec.train_config()
     tr, va = encode(train_ex, tok, task.max_length), encode(val_ex, tok, task.max_length)
-    run = train(model, tr, cfg, desc=f"fine-tune {spec.kind} on {task.name}", progress=progress)
+    with checkpoints_under(cache_root() / "partial" / entry.dir.name):  # an interrupted fine-tune resumes
+        run = train(model, tr, cfg, desc=f"fine-tune {spec.kind} on {task.name}", progress=progress)
     val_acc = accuracy(predict_logits(model, va, progress=progress), va.labels)
     meta = {"kind": spec.kind, "task": task.name, "labels": list(task.labels), "max_length": task.max_length,
             "validation_accuracy": round(val_acc, 4), "train": run, "train_config": cfg.to_dict(),

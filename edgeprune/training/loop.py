@@ -128,10 +128,14 @@ class TeacherCache:
 
 
 def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optional[torch.nn.Module] = None,
-          on_step: Optional[StepCallback] = None, desc: str = "fine-tune", progress: bool = True) -> dict:
+          on_step: Optional[StepCallback] = None, desc: str = "fine-tune", progress: bool = True,
+          checkpoint: Optional[str] = None, checkpoint_every: int = 50) -> dict:
     """Fine-tune ``model`` in place for ``cfg.max_steps`` steps; returns timing and loss statistics.
 
-    ``on_step(step, model, batch)`` runs after every optimizer step (progressive pruning hooks in here).
+    ``on_step(step, model, batch)`` runs after every optimizer step (progressive pruning hooks in here). Every
+    ``checkpoint_every`` steps the run is checkpointed (``checkpoint``, or the directory
+    :func:`edgeprune.training.resume.checkpoints_under` names) and a rerun resumes from it
+    (:mod:`edgeprune.training.resume`).
     """
     from edgeprune.scale import distributed
 
@@ -149,9 +153,15 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
     batches: list[list[int]] = []
     losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, desc=desc, disable=not (progress and rank == 0), unit="step", dynamic_ncols=True)
+    ck = _checkpoint(desc, checkpoint, cfg, enc, world == 1 and on_step is None)
+    start = _resume(ck, model, run, sched, rng, desc, cfg, progress) if ck else None
+    if start is not None:
+        start, losses, batches = start["step"], start["losses"], start["batches"]
+    start = start or 0
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=not (progress and rank == 0), unit="step",
+               dynamic_ncols=True)
     bf16 = cfg.bf16 and autocast_safe(model) and (teacher is None or autocast_safe(teacher))
-    for step in range(cfg.max_steps):
+    for step in range(start, cfg.max_steps):
         if len(batches) < world:
             batches = bucketed_batches(enc, cfg.batch_size, rng)
         step_batches = [batches.pop() for _ in range(world)]  # the same sequence in every process
@@ -166,11 +176,49 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step == start + 9 and progress and rank == 0:
+            _estimate(desc, cfg.max_steps - start, (time.perf_counter() - t0) / 10, ck, checkpoint_every)
+        if ck is not None and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.max_steps:
+            ck.save(step + 1, model, run.opt, sched, losses, batches, rng.getstate())
     bar.close()
+    if ck is not None:
+        ck.clear()
     run.finish()
     return {"steps": cfg.max_steps, "seconds": round(time.perf_counter() - t0, 1), "processes": world,
             "parallel": "fsdp" if run.sharded else "ddp" if world > 1 else "none",
             "final_loss": float(np.mean(losses[-50:])) if losses else math.nan}
+
+
+def _checkpoint(desc: str, explicit, cfg: TrainConfig, enc: Encoded, allowed: bool):
+    """The run's :class:`~edgeprune.training.resume.Checkpoint`, or None (not checkpointed)."""
+    from edgeprune.cache import fingerprint
+    from edgeprune.training.resume import Checkpoint, run_dir
+
+    directory = run_dir(desc, explicit) if allowed else None
+    if directory is None:
+        return None
+    return Checkpoint(directory, fingerprint(desc, cfg.to_dict(), len(enc), enc.input_ids[:8], enc.labels[:64]))
+
+
+def _resume(ck, model, run, sched, rng: random.Random, desc: str, cfg: TrainConfig, progress: bool) -> Optional[dict]:
+    state = ck.load(model, run.opt, sched)
+    if state is None:
+        return None
+    rng.setstate(state["rng"])
+    if progress:
+        print(f"[edgeprune] {desc}: resuming at step {state['step']} of {cfg.max_steps} from the checkpoint in "
+              f"{ck.dir}", flush=True)
+    return state
+
+
+def _estimate(desc: str, steps: int, per_step: float, ck, every: int) -> None:
+    """One line, after the first ten steps: how long the rest will take at the measured rate."""
+    total = steps * per_step
+    if total < 60:
+        return
+    where = f"; checkpointed every {every} steps, an interrupted run resumes" if ck is not None else ""
+    print(f"\n[edgeprune] {desc}: {steps} steps at {per_step:.2f} s a step on this machine now: about "
+          f"{total / 60:.0f} min{where}", flush=True)
 
 
 def _warmup_then_linear(cfg: TrainConfig) -> Callable[[int], float]:
