@@ -30,7 +30,30 @@ from typing import Callable, Iterator, Optional
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("EDGEPRUNE_CACHE", Path.home() / ".cache" / "edgeprune"))
+    """``$EDGEPRUNE_CACHE`` or ``~/.cache/edgeprune``, checked once per location: a folder edgeprune can write,
+    or one line (exit 2) that says why not."""
+    root = Path(os.environ.get("EDGEPRUNE_CACHE", Path.home() / ".cache" / "edgeprune"))
+    if str(root) not in _USABLE:
+        _check_cache(root)
+        _USABLE.add(str(root))
+    return root
+
+
+_USABLE: set[str] = set()
+
+
+def _check_cache(root: Path) -> None:
+    from edgeprune.errors import ConfigError
+
+    where = "EDGEPRUNE_CACHE" if "EDGEPRUNE_CACHE" in os.environ else "the cache"
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{where} {root} is a file, not a folder; point EDGEPRUNE_CACHE at a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=root))
+    except OSError as exc:
+        raise ConfigError(f"{where} {root} cannot be used ({exc.strerror or exc}); point EDGEPRUNE_CACHE at a "
+                          "writable folder") from None
 
 
 def fingerprint(*parts) -> str:

@@ -172,7 +172,19 @@ def data_cases() -> list[Case]:
         data_case("JSONL label as list", json.dumps({"sentence": "a", "label": [1]}) + "\n", ".jsonl"),
         data_case("unknown extension", GOOD_TSV, ".parquet"),
         data_case("only one class", "sentence\tlabel\n" + "a film\t1\n" * 10, expect="ok"),
-        data_case("whitespace-only texts", "sentence\tlabel\n" + "   \t1\n \t0\n" * 5, expect="ok"),
+        data_case("whitespace-only texts", "sentence\tlabel\n" + "   \t1\n \t0\n" * 5),
+        data_case("some empty texts (dropped, counted)", GOOD_TSV + "\t1\n  \t0\n", expect="ok"),
+        data_case("JSONL with null texts (dropped, counted)", "".join(json.dumps({"sentence": None if i % 3 == 0 else
+                  f"film {i}", "label": i % 2}) + "\n" for i in range(20)), ".jsonl", "ok"),
+        data_case("JSONL whose texts are all null", "".join(json.dumps({"sentence": None, "label": i % 2}) + "\n"
+                                                           for i in range(20)), ".jsonl"),
+        data_case("JSONL with a null label", json.dumps({"sentence": "a film", "label": None}) + "\n", ".jsonl"),
+        Case("data: a named pipe as file", lambda w: ["score", "--model", str(w.bert), "--train-file", str(w.p("fifo")),
+                                                      "--eval-file", str(w.p("fifo")), "--out", str(w.p("plan.json"))],
+             setup=lambda w: None if w.p("fifo").exists() else os.mkfifo(w.p("fifo")), group="data"),
+        Case("data: /dev/null as file", lambda w: ["score", "--model", str(w.bert), "--train-file", "/dev/null",
+                                                   "--eval-file", "/dev/null", "--out", str(w.p("plan.json"))],
+             group="data"),
         data_case("CRLF line ends", GOOD_TSV.replace("\n", "\r\n"), expect="ok"),
         data_case("emoji and right-to-left text", "sentence\tlabel\n" + "🎬 فيلم رائع\t1\nשלום 😀\t0\n" * 10, expect="ok"),
         Case("data: file does not exist", lambda w: ["score", "--model", str(w.bert), "--train-file", str(w.p("nope.tsv")),
@@ -238,6 +250,16 @@ def _truncate(path: Path, keep: int) -> None:
     path.write_bytes(data[:keep])
 
 
+def _poison(d: Path, which: str, value: float) -> None:
+    """A non-finite value in the first tensor whose name contains ``which``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(d / "model.safetensors"))
+    name = next(k for k in sorted(tensors) if which in k and tensors[k].is_floating_point())
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
 def model_cases() -> list[Case]:
     cases = []
     damages = [
@@ -267,14 +289,32 @@ def model_cases() -> list[Case]:
         ("negative expert count", lambda d: _json_edit(d / "config.json", num_experts_per_layer=[-1])),
         ("MoE layer index out of range", lambda d: _json_edit(d / "config.json", moe_layers=[7])),
         ("directory of one file named config.json/", lambda d: ((d / "config.json").unlink(), (d / "config.json").mkdir())),
+        ("num_hidden_layers a string", lambda d: _json_edit(d / "config.json", num_hidden_layers="two")),
+        ("hidden_size negative", lambda d: _json_edit(d / "config.json", hidden_size=-32)),
+        ("NaN in an expert weight", lambda d: _poison(d, "experts", float("nan"))),
+        ("infinity in a router weight", lambda d: _poison(d, "router", float("inf"))),
+        ("NaN in an attention weight", lambda d: _poison(d, "attention.self.query.weight", float("nan"))),
+        ("index names a file outside the checkpoint", lambda d: (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {"x": "../../../../etc/passwd"}}))),
+        ("index names an absolute path", lambda d: (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {"x": "/etc/passwd"}}))),
     ]
     for name, damage in damages:
         cases.append(model_case(name, damage))
+    cases += [model_case(name + " (layer-wise)", damage, extra=("--layerwise",)) for name, damage in damages
+              if name.startswith(("NaN", "infinity"))]  # the streaming check of the layer-wise path
     for name, damage in damages[:8] + damages[9:12]:
         cases.append(model_case(name, damage, command="prune"))
     for name, damage in damages[:2] + damages[8:10]:
         cases.append(model_case(name, damage, command="build"))
     cases += [
+        model_case("labels named otherwise (bad, good)", lambda d: _json_edit(d / "config.json", id2label={
+            "0": "bad", "1": "good"}, label2id={"bad": 0, "good": 1})),
+        model_case("labels the task's in another order", lambda d: _json_edit(d / "config.json", id2label={
+            "0": "positive", "1": "negative"}, label2id={"positive": 0, "negative": 1}), expect="ok"),
+        model_case("labels mapped with --label-map", lambda d: _json_edit(d / "config.json", id2label={
+            "0": "bad", "1": "good"}, label2id={"bad": 0, "good": 1}), expect="ok",
+            extra=("--label-map", "bad=negative,good=positive")),
         model_case("Mixtral pad id differs from the tokenizer", lambda d: _json_edit(d / "config.json", pad_token_id=5),
                    base="mixtral"),
         model_case("Mixtral causal LM architectures with classifier weights",
@@ -336,11 +376,17 @@ def artifact_cases() -> list[Case]:
         ("manifest model_file outside the artifact", lambda d: _json_edit(d / "edgeprune.json", model_file="../x.onnx")),
         ("manifest model_file a number", lambda d: _json_edit(d / "edgeprune.json", model_file=3)),
         ("manifest label_words without template", lambda d: _json_edit(d / "edgeprune.json", label_words={"verbalisers": []})),
+        ("manifest pad_id outside the vocabulary", lambda d: _json_edit(d / "edgeprune.json", pad_id=1000000000)),
+        ("manifest threads 100000", lambda d: _json_edit(d / "edgeprune.json", threads=100000)),
+        ("manifest threads a string", lambda d: _json_edit(d / "edgeprune.json", threads="all")),
+        ("manifest input_names bogus", lambda d: _json_edit(d / "edgeprune.json", input_names=["pixels"])),
+        ("manifest input_names not the graph's", lambda d: _json_edit(d / "edgeprune.json", input_names=["input_ids"])),
+        ("manifest model_file a link outside", lambda d: (_onnx(d).unlink(), _onnx(d).symlink_to("/etc/hostname"))),
     ]
     report_only = ("no report.json", "report.json not JSON", "report without budgets")  # predict does not read it
     cases = [artifact_case(n, f, "predict", expect="ok" if n in report_only else "error") for n, f in damages]
     cases += [artifact_case(n, f, "check", expect="ok" if n == "report without budgets" else "error")
-              for n, f in damages if "tokenizer" not in n]
+              for n, f in damages]
     cases += [
         artifact_case("intact", lambda d: None, "predict", expect="ok"),
         Case("serve: not an artifact", lambda w: ["serve", str(w.p("empty"))], setup=lambda w: w.p("empty").mkdir(exist_ok=True),
@@ -729,6 +775,15 @@ def generation_cases() -> list[Case]:
              setup=write("b.toml", "[generate]\nmax_perplexity_ratio = nan\n")),
         Case("check: decoder artifact without report", lambda w: ["check", str(w.p("dec"))],
              setup=lambda w: (w.copy(w.decoder, "dec"), (w.p("dec") / "report.json").unlink())),
+        Case("generate: manifest model_file outside the artifact", lambda w: ["generate", str(w.p("dec")), "hi"],
+             setup=lambda w: _json_edit(w.copy(w.decoder, "dec") / "edgeprune.json", model_file="../x.onnx")),
+        Case("generate: manifest variant file outside the artifact", lambda w: ["generate", str(w.p("dec")), "hi",
+             "--variant", "int4"], setup=lambda w: _json_edit(w.copy(w.decoder, "dec") / "edgeprune.json",
+                                                              variants={"int4": {"model_file": "/etc/hostname"}})),
+        Case("generate: manifest threads 100000", lambda w: ["generate", str(w.p("dec")), "hi"],
+             setup=lambda w: _json_edit(w.copy(w.decoder, "dec") / "edgeprune.json", threads=100000)),
+        Case("generate: manifest eos ids not integers", lambda w: ["generate", str(w.p("dec")), "hi"],
+             setup=lambda w: _json_edit(w.copy(w.decoder, "dec") / "edgeprune.json", eos_token_ids=["</s>"])),
     ]
     for c in cases:
         c.group = "generation"

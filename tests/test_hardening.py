@@ -253,3 +253,134 @@ def test_out_links_dot_and_previous_artifacts(tmp_path, user_model, cache, loose
     assert json.loads((tmp_path / "real" / "edgeprune.json").read_text())["prune_plan"]["k_per_layer"]
     (tmp_path / "empty").mkdir()
     run(args + ["--out", str(tmp_path / "empty")], 0)
+
+
+def test_non_finite_weights_are_refused_where_they_are_read(tmp_path, user_model):
+    """In memory (the whole model) and layer by layer (each tensor as it is read), naming the tensor (exit 4)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(user_model / "model.safetensors"))
+    name = sorted(k for k in tensors if "moe.experts.1.w_out.weight" in k)[0]
+    tensors[name][3, 2] = float("nan")
+    save_file(tensors, str(user_model / "model.safetensors"), metadata={"format": "pt"})
+    for extra in ([], ["--layerwise"]):
+        res = run(["score", "--model", str(user_model), "--experts", "1", "--calibration-examples", "8",
+                   "--out", str(tmp_path / "p.json")] + extra, 4)
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: {user_model}: tensor {name} holds NaN; the checkpoint is damaged (re-save or "
+                          "re-train it; edgeprune does not prune non-finite weights)"]
+        assert not (tmp_path / "p.json").exists()
+
+
+def test_check_finite_is_exact_also_where_the_fast_sum_overflows():
+    import torch
+
+    from edgeprune.errors import ModelError
+    from edgeprune.models.checkpoint import check_finite
+
+    big = torch.full((4,), 3e38)  # finite, but its fp32 sum overflows: every element is then looked at
+    check_finite({"big": big}, "here")
+    big[1] = float("-inf")
+    with pytest.raises(ModelError, match="tensor big holds infinity"):
+        check_finite({"big": big}, "here")
+
+
+def test_plans_are_standard_json_and_non_finite_scores_are_refused(tmp_path):
+    import math
+
+    from edgeprune.errors import ConfigError
+    from edgeprune.pruning.plan import LayerPlan, PrunePlan
+
+    plan = PrunePlan("reap", [LayerPlan(1, 2, [0.5, math.nan], [[(0, 1.0)]])])
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        plan.to_json()
+    (tmp_path / "p.json").write_text(json.dumps({"method": "reap", "layers": [
+        {"layer": 1, "num_experts": 2, "scores": [0.5, float("nan")], "groups": [[[0, 1.0]]]}]}))
+    with pytest.raises(ConfigError, match="layer 1: score nan is not a finite number"):
+        PrunePlan.load(tmp_path / "p.json")
+
+
+def test_a_shard_index_never_leads_outside_the_checkpoint(tmp_path, user_model):
+    (user_model / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"x": "../../../../etc/passwd"}}))
+    res = run(["score", "--model", str(user_model), "--out", str(tmp_path / "p.json")], 4)
+    assert "model.safetensors.index.json: names '../../../../etc/passwd', which lies outside" in res.output
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_a_cache_location_that_cannot_be_used_is_exit_2(where, tmp_path, monkeypatch, user_model):
+    from edgeprune import cache as cache_module
+
+    bad = tmp_path / "a-file" if where == "file" else Path("/proc/edgeprune-cache")
+    if where == "file":
+        bad.write_text("x")
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(bad))
+    monkeypatch.setattr(cache_module, "_USABLE", set())
+    res = run(["score", "--model", str(user_model), "--out", str(tmp_path / "p.json")], 2)
+    line = res.output.strip()
+    assert line.startswith(f"error: EDGEPRUNE_CACHE {bad} ") and "point EDGEPRUNE_CACHE at a" in line
+
+
+def test_a_budget_file_whose_budgets_are_not_a_table_is_exit_2(tmp_path):
+    from edgeprune.errors import ConfigError
+    from edgeprune.validate.budgets import load_budget_file
+
+    (tmp_path / "b.toml").write_text("budgets = 5\n")
+    with pytest.raises(ConfigError, match="budgets = 5 should be a \\[budgets\\] table"):
+        load_budget_file(tmp_path / "b.toml")
+
+
+def test_a_substituted_cached_logits_file_is_caught_and_rebuilt(tmp_path, cache, user_model, loose_targets):
+    """The original's validation logits are a sealed stage: a valid but different array is caught by its SHA-256
+    record, rebuilt, and the log says which entry and why."""
+    import numpy as np
+
+    out = tmp_path / "art"
+    args = ["build", "--model", str(user_model), "--out", str(out)] + FAST
+    first = run(args, 0)
+    report = json.loads((out / "report.json").read_text())
+    entry = next((cache / "stages").glob("logits-*"))
+    logits = np.load(entry / "logits.npy")
+    np.save(entry / "logits.npy", -logits)  # valid, and wrong
+    res = run(args, 0)
+    assert f"cache: {entry.name} is damaged (logits.npy was modified); rebuilding it" in res.output
+    assert json.loads((out / "report.json").read_text())["quality"] == report["quality"]
+    assert first.exit_code == 0
+
+
+def test_labels_are_matched_by_name_and_the_head_follows_the_task(tmp_path, user_model, cache):
+    """A checkpoint whose id2label is the task's in another order is put into the task's order (the same
+    predictions, by name); names that are not the task's are refused (exit 4) unless mapped (--label-map)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from edgeprune.models.loading import load_model
+    from edgeprune.tasks import get_task
+
+    task = get_task("sst2")
+    base = load_model(user_model, task=task)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(user_model, swapped)
+    cfg = json.loads((swapped / "config.json").read_text())
+    cfg["id2label"], cfg["label2id"] = {"0": "Positive", "1": "negative"}, {"Positive": 0, "negative": 1}
+    (swapped / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(swapped / "model.safetensors"))
+    for k in ("classifier.weight", "classifier.bias"):
+        tensors[k] = tensors[k].flip(0).contiguous()
+    save_file(tensors, str(swapped / "model.safetensors"), metadata={"format": "pt"})
+    model = load_model(swapped, task=task)
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    other = tmp_path / "other"
+    shutil.copytree(user_model, other)
+    cfg["id2label"], cfg["label2id"] = {"0": "bad", "1": "good"}, {"bad": 0, "good": 1}
+    (other / "config.json").write_text(json.dumps(cfg))
+    res = run(["score", "--model", str(other), "--out", str(tmp_path / "p.json")], 4)
+    assert "the checkpoint's labels ['bad', 'good'] are not task sst2's (negative, positive); map them with " \
+           "--label-map" in res.output
+    run(["score", "--model", str(other), "--label-map", "bad=negative,good=positive", "--experts", "1",
+         "--calibration-examples", "8", "--out", str(tmp_path / "p.json")], 0)
+    res = run(["score", "--model", str(other), "--label-map", "bad=awful", "--out", str(tmp_path / "q.json")], 2)
+    assert "'awful' is not a label of task sst2" in res.output

@@ -34,7 +34,8 @@ def original_logits_cached(cfg: BuildConfig, prep: Prepared, enc) -> np.ndarray:
     computed layer by layer for a layer-wise build."""
     from edgeprune.validate.classifier import original_logits
 
-    extra = [cfg.prune.load_options()] if cfg.prune.prompt or cfg.prune.verbalisers or cfg.prune.dtype else []
+    p = cfg.prune
+    extra = [p.load_options()] if p.prompt or p.verbalisers or p.dtype or p.label_map else []
     stage = Stage("logits", prep.original_hash, cfg.data.key(), cfg.task.name, cfg.eval_examples, *extra,
                   label="original logits")
 
@@ -79,7 +80,7 @@ class ClassifierBuild:
         if layerwise:
             log(f"original: {why}")
         p = cfg.prune
-        original = skeleton(original_dir, p.dtype, cfg.task, p.prompt, p.verbalisers) if layerwise else \
+        original = skeleton(original_dir, p.dtype, cfg.task, p.prompt, p.verbalisers, p.label_map) if layerwise else \
             load_model(original_dir, task=cfg.task, **p.load_options())
         words = of_model(original)
         tok = load_tokenizer(original_dir)

@@ -99,7 +99,10 @@ def prune_options(structure: bool = False, recovery_default: int = 200, recovery
 
             own = {o.field: kw.pop(o.field) for o in methods.all_options()}
             knobs = {k: kw.pop(k) for k in STRUCTURE if k in kw}
+            from edgeprune.models.labels import parse_label_map
+
             method, seed, verbalisers = kw.pop("method"), kw.pop("seed"), kw.pop("verbalisers")
+            label_map = parse_label_map(kw.pop("label_map"))
             options = methods.cli_values(method, {"seed": seed, **own})
             k, coverage = kw.pop("k"), kw.pop("coverage")
             cfg = PruneConfig(
@@ -107,7 +110,7 @@ def prune_options(structure: bool = False, recovery_default: int = 200, recovery
                 coverage=coverage, calibration_examples=kw.pop("calibration_examples"), seed=seed,
                 prompt=kw.pop("prompt"), verbalisers=tuple(w.strip() for w in verbalisers.split(",")) if verbalisers
                 else None, dtype=kw.pop("dtype"), layerwise=kw.pop("layerwise"), max_memory_gb=kw.pop("max_memory"),
-                offload_dir=kw.pop("offload_dir"), generate=kw.pop("generate"))
+                offload_dir=kw.pop("offload_dir"), generate=kw.pop("generate"), label_map=label_map)
             for name, value in knobs.items():
                 setattr(cfg, "distill_alpha" if name == "distill" else name, value)
             return fn(prune_cfg=cfg, given=given_options(), **kw)
@@ -156,6 +159,9 @@ def _common_prune_options(fn):
                                       "for pair tasks); the label word follows it (default: the task's)."),
         click.option("--verbalisers", help="Language-model checkpoints: one word per label, comma-separated, in the "
                                            "task's label order (default: the label names)."),
+        click.option("--label-map", "label_map", metavar="NAME=LABEL,...",
+                     help="The checkpoint's label names (config.json id2label) as the task's labels, e.g. "
+                          "pos=positive,neg=negative (default: matched by name; LABEL_0, LABEL_1, ... in order)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                      help="Load the checkpoint in this dtype (default: the checkpoint's own)."),
         click.option("--layerwise/--in-memory", "layerwise", default=None,

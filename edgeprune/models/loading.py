@@ -10,6 +10,7 @@ import torch
 
 from edgeprune.errors import ConfigError, ModelError
 from edgeprune.models.adapter import MoEAdapter
+from edgeprune.models.labels import label_order, reorder_head
 from edgeprune.models.registry import adapter_for, class_for
 from edgeprune.models.tokenizer import load_tokenizer
 
@@ -24,12 +25,14 @@ def family_of(model_or_dir) -> MoEAdapter:
 
 
 def load_model(model_dir: str | Path, dtype: Optional[str] = None, task=None,
-               prompt: Optional[str] = None, verbalisers: Optional[Sequence[str]] = None) -> torch.nn.Module:
+               prompt: Optional[str] = None, verbalisers: Optional[Sequence[str]] = None,
+               label_map=None) -> torch.nn.Module:
     """A local Hugging Face checkpoint of a supported MoE family as a sequence classifier: safetensors only, no
     remote code, tensors checked against the config (:mod:`edgeprune.models.checkpoint`); ``dtype`` defaults to
     the checkpoint's own. A checkpoint with only a language-model head becomes the family's classifier by
     label-word scoring (:mod:`edgeprune.models.label_words`; ``task`` gives the labels, ``prompt`` and
-    ``verbalisers`` override the defaults)."""
+    ``verbalisers`` override the defaults). A classifier's labels are matched to the task's by name
+    (:mod:`edgeprune.models.labels`; ``label_map`` maps other names), its head put into the task's order."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from edgeprune.models import label_words
@@ -54,7 +57,11 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None, task=None,
     if prompt is not None or verbalisers:
         raise ConfigError(f"{model_dir} has its own classification head; --prompt and --verbalisers are for "
                           "checkpoints with only a language-model head")
-    return load_checked(class_for(raw), model_dir, dtype=torch_dtype(dtype, raw))
+    order = label_order(raw.get("id2label") or {}, task, label_map, f"{model_dir}/config.json") if task else None
+    model = load_checked(class_for(raw), model_dir, dtype=torch_dtype(dtype, raw))
+    if order is not None:
+        reorder_head(model, order, task)
+    return model
 
 
 

@@ -31,6 +31,7 @@ class PruneConfig:
     seed: int = 0
     prompt: Optional[str] = None  # label-word scoring of language-model checkpoints (None: the task's default)
     verbalisers: Optional[tuple[str, ...]] = None
+    label_map: Optional[tuple[tuple[str, str], ...]] = None  # checkpoint label name -> task label (--label-map)
     dtype: Optional[str] = None  # load dtype (None: the checkpoint's own)
     vocab_reserve: Optional[int] = None  # prune the WordPiece vocabulary to the task's tokens + this many words
     layerwise: Optional[bool] = None  # None: chosen by the memory estimate (edgeprune.scale.memory)
@@ -42,7 +43,8 @@ class PruneConfig:
     def load_options(self) -> dict:
         """How :func:`~edgeprune.models.loading.load_model` reads the original: dtype, and the label words of a
         language model."""
-        return {"prompt": self.prompt, "verbalisers": self.verbalisers, "dtype": self.dtype}
+        return {"prompt": self.prompt, "verbalisers": self.verbalisers, "dtype": self.dtype,
+                "label_map": self.label_map}
 
     def method_config(self) -> methods.MethodConfig:
         return methods.method_config(self.method, **self.method_options)

@@ -48,7 +48,7 @@ class _Stop(Exception):
 
 
 def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prompt: Optional[str] = None,
-             verbalisers=None) -> nn.Module:
+             verbalisers=None, label_map=None) -> nn.Module:
     """The checkpoint's classifier with every parameter on the meta device (buffers real: rotary frequencies,
     position ids), in the dtype it would be loaded in.
 
@@ -94,6 +94,11 @@ def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prom
         extra["score.weight"] = (ckpt.rows(head, words.token_ids).float() / scale).to(wdtype)
         config.tie_word_embeddings = False
     else:
+        from edgeprune.models.labels import label_order
+
+        if task is not None and label_order(raw.get("id2label") or {}, task, label_map, f"{model_dir}/config.json"):
+            raise ModelError(f"{model_dir}: the checkpoint's labels are the task's in another order, which the "
+                             "layer-wise path does not reorder; re-save the checkpoint with the task's id2label order")
         cls = class_for(raw)
         cls = cls._model_mapping[type(config)] if hasattr(cls, "_model_mapping") else cls
     with init_empty_weights(include_buffers=False):

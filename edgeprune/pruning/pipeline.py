@@ -65,7 +65,7 @@ def score(original_dir: str | Path, task, data: DataSpec, cfg: PruneConfig, mode
         info["calibration"] = {"path": "layer-wise" if layerwise else "in memory", "why": why,
                                "processes": distributed.world_size()}
     if layerwise:
-        model = skeleton(original_dir, cfg.dtype, task, cfg.prompt, cfg.verbalisers)
+        model = skeleton(original_dir, cfg.dtype, task, cfg.prompt, cfg.verbalisers, cfg.label_map)
     model = model if model is not None else load_model(original_dir, task=task, **cfg.load_options())
     adapter = family_of(model)
     tok = load_tokenizer(original_dir)

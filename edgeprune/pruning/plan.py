@@ -64,7 +64,8 @@ class PrunePlan:
                 "kept": {str(lp.layer): lp.kept for lp in self.layers}, "folded": self.folds}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        """Standard JSON (a non-finite number has no JSON form: such a plan is refused where it is made)."""
+        return json.dumps(asdict(self), indent=1, allow_nan=False)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
@@ -91,7 +92,7 @@ class PrunePlan:
             if scale <= 0:
                 raise ValueError(f"layer {layer}: output_scale {scale} must be positive")
             layers.append(LayerPlan(layer, _integer(lp["num_experts"], f"layer {layer}: num_experts"),
-                                    [_finite(s, f"layer {layer}: score", nan_ok=True) for s in lp["scores"]],
+                                    [_finite(s, f"layer {layer}: score") for s in lp["scores"]],
                                     groups, scale))
         return cls(d["method"], layers, d.get("source"), d.get("task"), d.get("options", {}))
 
@@ -177,6 +178,12 @@ def make_plan(method: str, scores: dict[int, np.ndarray], num_experts: dict[int,
     layers = []
     for layer in sorted(scores):
         s = np.asarray(scores[layer], dtype=float)
+        if not np.isfinite(s).all():
+            from edgeprune.errors import ModelError
+
+            e = int(np.flatnonzero(~np.isfinite(s))[0])
+            raise ModelError(f"layer {layer}: {method} scored expert {e} {s[e]} (not a number the plan can rank); the "
+                             "model's outputs on the task data are not finite: check the checkpoint")
         if coverage is not None:
             if stats is None:
                 raise ConfigError("--coverage needs calibration statistics (a method that runs on task data)")

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from edgeprune.errors import ModelError
 from edgeprune.runtime import layout
-from edgeprune.runtime.manifest import MANIFEST, read_manifest
+from edgeprune.runtime.manifest import MANIFEST, check_against, read_manifest, session_threads
 from edgeprune.tasks.prompts import LabelWords
 
 
@@ -34,7 +34,7 @@ class EdgeModel:
         self.pad_id: int = int(self.manifest.get("pad_id", 0))  # decoder classifiers find the last token by it
         model_file = layout.model_file(self.path, self.manifest, prefer_ort)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or int(self.manifest.get("threads", 0) or 0)
+        opts.intra_op_num_threads = session_threads(threads or self.manifest.get("threads", 1))
         opts.log_severity_level = 3
         # optimizers the build measured as slower for this graph (e.g. SkipLayerNormFusion): see the target notes
         self.disabled_optimizers: list[str] = list(self.manifest.get("ort_disabled_optimizers") or [])
@@ -55,6 +55,7 @@ class EdgeModel:
         except Exception as exc:  # tokenizers raises a bare Exception
             raise ModelError(f"{self.path / 'tokenizer.json'}: not a readable tokenizer ({str(exc)[:100]}); rebuild "
                              "the artifact") from None
+        check_against(self.manifest, self.path, self.input_names, self.tokenizer.get_vocab_size())
         # a language model classifies by label words: texts are rendered into its prompt and truncated on the left
         words = self.manifest.get("label_words")
         self.label_words: Optional[LabelWords] = LabelWords.from_dict(words) if words else None

@@ -35,14 +35,18 @@ class EdgeLM:
             from edgeprune.runtime.manifest import require_artifact
 
             require_artifact(d)
-        manifest = json.loads((d / "edgeprune.json").read_text()) if (d / "edgeprune.json").is_file() else {}
+        from edgeprune.runtime.manifest import read_decoder_manifest, session_threads
+
+        manifest = read_decoder_manifest(d)
         if variant and not model_file:
             known = manifest.get("variants") or {}
             if variant not in known:
                 raise ConfigError(f"{d}: no {variant!r} variant (has: {', '.join(known) or 'none'}); list it in the "
                                   "target's [generate] variants (or `edgeprune export-lm --int4`)")
             model_file = known[variant]["model_file"]
-        model = d / (model_file or manifest.get("model_file", "model.onnx"))
+        from edgeprune.runtime.layout import file_inside
+
+        model = file_inside(d, model_file or manifest.get("model_file", "model.onnx"), "model_file")
         if not model.is_file():
             model = next((p for p in (d / "onnx" / "model.onnx", d / "model.onnx") if p.is_file()), model)
         if not model.is_file() or not (d / "tokenizer.json").is_file():
@@ -50,8 +54,8 @@ class EdgeLM:
         cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
         gen = json.loads((d / "generation_config.json").read_text()) if (d / "generation_config.json").is_file() else {}
         opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        if threads or manifest.get("threads"):
+            opts.intra_op_num_threads = session_threads(threads or manifest["threads"])
         self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
         names = [i.name for i in self.session.get_inputs()]
         self.past_names = [n for n in names if n.startswith("past_key_values.")]

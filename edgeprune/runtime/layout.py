@@ -45,11 +45,20 @@ def model_file(directory: Path, manifest: dict, prefer_ort: bool = False) -> Pat
     (``model.onnx`` for artifacts built before the layout had an ``onnx/`` folder)."""
     if prefer_ort and (directory / "model.ort").is_file():
         return directory / "model.ort"
-    name = manifest.get("model_file", "model.onnx")
-    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ModelError(f"{directory / 'edgeprune.json'}: field 'model_file' must be a relative path inside the "
+    return file_inside(directory, manifest.get("model_file", "model.onnx"), "model_file")
+
+
+def file_inside(directory: Path, name, field: str) -> Path:
+    """``directory / name`` for a file named by the manifest's ``field``, refused (exit 4) unless it is a relative
+    path that stays inside the artifact, links resolved: an artifact never sends its reader elsewhere."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ModelError(f"{directory / 'edgeprune.json'}: field {field!r} must be a relative path inside the "
                          "artifact; rebuild the artifact")
-    return directory / name
+    path = directory / name
+    if path.exists() and Path(directory).resolve() not in path.resolve().parents:
+        raise ModelError(f"{directory / 'edgeprune.json'}: field {field!r} names {name}, which leads outside the "
+                         "artifact; rebuild the artifact")
+    return path
 
 
 def transformers_js_config(precision: str, variants: list[str]) -> dict:

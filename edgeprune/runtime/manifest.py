@@ -4,6 +4,7 @@ the file and the field (exit 4), never with a traceback. Free of PyTorch."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from edgeprune.errors import ModelError
@@ -26,6 +27,52 @@ def read_json(path: Path, what: str) -> dict:
 
 def _bad(path: Path, field: str, why: str) -> ModelError:
     return ModelError(f"{path}: field {field!r} {why}; rebuild the artifact")
+
+
+MAX_THREADS = 1024
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def session_threads(requested: int) -> int:
+    """A thread count for ONNX Runtime: what the artifact (or the caller) asks, at most the machine's cores."""
+    return max(1, min(int(requested), os.cpu_count() or 1))
+
+
+def check_against(manifest: dict, path: Path, graph_inputs: list[str], vocab_size: int) -> None:
+    """The manifest against the graph and the tokenizer it ships with: the inputs it names are the graph's, and
+    the padding id is a token of the vocabulary (one line, exit 4, otherwise)."""
+    names = manifest.get("input_names")
+    if names is not None and sorted(names) != sorted(graph_inputs):
+        raise _bad(path / MANIFEST, "input_names", f"is {names} but the graph takes {graph_inputs}")
+    pad = manifest.get("pad_id", 0)
+    if pad >= vocab_size:
+        raise _bad(path / MANIFEST, "pad_id", f"is {pad}, outside the tokenizer's {vocab_size} tokens")
+
+
+def read_decoder_manifest(d: Path) -> dict:
+    """``edgeprune.json`` of a decoder artifact (``{}`` for a plain KV-cache export without one), checked: the
+    files it names stay inside the folder, token ids are integers, the context and threads are in range."""
+    from edgeprune.runtime.layout import file_inside
+
+    if not (d / MANIFEST).is_file():
+        return {}
+    path = d / MANIFEST
+    m = read_json(path, "manifest")
+    if "model_file" in m:
+        file_inside(d, m["model_file"], "model_file")
+    variants = m.get("variants") or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise _bad(path, "variants", "must be an object of variants, each with its model_file")
+    for name, v in variants.items():
+        file_inside(d, v.get("model_file"), f"variants.{name}.model_file")
+    eos = m.get("eos_token_ids", [])
+    if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+        raise _bad(path, "eos_token_ids", "must be a list of token ids (integers >= 0)")
+    for key, low in (("context", 1), ("threads", 1)):
+        v = m.get(key, low)
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= (MAX_THREADS if key == "threads" else 1 << 24):
+            raise _bad(path, key, "is out of range")
+    return m
 
 
 def require_artifact(directory: str | Path) -> Path:
@@ -64,6 +111,12 @@ def read_manifest(directory: str | Path) -> dict:
             raise _bad(path, "label_words", "needs a template with {text}")
         if not isinstance(words.get("verbalisers"), list) or len(words["verbalisers"]) != len(labels):
             raise _bad(path, "label_words", "needs one verbaliser per label")
+    threads = m.get("threads", 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS:
+        raise _bad(path, "threads", f"must be an integer from 1 to {MAX_THREADS}")
+    names = m.get("input_names")
+    if names is not None and (not isinstance(names, list) or not names or not set(names) <= set(INPUTS)):
+        raise _bad(path, "input_names", f"must be a non-empty list among {', '.join(INPUTS)}")
     budgets = m.get("budgets")
     if budgets is not None:
         from edgeprune.targets import Budgets

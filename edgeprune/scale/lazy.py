@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import torch
 from safetensors import safe_open
 
-from edgeprune.models.checkpoint import weight_files
+from edgeprune.models.checkpoint import check_finite, weight_files
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -62,7 +62,9 @@ class LazyCheckpoint(Mapping):
         info = self.info[name]
         # each read maps and unmaps its shard: only the copy stays resident, never the shard's mapped pages
         with safe_open(str(info.file), framework="pt") as fh:
-            return fh.get_tensor(name)
+            t = fh.get_tensor(name)
+        check_finite({name: t}, self.dir)  # the streaming form of the in-memory check (models.checkpoint)
+        return t
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self.info) + [k for k in self.extra if k not in self.info])
@@ -78,7 +80,9 @@ class LazyCheckpoint(Mapping):
         info = self.info[name]
         with safe_open(str(info.file), framework="pt") as fh:
             sl = fh.get_slice(name)
-            return torch.cat([sl[int(i) : int(i) + 1] for i in ids])
+            t = torch.cat([sl[int(i) : int(i) + 1] for i in ids])
+        check_finite({name: t}, self.dir)
+        return t
 
     # -- sizes ---------------------------------------------------------------------------------------------
     @property

@@ -118,7 +118,7 @@ def _rows(path: Path, fmt: str, header: bool, positional: tuple[str, ...]) -> It
                     raise DataError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path}: line {lineno}: expected a JSON object per line")
-                yield lineno, {k: ("" if v is None else str(v)) for k, v in row.items()}
+                yield lineno, {k: (None if v is None else str(v)) for k, v in row.items()}
             return
         delimiter = "\t" if fmt == "tsv" else ","
         reader = csv.reader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL,
@@ -158,7 +158,7 @@ def read_table(path: str | Path, task: Task, columns: Columns | None = None, hea
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: {_not_a_file(path)}")
     columns = columns or Columns.for_task(task)
     fmt = _format_of(path)
     header = task.header if header is None else header
@@ -167,8 +167,9 @@ def read_table(path: str | Path, task: Task, columns: Columns | None = None, hea
     label_index = {name: i for i, name in enumerate(task.labels)}
     label_index.update({alias: label_index[name] for alias, name in task.label_aliases.items()})
     out: list[Example] = []
+    dropped = {"null": 0, "empty": 0}
     for lineno, row in _rows_checked(path, fmt, header, positional):
-        longest = max((len(v) for v in row.values()), default=0)
+        longest = max((len(v) for v in row.values() if v is not None), default=0)
         if longest > MAX_FIELD:
             raise DataError(f"{path}: line {lineno}: a field of {longest:,} characters (limit {MAX_FIELD:,}); is a "
                             "quote or a delimiter missing?")
@@ -177,15 +178,58 @@ def read_table(path: str | Path, task: Task, columns: Columns | None = None, hea
             raise DataError(f"{path}: line {lineno}: missing column {missing[0]!r} "
                             f"(found: {', '.join(sorted(row)) or 'none'}); set it with --text-column/"
                             f"--text-pair-column/--label-column")
-        raw = row[columns.label].strip()
+        raw = (row[columns.label] or "").strip()
+        texts = [row[columns.text]] + ([row[columns.text_pair]] if columns.text_pair else [])
+        if any(t is None for t in texts) or not all(t.strip() for t in texts):
+            dropped["null" if any(t is None for t in texts) else "empty"] += 1
+            continue
         if raw not in label_index:
             raise DataError(f"{path}: line {lineno}: unknown label {raw!r} for task {task.name} "
                             f"(expected one of: {', '.join(task.labels)})")
         out.append(Example(row[columns.text], row[columns.text_pair] if columns.text_pair else None,
                            label_index[raw]))
+    n_dropped = sum(dropped.values())
+    if not out and n_dropped:
+        raise DataError(f"{path}: no example has text ({dropped['null']} rows with null text, {dropped['empty']} "
+                        "with empty text); check the --text-column")
     if not out:
         raise DataError(f"{path}: empty file (no examples)")
+    if n_dropped:
+        _say_once(path, f"[edgeprune] {path}: {n_dropped} of {n_dropped + len(out)} rows dropped, no text to learn "
+                        f"from ({dropped['null']} null, {dropped['empty']} empty)")
     return out
+
+
+_SAID: set = set()
+
+
+def _say_once(path: Path, message: str) -> None:
+    """A note about a data file, once per file and content (the file is read more than once in a run)."""
+    import sys
+
+    key = (str(path.resolve()), path.stat().st_mtime_ns, message)
+    if key not in _SAID:
+        _SAID.add(key)
+        print(message, file=sys.stderr, flush=True)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` cannot be read as a data file."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a directory; give a data file (TSV, CSV or JSONL)"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO); give a regular data file (TSV, CSV or JSONL): it is read more than once"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a data file; give a TSV, CSV or JSONL file"
+    return "is not a regular file; give a TSV, CSV or JSONL file"
 
 
 def _shipped(task: Task, split: str) -> Path:

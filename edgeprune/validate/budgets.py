@@ -10,10 +10,10 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
-from edgeprune.errors import ModelError
+from edgeprune.errors import ConfigError, ModelError
 from edgeprune.runtime.layout import model_file
 from edgeprune.targets import Budgets, _typed, read_toml, validate_budgets
-from edgeprune.runtime.manifest import read_json, read_manifest, require_artifact
+from edgeprune.runtime.manifest import check_against, read_json, read_manifest, require_artifact
 
 
 def measured(report: dict) -> dict:
@@ -79,6 +79,8 @@ def load_budget_file(path: str | Path) -> Budgets:
     path = Path(path)
     data = read_toml(path, "budget file")
     values = data.get("budgets", data if "budgets" not in data else {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: budgets = {values!r} should be a [budgets] table (e.g. max_size_mb = 30)")
     values = {k: v for k, v in values.items() if not isinstance(v, dict) and k not in ("name", "description", "notes")}
     return _typed("budgets", Budgets, values, str(path))
 
@@ -90,19 +92,29 @@ def load_artifact(directory: str | Path) -> tuple[dict, dict]:
     if not (directory / "report.json").is_file():
         raise ModelError(f"{directory / 'report.json'}: missing; rebuild the artifact")
     path = model_file(directory, manifest)
-    outputs = onnx_outputs(path)
+    outputs, inputs = onnx_outputs(path)
     if outputs is not None and outputs != len(manifest["labels"]):
         raise ModelError(f"{directory / 'edgeprune.json'}: {len(manifest['labels'])} labels but {path.name} has "
                          f"{outputs} outputs; rebuild the artifact")
+    check_against(manifest, directory, inputs, _vocab_size(directory))
     report = read_json(directory / "report.json", "report")
     if not isinstance(report.get("quality"), dict) or not isinstance(report.get("size"), dict):
         raise ModelError(f"{directory / 'report.json'}: no quality / size measurements; rebuild the artifact")
     return report, manifest
 
 
-def onnx_outputs(path: Path) -> Optional[int]:
-    """The width of the ONNX model's logits (None when the graph does not state it); a missing or unreadable
-    file is a one-line error."""
+def _vocab_size(directory: Path) -> int:
+    """The artifact tokenizer's vocabulary size (``check`` reads only the vocabulary of tokenizer.json)."""
+    try:
+        vocab = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+        return len(vocab)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(f"{directory / 'tokenizer.json'}: missing or not a tokenizer; rebuild the artifact") from None
+
+
+def onnx_outputs(path: Path) -> tuple[Optional[int], list[str]]:
+    """The width of the ONNX model's logits (None when the graph does not state it) and the graph's input names;
+    a missing or unreadable file is a one-line error."""
     import onnx
 
     try:
@@ -114,7 +126,8 @@ def onnx_outputs(path: Path) -> Optional[int]:
     if not model.graph.output:
         raise ModelError(f"{path}: not a readable ONNX model (no graph outputs); rebuild the artifact")
     dims = model.graph.output[0].type.tensor_type.shape.dim
-    return (dims[-1].dim_value or None) if dims else None
+    inits = {i.name for i in model.graph.initializer}
+    return (dims[-1].dim_value or None) if dims else None, [i.name for i in model.graph.input if i.name not in inits]
 
 
 def resolve_budgets(manifest: dict, budget_file: Optional[str], overrides: dict) -> Budgets:
