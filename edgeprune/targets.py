@@ -204,6 +204,15 @@ def _typed(section: str, cls, values: dict, where: str):
     return obj
 
 
+PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "MIGraphXExecutionProvider",
+             "OpenVINOExecutionProvider", "DnnlExecutionProvider", "VitisAIExecutionProvider", "QNNExecutionProvider",
+             "NnapiExecutionProvider", "VSINPUExecutionProvider", "JsExecutionProvider", "CoreMLExecutionProvider",
+             "DmlExecutionProvider", "RknpuExecutionProvider", "WebNNExecutionProvider", "WebGpuExecutionProvider",
+             "XnnpackExecutionProvider", "CANNExecutionProvider", "AzureExecutionProvider", "CPUExecutionProvider")
+"""``onnxruntime.get_all_providers()`` of ONNX Runtime 1.32, so that reading a profile does not import it
+(tests/test_layout.py checks the two agree)."""
+
+
 def _check_quantization(obj, where: str, values: dict) -> None:
     if obj.precision not in PRECISIONS:
         raise ConfigError(f"{where}: [quantization].precision {obj.precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -238,9 +247,7 @@ def _check_export(obj, where: str, values: dict) -> None:
 def _check_runtime(obj, where: str, values: dict) -> None:
     if obj.threads < 1:
         raise ConfigError(f"{where}: [runtime].threads must be >= 1")
-    import onnxruntime
-
-    if obj.provider not in onnxruntime.get_all_providers():
+    if obj.provider not in PROVIDERS:
         raise ConfigError(f"{where}: [runtime].provider {obj.provider!r} is not an ONNX Runtime execution provider "
                           "(e.g. CPUExecutionProvider, XnnpackExecutionProvider, CoreMLExecutionProvider)")
 

@@ -172,3 +172,21 @@ def test_packages_depend_on_each_other_without_cycles():
                     graph.setdefault(dep, set())
     cycle = find_cycle(graph)
     assert cycle is None, "packages import each other: " + " -> ".join(cycle)
+
+
+def test_the_known_execution_providers_are_onnxruntimes():
+    import onnxruntime
+
+    from edgeprune.targets import PROVIDERS
+
+    assert set(onnxruntime.get_all_providers()) <= set(PROVIDERS)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["targets"], ["tasks"], ["build", "--help"], ["score", "--method", "x"]])
+def test_quick_commands_import_no_heavy_library(args):
+    """``--help``, ``targets``, ``tasks`` and option errors answer without torch, transformers or onnxruntime
+    (held by the import graph, not by a timer)."""
+    code = ("import sys\nfrom edgeprune.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules))" % args)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-500:]

@@ -165,6 +165,7 @@ def test_a_preset_applies_where_the_command_line_is_silent(tmp_path, cache, tiny
     res = CliRunner().invoke(main, args + ["--out", str(out)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "preset --drop-layers 1 --heads-keep 0.5 --recovery-steps 3" in res.output
+    assert "Input hidden size" not in res.output and "INFO" not in res.output  # expected fusion notes are not shown
     report = json.loads((out / "report.json").read_text())
     assert report["prune"]["depth"]["layers"] == [2, 1] and report["prune"]["recovery"]["steps"] == 3
     res = CliRunner().invoke(main, args + ["--drop-layers", "0", "--recovery-steps", "4", "--out", str(tmp_path / "b")],

@@ -45,15 +45,34 @@ def optimize(src: Path, dst: Path, target: Target, num_heads: int, hidden_size: 
     options.enable_embed_layer_norm = target.quantization.embedding_bits == 8  # a fused op hides the Gather
     options.enable_skip_layer_norm = target.optimization.skip_layer_norm
     options.enable_gelu_approximation = target.optimization.gelu_approximation
+    fusion_log = logging.getLogger("onnxruntime.transformers.fusion_attention")
+    expected = _PrunedWidth(hidden_size)
+    fusion_log.addFilter(expected)
     try:
         opt = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
                              opt_level=1,  # portable: no hardware-specific layouts in the saved graph
                              optimization_options=options)
     except Exception as exc:
         raise ExportError(f"ORT transformer optimisation failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        fusion_log.removeFilter(expected)
     opt.save_model_to_file(str(dst))
     stats = opt.get_fused_operator_statistics()
     return [f"{k}={v}" for k, v in stats.items() if v]
+
+
+class _PrunedWidth(logging.Filter):
+    """After ``--heads-keep`` the attention is narrower than the model (q, k, v weights [H, kept x head size]), and
+    ONNX Runtime's fusion wants that pruned width as ``hidden_size`` (its docstring), then warns that it differs
+    from the weights' input size, once per layer. That warning is expected here and dropped; any other is kept."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("Input hidden size (%d) is not same as weight matrix dimension")
+                    and record.args and record.args[0] == self.hidden_size)
 
 
 class _Reader:
@@ -133,10 +152,14 @@ def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], bloc
     et al. 2023: each column rounded in turn and the rest of its block corrected by the inverse Hessian of the
     layer's inputs), 4-bit MatMul only, on ``calibration`` (an onnxruntime ``CalibrationDataReader`` of the graph's
     inputs)."""
+    root = logging.getLogger().level
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
                                                                  MatMulNBitsQuantizer)
 
+    # that module calls logging.basicConfig(level=INFO) when imported, and every library's INFO lines (a line a
+    # tensor from the dynamic quantizer) then reach the user's terminal: the root logger's level is put back
+    logging.getLogger().setLevel(root)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line a node
     axes = (("MatMul", 0), ("Gather", 1))
     if algorithm == "hqq":
