@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from edgeprune.errors import ModelError
 
@@ -125,3 +126,30 @@ def read_manifest(directory: str | Path) -> dict:
         if not isinstance(budgets, dict) or set(budgets) - known:
             raise _bad(path, "budgets", f"must be an object with keys among {', '.join(sorted(known))}")
     return m
+
+
+def vocab_size(directory: Path) -> int:
+    """The artifact tokenizer's vocabulary size (``check`` reads only the vocabulary of tokenizer.json)."""
+    try:
+        vocab = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+        return len(vocab)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(f"{directory / 'tokenizer.json'}: missing or not a tokenizer; rebuild the artifact") from None
+
+
+def graph_io(path: Path) -> tuple[Optional[int], list[str]]:
+    """The width of the ONNX model's logits (None when the graph does not state it) and the graph's input names;
+    a missing or unreadable file is a one-line error."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing; rebuild the artifact") from None
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}); rebuild the artifact") from None
+    if not model.graph.output:
+        raise ModelError(f"{path}: not a readable ONNX model (no graph outputs); rebuild the artifact")
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    inits = {i.name for i in model.graph.initializer}
+    return (dims[-1].dim_value or None) if dims else None, [i.name for i in model.graph.input if i.name not in inits]

@@ -41,11 +41,22 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             super().log_message(fmt, *args)
 
 
+def _check_artifact(directory: Path) -> None:
+    """The manifest's schema, and its input names and padding id against the graph and the tokenizer the page
+    will load (as ``check`` and ``EdgeModel`` do)."""
+    from edgeprune.runtime.layout import model_file
+    from edgeprune.runtime.manifest import check_against, graph_io, vocab_size
+
+    manifest = read_manifest(directory)
+    _, inputs = graph_io(model_file(directory, manifest))
+    check_against(manifest, directory, inputs, vocab_size(directory))
+
+
 def server(directory: str | Path, host: str = "127.0.0.1", port: int = 8000,
            lib: Optional[str | Path] = None) -> http.server.ThreadingHTTPServer:
     """A server for the artifact in ``directory`` (not started; ``port=0`` picks a free port)."""
     directory = Path(directory)
-    read_manifest(directory)  # an artifact, or a one-line error
+    _check_artifact(directory)  # an artifact whose manifest fits its graph and tokenizer, or a one-line error
     if not (directory / "demo" / "index.html").is_file():
         raise ModelError(f"{directory}: no demo/index.html (built before the demo page existed); rebuild the artifact")
     lib_dir = Path(lib) if lib else None

@@ -13,7 +13,8 @@ from typing import Optional
 from edgeprune.errors import ConfigError, ModelError
 from edgeprune.runtime.layout import model_file
 from edgeprune.targets import Budgets, _typed, read_toml, validate_budgets
-from edgeprune.runtime.manifest import check_against, read_json, read_manifest, require_artifact
+from edgeprune.runtime.manifest import (check_against, graph_io, read_json, read_manifest, require_artifact,
+                                        vocab_size)
 
 
 def measured(report: dict) -> dict:
@@ -92,42 +93,15 @@ def load_artifact(directory: str | Path) -> tuple[dict, dict]:
     if not (directory / "report.json").is_file():
         raise ModelError(f"{directory / 'report.json'}: missing; rebuild the artifact")
     path = model_file(directory, manifest)
-    outputs, inputs = onnx_outputs(path)
+    outputs, inputs = graph_io(path)
     if outputs is not None and outputs != len(manifest["labels"]):
         raise ModelError(f"{directory / 'edgeprune.json'}: {len(manifest['labels'])} labels but {path.name} has "
                          f"{outputs} outputs; rebuild the artifact")
-    check_against(manifest, directory, inputs, _vocab_size(directory))
+    check_against(manifest, directory, inputs, vocab_size(directory))
     report = read_json(directory / "report.json", "report")
     if not isinstance(report.get("quality"), dict) or not isinstance(report.get("size"), dict):
         raise ModelError(f"{directory / 'report.json'}: no quality / size measurements; rebuild the artifact")
     return report, manifest
-
-
-def _vocab_size(directory: Path) -> int:
-    """The artifact tokenizer's vocabulary size (``check`` reads only the vocabulary of tokenizer.json)."""
-    try:
-        vocab = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
-        return len(vocab)
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ModelError(f"{directory / 'tokenizer.json'}: missing or not a tokenizer; rebuild the artifact") from None
-
-
-def onnx_outputs(path: Path) -> tuple[Optional[int], list[str]]:
-    """The width of the ONNX model's logits (None when the graph does not state it) and the graph's input names;
-    a missing or unreadable file is a one-line error."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing; rebuild the artifact") from None
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__}); rebuild the artifact") from None
-    if not model.graph.output:
-        raise ModelError(f"{path}: not a readable ONNX model (no graph outputs); rebuild the artifact")
-    dims = model.graph.output[0].type.tensor_type.shape.dim
-    inits = {i.name for i in model.graph.initializer}
-    return (dims[-1].dim_value or None) if dims else None, [i.name for i in model.graph.input if i.name not in inits]
 
 
 def resolve_budgets(manifest: dict, budget_file: Optional[str], overrides: dict) -> Budgets:
