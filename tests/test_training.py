@@ -67,3 +67,96 @@ def test_a_checkpoint_of_another_run_is_ignored(data, tmp_path, monkeypatch):
     record = train(model, enc, cfg, desc="fine-tune test", progress=True, checkpoint=tmp_path / "c",
                    checkpoint_every=4)
     assert record["steps"] == 6
+
+
+def test_the_decoders_distillation_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """The decoder's distillation (its own loop) checkpoints inside checkpoints_under and resumes exactly."""
+    import random as pyrandom
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from edgeprune.pruning import distill as distill_module
+    from edgeprune.pruning.distill import distill
+    from edgeprune.tasks.generation import LMEncoded
+    from edgeprune.training.resume import checkpoints_under
+
+    rng = pyrandom.Random(0)
+    ids = [[rng.randrange(3, 90) for _ in range(rng.randrange(6, 14))] for _ in range(40)]
+    enc = LMEncoded(ids, [3] * len(ids), [None] * len(ids))
+
+    def models():
+        torch.manual_seed(1)
+        cfg = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        return MistralForCausalLM(cfg).eval(), MistralForCausalLM(cfg).eval()
+
+    monkeypatch.setattr(distill_module, "CHECKPOINT_EVERY", 4)
+    student, teacher = models()
+    with checkpoints_under(tmp_path / "a"):
+        straight = distill(student, teacher, enc, 10, alpha=0.5, learning_rate=1e-3, progress=False)
+    interrupted, teacher = models()
+    real = distill_module.completion_mask
+    calls = {"n": 0}
+
+    def stop(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill_module, "completion_mask", stop)
+    with pytest.raises(KeyboardInterrupt), checkpoints_under(tmp_path / "b"):
+        distill(interrupted, teacher, enc, 10, alpha=0.5, learning_rate=1e-3, progress=False)
+    monkeypatch.setattr(distill_module, "completion_mask", real)
+    assert (tmp_path / "b" / "distil" / "state.json").is_file()
+    resumed, teacher = models()
+    with checkpoints_under(tmp_path / "b"):
+        again = distill(resumed, teacher, enc, 10, alpha=0.5, learning_rate=1e-3, progress=False)
+    assert again["last_loss"] == straight["last_loss"] and again["last_kl"] == straight["last_kl"]
+    a, b = student.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "b" / "distil").exists()
+
+
+def test_the_decoder_originals_fine_tune_resumes_bit_for_bit(tmp_path, monkeypatch):
+    import random as pyrandom
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from edgeprune.originals import decoder as decoder_module
+    from edgeprune.pruning import distill as distill_module
+    from edgeprune.tasks.generation import LMEncoded
+    from edgeprune.training.resume import checkpoints_under
+
+    rng = pyrandom.Random(0)
+    enc = LMEncoded([[rng.randrange(3, 90) for _ in range(rng.randrange(6, 14))] for _ in range(40)], [3] * 40,
+                    [None] * 40)
+
+    def model():
+        torch.manual_seed(2)
+        return MixtralForCausalLM(MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                num_local_experts=4, num_experts_per_tok=2,
+                                                max_position_embeddings=64)).eval()
+
+    monkeypatch.setattr(distill_module, "CHECKPOINT_EVERY", 4)
+    straight = model()
+    with checkpoints_under(tmp_path / "a"):
+        decoder_module.fine_tune(straight, enc, 10, 8, 1e-3, 0, False)
+    real = distill_module.batch
+    calls = {"n": 0}
+
+    def stop(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill_module, "batch", stop)
+    with pytest.raises(KeyboardInterrupt), checkpoints_under(tmp_path / "b"):
+        decoder_module.fine_tune(model(), enc, 10, 8, 1e-3, 0, False)
+    monkeypatch.setattr(distill_module, "batch", real)
+    resumed = model()
+    with checkpoints_under(tmp_path / "b"):
+        decoder_module.fine_tune(resumed, enc, 10, 8, 1e-3, 0, False)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -141,7 +141,10 @@ def ensure_lm_original(task, data, family: str = "mixtral", num_experts: int = 4
     model = load_checked(AutoModelForCausalLM, pretrained)
     words = for_task(task)
     train = encode_lm(load_examples(task, data, "train", words), tok, task.max_length)
-    run = fine_tune(model, train, steps, batch_size, learning_rate, seed, progress)
+    from edgeprune.training.resume import checkpoints_under
+
+    with checkpoints_under(cache_root() / "partial" / entry.dir.name):  # an interrupted fine-tune resumes
+        run = fine_tune(model, train, steps, batch_size, learning_rate, seed, progress)
     val = encode_lm(load_examples(task, data, "validation", words, limit=200), tok, task.max_length)
     from edgeprune.validate.decoder import evaluate
 
@@ -164,14 +167,18 @@ def fine_tune(model, enc, steps: int, batch_size: int, learning_rate: float, see
     """Next-token loss on every token + the router load-balancing loss (Mixtral's ``aux_loss``)."""
     from tqdm.auto import tqdm
 
-    from edgeprune.pruning.distill import batch as make_batch, done, trainer
+    from edgeprune.pruning.distill import CHECKPOINT_EVERY, batch as make_batch, done, trainer
+    from edgeprune.training.resume import for_loop, resume_loop
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     params, opt, sched, batches = trainer(model, enc, steps, learning_rate, batch_size)
-    losses, t0 = [], time.perf_counter()
-    bar = tqdm(range(steps), desc="fine-tune MoE LM", disable=not progress, unit="step")
-    for _ in bar:
+    ck = for_loop("fine-tune MoE LM", steps, batch_size, learning_rate, seed, len(enc), enc.input_ids[:4])
+    start, losses, _ = resume_loop(ck, model, opt, sched, rng, "fine-tune MoE LM", steps, progress)
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, steps), desc="fine-tune MoE LM", disable=not progress, unit="step", initial=start,
+               total=steps)
+    for step in bar:
         feeds = make_batch(enc, rng.choice(batches))
         labels = feeds["input_ids"].masked_fill(feeds["attention_mask"] == 0, -100)
         out = model(**feeds, labels=labels, output_router_logits=True)
@@ -182,6 +189,10 @@ def fine_tune(model, enc, steps: int, batch_size: int, learning_rate: float, see
         sched.step()
         losses.append(float(out.loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if ck is not None and (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < steps:
+            ck.save(step + 1, model, opt, sched, losses, [], rng.getstate())
+    if ck is not None:
+        ck.clear()
     done(model)
     head = max(1, min(10, steps // 5))
     return {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,

@@ -58,6 +58,9 @@ def trainer(model: torch.nn.Module, enc: LMEncoded, steps: int, learning_rate: f
     return params, opt, sched, [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+CHECKPOINT_EVERY = 50  # steps between checkpoints of a run inside checkpoints_under (edgeprune.training.resume)
+
+
 def done(model: torch.nn.Module) -> None:
     """Back to evaluation mode with every parameter trainable again (as it was loaded)."""
     model.eval()
@@ -78,9 +81,13 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], enc: L
     params, opt, sched, batches = trainer(student, enc, steps, learning_rate, batch_size)
     if teacher is not None:
         teacher.eval()
-    losses, kls = [], []
+    from edgeprune.training.resume import for_loop, resume_loop
+
+    ck = for_loop("distil", steps, alpha, temperature, learning_rate, batch_size, seed, len(enc), enc.input_ids[:4])
+    start, losses, extra = resume_loop(ck, student, opt, sched, rng, "distil", steps, progress)
+    kls = extra.get("kls", [])
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc="distil", disable=not progress, unit="step")
+    bar = tqdm(range(start, steps), desc="distil", disable=not progress, unit="step", initial=start, total=steps)
     for step in bar:
         idx = rng.choice(batches)
         feeds = batch(enc, idx)
@@ -104,6 +111,10 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], enc: L
         sched.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if ck is not None and (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < steps:
+            ck.save(step + 1, student, opt, sched, losses, [], rng.getstate(), {"kls": kls})
+    if ck is not None:
+        ck.clear()
     done(student)
     head = max(1, min(10, steps // 5))
     out = {"steps": steps, "objective": f"{alpha:g} * KL(T={temperature:g}) + {1 - alpha:g} * CE on completion tokens",

@@ -72,7 +72,8 @@ class Checkpoint:
         meta["rng"] = _tuples(meta["rng"])
         return meta
 
-    def save(self, step: int, model, opt, sched, losses: list, batches: list, rng_state) -> None:
+    def save(self, step: int, model, opt, sched, losses: list, batches: list, rng_state,
+             extra: Optional[dict] = None) -> None:
         from safetensors.torch import save_file
 
         tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -83,7 +84,8 @@ class Checkpoint:
                 tensors[f"opt.{i}.{n}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous().clone()
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"key": self.key, "step": step, "losses": losses, "batches": batches, "rng": rng_state,
-                "opt_state": opt_names, "opt_groups": opt.state_dict()["param_groups"], "sched": sched.state_dict()}
+                "opt_state": opt_names, "opt_groups": opt.state_dict()["param_groups"], "sched": sched.state_dict(),
+                "extra": extra or {}}
         tmp = self.dir.with_name(f".{self.dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -94,6 +96,27 @@ class Checkpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def for_loop(desc: str, *key) -> Optional[Checkpoint]:
+    """The checkpoint of a training loop of its own (the decoder's distillation, the decoder original's
+    fine-tune) named ``desc``, inside :func:`checkpoints_under`; None outside it."""
+    from edgeprune.cache import fingerprint
+
+    directory = run_dir(desc)
+    return Checkpoint(directory, fingerprint(desc, *key)) if directory is not None else None
+
+
+def resume_loop(ck: Optional[Checkpoint], model, opt, sched, rng, desc: str, steps: int, progress: bool):
+    """``(start step, losses, extra)`` of a loop resumed from ``ck`` (``(0, [], {})`` without one)."""
+    state = ck.load(model, opt, sched) if ck is not None else None
+    if state is None:
+        return 0, [], {}
+    rng.setstate(state["rng"])
+    if progress:
+        print(f"[edgeprune] {desc}: resuming at step {state['step']} of {steps} from the checkpoint in {ck.dir}",
+              flush=True)
+    return state["step"], state["losses"], state.get("extra") or {}
 
 
 def _dedup(tensors: dict) -> dict:
