@@ -152,8 +152,11 @@ def test_a_family_in_one_place_is_picked_up_by_the_registry_and_the_cli():
     registry.register(fake)
     try:
         assert registry.adapter_for("mixtral-test") is fake
+        from edgeprune.export.support import family_lines
+
+        assert any(line.startswith("mixtral-test ") for line in family_lines())  # what `families` lists
         res = CliRunner().invoke(main, ["families"])
-        assert res.exit_code == 0 and "mixtral-test" in res.output
+        assert res.exit_code == 0 and "mixtral " in res.output
     finally:
         registry.ADAPTERS.pop("mixtral-test")
 
@@ -182,7 +185,8 @@ def test_the_known_execution_providers_are_onnxruntimes():
     assert set(onnxruntime.get_all_providers()) <= set(PROVIDERS)
 
 
-@pytest.mark.parametrize("args", [["--help"], ["targets"], ["tasks"], ["build", "--help"], ["score", "--method", "x"]])
+@pytest.mark.parametrize("args", [["--help"], ["targets"], ["tasks"], ["families"], ["build", "--help"],
+                                  ["score", "--method", "x"]])
 def test_quick_commands_import_no_heavy_library(args):
     """``--help``, ``targets``, ``tasks`` and option errors answer without torch, transformers or onnxruntime
     (held by the import graph, not by a timer)."""
@@ -190,3 +194,11 @@ def test_quick_commands_import_no_heavy_library(args):
             "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules))" % args)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-500:]
+
+
+def test_the_family_table_is_the_registrys():
+    """``edgeprune families`` reads models/families.json, written from the adapters: it must say what they say."""
+    from edgeprune.export.support import TABLE, family_lines
+
+    assert json.loads(TABLE.read_text()) == family_lines(), (
+        "models/families.json is stale: python -c \"from edgeprune.export.support import write_table; write_table()\"")

@@ -20,6 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 INTERNAL = 70  # EX_SOFTWARE: a failure edgeprune did not anticipate (a bug to report)
+BROKEN_PIPE = 141  # the shell's code for a command whose output pipe closed (128 + SIGPIPE)
 
 
 def _sigterm(signum, frame):
@@ -40,6 +41,9 @@ class Group(click.Group):
         except EdgepruneError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except BrokenPipeError:  # the reader went away (`edgeprune families | head`): nothing to say to it
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            ctx.exit(BROKEN_PIPE)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written (the previous output and the cache are as they were)",
                        err=True)

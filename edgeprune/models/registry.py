@@ -71,3 +71,4 @@ def load_classifier(model_dir):
     from edgeprune.models.checkpoint import read_config
 
     return class_for(read_config(model_dir)).from_pretrained(model_dir).eval()
+

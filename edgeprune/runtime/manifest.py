@@ -31,6 +31,8 @@ def _bad(path: Path, field: str, why: str) -> ModelError:
 
 
 MAX_THREADS = 1024
+MAX_LENGTH = 1 << 20  # tokens: a manifest cannot make a reader allocate more than a long document's worth
+MAX_BATCH = 4096
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -102,10 +104,17 @@ def read_manifest(directory: str | Path) -> dict:
         v = m.get(key, low if key == "pad_id" else None)
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise _bad(path, key, f"must be an integer >= {low}")
+    if m["max_length"] > MAX_LENGTH:
+        raise _bad(path, "max_length", f"must be at most {MAX_LENGTH}")
     fixed = m.get("fixed_shape")
     if fixed is not None and not (isinstance(fixed, list) and len(fixed) == 2
-                                  and all(isinstance(x, int) and x >= 1 for x in fixed)):
-        raise _bad(path, "fixed_shape", "must be null or [batch, length] of positive integers")
+                                  and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in fixed)
+                                  and fixed[0] <= MAX_BATCH and fixed[1] <= MAX_LENGTH):
+        raise _bad(path, "fixed_shape", f"must be null or [batch <= {MAX_BATCH}, length <= {MAX_LENGTH}] of positive "
+                                        "integers")
+    disabled = m.get("ort_disabled_optimizers", [])
+    if not isinstance(disabled, list) or not all(isinstance(x, str) for x in disabled):
+        raise _bad(path, "ort_disabled_optimizers", "must be a list of ONNX Runtime optimizer names")
     words = m.get("label_words")
     if words is not None:
         if not isinstance(words, dict) or not isinstance(words.get("template"), str) or "{text}" not in words["template"]:
