@@ -118,7 +118,7 @@ class ClassifierBuild:
                            fixed=fixed, artifact_vocab=(x["prune_info"].get("vocab") or {}).get("kept")),
             "memory": session_memory(artifact_model, t.runtime.threads)}
         report = _report(cfg, prep, pruned_dir, export_dir, measured)
-        return report, _manifest(cfg, prep, report, export_dir)
+        return report, _manifest(cfg, prep, report)
 
     def violations(self, report: dict, cfg: BuildConfig) -> list[str]:
         from edgeprune.validate.budgets import violations
@@ -178,7 +178,7 @@ def _report(cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path
     return report
 
 
-def _manifest(cfg: BuildConfig, prep: Prepared, report: dict, export_dir: Path) -> dict:
+def _manifest(cfg: BuildConfig, prep: Prepared, report: dict) -> dict:
     """``edgeprune.json``: what an app needs to run the artifact (:mod:`edgeprune.runtime`) and where it came from."""
     from edgeprune.runtime import layout
 

@@ -110,8 +110,9 @@ class DecoderBuild:
         if "label_accuracy" in art:
             v["label_accuracy_drop_points"] = round(100 * (v["models"]["original"]["label_accuracy"]
                                                            - art["label_accuracy"]), 2)
-        report = _report(cfg, prep, pruned_dir, export_dir, v, measured)
-        return report, _manifest(cfg, prep, report, export_dir)
+        export_info = json.loads((export_dir / "edgeprune.json").read_text())
+        report = _report(cfg, prep, pruned_dir, export_dir, export_info, v, measured)
+        return report, _manifest(cfg, prep, report, export_info)
 
     def violations(self, report: dict, cfg: BuildConfig) -> list[str]:
         from edgeprune.validate.budgets import decoder_violations
@@ -144,13 +145,13 @@ class DecoderBuild:
 DECODER = DecoderBuild()
 
 
-def _report(cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path, v: dict, measured: list) -> dict:
+def _report(cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path, export_info: dict, v: dict,
+            measured: list) -> dict:
     from edgeprune.pruning.plan import PrunePlan
     from edgeprune.validate.decoder import process_memory
 
     spec, t = cfg.target.generate, cfg.target
     prune_info = json.loads((pruned_dir / "edgeprune_prune.json").read_text())
-    export_info = json.loads((export_dir / "edgeprune.json").read_text())
     original_mb = round(sum(f.stat().st_size for f in prep.original_dir.glob("*.safetensors")) / 1e6, 3)
     sizes = {p: round((export_dir / FILES[p]).stat().st_size / 1e6, 3) for p in measured}
     return {
@@ -169,9 +170,8 @@ def _report(cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path
     }
 
 
-def _manifest(cfg: BuildConfig, prep: Prepared, report: dict, export_dir: Path) -> dict:
+def _manifest(cfg: BuildConfig, prep: Prepared, report: dict, export_info: dict) -> dict:
     spec, t = cfg.target.generate, cfg.target
-    export_info = json.loads((export_dir / "edgeprune.json").read_text())
     return {**{k: export_info[k] for k in ("kind", "model_type", "context", "eos_token_ids", "bos_token_id",
                                            "exporter", "parity")},
             "model_file": FILES[spec.weights], "precision": spec.weights, "task": cfg.task.name,

@@ -64,9 +64,7 @@ def _structure_options(fn, recovery_default: int):
     fn = click.option("--fsdp", is_flag=True,
                       help="Under torchrun: shard the recovery fine-tuning's parameters, gradients and optimizer state "
                            "over the processes (PyTorch FSDP2) instead of replicating them (DDP).")(fn)
-    fn = click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
-                      help="Weight of distillation from the original's logits during recovery (0: labels only).")(fn)
-    fn = click.option("--recovery-steps", default=recovery_default, show_default=True, type=click.IntRange(0))(fn)
+    fn = _recovery_options(fn, recovery_default)
     fn = click.option("--vocab-reserve", type=click.IntRange(-1), default=None,
                       help="Prune the WordPiece vocabulary to the task's tokens (training split) plus every character "
                            "piece and this many of the most frequent words; the embedding and tokenizer.json shrink "
@@ -82,6 +80,13 @@ def _structure_options(fn, recovery_default: int):
                              "saliency).")(fn)
 
 
+def _recovery_options(fn, default: int):
+    """``--recovery-steps`` and ``--distill`` (prune, build, search)."""
+    fn = click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+                      help="Weight of distillation from the original's logits during recovery (0: labels only).")(fn)
+    return click.option("--recovery-steps", default=default, show_default=True, type=click.IntRange(0))(fn)
+
+
 STRUCTURE = ("ffn_keep", "drop_layers", "heads_keep", "vocab_reserve", "recovery_steps", "distill", "fsdp")
 
 
@@ -94,19 +99,18 @@ def prune_options(structure: bool = False, recovery_default: int = 200, recovery
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(**kw):
+            from edgeprune.models.labels import parse_label_map
             from edgeprune.pruning import methods
             from edgeprune.pruning.config import PruneConfig
 
             own = {o.field: kw.pop(o.field) for o in methods.all_options()}
             knobs = {k: kw.pop(k) for k in STRUCTURE if k in kw}
-            from edgeprune.models.labels import parse_label_map
-
             method, seed, verbalisers = kw.pop("method"), kw.pop("seed"), kw.pop("verbalisers")
             label_map = parse_label_map(kw.pop("label_map"))
             options = methods.cli_values(method, {"seed": seed, **own})
             k, coverage = kw.pop("k"), kw.pop("coverage")
             cfg = PruneConfig(
-                method=method, method_options=options, experts=k if k is not None else (None if coverage else 1),
+                method=method, method_options=options, experts=k if k is not None else (None if coverage is not None else 1),
                 coverage=coverage, calibration_examples=kw.pop("calibration_examples"), seed=seed,
                 prompt=kw.pop("prompt"), verbalisers=tuple(w.strip() for w in verbalisers.split(",")) if verbalisers
                 else None, dtype=kw.pop("dtype"), layerwise=kw.pop("layerwise"), max_memory_gb=kw.pop("max_memory"),
@@ -118,9 +122,7 @@ def prune_options(structure: bool = False, recovery_default: int = 200, recovery
         if structure:
             wrapper = _structure_options(wrapper, recovery_default)
         elif recovery_only:
-            wrapper = click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1))(wrapper)
-            wrapper = click.option("--recovery-steps", default=recovery_default, show_default=True,
-                                   type=click.IntRange(0))(wrapper)
+            wrapper = _recovery_options(wrapper, recovery_default)
         return _common_prune_options(_method_options(wrapper))
 
     return deco

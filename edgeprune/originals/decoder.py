@@ -168,13 +168,14 @@ def fine_tune(model, enc, steps: int, batch_size: int, learning_rate: float, see
     from tqdm.auto import tqdm
 
     from edgeprune.pruning.distill import CHECKPOINT_EVERY, batch as make_batch, done, trainer
-    from edgeprune.training.resume import for_loop, resume_loop
+    from edgeprune.training.resume import for_loop, resume
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     params, opt, sched, batches = trainer(model, enc, steps, learning_rate, batch_size)
     ck = for_loop("fine-tune MoE LM", steps, batch_size, learning_rate, seed, len(enc), enc.input_ids[:4])
-    start, losses, _ = resume_loop(ck, model, opt, sched, rng, "fine-tune MoE LM", steps, progress)
+    state = resume(ck, model, opt, sched, rng, "fine-tune MoE LM", steps, progress)
+    start, losses = state["step"], state["losses"]
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), desc="fine-tune MoE LM", disable=not progress, unit="step", initial=start,
                total=steps)

@@ -81,11 +81,11 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], enc: L
     params, opt, sched, batches = trainer(student, enc, steps, learning_rate, batch_size)
     if teacher is not None:
         teacher.eval()
-    from edgeprune.training.resume import for_loop, resume_loop
+    from edgeprune.training.resume import for_loop, resume
 
     ck = for_loop("distil", steps, alpha, temperature, learning_rate, batch_size, seed, len(enc), enc.input_ids[:4])
-    start, losses, extra = resume_loop(ck, student, opt, sched, rng, "distil", steps, progress)
-    kls = extra.get("kls", [])
+    state = resume(ck, student, opt, sched, rng, "distil", steps, progress)
+    start, losses, kls = state["step"], state["losses"], state["extra"].get("kls", [])
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), desc="distil", disable=not progress, unit="step", initial=start, total=steps)
     for step in bar:

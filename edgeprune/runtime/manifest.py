@@ -33,6 +33,7 @@ def _bad(path: Path, field: str, why: str) -> ModelError:
 MAX_THREADS = 1024
 MAX_LENGTH = 1 << 20  # tokens: a manifest cannot make a reader allocate more than a long document's worth
 MAX_BATCH = 4096
+MAX_CONTEXT = 1 << 24
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -50,6 +51,13 @@ def check_against(manifest: dict, path: Path, graph_inputs: list[str], vocab_siz
     pad = manifest.get("pad_id", 0)
     if pad >= vocab_size:
         raise _bad(path / MANIFEST, "pad_id", f"is {pad}, outside the tokenizer's {vocab_size} tokens")
+
+
+def _integer(m: dict, path: Path, key: str, low: int, high: Optional[int], default: Optional[int] = None) -> None:
+    """``m[key]`` (``default`` where absent) is an integer in ``[low, high]`` (no upper bound for ``high`` None)."""
+    v = m.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < low or (high is not None and v > high):
+        raise _bad(path, key, f"must be an integer from {low}" + (f" to {high}" if high is not None else " up"))
 
 
 def read_decoder_manifest(d: Path) -> dict:
@@ -71,10 +79,8 @@ def read_decoder_manifest(d: Path) -> dict:
     eos = m.get("eos_token_ids", [])
     if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
         raise _bad(path, "eos_token_ids", "must be a list of token ids (integers >= 0)")
-    for key, low in (("context", 1), ("threads", 1)):
-        v = m.get(key, low)
-        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= (MAX_THREADS if key == "threads" else 1 << 24):
-            raise _bad(path, key, "is out of range")
+    _integer(m, path, "context", 1, MAX_CONTEXT, default=1)
+    _integer(m, path, "threads", 1, MAX_THREADS, default=1)
     return m
 
 
@@ -100,12 +106,8 @@ def read_manifest(directory: str | Path) -> dict:
         raise _bad(path, "labels", "must be a non-empty list of label names")
     if len(set(labels)) != len(labels):
         raise _bad(path, "labels", "has duplicates")
-    for key, low in (("max_length", 1), ("pad_id", 0)):
-        v = m.get(key, low if key == "pad_id" else None)
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise _bad(path, key, f"must be an integer >= {low}")
-    if m["max_length"] > MAX_LENGTH:
-        raise _bad(path, "max_length", f"must be at most {MAX_LENGTH}")
+    _integer(m, path, "max_length", 1, MAX_LENGTH)
+    _integer(m, path, "pad_id", 0, None, default=0)
     fixed = m.get("fixed_shape")
     if fixed is not None and not (isinstance(fixed, list) and len(fixed) == 2
                                   and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in fixed)
@@ -121,9 +123,7 @@ def read_manifest(directory: str | Path) -> dict:
             raise _bad(path, "label_words", "needs a template with {text}")
         if not isinstance(words.get("verbalisers"), list) or len(words["verbalisers"]) != len(labels):
             raise _bad(path, "label_words", "needs one verbaliser per label")
-    threads = m.get("threads", 1)
-    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= MAX_THREADS:
-        raise _bad(path, "threads", f"must be an integer from 1 to {MAX_THREADS}")
+    _integer(m, path, "threads", 1, MAX_THREADS, default=1)
     names = m.get("input_names")
     if names is not None and (not isinstance(names, list) or not names or not set(names) <= set(INPUTS)):
         raise _bad(path, "input_names", f"must be a non-empty list among {', '.join(INPUTS)}")

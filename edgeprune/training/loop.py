@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from edgeprune.errors import ConfigError
 from edgeprune.tasks.encoding import Encoded, bucketed_batches, collate, model_inputs
+from edgeprune.training.resume import for_loop, resume
 
 
 def cpu_has_bf16() -> bool:
@@ -153,11 +154,10 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
     batches: list[list[int]] = []
     losses: list[float] = []
     t0 = time.perf_counter()
-    ck = _checkpoint(desc, checkpoint, cfg, enc, world == 1 and on_step is None)
-    start = _resume(ck, model, run, sched, rng, desc, cfg, progress) if ck else None
-    if start is not None:
-        start, losses, batches = start["step"], start["losses"], start["batches"]
-    start = start or 0
+    ck = for_loop(desc, cfg.to_dict(), len(enc), enc.input_ids[:8], enc.labels[:64], explicit=checkpoint) \
+        if world == 1 and on_step is None else None  # state outside the loop (torchrun, a hook) is not saved
+    state = resume(ck, model, run.opt, sched, rng, desc, cfg.max_steps, progress)
+    start, losses, batches = state["step"], state["losses"], state["batches"]
     bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=not (progress and rank == 0), unit="step",
                dynamic_ncols=True)
     bf16 = cfg.bf16 and autocast_safe(model) and (teacher is None or autocast_safe(teacher))
@@ -187,28 +187,6 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
     return {"steps": cfg.max_steps, "seconds": round(time.perf_counter() - t0, 1), "processes": world,
             "parallel": "fsdp" if run.sharded else "ddp" if world > 1 else "none",
             "final_loss": float(np.mean(losses[-50:])) if losses else math.nan}
-
-
-def _checkpoint(desc: str, explicit, cfg: TrainConfig, enc: Encoded, allowed: bool):
-    """The run's :class:`~edgeprune.training.resume.Checkpoint`, or None (not checkpointed)."""
-    from edgeprune.cache import fingerprint
-    from edgeprune.training.resume import Checkpoint, run_dir
-
-    directory = run_dir(desc, explicit) if allowed else None
-    if directory is None:
-        return None
-    return Checkpoint(directory, fingerprint(desc, cfg.to_dict(), len(enc), enc.input_ids[:8], enc.labels[:64]))
-
-
-def _resume(ck, model, run, sched, rng: random.Random, desc: str, cfg: TrainConfig, progress: bool) -> Optional[dict]:
-    state = ck.load(model, run.opt, sched)
-    if state is None:
-        return None
-    rng.setstate(state["rng"])
-    if progress:
-        print(f"[edgeprune] {desc}: resuming at step {state['step']} of {cfg.max_steps} from the checkpoint in "
-              f"{ck.dir}", flush=True)
-    return state
 
 
 def _estimate(desc: str, steps: int, per_step: float, ck, every: int) -> None:

@@ -89,7 +89,7 @@ class Checkpoint:
         tmp = self.dir.with_name(f".{self.dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(_dedup(tensors), str(tmp / "tensors.safetensors"))
+        save_file(tensors, str(tmp / "tensors.safetensors"))  # each tensor cloned above: no shared (tied) memory
         (tmp / "state.json").write_text(json.dumps(meta))
         shutil.rmtree(self.dir, ignore_errors=True)
         os.replace(tmp, self.dir)
@@ -98,30 +98,26 @@ class Checkpoint:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def for_loop(desc: str, *key) -> Optional[Checkpoint]:
-    """The checkpoint of a training loop of its own (the decoder's distillation, the decoder original's
-    fine-tune) named ``desc``, inside :func:`checkpoints_under`; None outside it."""
+def for_loop(desc: str, *key, explicit: Optional[str | Path] = None) -> Optional[Checkpoint]:
+    """The checkpoint of the run named ``desc`` whose inputs are ``key`` (in ``explicit``, or inside
+    :func:`checkpoints_under`); None where the run is not checkpointed."""
     from edgeprune.cache import fingerprint
 
-    directory = run_dir(desc)
+    directory = run_dir(desc, explicit)
     return Checkpoint(directory, fingerprint(desc, *key)) if directory is not None else None
 
 
-def resume_loop(ck: Optional[Checkpoint], model, opt, sched, rng, desc: str, steps: int, progress: bool):
-    """``(start step, losses, extra)`` of a loop resumed from ``ck`` (``(0, [], {})`` without one)."""
+def resume(ck: Optional[Checkpoint], model, opt, sched, rng, desc: str, steps: int, progress: bool) -> dict:
+    """The state of a run resumed from ``ck`` (model, optimizer, schedule and random states restored in place;
+    ``step``, ``losses``, ``batches``, ``extra``), or a fresh run's (step 0) where there is no checkpoint."""
     state = ck.load(model, opt, sched) if ck is not None else None
     if state is None:
-        return 0, [], {}
+        return {"step": 0, "losses": [], "batches": [], "extra": {}}
     rng.setstate(state["rng"])
     if progress:
         print(f"[edgeprune] {desc}: resuming at step {state['step']} of {steps} from the checkpoint in {ck.dir}",
               flush=True)
-    return state["step"], state["losses"], state.get("extra") or {}
-
-
-def _dedup(tensors: dict) -> dict:
-    """safetensors refuses tensors that share memory (tied weights): give each its own copy."""
-    return {k: v.clone() for k, v in tensors.items()}
+    return {"extra": {}, **state}
 
 
 def _tuples(x):

@@ -13,8 +13,7 @@ from typing import Optional
 from edgeprune.errors import ConfigError, ModelError
 from edgeprune.runtime.layout import model_file
 from edgeprune.targets import Budgets, _typed, read_toml, validate_budgets
-from edgeprune.runtime.manifest import (check_against, graph_io, read_json, read_manifest, require_artifact,
-                                        vocab_size)
+from edgeprune.runtime.manifest import check_against, graph_io, read_json, read_manifest, vocab_size
 
 
 def measured(report: dict) -> dict:
@@ -152,8 +151,8 @@ def check_decoder(directory, budget_file=None, max_size_mb=None) -> list[str]:
 
 
 def check(directory, budget_file: Optional[str], overrides: dict) -> list[str]:
-    """``edgeprune check``: the violated budgets of a classifier or a decoder artifact (its own kind's)."""
-    require_artifact(directory)
+    """``edgeprune check``: the violated budgets of a classifier or a decoder artifact (its own kind's); a missing
+    folder or one that is not an artifact gets the runtime's one message (:func:`read_manifest`)."""
     if is_decoder_artifact(directory):  # a `build --generate` artifact: its [generate] budgets
         return check_decoder(directory, budget_file, overrides.get("max_size_mb"))
     report, manifest = load_artifact(directory)
