@@ -30,14 +30,14 @@ def tiny_moe(seed: int = 0, **kw) -> BertMoeForSequenceClassification:
 
 def make_tokenizer(out: Path, n_words: int = 300):
     """A BERT WordPiece tokenizer whose vocabulary is the commonest sst2 words (built locally)."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     words = collections.Counter(w for ex in load_split(get_task("sst2"), "validation", limit=2000)
                                 for w in ex.text.lower().split())
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in words.most_common(n_words)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)  # transformers 5: the fast one
     tok.save_pretrained(out)
     return tok, len(vocab)
 

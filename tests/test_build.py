@@ -45,7 +45,7 @@ def test_build_end_to_end(tmp_path, cache, tiny_original, loose_targets, target,
     assert manifest["prune_plan"]["folded"] == (k == 1)
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["parity_fp32"]["max_abs_logit_diff"] < 1e-3
-    assert report["export"]["exporter"] == ("optimum" if k == 1 else "torch.onnx+dense_dispatch")
+    assert report["export"]["exporter"] == ("torch.onnx" if k == 1 else "torch.onnx+dense_dispatch")
     assert report["speed"]["p50_speedup"] > 0 and report["memory"]["peak_rss_mb"] > 0
     if t.runtime.mobile_usability:
         assert "nnapi_or_coreml_may_work" in report["export"]["mobile_usability"]

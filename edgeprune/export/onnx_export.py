@@ -1,14 +1,13 @@
 """ONNX export with a parity check against PyTorch on real task inputs.
 
-* A model of transformers' own class whose model type optimum's exporter supports for text classification
-  (the folded BERT-MoE, Mistral and Qwen3) goes through ``optimum.exporters.onnx.main_export``.
-* Every other model (an MoE with k > 1 of any family, a family kept with one expert, a fold into one of
-  edgeprune's label-word classes or into a family's own class) is exported with ``torch.onnx.export`` under the family adapter's export patch
-  (:meth:`~edgeprune.models.adapter.MoEAdapter.export_patch`: every kept expert computed and combined with the
-  routing weights, the router skipped at one expert) and, for decoders, transformers' attention-mask functions
-  replaced by optimum's vmap-free ones (``sdpa_mask_without_vmap``), without which no transformers decoder traces.
-  A traced MoE could silently keep only the experts the example input reached; the dense dispatch has no such
-  branch, and :func:`parity` on real task inputs at several shapes gates every export.
+Every model (a dense fold such as BERT, Mistral or Qwen3; an MoE with k > 1 of any family; a family kept with one
+expert; a fold into one of edgeprune's label-word classes) is exported with ``torch.onnx.export`` (the TorchScript
+exporter, ``dynamo=False``: the dynamo exporter stops at the families' data-dependent expert loops) under the family
+adapter's export patch (:meth:`~edgeprune.models.adapter.MoEAdapter.export_patch`: every kept expert computed and
+combined with the routing weights). transformers 5 builds its attention masks without vmap (``use_vmap=False``),
+so no mask patch is needed (optimum-onnx's ``sdpa_mask_without_vmap`` was, on 4.57). A traced MoE could silently
+keep only the experts the example input reached; the dense dispatch has no such branch, and :func:`parity` on real
+task inputs at several shapes gates every export.
 
 Inputs are ``input_ids``, ``attention_mask`` and, for BERT, ``token_type_ids`` (int64), output ``logits``;
 batch and sequence axes are dynamic unless the target fixes them.
@@ -16,9 +15,6 @@ batch and sequence axes are dynamic unless the target fixes them.
 from __future__ import annotations
 
 import contextlib
-import io
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,69 +29,15 @@ from edgeprune.training.loop import predict_logits
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
 
-@contextlib.contextmanager
-def traceable_masks():
-    """transformers' mask functions replaced by optimum's vmap-free ones (as optimum's ModelPatcher does);
-    restored on exit."""
-    import transformers.masking_utils as mu
-    from optimum.exporters.onnx import model_patcher as mp
-
-    saved = (mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"], mu.ALL_MASK_ATTENTION_FUNCTIONS["eager"],
-             mu.find_packed_sequence_indices)
-    try:
-        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", mp.sdpa_mask_without_vmap)
-        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("eager", mp.eager_mask_without_vmap)
-        mu.find_packed_sequence_indices = mp.find_packed_sequence_indices_patched
-        yield
-    finally:
-        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa", saved[0])
-        mu.ALL_MASK_ATTENTION_FUNCTIONS.register("eager", saved[1])
-        mu.find_packed_sequence_indices = saved[2]
-
-
-def optimum_exports(model: torch.nn.Module) -> bool:
-    """True when optimum's ONNX exporter supports the model as it is (a text classifier of a model type in its
-    registry, transformers' own class): BERT, and the folded Mistral / Qwen3 siblings among ours."""
-    if not type(model).__module__.startswith("transformers."):
-        return False  # edgeprune's own classes (label words, BERT-MoE) are not in optimum's registry
-    return optimum_supports(model.config.model_type)
-
-
-def optimum_supports(model_type: str) -> bool:
-    """optimum's ONNX exporter has a text-classification config for ``model_type``."""
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (fills the registry)
-    from optimum.exporters.tasks import TasksManager
-
-    try:
-        tasks = TasksManager.get_supported_tasks_for_model_type(model_type.replace("_", "-"), "onnx",
-                                                                library_name="transformers")
-    except KeyError:
-        return False
-    return "text-classification" in tasks
-
-
 def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | Path, target: Target) -> str:
-    """Export to ``out_path``; returns the exporter used (``optimum``, ``torch.onnx+dense_dispatch`` for an MoE,
-    ``torch.onnx`` for another dense model)."""
+    """Export to ``out_path``; returns the exporter used (``torch.onnx+dense_dispatch`` or ``torch.onnx+ort_moe`` for
+    an MoE, ``torch.onnx`` for a dense model)."""
     from edgeprune.errors import ModelError
     from edgeprune.export.ort_moe import maps_onto_ort_moe, ort_moe_patch
     from edgeprune.models.registry import adapter_for
 
     out_path = Path(out_path)
     spec = target.export
-    if optimum_exports(model):
-        from optimum.exporters.onnx import main_export
-
-        shapes = {"batch_size": spec.batch_size, "sequence_length": spec.sequence_length} if spec.fixed_shapes else {}
-        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            try:
-                main_export(str(model_dir), tmp, task="text-classification", opset=spec.opset,
-                            local_files_only=True, do_validation=False, no_dynamic_axes=spec.fixed_shapes,
-                            **shapes)
-            except Exception as exc:  # optimum raises many types
-                raise ExportError(f"optimum export of {model_dir} failed: {type(exc).__name__}: {exc}") from None
-            shutil.move(str(Path(tmp) / "model.onnx"), out_path)
-        return "optimum"
     try:
         adapter = adapter_for(model.config)
     except ModelError:
@@ -124,7 +66,7 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     if adapter is not None and spec.moe_operator == "ort" and maps_onto_ort_moe(adapter, model):
         patch, exporter = ort_moe_patch(adapter, model), "torch.onnx+ort_moe"
     try:
-        with patch, traceable_masks(), torch.no_grad():
+        with patch, torch.no_grad():
             torch.onnx.export(Wrapper(model), tuple(feeds[n] for n in names), str(out_path), input_names=names,
                               output_names=["logits"], dynamic_axes=axes, opset_version=spec.opset, dynamo=False,
                               custom_opsets={"com.microsoft": 1})

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from edgeprune.models.adapter import MoEAdapter
+from edgeprune.models.fused import FusedAdapter
 
 
 class _MoE(torch.autograd.Function):
@@ -63,10 +64,10 @@ def expert_weights(adapter: MoEAdapter, block: torch.nn.Module) -> tuple[torch.T
         t = adapter.expert_tensors(state, "b", e)
         gate, up = t[ins[0]], t[ins[1]]
         fc1.append(torch.stack([gate, up], dim=1).reshape(-1, gate.shape[1]))
-        bias = [t[n] for n in in_b] or [torch.zeros(gate.shape[0], dtype=gate.dtype)] * 2
+        bias = [t[n] for n in in_b if n in t] or [torch.zeros(gate.shape[0], dtype=gate.dtype)] * 2
         b1.append(torch.stack(bias, dim=1).reshape(-1))
         fc2.append(t[out])
-        b2.append(t[out_b[0]] if out_b else torch.zeros(t[out].shape[0], dtype=gate.dtype))
+        b2.append(t[out_b[0]] if out_b and out_b[0] in t else torch.zeros(t[out].shape[0], dtype=gate.dtype))
     return tuple(torch.stack(v).detach().float().contiguous() for v in (fc1, b1, fc2, b2))
 
 
@@ -93,7 +94,13 @@ def ort_moe_forward(adapter: MoEAdapter, block: torch.nn.Module, weights, hidden
 
 @contextlib.contextmanager
 def ort_moe_patch(adapter: MoEAdapter, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Every MoE block runs as one ``com.microsoft.MoE`` node; undone on exit, whatever happens."""
+    """Every MoE block runs as one ``com.microsoft.MoE`` node; undone on exit, whatever happens. On transformers 5's
+    fused layout (:class:`~edgeprune.models.fused.FusedAdapter`) only the experts module becomes the node, fed with
+    the logits of the family's own router (caught by a forward hook); the rest of the block is the family's code."""
+    if isinstance(adapter, FusedAdapter):
+        with _fused_patch(adapter, model) as m:
+            yield m
+        return
     blocks = list(adapter.blocks(model).values())
     try:
         for b in blocks:
@@ -103,3 +110,26 @@ def ort_moe_patch(adapter: MoEAdapter, model: torch.nn.Module) -> Iterator[torch
     finally:
         for b in blocks:
             b.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def _fused_patch(adapter, model):
+    seen, hooks = {}, []
+
+    def make(block, ex):
+        ws, spec = expert_weights(adapter, block), adapter.ort_moe
+        hooks.append(adapter.router(block).register_forward_hook(lambda _m, _a, out: seen.__setitem__(id(block), out[0])))
+
+        def forward(hidden, idx, weight):
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            out = _MoE.apply(flat, seen.pop(id(block)), *ws, adapter.top_k(block), bool(adapter.renormalise(block)),
+                             float(spec["alpha"]), float(spec["beta"]), float(spec["limit"]))
+            return out.to(hidden.dtype).reshape(hidden.shape)
+        return forward
+
+    try:
+        with adapter.experts_patch(model, make) as m:
+            yield m
+    finally:
+        for h in hooks:
+            h.remove()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgeprune.export.onnx_export import optimum_supports
 from edgeprune.models.registry import all_adapters
 
 TABLE = Path(__file__).parents[1] / "models" / "families.json"
@@ -19,7 +18,7 @@ def family_lines() -> list[str]:
     lines = []
     for a in all_adapters():
         fold = a.dense.classifier_class.__name__ if a.dense else "its own class"
-        k1 = "optimum" if a.dense and optimum_supports(a.dense.config_class.model_type) else "torch.onnx"
+        k1 = "torch.onnx"
         k2 = "torch.onnx + dense dispatch" + (" or com.microsoft.MoE" if a.ort_moe else "")
         heads = ", ".join(h + (" (label words)" if h.endswith("-lm") else "") for h in a.heads)
         lines.append(f"{a.model_type:19s} heads: {heads}; k = 1 -> {fold}: {a.fold_exact}; export: {k1} (k = 1), "

@@ -121,6 +121,13 @@ class MoEAdapter:
             weight = weight / weight.sum(dim=-1, keepdim=True)
         return idx, weight
 
+    def routing(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, top_k_index, top_k_weights)`` of tokens ``x`` (T, H) entering the block: what calibration
+        records. Default: :meth:`router_logits`, then :meth:`route` (the fused families call their own router)."""
+        logits = self.router_logits(block, x).float()
+        idx, weight = self.route(block, logits)
+        return logits, idx, weight
+
     def expert_forward(self, block: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
         """Output of expert ``e`` on tokens ``x`` (T, H), before its routing weight."""
         return getattr(block, self.experts_attr)[e](x)

@@ -54,7 +54,7 @@ def _define(name: str, bases: tuple, attrs: dict, config_class: Optional[type]) 
     cls = type(name, bases, {"__module__": __name__, **attrs})
     CLASSES[name] = globals()[name] = cls
     if config_class is not None:
-        AutoModelForSequenceClassification.register(config_class, cls)
+        AutoModelForSequenceClassification.register(config_class, cls, exist_ok=True)  # v5 skips native configs otherwise
     return cls
 
 

@@ -13,9 +13,8 @@ validation data), recording per MoE layer, over non-padding tokens only:
 * ``logits``: a bounded sample of router logit rows (UNCURL clusters the experts by their columns).
 
 Family-agnostic: the block's input is captured by a forward pre-hook, the router logits are computed from it
-by the family's adapter (:meth:`~edgeprune.models.adapter.MoEAdapter.router_logits`; some routers, DeepSeek's,
-return their choice rather than logits), and the routing (top-k indices and weights) from the logits, exactly
-as the family computes it (:meth:`~edgeprune.models.adapter.MoEAdapter.route`); REAP's expert output norms come from the
+with the routing (top-k indices and weights) exactly as the family computes it, by the family's adapter
+(:meth:`~edgeprune.models.adapter.MoEAdapter.routing`: the router's own forward for transformers 5's families); REAP's expert output norms come from the
 adapter's :meth:`~edgeprune.models.adapter.MoEAdapter.expert_forward` on the routed tokens.
 """
 from __future__ import annotations
@@ -95,8 +94,7 @@ def batch_stats(adapter, block: torch.nn.Module, x: torch.Tensor, layer: int, ba
 
     The sampled logit rows are drawn with a generator seeded by (layer, batch): the sample does not depend on
     the order in which layers and batches are visited."""
-    logits = adapter.router_logits(block, x).float()
-    idx, gate = adapter.route(block, logits)
+    logits, idx, gate = adapter.routing(block, x)
     norm = torch.zeros_like(gate)
     for e in idx.unique().tolist():
         tok, slot = (idx == e).nonzero(as_tuple=True)

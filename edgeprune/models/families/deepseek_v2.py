@@ -1,7 +1,7 @@
 """DeepSeek-V2 (DeepSeek-V3's block layout: ``experts``, ungated ``shared_experts``, ``gate`` with a ``weight``):
 softmax in fp32, top-k ``greedy`` or ``group_limited_greedy`` (best expert per group, ``topk_group`` groups),
 weights the chosen probabilities times ``routed_scaling_factor``, never renormalised (transformers 4.57 ignores
-``norm_topk_prob`` here). A pruned layer routes greedily (``n_group = topk_group = 1``): exact for ``greedy``
+``norm_topk_prob`` here; the router's own code). A pruned layer routes greedily (``n_group = topk_group = 1``): exact for ``greedy``
 checkpoints and where the group limit was inactive. One expert has weight exactly the scaling factor and folds
 into its own class with every layer dense, routed and shared experts in one MLP."""
 from __future__ import annotations
@@ -11,24 +11,13 @@ import contextlib
 import torch
 from transformers import DeepseekV2Config, DeepseekV2ForSequenceClassification
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as modeling
-from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2MoE, DeepseekV2RotaryEmbedding
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2RotaryEmbedding
 
-from edgeprune.models.families.deepseek_v3 import DeepseekAdapter, own_dense
-from edgeprune.models.families.qwen3_moe import EXPERT_ROLES
+from edgeprune.models.families.deepseek_v3 import DEEPSEEK, own_dense
+from edgeprune.models.fused import FusedAdapter, fused_family
 
 
-class DeepseekV2Adapter(DeepseekAdapter):
-    def route(self, block, logits):
-        gate = block.gate
-        scores = logits.float().softmax(dim=-1)
-        if gate.topk_method == "group_limited_greedy" and gate.num_group and gate.num_group > 1:
-            n = scores.shape[0]
-            best = scores.view(n, gate.num_group, -1).max(dim=-1).values
-            chosen = torch.zeros_like(best).scatter_(1, torch.topk(best, k=gate.topk_group, dim=-1, sorted=False)[1], 1)
-            scores = scores.masked_fill(~chosen.repeat_interleave(scores.shape[1] // gate.num_group, dim=1).bool(), 0.0)
-        weight, idx = torch.topk(scores, k=self.top_k(block), dim=-1, sorted=False)
-        return idx, weight * gate.routed_scaling_factor
-
+class DeepseekV2Adapter(FusedAdapter):
     @contextlib.contextmanager
     def export_patch(self, model):
         """Dense dispatch, and rotary embeddings in real arithmetic: DeepSeek-V2 rotates with complex numbers
@@ -67,11 +56,8 @@ def _real_rotary(xq, xk, freqs):
     return rotate(xq), rotate(xk)
 
 
-ADAPTER = DeepseekV2Adapter(
-    model_type="deepseek_v2",
-    block_class=DeepseekV2MoE,
-    expert_roles=EXPERT_ROLES,
-    num_experts_key="n_routed_experts",
+ADAPTER = fused_family(
+    "deepseek_v2", cls=DeepseekV2Adapter, **DEEPSEEK,
     dense=own_dense(DeepseekV2Config, DeepseekV2ForSequenceClassification),
     fold_exact="own class, every layer dense, routed (x routed_scaling_factor) and shared experts in one MLP: exact "
                "to float rounding",

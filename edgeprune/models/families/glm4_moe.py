@@ -5,19 +5,17 @@ classifies by label words. One expert folds into its own class with every layer 
 from __future__ import annotations
 
 from transformers import Glm4MoeConfig
-from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE, Glm4MoePreTrainedModel
+from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoePreTrainedModel
 
-from edgeprune.models.families.deepseek_v3 import DeepseekV3Adapter, own_dense
-from edgeprune.models.families.qwen3_moe import EXPERT_ROLES
+from edgeprune.models.families.deepseek_v3 import DEEPSEEK, own_dense
+from edgeprune.models.fused import fused_family, refuse_one_expert_without_norm
 from edgeprune.models.label_words import classifier_class
 
 CLASSIFIER = classifier_class(Glm4MoeConfig, Glm4MoePreTrainedModel, "Glm4MoeForSequenceClassification")
 
-ADAPTER = DeepseekV3Adapter(
-    model_type="glm4_moe",
-    block_class=Glm4MoeMoE,
-    expert_roles=EXPERT_ROLES,
-    num_experts_key="n_routed_experts",
+ADAPTER = fused_family(
+    "glm4_moe", **DEEPSEEK,
+    check_k=refuse_one_expert_without_norm,
     heads=("causal-lm",),
     dense=own_dense(Glm4MoeConfig, CLASSIFIER),
     fold_exact="own class, every layer dense, routed and shared experts in one MLP: exact to float rounding "

@@ -4,29 +4,32 @@
 from __future__ import annotations
 
 from transformers import GraniteMoeSharedConfig
-from transformers.models.granitemoeshared.modeling_granitemoeshared import (GraniteMoeSharedMoE,
-                                                                             GraniteMoeSharedPreTrainedModel)
+from transformers.models.granitemoeshared.modeling_granitemoeshared import GraniteMoeSharedPreTrainedModel
 
-from edgeprune.models.families.granitemoe import GRANITE_LAYOUT, GraniteMoeAdapter, granite_sibling
+from edgeprune.models.families.granitemoe import GRANITE_LAYOUT, granite_sibling
+from edgeprune.models.fused import FusedAdapter, fused_family
 from edgeprune.models.label_words import classifier_class
 
 CLASSIFIER = classifier_class(GraniteMoeSharedConfig, GraniteMoeSharedPreTrainedModel,
                               "GraniteMoeSharedForSequenceClassification")
 
 
-class GraniteMoeSharedAdapter(GraniteMoeAdapter):
+def layer_shared_mlp(state, path):
+    """The shared MLP sits beside the block, in the decoder layer (absent with shared_intermediate_size 0)."""
+    layer = path.rsplit(".block_sparse_moe", 1)[0]
+    if f"{layer}.shared_mlp.input_linear.weight" not in state:
+        return {}
+    gate, up = state[f"{layer}.shared_mlp.input_linear.weight"].chunk(2, dim=0)
+    return {"gate": gate, "up": up, "down": state[f"{layer}.shared_mlp.output_linear.weight"]}
+
+
+class GraniteMoeSharedAdapter(FusedAdapter):
     def shared_tensors(self, state, path):
-        layer = path.rsplit(".block_sparse_moe", 1)[0]
-        if f"{layer}.shared_mlp.input_linear.weight" not in state:  # shared_intermediate_size 0
-            return {}
-        gate, up = state[f"{layer}.shared_mlp.input_linear.weight"].chunk(2, dim=0)
-        return {"input_linear.gate": gate, "input_linear.up": up, "output_linear": state[f"{layer}.shared_mlp.output_linear.weight"]}
+        return layer_shared_mlp(state, path)
 
 
-ADAPTER = GraniteMoeSharedAdapter(
-    model_type="granitemoeshared",
-    block_class=GraniteMoeSharedMoE,
-    **GRANITE_LAYOUT,
+ADAPTER = fused_family(
+    "granitemoeshared", cls=GraniteMoeSharedAdapter, **GRANITE_LAYOUT,
     dense=granite_sibling(("shared_intermediate_size",), overrides=lambda cfg: {
         "intermediate_size": cfg["intermediate_size"] + cfg.get("shared_intermediate_size", 0)}),
     fold_exact="exact (routed and shared experts side by side in one MLP)",

@@ -1,17 +1,15 @@
-"""Qwen3-MoE (``mlp``: ModuleList gate/up/down_proj, ``gate`` Linear; softmax -> top-k -> renormalise only
-with ``norm_topk_prob``, default False). One expert folds into Qwen3 bit for bit: the sibling's single
+"""Qwen3-MoE (``mlp`` block: fused ``experts``, ``gate`` router; softmax -> top-k -> renormalise only with
+``norm_topk_prob``, default False). One expert folds into Qwen3 bit for bit: the sibling's single
 ``intermediate_size`` is the widest MLP, narrower ones (``moe_intermediate_size``, ``mlp_only_layers``) are
 zero-padded, which adds exact zeros; ``max_window_layers`` is set so that Qwen3 keeps every layer on full
 attention exactly where the MoE does."""
 from __future__ import annotations
 
 from transformers import Qwen3Config, Qwen3ForSequenceClassification
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-from edgeprune.models.adapter import SILU_GLU, DenseSibling, MoEAdapter
-
-EXPERT_ROLES = {"gate_proj.weight": "in", "up_proj.weight": "in", "down_proj.weight": "out"}  # Qwen2/3-MoE experts
-MLP = {"gate_proj.weight": "gate_proj.weight", "up_proj.weight": "up_proj.weight", "down_proj.weight": "down_proj.weight"}
+from edgeprune.models.adapter import SILU_GLU, DenseSibling
+from edgeprune.models.families.mixtral import SIBLING_FFN
+from edgeprune.models.fused import MLP_NAMES, fused_family
 
 
 def qwen3_overrides(cfg: dict) -> dict:
@@ -24,18 +22,14 @@ def qwen3_overrides(cfg: dict) -> dict:
             "max_window_layers": cfg.get("max_window_layers", cfg["num_hidden_layers"])}
 
 
-ADAPTER = MoEAdapter(
-    model_type="qwen3_moe",
-    block_class=Qwen3MoeSparseMoeBlock,
-    expert_roles=EXPERT_ROLES,
+ADAPTER = fused_family(
+    "qwen3_moe",
     num_experts_key="num_experts",
     ort_moe=SILU_GLU,
-    renormalise=lambda block: bool(block.norm_topk_prob),
-    dense=DenseSibling(Qwen3Config, Qwen3ForSequenceClassification, MLP, mlp_path=lambda path: path,
+    renormalise=lambda block: bool(block.gate.norm_topk_prob),
+    dense=DenseSibling(Qwen3Config, Qwen3ForSequenceClassification, MLP_NAMES, mlp_path=lambda path: path,
                        drop_keys=("moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob",
                                   "router_aux_loss_coef", "output_router_logits"),
-                       overrides=qwen3_overrides,
-                       extra_ffn={"layer": lambda l: f"model.layers.{l}.mlp", "in": ("gate_proj", "up_proj"),
-                                  "out": "down_proj"}),
+                       overrides=qwen3_overrides, extra_ffn=SIBLING_FFN),
     fold_exact="exact (bit for bit; narrower MLPs zero-padded)",
 )
