@@ -62,6 +62,13 @@ def _define(name: str, bases: tuple, attrs: dict, config_class: Optional[type]) 
 CLASSES: dict[str, type] = {}
 
 
+def _stack(stack_class: type, config, shared: nn.Embedding) -> nn.Module:
+    """An encoder or decoder stack reading the shared embedding (transformers 5's stacks make their own, replaced)."""
+    stack = stack_class(config)
+    stack.embed_tokens = shared
+    return stack
+
+
 class Seq2SeqLabelWords:
     """Label words for an encoder-decoder (Switch Transformers, T5): the encoder reads the prompt, the decoder
     takes one step from ``decoder_start_token_id``, and the label scores are the verbalisers' LM-head rows applied
@@ -70,17 +77,17 @@ class Seq2SeqLabelWords:
     ``score`` in place of ``lm_head``."""
 
     stack_class: type
-    _tied_weights_keys = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+    _tied_weights_keys = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
 
     def __init__(self, config):
         super().__init__(config)
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         enc = copy.deepcopy(config)
         enc.is_decoder, enc.use_cache, enc.tie_encoder_decoder = False, False, False
-        self.encoder = self.stack_class(enc, self.shared)
+        self.encoder = _stack(self.stack_class, enc, self.shared)
         dec = copy.deepcopy(config)
         dec.is_decoder, dec.tie_encoder_decoder, dec.num_layers = True, False, config.num_decoder_layers
-        self.decoder = self.stack_class(dec, self.shared)
+        self.decoder = _stack(self.stack_class, dec, self.shared)
         self.score = nn.Linear(config.d_model, config.num_labels, bias=False)
         self.post_init()
 

@@ -11,6 +11,7 @@ there is no import cycle.
 from __future__ import annotations
 
 from transformers import AutoModelForSequenceClassification, PretrainedConfig
+from transformers.utils import logging as hf_logging
 
 from edgeprune.errors import ModelError
 from edgeprune.models import families
@@ -18,6 +19,8 @@ from edgeprune.models.adapter import MoEAdapter
 from edgeprune.models.label_words import CLASSES
 
 ADAPTERS: dict[str, MoEAdapter] = {}
+# transformers 5 draws a "Loading weights" bar for every model it loads (edgeprune's stages say what they load)
+hf_logging.disable_progress_bar()
 
 
 def register(adapter: MoEAdapter) -> MoEAdapter:

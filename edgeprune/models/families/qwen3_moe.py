@@ -24,7 +24,6 @@ def qwen3_overrides(cfg: dict) -> dict:
 
 ADAPTER = fused_family(
     "qwen3_moe",
-    num_experts_key="num_experts",
     ort_moe=SILU_GLU,
     renormalise=lambda block: bool(block.gate.norm_topk_prob),
     dense=DenseSibling(Qwen3Config, Qwen3ForSequenceClassification, MLP_NAMES, mlp_path=lambda path: path,

@@ -77,7 +77,7 @@ class SwitchAdapter(MoEAdapter):
         onehot = (idx == torch.arange(z)).to(torch.int64)
         keep = (onehot * (onehot.cumsum(dim=-2) <= block.router.expert_capacity)).to(hidden.dtype)
         out = sum(keep[..., e : e + 1] * self.expert_forward(block, e, hidden) for e in range(z))
-        return weight * out, (logits, idx.squeeze(-1))
+        return weight * out
 
     def fold(self, model):
         """T5 with the same label-word head: each sparse layer's one expert becomes the T5 layer's DenseReluDense,

@@ -45,14 +45,14 @@ def score(cfg: Chowdhury2024, model, stats, adapter, source_dir=None, **_):
     if pre_dir is None:
         raise ConfigError("chowdhury2024 needs the pretrained MoE's router: pass --pretrained DIR (the checkpoint "
                           "before task fine-tuning)")
-    from safetensors.torch import load_file
+    from transformers import AutoModel
 
-    from edgeprune.models.checkpoint import read_config, weight_files
+    from edgeprune.models.checkpoint import load_checked, read_config
 
     read_config(pre_dir)
-    pre = {}
-    for f in weight_files(pre_dir):
-        pre.update(load_file(str(f)))
+    # through from_pretrained: transformers 5 stores some families' experts and routers under other names on disk
+    # than in memory (Mixtral's block_sparse_moe) and converts them when it loads
+    pre = {k: v.detach() for k, v in load_checked(AutoModel, pre_dir).state_dict().items()}
     out = {}
     for layer, block in adapter.blocks(model).items():
         w_ft = adapter.router(block).weight.detach().float()
