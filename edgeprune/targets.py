@@ -17,8 +17,8 @@ Schema (every key checked; an unknown key or a bad value is a one-line error nam
                     min_agreement
     [generate]      decoder artifacts (``build --generate``): weights = "int4" | "int8" | "fp32" (the artifact's
                     graph: weight-only MatMulNBits), variants (more of those beside it), exporter = "auto" |
-                    "genai" | "optimum" (the fp32 graph: onnxruntime-genai's model builder, fused, where it writes
-                    the architecture; optimum's exporter otherwise), block_size,
+                    "genai" | "torch.onnx" (the fp32 graph: onnxruntime-genai's model builder, fused, where it
+                    writes the architecture; torch.onnx otherwise; "optimum" is read as "torch.onnx"), block_size,
                     accuracy_level, algorithm = "rtn" | "hqq" | "gptq" (int4; an int8 graph takes rtn;
                     calibration_examples: GPTQ's training sequences), symmetric (false: a zero point per block),
                     embedding_weights = "int4" | "fp32" (the word embedding as
@@ -118,7 +118,7 @@ class GenerateSpec:
 
     weights: str = "int4"
     variants: list = field(default_factory=list)
-    exporter: str = "auto"  # the fp32 graph: "genai" (onnxruntime-genai's model builder), "optimum", "auto" (genai where it can)
+    exporter: str = "auto"  # the fp32 graph: "genai" (onnxruntime-genai's model builder), "torch.onnx", "auto" (genai where it can)
     block_size: int = 32
     accuracy_level: int = 0  # MatMulNBits: 0 the kernel's default, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
     algorithm: str = "rtn"
@@ -270,8 +270,8 @@ def validate_generate(g: GenerateSpec, where: str) -> None:
     for v in g.precisions():
         if v not in WEIGHTS:
             raise ConfigError(f"{where}: [generate] precision {v!r} is not one of {', '.join(WEIGHTS)}")
-    if g.exporter not in ("auto", "genai", "optimum"):
-        raise ConfigError(f"{where}: [generate].exporter {g.exporter!r} is not one of auto, genai, optimum")
+    if g.exporter not in ("auto", "genai", "torch.onnx", "optimum"):  # optimum: the name before transformers 5
+        raise ConfigError(f"{where}: [generate].exporter {g.exporter!r} is not one of auto, genai, torch.onnx")
     if g.algorithm not in ALGORITHMS:
         raise ConfigError(f"{where}: [generate].algorithm {g.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
     if g.block_size < 16 or g.block_size & (g.block_size - 1):

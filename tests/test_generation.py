@@ -36,7 +36,8 @@ def test_a_language_model_folds_into_its_siblings_causal_lm_exactly(family):
     assert type(dense).__name__ in ("MistralForCausalLM", "Qwen3ForCausalLM")
     x = torch.randint(0, 100, (2, 9))
     with torch.no_grad():
-        assert torch.equal(dense(input_ids=x).logits, one_expert(input_ids=x).logits)
+        # transformers 5 computes gate and up in one fused matmul, the dense MLP in two: float rounding (<= 6e-8 measured)
+        assert (dense(input_ids=x).logits - one_expert(input_ids=x).logits).abs().max() <= 1e-6
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ def test_build_generate_end_to_end(family, lm_dirs, tmp_path, cache, monkeypatch
     assert manifest["model_file"] == "onnx/model_q4.onnx" and (out / manifest["model_file"]).is_file()
     assert manifest["parity"]["greedy_equal"] and manifest["parity"]["max_abs_logit_diff"] < 1e-4
     assert report["prune"]["generate"]["class"] == FOLDS_TO[family]
-    # the fused graph of onnxruntime-genai's model builder where it writes the fold, optimum's exporter otherwise
+    # the fused graph of onnxruntime-genai's model builder where it writes the fold, torch.onnx otherwise
     builder = family in ("mixtral", "qwen3_moe") and importlib.util.find_spec("onnxruntime_genai") is not None
     assert (manifest["exporter"] == "onnxruntime-genai model builder") == builder, manifest["exporter"]
     assert report["prune"]["recovery"]["steps"] == 3 and "KL" in report["prune"]["recovery"]["objective"]
@@ -142,7 +142,7 @@ def test_k2_keeps_two_experts_and_exports_with_every_kept_expert(lm_dirs, tmp_pa
     build(lm_dirs["mixtral"], out, "--experts", "2", "--recovery-steps", "0")
     report = json.loads((out / "report.json").read_text())
     assert report["prune"]["generate"]["class"] == "MixtralForCausalLM"
-    assert report["export"]["exporter"] == "optimum+mistral-config+dense_dispatch"
+    assert report["export"]["exporter"] == "torch.onnx+dense_dispatch"
     assert report["export"]["parity"]["max_abs_logit_diff"] < 1e-4
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "decoder"
     from edgeprune.runtime.decoder import EdgeLM as _EdgeLM
@@ -182,7 +182,7 @@ def test_recovery_steps_zero_is_the_exact_fold_and_kl_falls(lm_dirs, cache):
     folded = apply_plan(original, plan)
     x = torch.randint(3, 300, (2, 11))
     with torch.no_grad():
-        assert torch.equal(pruned(input_ids=x).logits, folded(input_ids=x).logits)
+        assert (pruned(input_ids=x).logits - folded(input_ids=x).logits).abs().max() <= 1e-6  # fused gate|up rounding
     assert info["recovery"]["steps"] == 0
     train = lm_examples(d, task, DataSpec(), cfg, "train", 64)
     rec = distill(folded, original, train, 40, alpha=1.0, learning_rate=3e-3, batch_size=8, progress=False)
@@ -296,7 +296,7 @@ def test_budgets_fail_the_build_and_keep_the_previous_artifact(lm_dirs, tmp_path
     assert "below the budget min_decode_speedup = 1000000.0" in res.output
 
 
-@pytest.mark.parametrize("exporter", ["optimum", "genai"])
+@pytest.mark.parametrize("exporter", ["torch.onnx", "genai"])
 def test_weight_variants_untie_the_head_and_hqq(exporter, lm_dirs, tmp_path, bpe_tokenizer, cache):
     import onnx
 
@@ -317,7 +317,7 @@ def test_weight_variants_untie_the_head_and_hqq(exporter, lm_dirs, tmp_path, bpe
     tok.save_pretrained(src)
     art = tmp_path / "art"
     assert write_decoder(tied, src, art, exporter=exporter)["exporter"].startswith(
-        {"optimum": "optimum", "genai": "onnxruntime-genai"}[exporter])
+        {"torch.onnx": "torch.onnx", "genai": "onnxruntime-genai"}[exporter])
     g = onnx.load(str(art / "onnx" / "model.onnx")).graph
     # one weight for the embedding and the head, transposed at run time for the one that needs it the other way
     assert any(n.op_type == "Transpose" and n.input[0] in {i.name for i in g.initializer} for n in g.node)

@@ -1,10 +1,10 @@
 """A causal LM (a folded MoE from ``prune --generate``, or one with k > 1 experts) to ONNX with a KV cache.
 
-Export: optimum's ONNX exporter (``onnx_export_from_model``, task ``text-generation-with-past``) with optimum's
-own config for the model type where it has one (Mistral, Llama, Qwen3, Granite, Qwen3-MoE, DeepSeek-V3, gpt-oss)
-and otherwise Mistral's (the same inputs and outputs: ``input_ids``, ``attention_mask``, ``position_ids``,
-``past_key_values.{i}.key / .value`` -> ``logits``, ``present.{i}.key / .value``; the past's head size read from
-the config). A model that still has MoE blocks (k > 1, or a family kept with one expert, OLMoE) is traced under
+Export: onnxruntime-genai's model builder where it writes the architecture, else ``torch.onnx.export`` of the
+model with its cache as flat tensors (:class:`WithPast`: ``input_ids``, ``attention_mask``, ``position_ids``,
+``past_key_values.{i}.key / .value`` -> ``logits``, ``present.{i}.key / .value``, the inputs and outputs of
+optimum's ``text-generation-with-past`` graphs, which optimum-onnx wrote on transformers 4.57 and cannot on 5).
+A model that still has MoE blocks (k > 1, or a family kept with one expert, OLMoE) is traced under
 its adapter's export patch (:meth:`~edgeprune.models.adapter.MoEAdapter.export_patch`: every kept expert
 computed and combined with the routing weights, no data-dependent loop; the router skipped at one expert).
 
@@ -21,7 +21,6 @@ is recorded (not gated: fewer bits change some tokens; validation measures what 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from onnxruntime.quantization import CalibrationDataReader
 
 from edgeprune.errors import ExportError, ModelError
@@ -37,24 +37,38 @@ PROMPTS = ("a gorgeous , witty , seductive movie .", "the story is bland and the
 FILES = {"fp32": "onnx/model.onnx", "int8": "onnx/model_int8.onnx", "int4": "onnx/model_q4.onnx"}
 
 
-def onnx_config(model):
-    """optimum's with-past ONNX config for the model type, or Mistral's for a family optimum does not list."""
-    import optimum.exporters.onnx.model_configs as configs  # noqa: F401  (fills the registry)
-    from optimum.exporters.tasks import TasksManager
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, key-value heads, head size) of the cache of a decoder config."""
+    heads = config.num_attention_heads
+    head = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head
 
-    try:
-        ctor = TasksManager.get_exporter_config_constructor("onnx", model=model, task="text-generation-with-past",
-                                                            library_name="transformers")
-        return ctor(model.config, use_past=True, use_past_in_inputs=True), "optimum"
-    except (KeyError, ValueError):
-        return configs.MistralOnnxConfig(model.config, task="text-generation", use_past=True,
-                                         use_past_in_inputs=True), "optimum+mistral-config"
+
+class WithPast(torch.nn.Module):
+    """The decoder with its cache as flat tensors (the layout optimum's ``text-generation-with-past`` export had and
+    :class:`edgeprune.runtime.decoder.EdgeLM` reads): ``input_ids``, ``attention_mask``, ``position_ids``,
+    ``past_key_values.{i}.key / .value`` [batch, kv heads, past, head] -> ``logits``, ``present.{i}.key / .value``.
+    The past goes into a transformers ``DynamicCache``; the present is that cache after the step."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(len(past) // 2):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = getattr(out, "cache", None) or out.past_key_values
+        return (out.logits, *[t for layer in present.layers for t in (layer.keys, layer.values)])
 
 
 def export_graph(model, out_dir: Path, opset: Optional[int] = None) -> str:
-    """``model`` -> ``out_dir/model.onnx`` (+ config.json, generation_config.json); returns how it was exported."""
-    from optimum.exporters.onnx import onnx_export_from_model
-
+    """``model`` -> ``out_dir/model.onnx`` (+ config.json, generation_config.json) by ``torch.onnx.export`` of
+    :class:`WithPast` (an MoE under its adapter's export patch); returns how it was exported."""
     from edgeprune.models.registry import adapter_for
 
     try:
@@ -62,17 +76,31 @@ def export_graph(model, out_dir: Path, opset: Optional[int] = None) -> str:
     except ModelError:
         adapter = None  # a dense sibling (Mistral, Qwen3, ...)
     moe = adapter is not None and bool(adapter.blocks(model))
-    cfg, how = onnx_config(model)
+    n, kv, head = kv_shape(model.config)
+    b, s, p = 1, 3, 2  # a past of 2 tokens, a step of 3: no axis of length 1 for the trace to specialise on
+    feeds = (torch.ones(b, s, dtype=torch.long), torch.ones(b, s + p, dtype=torch.long),
+             torch.arange(p, p + s, dtype=torch.long)[None])
+    past = tuple(torch.zeros(b, kv, p, head, dtype=model.dtype) for _ in range(2 * n))
+    past_names = [f"past_key_values.{i}.{w}" for i in range(n) for w in ("key", "value")]
+    names = ["input_ids", "attention_mask", "position_ids"] + past_names
+    outputs = ["logits"] + [f"present.{i}.{w}" for i in range(n) for w in ("key", "value")]
+    axes = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "attention_mask": {0: "batch_size", 1: "total_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"}, "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes.update({x: {0: "batch_size", 2: "past_length"} for x in past_names})
+    axes.update({x: {0: "batch_size", 2: "total_length"} for x in outputs[1:]})
     patch = adapter.export_patch(model) if moe else contextlib.nullcontext()
     model.eval()
     try:
-        with patch, contextlib.redirect_stdout(io.StringIO()):
-            onnx_export_from_model(model, str(out_dir), opset=opset, task="text-generation-with-past",
-                                   custom_onnx_configs={"model": cfg}, do_validation=False)
+        with patch, torch.no_grad():
+            torch.onnx.export(WithPast(model), feeds + past, str(out_dir / "model.onnx"), input_names=names,
+                              output_names=outputs, dynamic_axes=axes, opset_version=opset or 17, dynamo=False)
     except Exception as exc:
         raise ExportError(f"the KV-cache export of the {model.config.model_type} model failed "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
-    return how + ("+dense_dispatch" if moe else "")
+    model.config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    return "torch.onnx" + ("+dense_dispatch" if moe else "")
 
 
 # architectures onnxruntime-genai 0.11's model builder writes (its create_model); MoE blocks excluded (PhiMoE's own)
@@ -121,12 +149,12 @@ def build_graph(model_dir: Path, out_dir: Path) -> str:
 def write_decoder(model, model_dir: Path, out: Path, opset: Optional[int] = None, exporter: str = "auto") -> dict:
     """The fp32 graph, tokenizer and ``edgeprune.json`` (``kind: causal-lm``) of ``model`` into ``out``: from
     onnxruntime-genai's model builder (fused decoder operators; ``exporter`` ``auto`` where it supports the
-    architecture, or ``genai``), or optimum's exporter (``optimum``, and every other model)."""
+    architecture, or ``genai``), or torch.onnx (``torch.onnx``, and every other model)."""
     from edgeprune.models.tokenizer import copy_tokenizer
 
     if exporter == "genai" and not builder_supports(model):
         raise ExportError(f"onnxruntime-genai's model builder does not write {type(model).__name__} (or is not "
-                          "installed); use [generate].exporter = \"optimum\"")
+                          "installed); use [generate].exporter = \"torch.onnx\"")
     with tempfile.TemporaryDirectory(prefix="edgeprune-lm-") as tmp:
         if exporter in ("auto", "genai") and builder_supports(model):
             how = build_graph(model_dir, Path(tmp))
@@ -208,7 +236,7 @@ def export_lm(model_dir: str | Path, out: str | Path, prompts: Optional[Sequence
 
 
 def untie_head(model) -> int:
-    """Tied embeddings export as one initializer read through a run-time ``Transpose``: optimum's graph feeds the LM
+    """Tied embeddings export as one initializer read through a run-time ``Transpose``: the torch.onnx graph feeds the LM
     head's ``MatMul`` with the transposed embedding, the model builder's feeds the embedding ``Gather`` with the
     transposed head. Each such ``MatMul`` (its weight) or ``Gather`` (its data) gets the transposed initializer of
     its own, so that the quantizer takes both (the head as MatMulNBits, the embedding as GatherBlockQuantized);

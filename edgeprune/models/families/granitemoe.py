@@ -1,8 +1,8 @@
 """Granite-MoE (``block_sparse_moe`` block: fused ``experts``, ``router``; top-k on the logits, then softmax over the
 k chosen). transformers has only ``GraniteMoeForCausalLM``: the checkpoint classifies by label words
 (:mod:`edgeprune.models.label_words`; Granite's ``logits_scaling`` is folded into the label rows). One expert
-(softmax over one logit: weight exactly 1) folds into Granite, whose config carries the same multipliers, bit
-for bit."""
+(softmax over one logit: weight exactly 1) folds into Granite, whose config carries the same multipliers,
+exactly up to float rounding."""
 from __future__ import annotations
 
 from transformers import GraniteConfig, GraniteMoeConfig
@@ -32,4 +32,4 @@ GRANITE_LAYOUT = dict(
     heads=("causal-lm",),
 )
 
-ADAPTER = fused_family("granitemoe", **GRANITE_LAYOUT, dense=granite_sibling(), fold_exact="exact (bit for bit)")
+ADAPTER = fused_family("granitemoe", **GRANITE_LAYOUT, dense=granite_sibling(), fold_exact="exact to float rounding (fused gate|up matmul vs two)")

@@ -1,5 +1,5 @@
 """Qwen3-MoE (``mlp`` block: fused ``experts``, ``gate`` router; softmax -> top-k -> renormalise only with
-``norm_topk_prob``, default False). One expert folds into Qwen3 bit for bit: the sibling's single
+``norm_topk_prob``, default False). One expert folds into Qwen3 exactly up to float rounding (fused gate|up matmul vs two): the sibling's single
 ``intermediate_size`` is the widest MLP, narrower ones (``moe_intermediate_size``, ``mlp_only_layers``) are
 zero-padded, which adds exact zeros; ``max_window_layers`` is set so that Qwen3 keeps every layer on full
 attention exactly where the MoE does."""
@@ -30,5 +30,5 @@ ADAPTER = fused_family(
                        drop_keys=("moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob",
                                   "router_aux_loss_coef", "output_router_logits"),
                        overrides=qwen3_overrides, extra_ffn=SIBLING_FFN),
-    fold_exact="exact (bit for bit; narrower MLPs zero-padded)",
+    fold_exact="exact to float rounding (fused gate|up matmul vs two; narrower MLPs zero-padded)",
 )
