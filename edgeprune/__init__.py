@@ -3,4 +3,4 @@
 Importing :mod:`edgeprune` alone stays light (no torch): the runtime for apps lives in
 :mod:`edgeprune.runtime.classifier` and needs only onnxruntime, tokenizers and numpy.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

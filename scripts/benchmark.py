@@ -11,8 +11,9 @@ measures in the same process, with the same thread count and inputs: the origina
 (the reference), the artifact, the dense baseline exported and quantized the same way (the floor for
 k = 1: folding must cost nothing over a natively dense model), and the original exported to ONNX fp32
 with all its experts (dense dispatch; separates what pruning buys from what ONNX Runtime buys), and the peer a
-user would pick instead of edgeprune: the dense baseline exported by `optimum-cli export onnx` and quantized by
-`optimum-cli onnxruntime quantize --arm64` (arm64 targets; `--avx512_vnni` for x86_64). With
+user would pick instead of edgeprune: the dense baseline exported and int8-quantized the way `optimum-cli export onnx` +
+`optimum-cli onnxruntime quantize --arm64` (`--avx512_vnni` for x86_64) do (edgeprune.build.peer: optimum-onnx
+cannot be installed beside transformers 5). With
 --ffn-keep < 1 the artifact is narrower than the dense baseline, which then stops being its floor.
 Latency: p50/p95 at batch 1, 64 tokens, 1 thread; throughput at batch 32; every model of a row is timed in
 alternating rounds (edgeprune.validate.classifier.interleaved) so that host drift falls on all alike. Ratios are vs the original.
@@ -34,7 +35,7 @@ from edgeprune.export.quantize import size_mb
 from edgeprune.targets import load_target
 from edgeprune.tasks.spec import DataSpec
 from edgeprune.originals.classifier import OriginalSpec, ensure_original
-from edgeprune.build.peer import optimum_cli_peer
+from edgeprune.build.peer import dense_peer
 from edgeprune.pruning.config import PruneConfig
 from edgeprune.models.loading import load_model
 from edgeprune.validate.results import command_line, write_results
@@ -128,7 +129,7 @@ def main() -> None:
                    "dense_baseline": accuracy_row(dense_art / "model.onnx", ref, va, t)}
             paths = {"artifact": art_model, "dense_baseline": dense_art / "model.onnx"}
             if t.quantization.precision.startswith("int8"):  # the peer is optimum-cli's int8 (CPU targets)
-                peer = optimum_cli_peer(ddir, tname, t.export.opset)
+                peer = dense_peer(ddir, tname, t.export.opset)
                 row["optimum_cli_peer"] = accuracy_row(peer, ref, va, t)
                 paths["optimum_cli_peer"] = peer
             if tname != "mobile-gpu":
@@ -174,7 +175,7 @@ def write(args, rows) -> None:
     for r in rows:
         for key, label in (("original", "original MoE, PyTorch fp32"), ("artifact", "edgeprune artifact"),
                            ("dense_baseline", "dense baseline, same export"),
-                           ("optimum_cli_peer", "dense baseline, optimum-cli export + quantize (the peer)"),
+                           ("optimum_cli_peer", "dense baseline, exported + quantized as optimum-cli does (the peer)"),
                            ("original_onnx_fp32", "original MoE, ONNX fp32, all experts")):
             m = r.get(key)
             if not m:

@@ -50,12 +50,6 @@ def versions() -> dict:
     import torch
     import transformers
 
-    try:
-        import optimum
-
-        optimum_version = getattr(optimum, "__version__", "?")
-    except ImportError:
-        optimum_version = None
     return {"edgeprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "optimum": optimum_version,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version()}

@@ -1,33 +1,45 @@
 """The peer a user would ship instead of edgeprune: the dense model the default original was upcycled from,
-exported by ``optimum-cli export onnx`` and quantized by ``optimum-cli onnxruntime quantize`` with the
-target's CPU flag (``--arm64``; ``--avx512_vnni`` for x86_64). ``scripts/benchmark.py`` times it next to the
-artifact; ``edgeprune search`` marks it in its Pareto plot."""
+exported to ONNX and int8-quantized the way ``optimum-cli export onnx`` + ``optimum-cli onnxruntime quantize
+--arm64 / --avx512_vnni`` did (dynamic quantization, per-tensor, int8 weights, uint8 activations; optimum-onnx cannot
+be installed beside transformers 5, so its steps are done here with ``torch.onnx.export`` and ONNX Runtime's own
+``quantize_dynamic``, which optimum-cli called). ``scripts/benchmark.py`` times it next to the artifact;
+``edgeprune search`` marks it in its Pareto plot."""
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Optional
 
-from edgeprune.errors import ExportError
+# what optimum-cli's AutoQuantizationConfig.arm64 / avx512_vnni (is_static=False, per_channel=False) quantize
+PEER_OPERATORS = ["MatMul", "Attention", "Gather", "EmbedLayerNormalization"]
 
 
 def peer_flag(target: str) -> str:
     return "--avx512_vnni" if target.startswith("x86") else "--arm64"
 
 
-def optimum_cli_peer(dense_dir: Path, target: str, opset: int, root: Path = Path("build")) -> Path:
-    """``root/peer-<dense>-<target>/quantized/model_quantized.onnx``, built once by optimum's command line."""
+def dense_peer(dense_dir: Path, target: str, opset: int, root: Path = Path("build")) -> Path:
+    """``root/peer-<dense>-<target>/quantized/model_quantized.onnx``, built once."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from dataclasses import replace
+
+    from transformers import AutoModelForSequenceClassification
+
+    from edgeprune.export.onnx_export import export_onnx
+    from edgeprune.models.checkpoint import load_checked
+    from edgeprune.targets import load_target
+
     out = Path(root) / f"peer-{Path(dense_dir).name}-{target}"
     model = out / "quantized" / "model_quantized.onnx"
     if model.is_file():
         return model
-    for cmd in (["optimum-cli", "export", "onnx", "--model", str(dense_dir), "--task", "text-classification",
-                 "--opset", str(opset), str(out / "onnx")],
-                ["optimum-cli", "onnxruntime", "quantize", "--onnx_model", str(out / "onnx"), peer_flag(target),
-                 "-o", str(out / "quantized")]):
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise ExportError(f"{' '.join(cmd[:3])} failed for the peer: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+    (out / "onnx").mkdir(parents=True, exist_ok=True)
+    model.parent.mkdir(parents=True, exist_ok=True)
+    t = load_target(target)
+    t = replace(t, export=replace(t.export, opset=opset, fixed_shapes=False, moe_operator="dense"))
+    export_onnx(load_checked(AutoModelForSequenceClassification, dense_dir), dense_dir, out / "onnx" / "model.onnx", t)
+    quantize_dynamic(str(out / "onnx" / "model.onnx"), str(model), per_channel=False, reduce_range=False,
+                     weight_type=QuantType.QInt8, op_types_to_quantize=PEER_OPERATORS)
     return model
 
 
@@ -46,7 +58,7 @@ def measure_peer(cfg, iters: int = 30) -> Optional[dict]:
 
     dense_dir = ensure_original(OriginalSpec(cfg.task, cfg.data, "dense"))
     t = cfg.target
-    model = optimum_cli_peer(dense_dir, t.name, t.export.opset)
+    model = dense_peer(dense_dir, t.name, t.export.opset)
     enc = encode(cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples), load_tokenizer(dense_dir),
                  cfg.task.max_length)
     ms = interleaved({"peer": onnx_runner(model, t.budgets.latency_batch, t.budgets.latency_seq_len, t.runtime.threads)}, t.runtime.threads, 3, iters)
