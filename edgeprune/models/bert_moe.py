@@ -177,6 +177,14 @@ class BertMoeLayer(BertLayer):
 class BertMoePreTrainedModel(BertPreTrainedModel):
     config_class = BertMoeConfig
 
+    def _init_weights(self, module):
+        """BERT's, and every expert alive: transformers 5 builds a model on the meta device and fills what is not in
+        the checkpoint here (a non-persistent buffer left out would be uninitialised memory)."""
+        super()._init_weights(module)
+        if isinstance(module, BertMoeBlock):
+            with torch.no_grad():
+                module.alive.fill_(True)
+
 
 class BertMoeModel(BertMoePreTrainedModel, BertModel):
     """``BertModel`` with :class:`BertMoeLayer` at ``config.moe_layers``."""

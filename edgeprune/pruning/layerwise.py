@@ -321,7 +321,7 @@ class _StackPass:
 
 def _open(model_dir, dtype, model):
     model = model if model is not None else skeleton(model_dir, dtype)
-    ckpt = LazyCheckpoint(model_dir, extra=getattr(model, "edgeprune_extra", None))
+    ckpt = LazyCheckpoint(model_dir, extra=getattr(model, "edgeprune_extra", None), model=model)
     keys = model_keys(model)
     params = dict(model.named_parameters())
     missing = sorted(k for k in keys if k not in ckpt and k in params)

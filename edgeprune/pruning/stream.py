@@ -110,7 +110,7 @@ def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype:
     out.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
     # read tensor by tensor: each read maps and unmaps its shard
-    ckpt = LazyCheckpoint(model_dir, extra=src_model.edgeprune_extra)
+    ckpt = LazyCheckpoint(model_dir, extra=src_model.edgeprune_extra, model=src_model)
     for n, layer in enumerate(tqdm(layers, desc="prune (streamed)", disable=not progress, unit="layer")):
         state = _LayerState({k: v for k, v in pruned_shapes.items() if layer_of(k, prefix) == layer})
         original = None
