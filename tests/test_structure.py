@@ -90,7 +90,7 @@ def test_heads_need_head_mask_and_config_is_checked():
     m = MistralForSequenceClassification(MistralConfig(vocab_size=60, hidden_size=32, intermediate_size=48,
                                                        num_hidden_layers=2, num_attention_heads=4,
                                                        num_key_value_heads=2, num_labels=2, pad_token_id=0))
-    with pytest.raises(ConfigError, match="mistral has no head_mask / prune_heads in transformers"):
+    with pytest.raises(ConfigError, match="mistral is not a BERT-family encoder"):
         structure.prune_heads(m, structure.HeadPrune(0.5), examples(), 64, progress=False)
     with pytest.raises(ConfigError, match="--drop-layers 3: the model has 3 layers; drop between 1 and 2"):
         structure.drop_layers(tiny_bert(), structure.LayerDrop(3), examples(), 64, progress=False)

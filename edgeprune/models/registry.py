@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from edgeprune.errors import ModelError
-from edgeprune.models import families
+from edgeprune.models import bert_heads, families  # noqa: F401  (bert_heads: its class by name)
 from edgeprune.models.adapter import MoEAdapter
 from edgeprune.models.label_words import CLASSES
 

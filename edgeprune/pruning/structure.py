@@ -18,14 +18,15 @@ xi_{l,h} on the head's output,
 
     I_{l,h} = E_x | dL(x) / d xi_{l,h} |,   at xi = 1,
 
-computed with the model's ``head_mask`` (L: cross-entropy against the task labels; the absolute value is
+computed with a gate on each head's output (:func:`edgeprune.models.bert_heads.head_gates`, what BERT's
+``head_mask`` did before transformers 5; L: cross-entropy against the task labels; the absolute value is
 taken per batch of 8 examples, as the authors' code does per batch), normalised per layer by its l2 norm as in
 the paper. Every layer keeps its ``max(1, round(P * H))`` most important heads (the same
-number in every layer, so the ONNX Runtime attention fusion sees one head count) through transformers'
-``prune_heads``, which slices Q, K, V and the output projection and records ``pruned_heads`` in the config so
-the checkpoint reloads as it is. A head whose output projection columns are zero contributes nothing and has
-I = 0. Heads need a family whose transformers class implements ``prune_heads`` and ``head_mask`` (BERT: the
-default model's fold); others get a one-line error.
+number in every layer, so the ONNX Runtime attention fusion sees one head count) by
+:func:`edgeprune.models.bert_heads.slice_heads` (transformers 5 dropped BERT's ``prune_heads``), which slices Q, K,
+V and the output projection and records ``pruned_heads`` in the config so that edgeprune reloads the checkpoint as it
+is. A head whose output projection columns are zero contributes nothing and has I = 0. Heads need BERT's attention
+layout (the default model's fold); others get a one-line error.
 """
 from __future__ import annotations
 
@@ -124,10 +125,12 @@ def drop_layers(model: torch.nn.Module, cfg: LayerDrop, enc: Encoded, max_exampl
 def head_importance(model: torch.nn.Module, enc: Encoded, max_examples: int = 512, batch_size: int = 8,
                     progress: bool = True) -> np.ndarray:
     """I_{l,h} (module docstring), layers x heads, each layer normalised to unit l2 norm."""
+    from edgeprune.models.bert_heads import head_gates, supports_heads
+
     cfg = model.config
-    if "head_mask" not in model.forward.__code__.co_varnames or not hasattr(model, "prune_heads"):
-        raise ConfigError(f"--heads-keep: {cfg.model_type} has no head_mask / prune_heads in transformers; "
-                          "prune heads of a BERT-family fold")
+    if not supports_heads(model):
+        raise ConfigError(f"--heads-keep: {cfg.model_type} is not a BERT-family encoder (heads are gated and removed "
+                          "in BERT's attention layout); prune heads of a BERT-family fold")
     heads = cfg.num_attention_heads
     gate = torch.ones(cfg.num_hidden_layers, heads, requires_grad=True)
     total = torch.zeros(cfg.num_hidden_layers, heads)
@@ -135,7 +138,8 @@ def head_importance(model: torch.nn.Module, enc: Encoded, max_examples: int = 51
     model.eval()
     for batch in calibration_batches(enc, max_examples, batch_size, "head importance", progress, labels=True):
         labels = batch.pop("labels")
-        logits = model(**model_inputs(model, batch), head_mask=gate).logits
+        with head_gates(model, gate):
+            logits = model(**model_inputs(model, batch)).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
         (grad,) = torch.autograd.grad(loss, gate)
         total += grad.abs()  # |gradient| per small batch, as in the authors' code (batch_size 8 here)
@@ -156,7 +160,9 @@ def prune_heads(model: torch.nn.Module, cfg: HeadPrune, enc: Encoded, max_exampl
     keep = max(1, int(round(cfg.keep * heads)))
     imp = head_importance(model, enc, max_examples, progress=progress)
     drop = {l: sorted(int(h) for h in np.argsort(-imp[l], kind="stable")[keep:]) for l in range(len(imp))}
-    model.prune_heads({l: h for l, h in drop.items() if h})
+    from edgeprune.models.bert_heads import slice_heads
+
+    slice_heads(model, {l: h for l, h in drop.items() if h})
     return model, {"keep": cfg.keep, "heads": [heads, keep], "pruned": {str(l): h for l, h in drop.items()},
                    "importance": [[round(float(x), 4) for x in row] for row in imp]}
 
