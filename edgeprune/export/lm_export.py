@@ -37,11 +37,13 @@ PROMPTS = ("a gorgeous , witty , seductive movie .", "the story is bland and the
 FILES = {"fp32": "onnx/model.onnx", "int8": "onnx/model_int8.onnx", "int4": "onnx/model_q4.onnx"}
 
 
-def kv_shape(config) -> tuple[int, int, int]:
-    """(layers, key-value heads, head size) of the cache of a decoder config."""
-    heads = config.num_attention_heads
-    head = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head
+def cache_shapes(model) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(key shape, value shape) of each layer's cache after one step of the model: heads and head sizes as the
+    family lays them out (DeepSeek's latent attention caches keys and values of different sizes)."""
+    with torch.no_grad():
+        out = model(input_ids=torch.ones(1, 2, dtype=torch.long), use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
 
 
 class WithPast(torch.nn.Module):
@@ -76,11 +78,12 @@ def export_graph(model, out_dir: Path, opset: Optional[int] = None) -> str:
     except ModelError:
         adapter = None  # a dense sibling (Mistral, Qwen3, ...)
     moe = adapter is not None and bool(adapter.blocks(model))
-    n, kv, head = kv_shape(model.config)
+    shapes = cache_shapes(model)
+    n = len(shapes)
     b, s, p = 1, 3, 2  # a past of 2 tokens, a step of 3: no axis of length 1 for the trace to specialise on
     feeds = (torch.ones(b, s, dtype=torch.long), torch.ones(b, s + p, dtype=torch.long),
              torch.arange(p, p + s, dtype=torch.long)[None])
-    past = tuple(torch.zeros(b, kv, p, head, dtype=model.dtype) for _ in range(2 * n))
+    past = tuple(torch.zeros(b, shape[1], p, shape[3], dtype=model.dtype) for kv in shapes for shape in kv)
     past_names = [f"past_key_values.{i}.{w}" for i in range(n) for w in ("key", "value")]
     names = ["input_ids", "attention_mask", "position_ids"] + past_names
     outputs = ["logits"] + [f"present.{i}.{w}" for i in range(n) for w in ("key", "value")]
@@ -97,10 +100,45 @@ def export_graph(model, out_dir: Path, opset: Optional[int] = None) -> str:
     except Exception as exc:
         raise ExportError(f"the KV-cache export of the {model.config.model_type} model failed "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    retie_head(out_dir / "model.onnx")
     model.config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     return "torch.onnx" + ("+dense_dispatch" if moe else "")
+
+
+def retie_head(path: Path) -> int:
+    """One weight for a tied embedding and LM head, as optimum's graphs had: the TorchScript exporter folds the
+    head's transpose into a second initializer (the vocabulary twice); each initializer that is the transpose of
+    another becomes a ``Transpose`` of it (:func:`untie_head` gives the quantizer its own copy again). Returns how
+    many were re-tied."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    by_shape: dict[tuple, list] = {}
+    for i in inits.values():
+        if len(i.dims) == 2:
+            by_shape.setdefault(tuple(i.dims), []).append(i)
+    done, gone = 0, set()
+    for i in list(inits.values()):
+        if len(i.dims) != 2 or i.dims[0] == i.dims[1] or i.name in gone:
+            continue
+        for other in by_shape.get((i.dims[1], i.dims[0]), []):
+            if other.name in gone:
+                continue
+            a = numpy_helper.to_array(i)
+            if np.array_equal(a, numpy_helper.to_array(other).T):
+                model.graph.initializer.remove(i)
+                model.graph.node.insert(0, helper.make_node("Transpose", [other.name], [i.name], perm=[1, 0],
+                                                            name=f"retie/{i.name}"))
+                gone.add(i.name)
+                done += 1
+                break
+    if done:
+        onnx.save(model, str(path))
+    return done
 
 
 # architectures onnxruntime-genai 0.11's model builder writes (its create_model); MoE blocks excluded (PhiMoE's own)
@@ -269,12 +307,17 @@ def untie_head(model) -> int:
 class CalibrationReader(CalibrationDataReader):
     """The graph's feeds for each calibration sequence (empty cache), as ONNX Runtime's quantizers read them."""
 
-    def __init__(self, graph: Path, sequences: Sequence[Sequence[int]]):
+    def __init__(self, graph: Path, sequences: Sequence[Sequence[int]], config: Optional[Path] = None):
         import onnx
 
         inputs = onnx.load(str(graph), load_external_data=False).graph.input
         self.past = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in inputs
                      if i.name.startswith("past_key_values.")}
+        # a symbolic head size (genai 0.18's builder): the config's
+        if config is not None and config.is_file() and any(not shape[3] for shape in self.past.values()):
+            cfg = json.loads(config.read_text())
+            head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+            self.past = {n: shape[:3] + [shape[3] or head] for n, shape in self.past.items()}
         self.names = {i.name for i in inputs}
         self.sequences = [list(s) for s in sequences]
         self.rewind()
@@ -313,7 +356,7 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
         g = onnx.load(str(src))
         n_untied = untie_head(g)
         onnx.save(g, str(untied))
-        reader = CalibrationReader(untied, calibration) if algorithm == "gptq" and calibration else None
+        reader = CalibrationReader(untied, calibration, out / "config.json") if algorithm == "gptq" and calibration else None
         weight_only(untied, Path(tmp) / "mm.onnx", bits, ("MatMul",), block=block,
                     accuracy_level=accuracy_level or None, algorithm=algorithm, calibration=reader,
                     symmetric=symmetric)

@@ -63,6 +63,8 @@ class EdgeLM:
             raise ModelError(f"{model}: no past_key_values inputs; export with task text-generation-with-past")
         self.inputs = set(names)
         self.kv = {i.name: i for i in self.session.get_inputs() if i.name in self.past_names}
+        heads = cfg.get("num_attention_heads")  # where the graph leaves the head size symbolic (genai 0.18's builder)
+        self.head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         self.tokenizer.no_truncation()  # the context is handled here (left truncation, said), not by the file's setting
         self.tokenizer.no_padding()
@@ -76,6 +78,7 @@ class EdgeLM:
         feeds = {}
         for name, meta in self.kv.items():
             heads, dim = meta.shape[1], meta.shape[3]
+            dim = dim if isinstance(dim, int) and dim > 0 else self.head_dim
             if not isinstance(heads, int) or not isinstance(dim, int):
                 raise ModelError(f"the graph's {name} has no fixed head count / size ({meta.shape})")
             feeds[name] = np.zeros((1, heads, 0, dim), dtype=np.float16 if "16" in meta.type else np.float32)
