@@ -45,7 +45,7 @@ def classifier_class(config_class: type[PretrainedConfig], pretrained_class: typ
         pass
     from transformers.modeling_layers import GenericForSequenceClassification
 
-    return _define(name, (GenericForSequenceClassification, pretrained_class), {}, config_class)
+    return _define(name, (GenericForSequenceClassification, pretrained_class), {"config_class": config_class}, config_class)
 
 
 def _define(name: str, bases: tuple, attrs: dict, config_class: Optional[type]) -> type:

@@ -29,7 +29,9 @@ def register(adapter: MoEAdapter) -> MoEAdapter:
 
 
 for _name in families.__all__:
-    register(getattr(families, _name).ADAPTER)
+    _module = getattr(families, _name)
+    for _adapter in getattr(_module, "ADAPTERS", None) or [_module.ADAPTER]:
+        register(_adapter)
 
 
 def all_adapters() -> list[MoEAdapter]:
