@@ -313,8 +313,10 @@ def test_one_expert_refused(family, family_dirs, tmp_path):
 def test_every_registered_family_has_a_tiny_checkpoint_here_and_is_listed():
     from edgeprune.models.registry import all_adapters
 
+    from edgeprune.models.families.table import ROWS
+
     registered = {a.model_type for a in all_adapters()} - {"bert_moe"}  # bert_moe: tests/test_model.py
-    assert registered == set(FAMS)
+    assert registered == set(FAMS) | set(ROWS)  # the table's rows: tests/test_table_families.py
     out = cli(["families"]).output.splitlines()
     assert len(out) == len(registered) + 1
     assert all(any(line.startswith(f"{f} ") for line in out) for f in registered)
