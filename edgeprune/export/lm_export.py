@@ -125,10 +125,11 @@ def retie_head(path: Path) -> int:
     for i in list(inits.values()):
         if len(i.dims) != 2 or i.dims[0] == i.dims[1] or i.name in gone:
             continue
+        a = None
         for other in by_shape.get((i.dims[1], i.dims[0]), []):
             if other.name in gone:
                 continue
-            a = numpy_helper.to_array(i)
+            a = numpy_helper.to_array(i) if a is None else a
             if np.array_equal(a, numpy_helper.to_array(other).T):
                 model.graph.initializer.remove(i)
                 model.graph.node.insert(0, helper.make_node("Transpose", [other.name], [i.name], perm=[1, 0],
@@ -315,8 +316,9 @@ class CalibrationReader(CalibrationDataReader):
                      if i.name.startswith("past_key_values.")}
         # a symbolic head size (genai 0.18's builder): the config's
         if config is not None and config.is_file() and any(not shape[3] for shape in self.past.values()):
-            cfg = json.loads(config.read_text())
-            head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+            from edgeprune.runtime.decoder import config_head_dim
+
+            head = config_head_dim(json.loads(config.read_text()))
             self.past = {n: shape[:3] + [shape[3] or head] for n, shape in self.past.items()}
         self.names = {i.name for i in inputs}
         self.sequences = [list(s) for s in sequences]

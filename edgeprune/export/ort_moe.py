@@ -72,48 +72,18 @@ def expert_weights(adapter: MoEAdapter, block: torch.nn.Module) -> tuple[torch.T
 
 
 def maps_onto_ort_moe(adapter: MoEAdapter, model: torch.nn.Module) -> bool:
-    """True when every MoE layer of ``model`` can be the operator: a family with ``ort_moe``, gated experts, and
-    k > 1 (a one-expert layer is cheaper as a plain MLP)."""
+    """True when every MoE layer of ``model`` can be the operator: a family on transformers 5's fused layout with
+    ``ort_moe`` and gated experts, and k > 1 (a one-expert layer is cheaper as a plain MLP)."""
+    if not (isinstance(adapter, FusedAdapter) and adapter.ort_moe and adapter.layout["has_gate"]):
+        return False
     blocks = adapter.blocks(model)
-    gated = sum(r == "in" for r in adapter.expert_roles.values()) == 2
-    return bool(adapter.ort_moe) and gated and bool(blocks) and all(adapter.num_experts(b) > 1 for b in blocks.values())
-
-
-def ort_moe_forward(adapter: MoEAdapter, block: torch.nn.Module, weights, hidden: torch.Tensor):
-    shape = hidden.shape
-    flat = hidden.reshape(-1, shape[-1])
-    logits = adapter.router_logits(block, flat)
-    spec = adapter.ort_moe
-    out = _MoE.apply(flat, logits, *weights, adapter.top_k(block), bool(adapter.renormalise(block)),
-                     float(spec["alpha"]), float(spec["beta"]), float(spec["limit"])).to(flat.dtype)
-    shared = adapter.shared_forward(block, flat)
-    if shared is not None:
-        out = out + shared
-    return adapter.block_output(out.reshape(shape), logits)
+    return bool(blocks) and all(adapter.num_experts(b) > 1 for b in blocks.values())
 
 
 @contextlib.contextmanager
-def ort_moe_patch(adapter: MoEAdapter, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Every MoE block runs as one ``com.microsoft.MoE`` node; undone on exit, whatever happens. On transformers 5's
-    fused layout (:class:`~edgeprune.models.fused.FusedAdapter`) only the experts module becomes the node, fed with
-    the logits of the family's own router (caught by a forward hook); the rest of the block is the family's code."""
-    if isinstance(adapter, FusedAdapter):
-        with _fused_patch(adapter, model) as m:
-            yield m
-        return
-    blocks = list(adapter.blocks(model).values())
-    try:
-        for b in blocks:
-            w = expert_weights(adapter, b)
-            b.forward = (lambda blk, ws: (lambda hidden, *a, **kw: ort_moe_forward(adapter, blk, ws, hidden)))(b, w)
-        yield model
-    finally:
-        for b in blocks:
-            b.__dict__.pop("forward", None)
-
-
-@contextlib.contextmanager
-def _fused_patch(adapter, model):
+def ort_moe_patch(adapter: FusedAdapter, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Every MoE block's experts module runs as one ``com.microsoft.MoE`` node, fed with the logits of the family's own
+    router (caught by a forward hook); the rest of the block is the family's code. Undone on exit, whatever happens."""
     seen, hooks = {}, []
 
     def make(block, ex):

@@ -220,9 +220,10 @@ class FusedAdapter(MoEAdapter):
     @contextlib.contextmanager
     def experts_patch(self, model: nn.Module, make: Callable) -> Iterator[nn.Module]:
         """Every block's experts run ``make(block, experts)(hidden, top_k_index, top_k_weights)``; undone on exit."""
-        mods = [getattr(b, self.experts_attr) for b in self.blocks(model).values()]
+        blocks = list(self.blocks(model).values())
+        mods = [getattr(b, self.experts_attr) for b in blocks]
         try:
-            for b, ex in zip(self.blocks(model).values(), mods):
+            for b, ex in zip(blocks, mods):
                 ex.forward = make(b, ex)
             yield model
         finally:

@@ -24,6 +24,12 @@ import numpy as np
 from edgeprune.errors import ConfigError, ModelError
 
 
+def config_head_dim(cfg: dict):
+    """The attention head size a decoder's config.json states (``head_dim``, else hidden size / heads; None)."""
+    heads = cfg.get("num_attention_heads")
+    return cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
+
+
 class EdgeLM:
     def __init__(self, directory: str | Path, threads: Optional[int] = None, variant: Optional[str] = None,
                  model_file: Optional[str] = None):
@@ -63,8 +69,7 @@ class EdgeLM:
             raise ModelError(f"{model}: no past_key_values inputs; export with task text-generation-with-past")
         self.inputs = set(names)
         self.kv = {i.name: i for i in self.session.get_inputs() if i.name in self.past_names}
-        heads = cfg.get("num_attention_heads")  # where the graph leaves the head size symbolic (genai 0.18's builder)
-        self.head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
+        self.head_dim = config_head_dim(cfg)  # where the graph leaves it symbolic (genai 0.18's builder)
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         self.tokenizer.no_truncation()  # the context is handled here (left truncation, said), not by the file's setting
         self.tokenizer.no_padding()

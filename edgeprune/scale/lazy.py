@@ -99,6 +99,7 @@ class LazyCheckpoint(Mapping):
         self.info = info
 
     def _read(self, disk: str) -> torch.Tensor:
+        # each read maps and unmaps its shard: only the copy stays resident, never the shard's mapped pages
         with safe_open(str(self.disk[disk].file), framework="pt") as fh:
             return fh.get_tensor(disk)
 
@@ -119,13 +120,7 @@ class LazyCheckpoint(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self.extra:
             return self.extra[name]
-        if name in self.recipes:
-            t = self._build(name)
-        else:
-            disk = self._disk_name(name)
-            # each read maps and unmaps its shard: only the copy stays resident, never the shard's mapped pages
-            with safe_open(str(self.disk[disk].file), framework="pt") as fh:
-                t = fh.get_tensor(disk)
+        t = self._build(name) if name in self.recipes else self._read(self._disk_name(name))
         check_finite({name: t}, self.dir)  # the streaming form of the in-memory check (models.checkpoint)
         return t
 
