@@ -117,3 +117,13 @@ def make_bpe_tokenizer(out: Path, vocab_size: int = 400):
 @pytest.fixture(scope="session")
 def bpe_tokenizer(tmp_path_factory):
     return make_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(autouse=True)
+def steady_memory(monkeypatch):
+    """The memory "available now" that the in-memory / layer-wise choice reads is 8 GB in every test, whatever else
+    runs on the machine (four builds once went layer by layer and failed because a process beside the suite took
+    the memory); tests of that choice set their own figure or pass --max-memory."""
+    from edgeprune.scale import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * memory.GB)

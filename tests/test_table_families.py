@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoModelForSequenceClassification)
 
 from edgeprune.cli import main
 from edgeprune.models.families.table import ROWS
@@ -22,33 +23,82 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_
             shared_expert_intermediate_size=16, first_k_dense_replace=0, n_shared_experts=1, n_group=1,
             topk_group=1, num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,
             decoder_sparse_step=1, moe_layer_freq=1, mlp_only_layers=[], pad_token_id=0, bos_token_id=1,
-            eos_token_id=2, tie_word_embeddings=False)
+            eos_token_id=2, tie_word_embeddings=False, mlp_layer_types=["sparse", "sparse"])
 # what a family needs beyond TINY to build at that size
-EXTRA: dict[str, dict] = {}
+# multi-head latent attention: small ranks, and as many key/value heads as heads (MLA expands keys per head)
+MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+EXTRA: dict[str, dict] = {
+    **{mt: MLA for mt in ("axk1", "axk2", "deepseek_v32", "glm_moe_dsa", "glm4_moe_lite", "hy_v4")},
+    "mistral4": dict(MLA, qk_head_dim=16, head_dim=16),
+    "mistral_large4_text": MLA,
+    # hybrids: one linear-attention layer and one attention layer
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                       linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4),
+    "kimi_linear": dict(MLA, layer_types=["linear_attention", "full_attention"], linear_head_dim=8, linear_num_heads=4),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+                  use_mamba_kernels=False, mamba_dt_rank=8, mamba_d_state=8),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_head=16,
+                             mamba_d_state=8, mamba_chunk_size=8),
+    "nemotron_h": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "full_attention", "moe"],
+                       mamba_num_heads=4, mamba_head_dim=8, n_groups=1, ssm_state_size=8, chunk_size=8,
+                       use_mamba_kernels=False, moe_shared_expert_intermediate_size=16),
+    "aria_text": dict(moe_topk=2, moe_num_shared_experts=1),
+    "inkling_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=16,
+                         rel_extent=32),
+    "bailing_hybrid": dict(MLA, layer_types=["linear_attention", "full_attention"], linear_head_dim=8,
+                           linear_num_heads=4),
+    "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
+}
 FAST = ["--calibration-examples", "32", "--recovery-steps", "0", "--eval-examples", "24", "--latency-iters", "5"]
 
 
-def tiny_config(model_type: str, vocab: int):
-    config = AutoConfig.for_model(model_type)
-    for k, v in {**TINY, **EXTRA.get(model_type, {}), "vocab_size": vocab}.items():
+# multimodal checkpoints: edgeprune prunes their text MoE (registered as the text model type); the test builds the
+# whole image-text-to-text model, as a user's directory holds it, with these vision / audio sizes
+PARENT = {"qwen3_vl_moe_text": "qwen3_vl_moe", "mistral_large4_text": "mistral_large4"}
+TOWER = dict(hidden_size=32, num_hidden_layers=1, depth=1, num_heads=2, num_attention_heads=2, intermediate_size=48,
+             out_hidden_size=32, embed_dim=32, num_key_value_heads=2, head_dim=16)
+
+
+def shrink(config, values: dict) -> None:
+    """``values`` where the config has them, its per-layer lists cut to its (new) number of layers."""
+    layers = getattr(config, "num_hidden_layers", 0)
+    for k, v in values.items():
         if hasattr(config, k):
             setattr(config, k, v)
     for key, value in list(config.to_dict().items()):  # per-layer lists follow the two layers
-        if key.endswith("layer_types") and isinstance(value, list) and len(value) > config.num_hidden_layers:
+        per_layer = key.endswith("layer_types") or (isinstance(value, list) and layers > 2 and len(value) == layers)
+        if per_layer and isinstance(value, list) and len(value) > config.num_hidden_layers:
             setattr(config, key, value[: config.num_hidden_layers])
+
+
+def tiny_config(model_type: str, vocab: int):
+    config = AutoConfig.for_model(PARENT.get(model_type, model_type))
+    shrink(config.get_text_config(), {**TINY, **EXTRA.get(model_type, {}), "vocab_size": vocab})
+    for tower in ("vision_config", "audio_config"):
+        if getattr(config, tower, None) is not None:
+            shrink(getattr(config, tower), TOWER)
     return config
 
 
+# model types whose tokenizer class transformers fixes whatever tokenizer_config.json says (a BPE one for these)
+BPE = {"qwen3_5_moe_text"}
+
+
 @pytest.fixture(scope="module")
-def table_dir(tmp_path_factory, tiny_tokenizer):
+def table_dir(tmp_path_factory, tiny_tokenizer, bpe_tokenizer):
     """The family's tiny checkpoint directory (built on first use)."""
-    tok, vocab = tiny_tokenizer
     made = {}
 
     def make(mt: str):
+        tok, vocab = bpe_tokenizer if mt in BPE else tiny_tokenizer
         if mt not in made:
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(tiny_config(mt, vocab)).eval()
+            config = tiny_config(mt, vocab)  # a causal LM, or a classifier where transformers maps only that
+            auto = (AutoModelForImageTextToText if mt in PARENT else AutoModelForCausalLM
+                    if type(config) in AutoModelForCausalLM._model_mapping else AutoModelForSequenceClassification)
+            model = auto.from_config(config).eval()
             with torch.no_grad():  # routers that spread tokens over the experts
                 for name, p in model.named_parameters():
                     if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2:
@@ -75,13 +125,15 @@ def test_a_table_family_scores_prunes_and_builds(family, table_dir, tmp_path, ca
     from edgeprune.models.loading import load_model
     from edgeprune.tasks import get_task
 
-    d = table_dir(family)
+    d = table_dir(family)  # label words where the checkpoint has only a language-model head
+    arch = json.loads((d / "config.json").read_text())["architectures"][0]
+    words = [] if arch.endswith("ForSequenceClassification") else WORDS
     for method in ("reap", "frequency"):
         plan = tmp_path / f"{method}.json"
         cli(["score", "--model", str(d), "--method", method, "--experts", "2", "--calibration-examples", "32",
-             "--out", str(plan)] + WORDS)
+             "--out", str(plan)] + words)
         assert all(len(lp["groups"]) == 2 for lp in json.loads(plan.read_text())["layers"])
-    model = load_model(d, task=get_task("sst2"), verbalisers=("bad", "good"))
+    model = load_model(d, task=get_task("sst2"), verbalisers=words[1].split(",") if words else None)
     adapter = adapter_for(model.config)
     x = {"input_ids": torch.randint(5, 100, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
     with torch.no_grad():  # keeping every expert is the original, exactly
@@ -90,7 +142,7 @@ def test_a_table_family_scores_prunes_and_builds(family, table_dir, tmp_path, ca
     for k in (2, 1):
         out = tmp_path / f"art{k}"
         res = CliRunner().invoke(main, ["build", "--model", str(d), "--target", "x86_64", "--experts", str(k),
-                                        "--out", str(out)] + FAST + WORDS, catch_exceptions=False)
+                                        "--out", str(out)] + FAST + words, catch_exceptions=False)
         if k == 1 and res.exit_code == 2:  # a family whose router cannot route one expert says so
             assert "one expert" in res.output, res.output
             continue
@@ -98,3 +150,44 @@ def test_a_table_family_scores_prunes_and_builds(family, table_dir, tmp_path, ca
         report = json.loads((out / "report.json").read_text())
         assert report["export"]["parity_fp32"]["max_abs_logit_diff"] < 1e-3
         assert adapter.blocks(model)
+
+
+def moe_model_types() -> dict[str, list[str]]:
+    """The model directories of the installed transformers whose modeling code reads an expert count from its
+    config, each with the model types it declares."""
+    import re
+    from pathlib import Path
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    expert_count = re.compile(r"config\.(num_local_experts|num_experts|n_routed_experts|moe_num_experts|"
+                              r"num_routed_experts)\b")
+    types: dict[str, list[str]] = {}
+    for mt in CONFIG_MAPPING_NAMES:
+        types.setdefault(model_type_to_module_name(mt), []).append(mt)
+    root = Path(transformers.__file__).parent / "models"
+    return {d.name: types.get(d.name, []) for d in sorted(root.iterdir())
+            if any(expert_count.search(f.read_text()) for f in d.glob("modeling_*.py"))}
+
+
+def test_every_moe_model_type_of_transformers_is_supported_or_refused_with_a_reason():
+    from edgeprune.cli import main
+    from edgeprune.models.families.multimodal import VIA_TEXT
+    from edgeprune.models.families.refused import REFUSED
+    from edgeprune.models.registry import ADAPTERS
+
+    dirs = moe_model_types()
+    assert len(dirs) >= 77, sorted(dirs)
+    known = set(ADAPTERS) | set(REFUSED) | set(VIA_TEXT)
+    missing = {d: mts for d, mts in dirs.items() if not known & set(mts)}
+    assert not missing, f"MoE model types neither registered nor in models/families/refused.py: {missing}"
+    assert not set(ADAPTERS) & set(REFUSED) and not set(VIA_TEXT) & (set(REFUSED) | set(ADAPTERS))
+    assert set(VIA_TEXT.values()) <= set(ADAPTERS)
+    listed = CliRunner().invoke(main, ["families"]).output.splitlines()
+    for mt, why in REFUSED.items():
+        assert f"{mt:19s} not supported: {why}" in listed
+    from edgeprune.errors import ModelError
+
+    with pytest.raises(ModelError, match="model_type 'zaya' is not supported: its router reads a state carried"):
+        adapter_for("zaya")

@@ -29,6 +29,22 @@ def check_lengths(cfg: BuildConfig, config) -> None:
                               "(max_position_embeddings); lower it")
 
 
+def fixed_for_family(cfg: BuildConfig, adapter) -> None:
+    """A family whose traced graph keeps its example's shapes (Mamba layers: transformers' PyTorch scan pads to its
+    chunk size with lengths read as Python numbers) is exported at one shape: batch 1 x the task's maximum length,
+    inputs padded on the right (the layers are causal and the classifier reads the last real token, so padding
+    changes no logit; export parity checks it). Said in one line; a target with fixed shapes keeps its own."""
+    from dataclasses import replace
+
+    if adapter is None or not adapter.extra.get("fixed_shapes") or cfg.target.export.fixed_shapes:
+        return
+    t = cfg.target
+    cfg.target = replace(t, export=replace(t.export, fixed_shapes=True, batch_size=1,
+                                           sequence_length=cfg.task.max_length))
+    log(f"export: {adapter.model_type}'s {adapter.extra['fixed_shapes']} trace to fixed shapes only: the artifact takes "
+        f"batch 1 x {cfg.task.max_length} tokens (inputs padded)")
+
+
 def original_logits_cached(cfg: BuildConfig, prep: Prepared, enc) -> np.ndarray:
     """The original's validation logits, a cached stage like the others (sealed and verified when reused),
     computed layer by layer for a layer-wise build."""
@@ -84,7 +100,9 @@ class ClassifierBuild:
             load_model(original_dir, task=cfg.task, **p.load_options())
         words = of_model(original)
         tok = load_tokenizer(original_dir)
-        check_model(original, family_of(original), cfg.task, p, tok)
+        adapter = family_of(original)
+        check_model(original, adapter, cfg.task, p, tok)
+        fixed_for_family(cfg, adapter)
         check_lengths(cfg, original.config)
         val_examples = cfg.data.load(cfg.task, "validation", limit=cfg.eval_examples)
         return Prepared(original_dir, dir_sha256(original_dir), original,

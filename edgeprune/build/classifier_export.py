@@ -60,11 +60,11 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
         ok = got.shape == want.shape and np.allclose(got, want, atol=1e-4)
         return None if ok else "no longer reproduces its recorded logits"
 
-    return stage.run(lambda tmp: _export(tmp, pruned_dir, t, sample, fixed), check=same_logits,
+    return stage.run(lambda tmp: _export(tmp, pruned_dir, t, sample, fixed, fixed_len or cfg.task.max_length), check=same_logits,
                      verified="files verified, parity re-checked")
 
 
-def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed) -> None:
+def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: int) -> None:
     import onnx
 
     from edgeprune.export.onnx_export import export_onnx, onnx_logits, parity
@@ -76,7 +76,7 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed) -> None:
     model = load_classifier(pruned_dir)  # MoE (k > 1) or folded dense sibling
     info: dict = {}
     log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes"))
-    info["exporter"] = export_onnx(model, pruned_dir, tmp / "fp32.onnx", t)
+    info["exporter"] = export_onnx(model, pruned_dir, tmp / "fp32.onnx", t, max_tokens)
     if fixed:
         fix_shapes(tmp / "fp32.onnx", *fixed)
     info["parity_fp32"] = parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed_len)

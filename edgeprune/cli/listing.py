@@ -8,7 +8,7 @@ from edgeprune.cli.app import main
 
 @main.command()
 def families() -> None:
-    """List the supported MoE families: heads, fold target (exact or not), export path."""
+    """List the MoE families of transformers: what each supports (heads, fold, export path) or why it is not."""
     import json
     from pathlib import Path
 

@@ -45,15 +45,21 @@ def eager_attention(model: torch.nn.Module):
         model.set_attn_implementation(before)
 
 
-def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | Path, target: Target) -> str:
+def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | Path, target: Target,
+                max_tokens: int | None = None) -> str:
     """Export to ``out_path``; returns the exporter used (``torch.onnx+dense_dispatch`` or ``torch.onnx+ort_moe`` for
-    an MoE, ``torch.onnx`` for a dense model)."""
+    an MoE, ``torch.onnx`` for a dense model). ``max_tokens``: the longest input the artifact takes (checked where
+    the export is exact only up to a length: :func:`~edgeprune.export.torchscript_fixes.check_dsa_length`); the
+    model is traced under :func:`~edgeprune.export.torchscript_fixes.exportable`."""
     from edgeprune.errors import ModelError
     from edgeprune.export.ort_moe import maps_onto_ort_moe, ort_moe_patch
+    from edgeprune.export.torchscript_fixes import check_dsa_length, exportable, normalise_transposes
     from edgeprune.models.registry import adapter_for
 
     out_path = Path(out_path)
     spec = target.export
+    if max_tokens is not None:
+        check_dsa_length(model, max_tokens)
     try:
         adapter = adapter_for(model.config)
     except ModelError:
@@ -82,13 +88,14 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     if adapter is not None and spec.moe_operator == "ort" and maps_onto_ort_moe(adapter, model):
         patch, exporter = ort_moe_patch(adapter, model), "torch.onnx+ort_moe"
     try:
-        with patch, eager_attention(model), torch.no_grad():
+        with patch, eager_attention(model), exportable(model), torch.no_grad():
             torch.onnx.export(Wrapper(model), tuple(feeds[n] for n in names), str(out_path), input_names=names,
                               output_names=["logits"], dynamic_axes=axes, opset_version=spec.opset, dynamo=False,
                               custom_opsets={"com.microsoft": 1})
     except Exception as exc:
         raise ExportError(f"torch.onnx export of the {model.config.model_type} model failed: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    normalise_transposes(out_path)
     return exporter
 
 

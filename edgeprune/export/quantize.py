@@ -95,6 +95,15 @@ class _Reader:
         self.it = iter(self.batches)
 
 
+def batched_matmuls(path: Path) -> list[str]:
+    """MatMul nodes whose weight is a 3-D (or higher) initializer (experts stacked in one tensor, e.g. Inkling's
+    shared experts): ONNX Runtime's int8 MatMul kernels take 2-D weights only (``MatMulIntegerToFloat`` refuses
+    their per-channel parameters at run time), so they stay fp32."""
+    model = onnx.load(str(path), load_external_data=False)
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(ranks.get(i, 0) > 2 for i in n.input)]
+
+
 def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = None) -> dict:
     """Apply the target's precision to ``src``; returns what was done."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -119,9 +128,12 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
                 if embed4:  # the word embedding first, block-wise 4-bit
                     gather_4bit(src, block4)
                     info["embedding"] = "GatherBlockQuantized, 4-bit symmetric, block 32 (ONNX Runtime's quantizer)"
+                batched = batched_matmuls(src)
+                if batched:
+                    info["fp32_batched_matmuls"] = len(batched)
                 quantize_dynamic(str(block4 if embed4 else src), str(dst), op_types_to_quantize=ops,
                                  per_channel=q.per_channel, reduce_range=q.reduce_range, weight_type=QuantType.QInt8,
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                                 nodes_to_exclude=batched, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             finally:
                 block4.unlink(missing_ok=True)
             info["op_types"] = ops

@@ -14,7 +14,11 @@ imports no torch; tests/test_layout.py fails when the file and the registry disa
 
 
 def family_lines() -> list[str]:
-    """One line per registered family: heads, fold target (exact or not), export path."""
+    """One line per registered family (heads, fold target (exact or not), export path), then one per MoE model type
+    of transformers that is not supported, with the reason (:mod:`edgeprune.models.families.refused`)."""
+    from edgeprune.models.families.multimodal import VIA_TEXT
+    from edgeprune.models.families.refused import REFUSED
+
     lines = []
     for a in all_adapters():
         fold = a.dense.classifier_class.__name__ if a.dense else "its own class"
@@ -23,6 +27,9 @@ def family_lines() -> list[str]:
         heads = ", ".join(h + (" (label words)" if h.endswith("-lm") else "") for h in a.heads)
         lines.append(f"{a.model_type:19s} heads: {heads}; k = 1 -> {fold}: {a.fold_exact}; export: {k1} (k = 1), "
                      f"{k2} (k > 1)")
+    lines += [f"{mt:19s} multimodal: its text MoE as {text} (the artifact is the text model; the vision / audio "
+              "towers are left out)" for mt, text in sorted(VIA_TEXT.items())]
+    lines += [f"{mt:19s} not supported: {why}" for mt, why in sorted(REFUSED.items())]
     return lines
 
 

@@ -46,6 +46,8 @@ COMMON_LAYOUT = {"has_gate": True, "has_bias": False, "is_transposed": False, "i
 class FusedAdapter(MoEAdapter):
     """A transformers 5 family on the common fused layout (see the module docstring); ``extra`` holds its data:
     ``layout`` (the flags), ``router_args`` (block attributes the router takes after the hidden states),
+    ``router_3d`` (the router reads (batch, seq, hidden), not tokens), ``fixed_shapes`` (what in the family traces
+    only at one shape, e.g. "Mamba layers": the build exports it at batch 1 x max length),
     ``shared`` (an ungated shared expert's path in the block, for the fold), ``fold_scale`` and ``check_k``."""
 
     # -- where the blocks are ---------------------------------------------------------------------------------
@@ -92,8 +94,10 @@ class FusedAdapter(MoEAdapter):
 
     # -- routing: the family's own router ---------------------------------------------------------------------
     def _router_out(self, block: nn.Module, x: torch.Tensor):
-        args = [getattr(block, a) for a in self.extra.get("router_args", ())]
-        return self.router(block)(x, *args)
+        """The router's own forward on tokens ``x`` (T, H): with the block attributes it takes (None where the block
+        has not got one: LFM2-MoE without an expert bias), as (1, T, H) for routers that read a batch (AFMoE)."""
+        args = [getattr(block, a, None) for a in self.extra.get("router_args", ())]
+        return self.router(block)(x.unsqueeze(0) if self.extra.get("router_3d") else x, *args)
 
     def router_logits(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._router_out(block, x)[0].float()
@@ -250,8 +254,9 @@ def fused_family(model_type: str, num_experts_key: str = "num_local_experts", ro
                  layout: Optional[dict] = None, cls: type = None, **kw) -> FusedAdapter:
     """A family on the common layout, as data. ``kw``: any :class:`~edgeprune.models.adapter.MoEAdapter` field
     (dense, heads, ort_moe, fold_exact, note, ...) and the ``extra`` data keys (router_args, shared, fold_scale,
-    check_k, group_keys); ``cls``: a subclass where the family needs code beside the data."""
-    extra = {k: kw.pop(k) for k in ("router_args", "shared", "fold_scale", "check_k", "group_keys") if k in kw}
+    check_k, group_keys, router_3d, fixed_shapes); ``cls``: a subclass where the family needs code beside the data."""
+    extra = {k: kw.pop(k) for k in ("router_args", "router_3d", "shared", "fold_scale", "check_k", "group_keys",
+                                    "fixed_shapes") if k in kw}
     extra["layout"] = layout or {}
     return (cls or FusedAdapter)(model_type=model_type, block_class=kw.pop("block_class", None), expert_roles=FUSED_ROLES,
                         num_experts_key=num_experts_key, router_attr=router_attr, extra=extra, **kw)

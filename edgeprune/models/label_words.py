@@ -128,8 +128,11 @@ def to_classifier(lm: torch.nn.Module, words: LabelWords, task) -> torch.nn.Modu
     if not words.token_ids:
         raise ValueError("resolve the label words against the tokenizer first")
     cfg = lm.config  # a supported family: its file (imported with the registry) defined the class where needed
+    text = getattr(cfg, "text_config", None)
+    multimodal = text is not None and type(text) is not type(cfg)  # the text model of an image-text-to-text LM
+    cfg = text if multimodal else cfg
     cls = AutoModelForSequenceClassification._model_mapping.get(type(cfg), None)
-    if cls is None and lm.config.is_encoder_decoder:
+    if cls is None and cfg.is_encoder_decoder:
         cls = next((c for c in CLASSES.values() if c.config_class is type(cfg)), None)
     if cls is None:
         raise ModelError(f"{cfg.model_type}: no sequence-classification class to score label words with")
@@ -153,8 +156,11 @@ def to_classifier(lm: torch.nn.Module, words: LabelWords, task) -> torch.nn.Modu
         return clf
     new_cfg.tie_word_embeddings = False  # the classifier has no LM head to tie
     clf = cls(new_cfg).to(lm.dtype).eval()
-    base = lm.base_model_prefix
-    getattr(clf, clf.base_model_prefix).load_state_dict(getattr(lm, base).state_dict())
+    if multimodal:
+        base = lm.model.language_model
+    else:  # Llama4ForCausalLM says "language_model", holds "model"
+        base = getattr(lm, lm.base_model_prefix, None) or lm.model
+    getattr(clf, clf.base_model_prefix).load_state_dict(base.state_dict())
     scale = float(getattr(cfg, "logits_scaling", 1.0) or 1.0)
     clf.score.weight.copy_(head.weight[list(words.token_ids)] / scale)
     return clf

@@ -15,12 +15,22 @@ from edgeprune.models.registry import adapter_for, class_for
 from edgeprune.models.tokenizer import load_tokenizer
 
 
+def family_type(raw: dict) -> str:
+    """The model type whose adapter prunes the checkpoint of config.json ``raw``: its own, or, for a multimodal
+    checkpoint whose type is not registered, its text model's (``text_config.model_type``) where that is: the text
+    MoE is what edgeprune prunes, and the artifact is the text model (the vision / audio towers are left out)."""
+    from edgeprune.models.registry import ADAPTERS
+
+    text = (raw.get("text_config") or {}).get("model_type")
+    return text if raw["model_type"] not in ADAPTERS and text in ADAPTERS else raw["model_type"]
+
+
 def family_of(model_or_dir) -> MoEAdapter:
     """The adapter of a loaded model or of a checkpoint directory (read from its config.json)."""
     if isinstance(model_or_dir, (str, Path)):
         from edgeprune.models.checkpoint import read_config
 
-        return adapter_for(read_config(model_or_dir)["model_type"])
+        return adapter_for(family_type(read_config(model_or_dir)))
     return adapter_for(model_or_dir.config)
 
 
@@ -39,9 +49,17 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None, task=None,
     from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype, weight_files
 
     raw = read_config(model_dir)
-    adapter = adapter_for(raw["model_type"])
+    adapter = adapter_for(family_type(raw))
     weight_files(model_dir)
     arch = " ".join(raw.get("architectures") or [])
+    if adapter.model_type != raw["model_type"]:  # a multimodal checkpoint: its text MoE by label words
+        from transformers import AutoModelForImageTextToText
+
+        if task is None:
+            raise ModelError(f"{model_dir}: a multimodal model classifies by label words; give the task")
+        mm = load_checked(AutoModelForImageTextToText, model_dir, dtype=torch_dtype(dtype, raw))
+        words = label_words.for_task(task, prompt, verbalisers).resolve(load_tokenizer(model_dir))
+        return label_words.to_classifier(mm, words, task)
     if arch and "SequenceClassification" not in arch:
         lm_class = AutoModelForSeq2SeqLM if "ConditionalGeneration" in arch else AutoModelForCausalLM
         is_lm = "CausalLM" in arch or "ConditionalGeneration" in arch

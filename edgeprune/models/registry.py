@@ -46,10 +46,14 @@ def find_adapter(model_type: str) -> MoEAdapter | None:
 
 def adapter_for(config: PretrainedConfig | str) -> MoEAdapter:
     """The adapter of ``config.model_type``, or a one-line error listing the supported families."""
+    from edgeprune.models.families.refused import REFUSED
+
     model_type = config if isinstance(config, str) else config.model_type
     try:
         return ADAPTERS[model_type]
     except KeyError:
+        if model_type in REFUSED:
+            raise ModelError(f"model_type {model_type!r} is not supported: {REFUSED[model_type]}") from None
         dense = [a.model_type for a in ADAPTERS.values() if a.dense and a.dense.config_class.model_type == model_type]
         hint = f"; it is the dense sibling of {', '.join(dense)}: nothing to prune" if dense else ""
         raise ModelError(f"model_type {model_type!r} is not a supported MoE family (supported: "

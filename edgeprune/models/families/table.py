@@ -8,13 +8,12 @@ transformers has only a causal LM for the family, a label-word classifier class
 (:func:`edgeprune.models.label_words.classifier_class`). None of these families has a dense sibling in
 transformers: k = 1 keeps the family's class with one expert per layer.
 
-Families whose layout is not the common one have a file of their own (gpt_oss, switch_transformers, the
-DeepSeek-style folds); families not listed here or there are refused with the reason (``edgeprune families``).
-Probed and left out for now: afmoe (its router call fails in calibration), kolibri1_1 (``index_layers`` does not
-follow two layers), laguna (per-layer head counts), cohere2_moe and ernie4_5_moe (ONNX Runtime cannot load their
-exported graph), lara_mini (``linalg_solve_triangular`` has no ONNX export), and the hybrid / latent-attention families whose tiny configs
-need more than the common keys (qwen3_5_moe, qwen3_next, nemotron_h, kimi_linear, granitemoehybrid, mistral4,
-glm4_moe_lite, deepseek_v32, longcat_flash, ...).
+Families whose layout is not the common one have a file of their own (gpt_oss, switch_transformers, llama4, the
+DeepSeek-style folds); the MoE model types of transformers that are not supported are in ``refused.py`` with the
+reason (``edgeprune families`` lists both). Rows may also say: ``cls`` (a subclass with code beside the data),
+``layout`` (the experts' storage flags), ``top_k_key`` (the config key of top-k), ``router_3d`` (the router reads
+(batch, seq, hidden)), ``check_k`` (a k the router cannot route: ``group_top2``), ``fixed_shapes`` (what traces only
+at one shape: the build exports at batch 1 x the task's maximum length).
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ import importlib
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from edgeprune.models.families.llama4 import LAYOUT as LLAMA4_LAYOUT, Llama4Adapter
 from edgeprune.models.fused import fused_family
 from edgeprune.models.label_words import classifier_class
 
@@ -37,20 +37,56 @@ def group_top2(adapter, block, k):
                           "use --experts 2 or more")
 
 
+def no_one_expert_layer(adapter, block, k):
+    """Jamba builds a dense MLP where its config says one expert (``num_experts == 1``): a one-expert checkpoint is
+    that MLP, a fold edgeprune does not write yet."""
+    if k < 2:
+        from edgeprune.errors import ConfigError
+
+        raise ConfigError(f"{adapter.model_type} with one expert per layer is its dense MLP in transformers (a fold not "
+                          "done yet) and cannot keep one expert as an MoE; use --experts 2 or more")
+
+
 ROWS: dict[str, dict] = {
+    "afmoe": dict(router_attr="router", router_args=("expert_bias",), router_3d=True),
+    "aria_text": dict(router_attr="router", top_k_key="moe_topk", layout=dict(is_transposed=True)),
+    "axk1": dict(check_k=group_top2),
+    "axk2": dict(check_k=group_top2),
+    "bailing_hybrid": dict(check_k=group_top2),
+    "beam": dict(check_k=group_top2),
+    "cohere2_moe": {},
+    "deepseek_v32": dict(check_k=group_top2),
     "dots1": dict(check_k=group_top2),
     "exaone_moe": dict(check_k=group_top2),
+    "ernie4_5_moe": {},
     "flex_olmo": {},
     "flint": {},
+    "glm4_moe_lite": dict(check_k=group_top2),
+    "glm_moe_dsa": dict(check_k=group_top2),
     "granitemoe_swa": dict(router_attr="router"),
+    "granitemoehybrid": dict(router_attr="router", fixed_shapes="Mamba layers"),
     "hunyuan_v1_moe": {},
     "hy_v3": dict(router_args=("e_score_correction_bias",)),
+    "hy_v4": dict(check_k=group_top2),
+    "inkling_text": {},
+    "jamba": dict(router_attr="router", fixed_shapes="Mamba layers", check_k=no_one_expert_layer),
+    "kimi_linear": dict(check_k=group_top2),
     "kolibri1": {},
+    "lara_mini": {},
+    "lfm2_moe": dict(router_args=("expert_bias",)),
+    "llama4_text": dict(cls=Llama4Adapter, router_attr="router", layout=LLAMA4_LAYOUT),
     "mellum": {},
     "mimo_v2_flash": dict(check_k=group_top2),
     "minicpm5_moe": dict(check_k=group_top2),
     "minimax": {},
     "minimax_m2": dict(router_args=("e_score_correction_bias",)),
+    "minimax_m3_vl_text": {},
+    "mistral4": dict(check_k=group_top2),
+    "nemotron_h": dict(layout=dict(has_gate=False), check_k=group_top2, fixed_shapes="Mamba layers"),
+    "qwen3_5_moe_text": {},
+    "qwen3_next": {},
+    "qwen3_vl_moe_text": {},
+    "mistral_large4_text": dict(check_k=group_top2),
     "solar_open": dict(check_k=group_top2),
 }
 
@@ -67,13 +103,24 @@ def row_adapter(model_type: str, row: dict):
               fold_exact="no sibling: keeps its class with one expert per layer")
     if row.get("check_k") is group_top2:
         kw["fold_exact"] = "k = 1 refused (group top-2 routing needs two experts); k >= 2 keeps its class"
+    if row.get("check_k") is no_one_expert_layer:
+        kw["fold_exact"] = "k = 1 refused (one expert is the family's dense MLP: fold not done yet); k >= 2 keeps its class"
     if type(config) not in AutoModelForSequenceClassification._model_mapping:
-        lm = AutoModelForCausalLM._model_mapping[type(config)]
-        module = importlib.import_module(lm.__module__)
-        pretrained = next(v for n, v in vars(module).items() if n.endswith("PreTrainedModel") and isinstance(v, type))
-        classifier_class(type(config), pretrained, lm.__name__.replace("ForCausalLM", "ForSequenceClassification"))
+        label_word_class(config)
         kw["heads"] = ("causal-lm",)
     return fused_family(model_type, **{**kw, **row})
+
+
+def label_word_class(config) -> type:
+    """A label-word classifier class for a family that transformers gives only a causal LM, or (the text model of a
+    multimodal family) only a base model: transformers' ``GenericForSequenceClassification`` over the family's
+    base model, registered for its config class."""
+    lm = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    module = importlib.import_module((lm or type(config)).__module__.replace(".configuration_", ".modeling_"))
+    pretrained = next(v for n, v in vars(module).items() if n.endswith("PreTrainedModel") and isinstance(v, type)
+                      and not any(w in n for w in ("Vision", "Audio")))
+    name = (lm.__name__.replace("ForCausalLM", "") if lm else type(config).__name__.removesuffix("Config"))
+    return classifier_class(type(config), pretrained, name + "ForSequenceClassification")
 
 
 ADAPTERS = [row_adapter(mt, row) for mt, row in ROWS.items()]

@@ -1,0 +1,55 @@
+"""The MoE model types of transformers 5.25 that edgeprune does not prune, each with the reason, in one line.
+
+``edgeprune families`` lists them after the supported families, and loading a checkpoint of one of them ends in
+its line (:func:`edgeprune.models.registry.adapter_for`). tests/test_table_families.py checks that every model
+directory of the installed transformers with MoE experts is either registered or here. "Probed" means a tiny
+checkpoint of the family was built from its config class and taken through edgeprune's build; what failed is
+said. Multimodal models pruned through their text model are in ``multimodal.py``.
+"""
+from __future__ import annotations
+
+_MULTIMODAL = ("not done yet: multimodal; its text model is not registered (not probed, or its tiny multimodal "
+               "checkpoint did not build here)")
+REFUSED: dict[str, str] = {
+    "dbrx": "not done yet: its own layout (fused 2-D expert weights in DbrxExperts, a DbrxRouter); needs an adapter file",
+    "deepseek_ocr2": _MULTIMODAL,
+    "deepseek_v4": ("hash-routed layers: the first MoE layers pick experts by a frozen token-id table "
+                    "(tid2eid), not by the router: pruning an expert there changes which tokens reach which "
+                    "experts; not supported"),
+    "diffusion_gemma": _MULTIMODAL + " (a diffusion LM besides)",
+    "doge": ("its CDMoE is product-key retrieval over single-neuron experts (no expert FFNs behind a top-k "
+             "router): nothing for expert pruning to act on"),
+    "dots3_note": ("not done yet: multimodal, and its text model (dots3_note_text) has per-layer attention settings "
+                   "(its tiny config did not build in the probe)"),
+    "ergo": ("not done yet: every expert has its own output RMSNorm indexed by expert (ErgoExpertNorm), applied per "
+             "route before the weighted sum; edgeprune's dense dispatch and expert slicing do not carry it yet"),
+    "ernie4_5_vl_moe": _MULTIMODAL,
+    "gemma4": ("not done yet: Gemma 4's experts live in the decoder layer beside a dense MLP, its router reads the "
+               "residual stream and its experts a separately normed copy (no MoE block module); needs an adapter "
+               "file"),
+    "gemma4_text": "not done yet: see gemma4 (the text model has the same layer)",
+    "glm4v_moe": "not done yet: multimodal; its text model's tiny config did not run (3-D rope sections)",
+    "glm5_next": "not done yet: multimodal; its text model's tiny config failed transformers' architecture validation",
+    "hy_v4_vl": "not done yet: multimodal; its text model's tiny config failed transformers' architecture validation",
+    "inkling2": "not done yet: its text model's tiny config did not build in the probe (per-layer vocabulary)",
+    "inkling2_loop": "not done yet: see inkling2",
+    "jetmoe": ("not done yet: a mixture of attention heads (MoA) beside its MoE MLP, both with JetMoe's own "
+               "parallel-experts layout; needs an adapter file"),
+    "kolibri1_1": "not done yet: per-layer configs (its tiny config fails transformers' architecture validation)",
+    "laguna": "not done yet: per-layer head counts (its tiny config fails transformers' architecture validation)",
+    "longcat_flash": "not done yet: zero-computation experts and its own FFN sizes; the probe's tiny config did not run",
+    "muse_spark": "not done yet: multimodal (text, vision, audio); its text model's tiny config did not run",
+    "nllb-moe": ("not done yet: an encoder-decoder translation model (NLLB-MoE); label-word classification from its "
+                 "decoder's first step, as for switch_transformers, needs its own adapter file"),
+    "openai_privacy_filter": ("a token classifier (span labels per token); edgeprune builds sequence classifiers "
+                              "and decoders"),
+    "qwen4_exp": ("not done yet: its query-sparse attention indexer's tiny config did not build in the probe "
+                  "(indexer sizes); multimodal besides"),
+    "qwen3_omni_moe": _MULTIMODAL + " (an omni thinker-talker model)",
+    "step3p7": _MULTIMODAL,
+    "unlimited_ocr": _MULTIMODAL,
+    "vitpose_backbone": ("a vision backbone whose 'experts' are per-dataset output heads picked by a dataset index, "
+                         "not routed tokens: no router to prune against"),
+    "zaya": ("its router reads a state carried from the previous layer's router (EDA router_states): pruning one "
+             "layer's experts changes the next layer's routing input; not supported"),
+}
