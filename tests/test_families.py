@@ -317,8 +317,11 @@ def test_every_registered_family_has_a_tiny_checkpoint_here_and_is_listed():
 
     registered = {a.model_type for a in all_adapters()} - {"bert_moe"}  # bert_moe: tests/test_model.py
     assert registered == set(FAMS) | set(ROWS)  # the table's rows: tests/test_table_families.py
-    out = cli(["families"]).output.splitlines()
-    assert len(out) == len(registered) + 1
+    from edgeprune.models.families.multimodal import VIA_TEXT
+    from edgeprune.models.families.refused import REFUSED
+
+    out = cli(["families"]).output.splitlines()  # then the multimodal and the refused types, a line each
+    assert len(out) == len(registered) + 1 + len(VIA_TEXT) + len(REFUSED)
     assert all(any(line.startswith(f"{f} ") for line in out) for f in registered)
     assert any("causal-lm (label words)" in line for line in out if line.startswith("olmoe "))
 
