@@ -47,6 +47,8 @@ EXTRA: dict[str, dict] = {
                          rel_extent=32),
     "bailing_hybrid": dict(MLA, layer_types=["linear_attention", "full_attention"], linear_head_dim=8,
                            linear_num_heads=4),
+    "lara_mini": dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                      linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4),
     "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
                              linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=0),
