@@ -37,25 +37,13 @@ FAST = ["--calibration-examples", "32", "--recovery-steps", "0", "--eval-example
 
 def checkpoint(family: str, root: Path) -> tuple[Path, list[str]]:
     """The tiny checkpoint of tests/test_table_families.py and the label-word options it needs."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
-
     from tests.conftest import make_bpe_tokenizer, make_tokenizer
-    from tests.test_table_families import BPE, PARENT, WORDS, tiny_config
+    from tests.test_table_families import BPE, WORDS, save_tiny
 
     d = root / family
-    tok, vocab = (make_bpe_tokenizer if family in BPE else make_tokenizer)(d)
-    config = tiny_config(family, vocab)
-    auto = (AutoModelForImageTextToText if family in PARENT else AutoModelForCausalLM
-            if type(config) in AutoModelForCausalLM._model_mapping else AutoModelForSequenceClassification)
-    torch.manual_seed(0)
-    model = auto.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2:
-                p.normal_(0, 1.0)
-    model.save_pretrained(d)
-    return d, ([] if auto is AutoModelForSequenceClassification else WORDS)
+    save_tiny(family, d, *(make_bpe_tokenizer if family in BPE else make_tokenizer)(d))
+    arch = json.loads((d / "config.json").read_text())["architectures"][0]
+    return d, ([] if arch.endswith("ForSequenceClassification") else WORDS)
 
 
 def build(d: Path, k: int, words: list[str], out: Path) -> dict:

@@ -94,23 +94,28 @@ def table_dir(tmp_path_factory, tiny_tokenizer, bpe_tokenizer):
     made = {}
 
     def make(mt: str):
-        tok, vocab = bpe_tokenizer if mt in BPE else tiny_tokenizer
         if mt not in made:
-            torch.manual_seed(0)
-            config = tiny_config(mt, vocab)  # a causal LM, or a classifier where transformers maps only that
-            auto = (AutoModelForImageTextToText if mt in PARENT else AutoModelForCausalLM
-                    if type(config) in AutoModelForCausalLM._model_mapping else AutoModelForSequenceClassification)
-            model = auto.from_config(config).eval()
-            with torch.no_grad():  # routers that spread tokens over the experts
-                for name, p in model.named_parameters():
-                    if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2:
-                        p.normal_(0, 1.0)
-            d = tmp_path_factory.mktemp(mt)
-            model.save_pretrained(d)
-            tok.save_pretrained(d)
-            made[mt] = d
+            made[mt] = save_tiny(mt, tmp_path_factory.mktemp(mt), *(bpe_tokenizer if mt in BPE else tiny_tokenizer))
         return made[mt]
     return make
+
+
+def save_tiny(mt: str, d, tok, vocab: int):
+    """The family's tiny checkpoint in ``d``, as a user's directory holds it (also scripts/table_families.py): the
+    causal LM, the classifier where transformers maps only that, the whole model where it is multimodal; routers
+    N(0, 1), so that tokens spread over the experts."""
+    torch.manual_seed(0)
+    config = tiny_config(mt, vocab)
+    auto = (AutoModelForImageTextToText if mt in PARENT else AutoModelForCausalLM
+            if type(config) in AutoModelForCausalLM._model_mapping else AutoModelForSequenceClassification)
+    model = auto.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2:
+                p.normal_(0, 1.0)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
 
 
 def cli(args, code=0):

@@ -53,7 +53,7 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     model is traced under :func:`~edgeprune.export.torchscript_fixes.exportable`."""
     from edgeprune.errors import ModelError
     from edgeprune.export.ort_moe import maps_onto_ort_moe, ort_moe_patch
-    from edgeprune.export.torchscript_fixes import check_dsa_length, exportable, normalise_transposes
+    from edgeprune.export.torchscript_fixes import check_dsa_length, exportable
     from edgeprune.models.registry import adapter_for
 
     out_path = Path(out_path)
@@ -95,7 +95,6 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     except Exception as exc:
         raise ExportError(f"torch.onnx export of the {model.config.model_type} model failed: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    normalise_transposes(out_path)
     return exporter
 
 

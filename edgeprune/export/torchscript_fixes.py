@@ -1,5 +1,6 @@
 """What the TorchScript exporter (``torch.onnx.export(dynamo=False)``) cannot take in transformers 5 models, replaced
-while exporting by equivalents that compute the same numbers (:func:`exportable`); each is undone on exit.
+while exporting by equivalents that compute the same numbers (:func:`exportable`); each is undone on exit. A fix
+is a list of (owner, attribute, replacement); the replacement calls the original, bound when the module is imported.
 
 * ``aten::rms_norm`` (``torch.nn.functional.rms_norm``, used by e.g. Ergo's norms) has no ONNX symbolic at opset 17:
   :func:`rms_norm_symbolic` writes it as ``x * 1 / sqrt(mean(x^2) + eps) * weight`` (RMSNorm, Zhang & Sennrich 2019),
@@ -14,7 +15,7 @@ while exporting by equivalents that compute the same numbers (:func:`exportable`
 * ``cumsum`` of a bool tensor (Llama 4's chunked-attention mask) has no ONNX form: :func:`integer_cumsum` casts
   it to int64 first (PyTorch's result type).
 * ``permute`` with negative dims is written as a negative ``perm``, which ONNX Runtime refuses (Mamba layers):
-  :func:`normalise_transposes` rewrites the exported file.
+  :func:`positive_permute` passes the dims counted from the front.
 * Families that ask ``is_torchdynamo_exporting()`` to take an export-friendly branch (the gated delta rule of
   Qwen3-Next / LaraMini builds its triangular inverse by forward substitution there instead of
   ``torch.linalg.solve_triangular``, which has no ONNX export): :func:`export_branches` answers True in the
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from typing import Iterator
+from unittest import mock
 
 import torch
 from torch import nn
@@ -57,11 +59,8 @@ def rms_norm_symbolic() -> None:
     _REGISTERED = True
 
 
-@contextlib.contextmanager
-def scalar_scatter() -> Iterator[None]:
+def scalar_scatter(original=torch.Tensor.scatter):
     """``t.scatter(dim, index, <python scalar>)`` as ``t.scatter(dim, index, full_like(index, scalar))``."""
-    original = torch.Tensor.scatter
-
     def scatter(self, dim, index, src=None, *args, **kw):
         if isinstance(src, bool) and not args and not kw:  # a bool scalar fails in full_like too
             src = (torch.ones_like if src else torch.zeros_like)(index, dtype=self.dtype)
@@ -69,22 +68,15 @@ def scalar_scatter() -> Iterator[None]:
             src = torch.full_like(index, src, dtype=self.dtype)
         return original(self, dim, index, src, *args, **kw)
 
-    torch.Tensor.scatter = scatter
-    try:
-        yield
-    finally:
-        torch.Tensor.scatter = original
+    return [(torch.Tensor, "scatter", scatter)]
 
 
-@contextlib.contextmanager
-def expanded_repeat_interleave() -> Iterator[None]:
+def expanded_repeat_interleave(original=torch.Tensor.repeat_interleave):
     """``repeat_interleave(x, r, dim)`` (function or method) with an int ``r`` as unsqueeze, expand and flatten.
     Traced, the original's ONNX ``Tile`` kept the example's batch size (Qwen3-Next's gated delta rule at batch 1
     failed), and its symbolic rewrote a ``-1`` constant that the trace shares with other nodes into a positive axis
     for its own rank, so that a router's ``topk(dim=-1)`` was written with an axis past its tensor's rank
     (Cohere2-MoE's and ERNIE 4.5's interleaved rotary embedding; ONNX Runtime refused the graph)."""
-    originals = torch.repeat_interleave, torch.Tensor.repeat_interleave
-
     def repeat_interleave(self, repeats, dim=None, *args, **kw):
         if isinstance(repeats, torch.Tensor) and repeats.dim() == 0:  # a ratio of head counts read from shapes
             repeats = int(repeats)
@@ -92,21 +84,14 @@ def expanded_repeat_interleave() -> Iterator[None]:
             d = dim % self.dim()
             shape = list(self.shape)
             return self.unsqueeze(d + 1).expand(*shape[: d + 1], repeats, *shape[d + 1 :]).flatten(d, d + 1)
-        return originals[1](self, repeats, dim, *args, **kw)
+        return original(self, repeats, dim, *args, **kw)
 
-    torch.repeat_interleave = torch.Tensor.repeat_interleave = repeat_interleave
-    try:
-        yield
-    finally:
-        torch.repeat_interleave, torch.Tensor.repeat_interleave = originals
+    return [(torch, "repeat_interleave", repeat_interleave), (torch.Tensor, "repeat_interleave", repeat_interleave)]
 
 
-@contextlib.contextmanager
-def sliced_tensor_split() -> Iterator[None]:
+def sliced_tensor_split(original=torch.tensor_split):
     """``torch.tensor_split(x, [i, j, ...], dim)`` as slices ``x[..., :i]``, ``x[..., i:j]``, ...: traced, the
     original's ONNX graph (``Tile`` over the split sizes) failed at other lengths (Qwen3-Next's linear attention)."""
-    original = torch.tensor_split
-
     def tensor_split(x, indices, dim=0):
         if not isinstance(indices, (list, tuple)):
             return original(x, indices, dim)
@@ -114,43 +99,33 @@ def sliced_tensor_split() -> Iterator[None]:
         bounds = [0, *indices, None]
         return tuple(x[(slice(None),) * d + (slice(a, b),)] for a, b in zip(bounds, bounds[1:]))
 
-    torch.tensor_split = tensor_split
-    try:
-        yield
-    finally:
-        torch.tensor_split = original
+    return [(torch, "tensor_split", tensor_split)]
 
 
-@contextlib.contextmanager
-def integer_cumsum() -> Iterator[None]:
+def integer_cumsum(original=torch.cumsum):
     """``cumsum`` of a bool tensor as a cumsum of its int64 cast (what PyTorch returns anyway): ONNX's ``CumSum``
     takes no bool input (Llama 4's attention-chunk mask)."""
-    originals = torch.cumsum, torch.Tensor.cumsum
-
     def cumsum(x, dim, *args, **kw):
-        return originals[0](x.long() if x.dtype == torch.bool else x, dim, *args, **kw)
+        return original(x.long() if x.dtype == torch.bool else x, dim, *args, **kw)
 
-    torch.cumsum, torch.Tensor.cumsum = cumsum, cumsum
-    try:
-        yield
-    finally:
-        torch.cumsum, torch.Tensor.cumsum = originals
+    return [(torch, "cumsum", cumsum), (torch.Tensor, "cumsum", cumsum)]
 
 
-@contextlib.contextmanager
-def export_branches(model: nn.Module) -> Iterator[None]:
+def positive_permute(original=torch.Tensor.permute):
+    """``permute`` with negative dims as their positive equals: the exporter writes a negative ``perm`` as it is,
+    which ONNX Runtime refuses (Mamba layers' ``permute(0, -2, -1, 1)``)."""
+    def permute(self, *dims):
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
+        return original(self, [d % self.dim() for d in dims])
+
+    return [(torch.Tensor, "permute", permute), (torch, "permute", permute)]
+
+
+def export_branches(model: nn.Module):
     """``is_torchdynamo_exporting()`` answers True in the modeling modules of the model's own classes."""
     modules = {sys.modules[type(m).__module__] for m in model.modules()
                if type(m).__module__.startswith("transformers.models.")}
-    patched = [m for m in modules if hasattr(m, "is_torchdynamo_exporting")]
-    saved = {m: m.is_torchdynamo_exporting for m in patched}
-    for m in patched:
-        m.is_torchdynamo_exporting = lambda: True
-    try:
-        yield
-    finally:
-        for m, f in saved.items():
-            m.is_torchdynamo_exporting = f
+    return [(m, "is_torchdynamo_exporting", lambda: True) for m in modules if hasattr(m, "is_torchdynamo_exporting")]
 
 
 def dsa_indexers(model: nn.Module) -> list[nn.Module]:
@@ -187,29 +162,15 @@ def dsa_every_key(model: nn.Module) -> Iterator[None]:
             m.__dict__.pop("forward", None)
 
 
-def normalise_transposes(path) -> int:
-    """Transpose nodes whose ``perm`` has negative entries (the exporter writes ``permute(0, -2, -1, 1)`` as it is:
-    Mamba layers) get ``perm[i] + rank``, the rank being the perm's length: ONNX Runtime refuses a negative perm.
-    Returns how many were rewritten (the file is rewritten only then)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    fixed = 0
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if node.op_type == "Transpose" and attr.name == "perm" and any(p < 0 for p in attr.ints):
-                perm = [p + len(attr.ints) if p < 0 else p for p in attr.ints]
-                del attr.ints[:]
-                attr.ints.extend(perm)
-                fixed += 1
-    if fixed:
-        onnx.save(model, str(path))
-    return fixed
-
-
 @contextlib.contextmanager
 def exportable(model: nn.Module) -> Iterator[None]:
-    """All of the above while exporting ``model``."""
+    """All of the above while exporting ``model``: each replacement (owner, attribute, new) put in place with
+    ``unittest.mock.patch.object`` and undone on exit."""
     rms_norm_symbolic()
-    with scalar_scatter(), expanded_repeat_interleave(), sliced_tensor_split(), integer_cumsum(), export_branches(model), dsa_every_key(model):
+    replacements = (scalar_scatter() + expanded_repeat_interleave() + sliced_tensor_split() + integer_cumsum()
+                    + positive_permute() + export_branches(model))
+    with contextlib.ExitStack() as stack:
+        for owner, name, new in replacements:
+            stack.enter_context(mock.patch.object(owner, name, new))
+        stack.enter_context(dsa_every_key(model))
         yield

@@ -262,6 +262,18 @@ def fused_family(model_type: str, num_experts_key: str = "num_local_experts", ro
                         num_experts_key=num_experts_key, router_attr=router_attr, extra=extra, **kw)
 
 
+class NeedsTwo:
+    """A ``check_k`` for a family that cannot keep one expert per layer: refuses k < 2 with "<model_type> <why>; use
+    --experts 2 or more"; ``fold`` says why in the families listing."""
+
+    def __init__(self, why: str, fold: str):
+        self.why, self.fold = why, fold
+
+    def __call__(self, adapter, block, k):
+        if k < 2:
+            raise ConfigError(f"{adapter.model_type} {self.why}; use --experts 2 or more")
+
+
 def refuse_one_expert_without_norm(adapter, block, k):
     """DeepSeek-V3-style routers: one expert's weight sigmoid(logit) is constant only with ``norm_topk_prob``."""
     if k == 1 and not adapter.router(block).norm_topk_prob:
@@ -269,4 +281,4 @@ def refuse_one_expert_without_norm(adapter, block, k):
                           "sigmoid(logit) is not constant and its class cannot route one expert; use --experts 2")
 
 
-__all__ = ["FusedAdapter", "fused_family", "dense_dispatch", "FUSED_ROLES", "MLP_NAMES"]
+__all__ = ["FusedAdapter", "NeedsTwo", "fused_family", "dense_dispatch", "FUSED_ROLES", "MLP_NAMES"]

@@ -11,7 +11,7 @@ import torch
 from edgeprune.errors import ConfigError, ModelError
 from edgeprune.models.adapter import MoEAdapter
 from edgeprune.models.labels import label_order, reorder_head
-from edgeprune.models.registry import adapter_for, class_for
+from edgeprune.models.registry import ADAPTERS, adapter_for, class_for
 from edgeprune.models.tokenizer import load_tokenizer
 
 
@@ -19,8 +19,6 @@ def family_type(raw: dict) -> str:
     """The model type whose adapter prunes the checkpoint of config.json ``raw``: its own, or, for a multimodal
     checkpoint whose type is not registered, its text model's (``text_config.model_type``) where that is: the text
     MoE is what edgeprune prunes, and the artifact is the text model (the vision / audio towers are left out)."""
-    from edgeprune.models.registry import ADAPTERS
-
     text = (raw.get("text_config") or {}).get("model_type")
     return text if raw["model_type"] not in ADAPTERS and text in ADAPTERS else raw["model_type"]
 

@@ -5,19 +5,15 @@ needs two experts (with one, its second pick is a softmax over nothing: NaN), so
 the class."""
 from __future__ import annotations
 
-from edgeprune.errors import ConfigError
-from edgeprune.models.fused import fused_family
+from edgeprune.models.fused import NeedsTwo, fused_family
 
-
-def two_or_more(adapter, block, k):
-    if k < 2:
-        raise ConfigError("phimoe routes with SparseMixer, which picks exactly two experts (one expert gives NaN "
-                          "in its class); use --experts 2 or more")
+two_or_more = NeedsTwo("routes with SparseMixer, which picks exactly two experts (one expert gives NaN in its class)",
+                       "SparseMixer needs two experts")
 
 
 ADAPTER = fused_family(
     "phimoe",
     router_attr="router",
     check_k=two_or_more,
-    fold_exact="k = 1 refused (SparseMixer needs two experts); k >= 2 keeps Phi-MoE",
+    fold_exact=f"k = 1 refused ({two_or_more.fold}); k >= 2 keeps Phi-MoE",
 )

@@ -22,29 +22,20 @@ import importlib
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from edgeprune.models.families.llama4 import LAYOUT as LLAMA4_LAYOUT, Llama4Adapter
-from edgeprune.models.fused import fused_family
+from edgeprune.models.fused import NeedsTwo, fused_family
 from edgeprune.models.label_words import classifier_class
 
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
 
-def group_top2(adapter, block, k):
-    """DeepSeek-style group routers score a group by its top-2 experts: one expert cannot be routed (the exported
-    graph fails on it, top-2 of one); their weight is a sigmoid, not constant, either."""
-    if k < 2:
-        from edgeprune.errors import ConfigError
-
-        raise ConfigError(f"{adapter.model_type} routes by group top-2 scores and cannot keep one expert per layer; "
-                          "use --experts 2 or more")
-
-
-def no_one_expert_layer(adapter, block, k):
-    """Jamba builds a dense MLP where its config says one expert (``num_experts == 1``): a one-expert checkpoint is
-    that MLP, a fold edgeprune does not write yet."""
-    if k < 2:
-        from edgeprune.errors import ConfigError
-
-        raise ConfigError(f"{adapter.model_type} with one expert per layer is its dense MLP in transformers (a fold not "
-                          "done yet) and cannot keep one expert as an MoE; use --experts 2 or more")
+# DeepSeek-style group routers score a group by its top-2 experts: one expert cannot be routed (the exported graph
+# fails on it, top-2 of one); their weight is a sigmoid, not constant, either
+group_top2 = NeedsTwo("routes by group top-2 scores and cannot keep one expert per layer",
+                      "group top-2 routing needs two experts")
+# Jamba builds a dense MLP where its config says one expert (num_experts == 1): a one-expert checkpoint is that
+# MLP, a fold edgeprune does not write yet
+no_one_expert_layer = NeedsTwo("with one expert per layer is its dense MLP in transformers (a fold not done yet) and "
+                               "cannot keep one expert as an MoE",
+                               "one expert is the family's dense MLP: fold not done yet")
 
 
 ROWS: dict[str, dict] = {
@@ -101,10 +92,8 @@ def row_adapter(model_type: str, row: dict):
     groups = tuple(k for k in ("n_group", "topk_group") if k in saved)
     kw = dict(num_experts_key=key, group_keys=groups, note="transformers 5 family (models/families/table.py)",
               fold_exact="no sibling: keeps its class with one expert per layer")
-    if row.get("check_k") is group_top2:
-        kw["fold_exact"] = "k = 1 refused (group top-2 routing needs two experts); k >= 2 keeps its class"
-    if row.get("check_k") is no_one_expert_layer:
-        kw["fold_exact"] = "k = 1 refused (one expert is the family's dense MLP: fold not done yet); k >= 2 keeps its class"
+    if isinstance(row.get("check_k"), NeedsTwo):
+        kw["fold_exact"] = f"k = 1 refused ({row['check_k'].fold}); k >= 2 keeps its class"
     if type(config) not in AutoModelForSequenceClassification._model_mapping:
         label_word_class(config)
         kw["heads"] = ("causal-lm",)
