@@ -204,3 +204,22 @@ def test_every_moe_model_type_of_transformers_is_supported_or_refused_with_a_rea
 
     with pytest.raises(ModelError, match="model_type 'zaya' is not supported: its router reads a state carried"):
         adapter_for("zaya")
+
+
+def test_sparse_attention_longer_than_its_key_budget_is_refused_before_export():
+    """The export keeps every key of a DeepSeek sparse-attention indexer, exact only up to ``index_topk`` keys."""
+    from types import SimpleNamespace
+
+    from edgeprune.errors import ConfigError
+    from edgeprune.export.torchscript_fixes import check_dsa_length
+
+    class FakeIndexer(torch.nn.Module):
+        index_topk = 64
+
+    model = torch.nn.Sequential(FakeIndexer())
+    model.config = SimpleNamespace(model_type="deepseek_v32")
+    check_dsa_length(model, 64)
+    with pytest.raises(ConfigError, match=r"^deepseek_v32: sparse attention keeps 64 keys per query and the artifact "
+                                          r"would take 128 tokens \(the task's max_length, or a fixed-shape target's "
+                                          r"\[export\].sequence_length\); keep it at 64 or less$"):
+        check_dsa_length(model, 128)

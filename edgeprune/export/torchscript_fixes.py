@@ -141,7 +141,8 @@ def check_dsa_length(model: nn.Module, max_length: int) -> None:
     for m in dsa_indexers(model):
         if max_length > m.index_topk:
             raise ConfigError(f"{model.config.model_type}: sparse attention keeps {m.index_topk} keys per query and the "
-                              f"artifact would take {max_length} tokens; use --max-length {m.index_topk} or less")
+                              f"artifact would take {max_length} tokens (the task's max_length, or a fixed-shape target's "
+                              f"[export].sequence_length); keep it at {m.index_topk} or less")
 
 
 @contextlib.contextmanager
