@@ -314,9 +314,10 @@ def test_every_registered_family_has_a_tiny_checkpoint_here_and_is_listed():
     from edgeprune.models.registry import all_adapters
 
     from edgeprune.models.families.table import ROWS
+    from tests.test_table_families import FILES
 
     registered = {a.model_type for a in all_adapters()} - {"bert_moe"}  # bert_moe: tests/test_model.py
-    assert registered == set(FAMS) | set(ROWS)  # the table's rows: tests/test_table_families.py
+    assert registered == set(FAMS) | set(ROWS) | set(FILES)  # the table's rows and FILES: tests/test_table_families.py
     from edgeprune.models.families.multimodal import VIA_TEXT
     from edgeprune.models.families.refused import REFUSED
 

@@ -95,13 +95,17 @@ class _Reader:
         self.it = iter(self.batches)
 
 
-def batched_matmuls(path: Path) -> list[str]:
-    """MatMul nodes whose weight is a 3-D (or higher) initializer (experts stacked in one tensor, e.g. Inkling's
-    shared experts): ONNX Runtime's int8 MatMul kernels take 2-D weights only (``MatMulIntegerToFloat`` refuses
-    their per-channel parameters at run time), so they stay fp32."""
+def fp32_nodes(path: Path) -> list[str]:
+    """Nodes ONNX Runtime's int8 quantizer must leave in fp32: MatMuls whose weight is a 3-D (or higher) initializer
+    (experts stacked in one tensor, e.g. Inkling's shared experts: the int8 MatMul kernels take 2-D weights only, and
+    ``MatMulIntegerToFloat`` refuses their per-channel parameters at run time), and Gathers from anything but a 2-D
+    initializer (an embedding table): a per-expert scale indexed by the routed experts (Gemma 4) has no axis to
+    quantize along, and the quantizer fails on it."""
     model = onnx.load(str(path), load_external_data=False)
     ranks = {t.name: len(t.dims) for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(ranks.get(i, 0) > 2 for i in n.input)]
+    return [n.name for n in model.graph.node
+            if (n.op_type == "MatMul" and any(ranks.get(i, 0) > 2 for i in n.input))
+            or (n.op_type == "Gather" and ranks.get(n.input[0]) != 2)]
 
 
 def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = None) -> dict:
@@ -128,9 +132,9 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
                 if embed4:  # the word embedding first, block-wise 4-bit
                     gather_4bit(src, block4)
                     info["embedding"] = "GatherBlockQuantized, 4-bit symmetric, block 32 (ONNX Runtime's quantizer)"
-                batched = batched_matmuls(src)
+                batched = fp32_nodes(src)
                 if batched:
-                    info["fp32_batched_matmuls"] = len(batched)
+                    info["fp32_nodes"] = len(batched)
                 quantize_dynamic(str(block4 if embed4 else src), str(dst), op_types_to_quantize=ops,
                                  per_channel=q.per_channel, reduce_range=q.reduce_range, weight_type=QuantType.QInt8,
                                  nodes_to_exclude=batched, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
@@ -156,14 +160,14 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
 
 def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], block: int = 32,
                 accuracy_level: Optional[int] = None, algorithm: str = "rtn", calibration=None,
-                symmetric: bool = True) -> None:
+                symmetric: bool = True, exclude: Optional[list[str]] = None) -> None:
     """ONNX Runtime's weight-only quantizer: ``MatMul`` -> ``MatMulNBits``, ``Gather`` of an initializer ->
     ``com.microsoft.GatherBlockQuantized`` (4-bit only), blocks of ``block`` along the input / hidden axis;
     ``algorithm`` ``rtn``: round to nearest (``symmetric``, or with a zero point per block); ``hqq``: Half-Quadratic Quantization (Badri & Shaji
     2023; asymmetric, scale and zero point fitted per block without data), MatMul only; ``gptq``: GPTQ (Frantar
     et al. 2023: each column rounded in turn and the rest of its block corrected by the inverse Hessian of the
     layer's inputs), 4-bit MatMul only, on ``calibration`` (an onnxruntime ``CalibrationDataReader`` of the graph's
-    inputs)."""
+    inputs); ``exclude``: node names left as they are."""
     root = logging.getLogger().level
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
@@ -186,7 +190,7 @@ def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], bloc
                                            bits=bits, op_types_to_quantize=op_types, quant_axes=axes)
     q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=symmetric,
                              accuracy_level=accuracy_level, op_types_to_quantize=op_types, quant_axes=axes,
-                             algo_config=cfg)
+                             algo_config=cfg, nodes_to_exclude=exclude or [])
     q.process()
     q.model.save_model_to_file(str(dst), use_external_data_format=False)
 
@@ -199,7 +203,7 @@ def gather_4bit(src: Path, dst: Path) -> None:
     hold ("Unsupported tensor data type"): they are rewritten as ``uint8`` with two 4-bit values per byte (low
     nibble first) shifted by 8, the operator's default zero point for 4 bits, which is the same numbers
     (bit-identical outputs, tested) in the same bytes, and the graph keeps its own opset."""
-    weight_only(src, dst, 4, ("Gather",))
+    weight_only(src, dst, 4, ("Gather",), exclude=fp32_nodes(src))
     model = onnx.load(str(dst))
     if pack_int4_gathers(model) and not any(i.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
                                             for i in model.graph.initializer):

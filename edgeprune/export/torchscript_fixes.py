@@ -16,6 +16,8 @@ is a list of (owner, attribute, replacement); the replacement calls the original
   it to int64 first (PyTorch's result type).
 * ``permute`` with negative dims is written as a negative ``perm``, which ONNX Runtime refuses (Mamba layers):
   :func:`positive_permute` passes the dims counted from the front.
+* ``Tensor.unfold(dim, size, 1)`` has no ONNX export when the input's size is not static (Inkling 2's short
+  convolution): :func:`sliced_unfold` stacks ``size`` slices.
 * Families that ask ``is_torchdynamo_exporting()`` to take an export-friendly branch (the gated delta rule of
   Qwen3-Next / LaraMini builds its triangular inverse by forward substitution there instead of
   ``torch.linalg.solve_triangular``, which has no ONNX export): :func:`export_branches` answers True in the
@@ -121,6 +123,20 @@ def positive_permute(original=torch.Tensor.permute):
     return [(torch.Tensor, "permute", permute), (torch, "permute", permute)]
 
 
+def sliced_unfold(original=torch.Tensor.unfold):
+    """``x.unfold(dim, size, 1)`` (sliding windows of ``size`` along ``dim``, step 1) as ``size`` slices stacked on a
+    new last axis, ``x[i : n - size + 1 + i]``, each end counted from the back so that any length works: the
+    original has no ONNX export without a static input size (Inkling 2's short convolution)."""
+    def unfold(self, dimension, size, step):
+        if step != 1:
+            return original(self, dimension, size, step)
+        d = dimension % self.dim()
+        cut = [(slice(None),) * d + (slice(i, i - size + 1 or None),) for i in range(size)]
+        return torch.stack([self[c] for c in cut], dim=-1)
+
+    return [(torch.Tensor, "unfold", unfold)]
+
+
 def export_branches(model: nn.Module):
     """``is_torchdynamo_exporting()`` answers True in the modeling modules of the model's own classes."""
     modules = {sys.modules[type(m).__module__] for m in model.modules()
@@ -169,7 +185,7 @@ def exportable(model: nn.Module) -> Iterator[None]:
     ``unittest.mock.patch.object`` and undone on exit."""
     rms_norm_symbolic()
     replacements = (scalar_scatter() + expanded_repeat_interleave() + sliced_tensor_split() + integer_cumsum()
-                    + positive_permute() + export_branches(model))
+                    + positive_permute() + sliced_unfold() + export_branches(model))
     with contextlib.ExitStack() as stack:
         for owner, name, new in replacements:
             stack.enter_context(mock.patch.object(owner, name, new))

@@ -128,6 +128,11 @@ class MoEAdapter:
         idx, weight = self.route(block, logits)
         return logits, idx, weight
 
+    def routing_input(self, block: nn.Module) -> nn.Module:
+        """The module whose input is the tokens the block routes (calibration hooks it): the block itself, except
+        where the block is a whole decoder layer whose router reads a later residual (Gemma 4: its router)."""
+        return block
+
     def expert_forward(self, block: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
         """Output of expert ``e`` on tokens ``x`` (T, H), before its routing weight."""
         return getattr(block, self.experts_attr)[e](x)

@@ -41,10 +41,10 @@ def read_config(model_dir: str | Path) -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         raise ModelError(f"{path}: no \"model_type\"; re-save the checkpoint with save_pretrained")
     for key in SIZES:
-        v = cfg.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ModelError(f"{path}: {key} = {v!r} should be a positive integer; re-save the checkpoint with "
-                             "save_pretrained")
+        v, least = cfg.get(key), int(key not in MAY_BE_ZERO)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+            raise ModelError(f"{path}: {key} = {v!r} should be a {'positive' if least else 'non-negative'} integer; "
+                             "re-save the checkpoint with save_pretrained")
     return cfg
 
 
@@ -52,6 +52,8 @@ SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention
          "vocab_size", "max_position_embeddings", "num_local_experts", "num_experts", "num_experts_per_tok",
          "moe_intermediate_size", "num_layers", "num_decoder_layers", "d_model", "d_ff", "head_dim")
 """Config sizes that must be positive integers (a string or a negative number fails deep inside transformers)."""
+MAY_BE_ZERO = {"head_dim"}
+"""Sizes that may be 0: GLM-5-Next's attention has no rotary part, and its config's ``head_dim`` (the rotary width) is 0."""
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:

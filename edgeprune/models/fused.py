@@ -182,7 +182,7 @@ class FusedAdapter(MoEAdapter):
             h = x @ w1[e] if tr else x @ w1[e].T
             if bias:
                 h = h + (ex.gate_up_proj_bias if gated else ex.up_proj_bias)[e]
-            h = ex._apply_gate(h) if gated else ex.act_fn(h)
+            h = (ex._apply_gate(h) if hasattr(ex, "_apply_gate") else glu(ex.act_fn, h)) if gated else ex.act_fn(h)
             out = h @ w2[e] if tr else h @ w2[e].T
             if bias:
                 out = out + ex.down_proj_bias[e]
@@ -235,7 +235,28 @@ class FusedAdapter(MoEAdapter):
                 ex.__dict__.pop("forward", None)
 
     def export_patch(self, model):
-        return self.experts_patch(model, lambda block, ex: lambda hidden, idx, weight: dense_dispatch(ex, hidden, idx, weight))
+        def make(block, ex):
+            def forward(hidden, idx, weight):
+                if ex.down_proj.shape[0] == 1:
+                    weight = self.one_expert_weight(block, hidden, weight)
+                return dense_dispatch(ex, hidden, idx, weight)
+            return forward
+        return self.experts_patch(model, make)
+
+    def one_expert_weight(self, block: nn.Module, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A one-expert layer's weight without 0/0. Routers that renormalise sigmoid scores (Flint, Laguna, Kolibri:
+        ``s / sum(s) * c``) give ``c`` for one expert, except where the score underflows to 0 and the division gives
+        NaN (ONNX Runtime's Sigmoid is 0 below about -20, PyTorch's below about -88). Where the weight is NaN it is
+        replaced by the router's own weight at the zero vector (logit 0: no underflow), which for such a router is
+        that constant ``c`` (its limit); routers that do not divide give no NaN and are unchanged. Exact."""
+        at_zero = self._router_out(block, hidden.new_zeros(1, hidden.shape[-1]))[1].reshape(1, -1)
+        return torch.where(torch.isnan(weight), at_zero.to(weight.dtype), weight)
+
+
+def glu(act, h: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` of a concatenated gate / up output (experts without ``_apply_gate``: Gemma 4)."""
+    gate, up = h.chunk(2, dim=-1)
+    return act(gate) * up
 
 
 def dense_dispatch(ex: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

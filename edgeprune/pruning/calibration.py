@@ -131,11 +131,18 @@ def add_in_order(stats: dict[int, LayerStats], parts: dict[tuple[int, int], Batc
 
 
 def capture_input(seen: dict, key):
-    """A forward pre-hook that keeps a block's input, flattened to (tokens, hidden), as ``seen[key]``."""
+    """A forward pre-hook that keeps a block's input, flattened to (tokens, hidden), in the list ``seen[key]``: one
+    entry per call, so a layer that runs several times in one forward (Inkling 2 Loop's looped layers) counts the
+    tokens of every pass (:func:`routed_tokens`)."""
     def pre(_m, args, kwargs):
         hidden = args[0] if args else next(iter(kwargs.values()))
-        seen[key] = hidden.detach().reshape(-1, hidden.shape[-1])
+        seen.setdefault(key, []).append(hidden.detach().reshape(-1, hidden.shape[-1]))
     return pre
+
+
+def routed_tokens(calls: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The real (non-padding) tokens of every call of one block in one batch, as one (tokens, hidden) tensor."""
+    return torch.cat([x[real_tokens(mask, x.shape[0])] for x in calls])
 
 
 def logit_rows_per_batch(max_logit_rows: int, batch_size: int, n: int) -> int:
@@ -156,7 +163,8 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
     n = min(len(enc), max_examples)
     rows = logit_rows_per_batch(max_logit_rows, batch_size, n)
     seen: dict[int, torch.Tensor] = {}
-    handles = [b.register_forward_pre_hook(capture_input(seen, i), with_kwargs=True) for i, b in blocks.items()]
+    handles = [adapter.routing_input(b).register_forward_pre_hook(capture_input(seen, i), with_kwargs=True)
+               for i, b in blocks.items()]
     model.eval()
     parts: dict[tuple[int, int], BatchStats] = {}
     try:
@@ -165,8 +173,7 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
             model(**model_inputs(model, batch))
             mask = batch["attention_mask"].reshape(-1).bool()
             for i, block in blocks.items():
-                x = seen[i]
-                parts[(i, b)] = batch_stats(adapter, block, x[real_tokens(mask, x.shape[0])], i, b, rows)
+                parts[(i, b)] = batch_stats(adapter, block, routed_tokens(seen.pop(i), mask), i, b, rows)
     finally:
         for h in handles:
             h.remove()

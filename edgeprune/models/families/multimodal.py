@@ -12,10 +12,16 @@ from __future__ import annotations
 
 VIA_TEXT: dict[str, str] = {
     "aria": "aria_text",
+    "gemma4": "gemma4_text",
+    "glm4v_moe": "glm4v_moe_text",
+    "hy_v4_vl": "hy_v4_vl_text",
+    "inkling2": "inkling2_text",
+    "inkling2_loop": "inkling2_loop_text",
     "inkling_mm_model": "inkling_text",
     "llama4": "llama4_text",
     "minimax_m3_vl": "minimax_m3_vl_text",
     "mistral_large4": "mistral_large4_text",
+    "muse_spark": "muse_spark_text",
     "qwen3_5_moe": "qwen3_5_moe_text",
     "qwen3_vl_moe": "qwen3_vl_moe_text",
 }

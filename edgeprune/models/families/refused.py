@@ -11,7 +11,6 @@ from __future__ import annotations
 _MULTIMODAL = ("not done yet: multimodal; its text model is not registered (not probed, or its tiny multimodal "
                "checkpoint did not build here)")
 REFUSED: dict[str, str] = {
-    "dbrx": "not done yet: its own layout (fused 2-D expert weights in DbrxExperts, a DbrxRouter); needs an adapter file",
     "deepseek_ocr2": _MULTIMODAL,
     "deepseek_v4": ("hash-routed layers: the first MoE layers pick experts by a frozen token-id table "
                     "(tid2eid), not by the router: pruning an expert there changes which tokens reach which "
@@ -24,21 +23,14 @@ REFUSED: dict[str, str] = {
     "ergo": ("not done yet: every expert has its own output RMSNorm indexed by expert (ErgoExpertNorm), applied per "
              "route before the weighted sum; edgeprune's dense dispatch and expert slicing do not carry it yet"),
     "ernie4_5_vl_moe": _MULTIMODAL,
-    "gemma4": ("not done yet: Gemma 4's experts live in the decoder layer beside a dense MLP, its router reads the "
-               "residual stream and its experts a separately normed copy (no MoE block module); needs an adapter "
-               "file"),
-    "gemma4_text": "not done yet: see gemma4 (the text model has the same layer)",
-    "glm4v_moe": "not done yet: multimodal; its text model's tiny config did not run (3-D rope sections)",
-    "glm5_next": "not done yet: multimodal; its text model's tiny config failed transformers' architecture validation",
-    "hy_v4_vl": "not done yet: multimodal; its text model's tiny config failed transformers' architecture validation",
-    "inkling2": "not done yet: its text model's tiny config did not build in the probe (per-layer vocabulary)",
-    "inkling2_loop": "not done yet: see inkling2",
+    "glm5_next": ("not done yet: multimodal, and its text model's pooled sparse attention (keys averaged in pools of "
+                  "index_kpool, the pools kept chosen from the data) exported with the first batch's shapes (ONNX "
+                  "Runtime failed at batch 1); probed on a tiny checkpoint"),
     "jetmoe": ("not done yet: a mixture of attention heads (MoA) beside its MoE MLP, both with JetMoe's own "
                "parallel-experts layout; needs an adapter file"),
-    "kolibri1_1": "not done yet: per-layer configs (its tiny config fails transformers' architecture validation)",
-    "laguna": "not done yet: per-layer head counts (its tiny config fails transformers' architecture validation)",
+    "kolibri1_1": ("not done yet: its indexed-attention layers round keys and values to NVFP4 through float8 casts "
+                   "(no ONNX export) and pick keys in Python loops over the data; probed on a tiny checkpoint"),
     "longcat_flash": "not done yet: zero-computation experts and its own FFN sizes; the probe's tiny config did not run",
-    "muse_spark": "not done yet: multimodal (text, vision, audio); its text model's tiny config did not run",
     "nllb-moe": ("not done yet: an encoder-decoder translation model (NLLB-MoE); label-word classification from its "
                  "decoder's first step, as for switch_transformers, needs its own adapter file"),
     "openai_privacy_filter": ("a token classifier (span labels per token); edgeprune builds sequence classifiers "

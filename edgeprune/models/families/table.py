@@ -21,7 +21,9 @@ import importlib
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from edgeprune.models.families.gemma4 import Gemma4Adapter
 from edgeprune.models.families.llama4 import LAYOUT as LLAMA4_LAYOUT, Llama4Adapter
+from edgeprune.models.families.muse_spark import MuseSparkAdapter
 from edgeprune.models.fused import NeedsTwo, fused_family
 from edgeprune.models.label_words import classifier_class
 
@@ -52,17 +54,23 @@ ROWS: dict[str, dict] = {
     "ernie4_5_moe": {},
     "flex_olmo": {},
     "flint": {},
+    "gemma4_text": dict(cls=Gemma4Adapter, router_attr="router", top_k_key="top_k_experts"),
     "glm4_moe_lite": dict(check_k=group_top2),
+    "glm4v_moe_text": dict(check_k=group_top2),
     "glm_moe_dsa": dict(check_k=group_top2),
     "granitemoe_swa": dict(router_attr="router"),
     "granitemoehybrid": dict(router_attr="router", fixed_shapes="Mamba layers"),
     "hunyuan_v1_moe": {},
     "hy_v3": dict(router_args=("e_score_correction_bias",)),
     "hy_v4": dict(check_k=group_top2),
+    "hy_v4_vl_text": dict(check_k=group_top2),
     "inkling_text": {},
+    "inkling2_text": {},
+    "inkling2_loop_text": {},
     "jamba": dict(router_attr="router", fixed_shapes="Mamba layers", check_k=no_one_expert_layer),
     "kimi_linear": dict(check_k=group_top2),
     "kolibri1": {},
+    "laguna": {},
     "lara_mini": {},
     "lfm2_moe": dict(router_args=("expert_bias",)),
     "llama4_text": dict(cls=Llama4Adapter, router_attr="router", layout=LLAMA4_LAYOUT),
@@ -73,6 +81,7 @@ ROWS: dict[str, dict] = {
     "minimax_m2": dict(router_args=("e_score_correction_bias",)),
     "minimax_m3_vl_text": {},
     "mistral4": dict(check_k=group_top2),
+    "muse_spark_text": dict(cls=MuseSparkAdapter),
     "nemotron_h": dict(layout=dict(has_gate=False), check_k=group_top2, fixed_shapes="Mamba layers"),
     "qwen3_5_moe_text": {},
     "qwen3_next": {},
