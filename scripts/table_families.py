@@ -1,4 +1,5 @@
-"""Every transformers 5 family of ``models/families/table.py`` through ``edgeprune build`` on a tiny random checkpoint.
+"""Every transformers 5 family of ``models/families/table.py`` through ``edgeprune build`` on a tiny random checkpoint
+(with the adapter files of tests/test_table_families.py ``FILES``).
 
     python scripts/table_families.py                  # -> results/table_families.md / .json
     python scripts/table_families.py --families qwen3_next lfm2_moe
@@ -29,6 +30,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from edgeprune.cli import main  # noqa: E402
 from edgeprune.models.families.table import ROWS  # noqa: E402
+from tests.test_table_families import FILES  # noqa: E402
 from edgeprune.validate.results import write_results  # noqa: E402
 
 FAST = ["--calibration-examples", "32", "--recovery-steps", "0", "--eval-examples", "64", "--latency-iters", "5",
@@ -89,7 +91,7 @@ def main_(families: list[str], out: str) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--families", nargs="*", default=sorted(ROWS))
+    ap.add_argument("--families", nargs="*", default=sorted(ROWS) + FILES)
     ap.add_argument("--out", default=str(ROOT / "results" / "table_families"))
     a = ap.parse_args()
     main_(a.families, a.out)

@@ -135,7 +135,7 @@ def test_killed_build_leaves_previous_artifact(tmp_path, cache, tiny_original, l
     (["--experts", "0"], 2, "--experts must be >= 1, got 0"),
     (["--experts", "9"], 2, "layer 1: k=9 experts but the layer has only Z=4"),
     (["--task", "agnews"], 2, "the model has 2 labels but task agnews has 4"),
-    (["--task", "mnli"], 3, "task mnli ships no data; pass --train-file"),
+    (["--task", "completion"], 3, "task completion ships no data; pass --train-file"),
     (["--plan", "nope.json"], 2, "nope.json: plan file not found"),
     (["--experts", "2", "--ffn-keep", "0.5"], 2,
      "--ffn-keep prunes neurons of the folded dense FFN: use it with --experts 1"),

@@ -126,10 +126,10 @@ def test_score_writes_plan_and_prune_reapplies_it(tmp_path, cache, tiny_original
 
 
 def test_original_command_errors():
-    res = CliRunner().invoke(main, ["original", "--task", "mnli"])
+    res = CliRunner().invoke(main, ["original", "--task", "completion"])
     assert res.exit_code == 3
-    assert res.output.strip() == ("error: task mnli ships no data; pass --train-file (TSV, CSV or JSONL with columns "
-                                  "premise, hypothesis, label)")
+    assert res.output.strip() == ("error: task completion ships no data; pass --train-file (TSV, CSV or JSONL with "
+                                  "columns prompt, completion)")
     res = CliRunner().invoke(main, ["original", "--task", "nope"])
     assert res.exit_code == 2 and "unknown task 'nope'" in res.output
 

@@ -32,11 +32,23 @@ def test_unknown_task():
         get_task("qnli")
 
 
-def test_mnli_without_files_says_what_to_pass():
-    with pytest.raises(DataError, match="task mnli ships no data; pass --train-file"):
-        load_split(get_task("mnli"), "train")
+def test_a_task_without_data_says_what_to_pass():
+    with pytest.raises(DataError, match="task completion ships no data; pass --train-file"):
+        load_split(get_task("completion"), "train")
     with pytest.raises(DataError, match="pass --eval-file"):
-        load_split(get_task("mnli"), "validation")
+        load_split(get_task("completion"), "validation")
+
+
+def test_mnli_ships_its_training_pairs_and_half_of_dev_matched():
+    """The package carries the shipped MNLI subset as it carries sst2's (../shared/data/mnli, its README): 29,169
+    training pairs, 4,907 validation pairs, three labels in GLUE order, premise and hypothesis as the pair."""
+    import collections
+
+    task = get_task("mnli")
+    train, val = load_split(task, "train"), load_split(task, "validation")
+    assert (len(train), len(val)) == (29169, 4907)
+    assert set(collections.Counter(e.label for e in train)) == {0, 1, 2} and all(e.text_pair for e in val[:50])
+    assert not {(e.text, e.text_pair) for e in val} & {(e.text, e.text_pair) for e in train}
 
 
 def test_mnli_from_jsonl_and_csv(tmp_path):

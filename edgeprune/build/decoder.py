@@ -32,7 +32,7 @@ def stage_export(pruned_dir: Path, spec, prompts: list[str], calibration: list[l
 
 
 def _export(tmp: Path, pruned_dir: Path, spec, prompts: list[str], calibration: list[list[int]]) -> None:
-    from edgeprune.export.lm_export import parity, weight_variant, write_decoder
+    from edgeprune.export.lm_export import FILES, moe_operators, parity, weight_variant, write_decoder
     from edgeprune.models.loading import load_language_model
 
     model = load_language_model(pruned_dir, moe=False)
@@ -42,15 +42,23 @@ def _export(tmp: Path, pruned_dir: Path, spec, prompts: list[str], calibration: 
     log(f"export: greedy tokens equal on {len(prompts)} prompts, first-step logits within "
         f"{manifest['parity']['max_abs_logit_diff']:.2e}")
     manifest["variants"] = {}
+    moe = moe_operators(tmp / FILES["fp32"])
     for precision in spec.precisions():
         if precision == "fp32":
             continue
-        log(f"quantize: {precision} weight-only ({spec.algorithm.upper()}, blocks of {spec.block_size}"
-            + (", 4-bit embedding)" if spec.embedding_weights == "int4" else ")"))
+        if moe:
+            log(f"quantize: {precision} by onnxruntime-genai's model builder (experts in QMoE in {moe} layers, the "
+                f"other weights MatMulNBits, RTN, blocks of {spec.block_size}; where it cannot, the experts stay fp32)")
+        else:
+            log(f"quantize: {precision} weight-only ({spec.algorithm.upper()}, blocks of {spec.block_size}"
+                + (", 4-bit embedding)" if spec.embedding_weights == "int4" else ")"))
         algorithm = spec.algorithm if precision == "int4" or spec.algorithm != "gptq" else "rtn"
-        manifest["variants"][precision] = weight_variant(tmp, precision, prompts, 8, spec.block_size,
-                                                         spec.accuracy_level, algorithm, spec.embedding_weights,
-                                                         calibration=calibration, symmetric=spec.symmetric)
+        manifest["variants"][precision] = v = weight_variant(tmp, precision, prompts, 8, spec.block_size,
+                                                             spec.accuracy_level, algorithm, spec.embedding_weights,
+                                                             calibration=calibration, symmetric=spec.symmetric,
+                                                             source=pruned_dir)
+        if "experts" in v:
+            log(f"quantize: experts as {v['experts']}")
     (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
 
 

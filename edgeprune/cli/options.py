@@ -21,7 +21,7 @@ def data_options(fn):
     """--task plus the custom-data options, resolved into (Task, DataSpec); bad data fail before any model work."""
 
     @click.option("--task", "task_name", default="sst2", show_default=True,
-                  help="Task: sst2, agnews, rte (data shipped) or mnli (give files).")
+                  help="Task: sst2, agnews, rte, mnli (data shipped), or completion (give files).")
     @click.option("--train-file", type=click.Path(dir_okay=False), help="Training data (TSV, CSV or JSONL).")
     @click.option("--eval-file", type=click.Path(dir_okay=False), help="Validation data (TSV, CSV or JSONL).")
     @click.option("--text-column", help="Column of the (first) text.")

@@ -42,7 +42,7 @@ def cache_shapes(model) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     family lays them out (DeepSeek's latent attention caches keys and values of different sizes)."""
     with torch.no_grad():
         out = model(input_ids=torch.ones(1, 2, dtype=torch.long), use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = out.cache
     return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
 
 
@@ -63,8 +63,8 @@ class WithPast(torch.nn.Module):
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        present = getattr(out, "cache", None) or out.past_key_values
+                         cache=cache, use_cache=True)
+        present = out.cache
         return (out.logits, *[t for layer in present.layers for t in (layer.keys, layer.values)])
 
 
@@ -146,6 +146,9 @@ def retie_head(path: Path) -> int:
 BUILDER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                          "GraniteForCausalLM", "OlmoForCausalLM", "Phi3ForCausalLM", "PhiForCausalLM",
                          "GemmaForCausalLM", "Gemma2ForCausalLM", "NemotronForCausalLM", "SmolLM3ForCausalLM")
+# MoE decoders the builder writes with ONNX Runtime's MoE operator (fp32) and QMoE (int4 / int8 expert weights, its
+# own quantizer): a k > 1 (or one-expert) model of these families keeps its experts in one operator per layer
+BUILDER_MOE = ("GptOssForCausalLM", "Lfm2MoeForCausalLM")
 
 
 def builder_supports(model) -> bool:
@@ -155,30 +158,34 @@ def builder_supports(model) -> bool:
 
     c = model.config
     head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return (type(model).__name__ in BUILDER_ARCHITECTURES and head % 16 == 0
+    return (type(model).__name__ in BUILDER_ARCHITECTURES + BUILDER_MOE and head % 16 == 0
             and importlib.util.find_spec("onnxruntime_genai") is not None)
 
 
-def build_graph(model_dir: Path, out_dir: Path) -> str:
+def build_graph(model_dir: Path, out_dir: Path, precision: str = "fp32", name: str = "model.onnx",
+                block: int = 32) -> str:
     """onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder -p fp32 -e cpu``): the fp32
     graph with ONNX Runtime's fused decoder operators (GroupQueryAttention with the rotary embedding inside,
-    SkipSimplifiedLayerNormalization), which the weight-only quantizer then takes like any other."""
+    SkipSimplifiedLayerNormalization, and for :data:`BUILDER_MOE` families ``com.microsoft.MoE``), which the
+    weight-only quantizer then takes like any other; ``precision`` ``int4`` / ``int8``: the builder's own quantized
+    graph (``MatMulNBits``, experts in ``QMoE``, blocks of ``block``), written as ``name``."""
     import os
     import subprocess
     import sys
 
     with tempfile.TemporaryDirectory(prefix="edgeprune-genai-") as tmp:
         res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o",
-                              str(Path(tmp) / "out"), "-p", "fp32", "-e", "cpu", "-c", str(Path(tmp) / "cache"),
-                              "--extra_options", "hf_token=false"], capture_output=True, text=True,
-                             env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=3600)
+                              str(Path(tmp) / "out"), "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache"),
+                              "--extra_options", "hf_token=false", f"block_size={block}", f"qmoe_block_size={block}",
+                              "windowed_kv_cache=false"],  # EdgeLM's cache grows; no window-sized ring buffers
+                             capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=3600)
         if res.returncode != 0:
             last = (res.stderr.strip().splitlines() or ["no output"])[-1]
             raise ExportError(f"onnxruntime-genai's model builder failed on {model_dir}: {last[:200]}")
         import onnx
 
         graph = onnx.load(str(Path(tmp) / "out" / "model.onnx"))  # its weights are in model.onnx.data
-        onnx.save(graph, str(out_dir / "model.onnx"), save_as_external_data=graph.ByteSize() > 1_900_000_000)
+        onnx.save(graph, str(out_dir / name), save_as_external_data=graph.ByteSize() > 1_900_000_000)
     for name in ("config.json", "generation_config.json"):
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)
@@ -340,19 +347,35 @@ class CalibrationReader(CalibrationDataReader):
 def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_tokens: int, block: int = 32,
                    accuracy_level: int = 0, algorithm: str = "rtn", embedding: str = "int4",
                    file: Optional[str] = None, calibration: Optional[Sequence[Sequence[int]]] = None,
-                   symmetric: bool = True) -> dict:
+                   symmetric: bool = True, source: Optional[Path] = None) -> dict:
     """``FILES[precision]`` from the fp32 graph: the head untied, every weight MatMul as ``MatMulNBits`` of
     ``precision``'s bits (``algorithm``, blocks of ``block``), the word embedding 4-bit ``GatherBlockQuantized``
     when ``embedding`` is ``int4`` (into ``file``, default ``FILES[precision]``); ``gptq`` runs the fp32 graph over
-    ``calibration`` (token id sequences: the training split's prompts and completions); with its greedy-token agreement with the fp32 graph on ``prompts``."""
+    ``calibration`` (token id sequences: the training split's prompts and completions); with its greedy-token agreement with the fp32 graph on ``prompts``.
+
+    A graph whose experts are ONNX Runtime's ``MoE`` operator (the model builder's :data:`BUILDER_MOE` families)
+    is rebuilt by the builder from the checkpoint ``source`` at ``precision`` instead: the experts as ``QMoE``
+    (int4 / int8, symmetric round to nearest, blocks of ``block``), the other MatMuls as ``MatMulNBits``; ONNX
+    Runtime's quantizers do not touch a contrib operator's weights, so post-quantizing would leave the experts fp32.
+    Where the builder cannot (its gpt-oss path quantizes only the released MXFP4 expert tensors), the variant is
+    post-quantized as any other graph and says that its experts stay fp32."""
     import onnx
 
     from edgeprune.export.quantize import gather_4bit, weight_only
-    from edgeprune.runtime.decoder import EdgeLM
 
     bits = {"int4": 4, "int8": 8}[precision]
     file = file or FILES[precision]
     src, dst = out / FILES["fp32"], out / file
+    experts = None
+    if source is not None and moe_operators(src):
+        try:
+            build_graph(source, dst.parent, precision, dst.name, block)
+            info = {"model_file": file, "bits": bits, "block_size": block, "algorithm": "RTN", "symmetric": True,
+                    "experts": f"com.microsoft.QMoE ({moe_operators(dst)} layers, onnxruntime-genai's model builder)"}
+            return {**info, **greedy_agreement(out, file, prompts, max_new_tokens), "size_mb": round(size_mb(dst), 3)}
+        except ExportError as exc:  # gpt-oss: the builder quantizes only the released MXFP4 experts
+            why = str(exc).split(": ", 1)[-1][:160]  # the builder's own last line, without the checkpoint's path
+            experts = f"fp32 in com.microsoft.MoE (the model builder's {precision} failed: {why})"
     with tempfile.TemporaryDirectory(prefix="edgeprune-q-") as tmp:
         untied = Path(tmp) / "untied.onnx"
         g = onnx.load(str(src))
@@ -366,15 +389,35 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
             gather_4bit(Path(tmp) / "mm.onnx", dst)
         else:
             shutil.move(str(Path(tmp) / "mm.onnx"), dst)
-    fp32 = EdgeLM(out, model_file=FILES["fp32"])
-    qlm = EdgeLM(out, model_file=file)
+    return {"model_file": file, "bits": bits, "block_size": block, "algorithm": algorithm.upper(),
+            "symmetric": symmetric if algorithm != "hqq" else False,
+            "accuracy_level": accuracy_level, "embedding": embedding, "untied_heads": n_untied,
+            **({"experts": experts} if experts else {}),
+            **greedy_agreement(out, file, prompts, max_new_tokens), "size_mb": round(size_mb(dst), 3)}
+
+
+def greedy_agreement(out: Path, file: str, prompts: Sequence[str], max_new_tokens: int) -> dict:
+    """The share of greedy tokens of the graph ``file`` equal to the fp32 graph's, over ``prompts``."""
+    from edgeprune.runtime.decoder import EdgeLM
+
+    fp32, qlm = EdgeLM(out, model_file=FILES["fp32"]), EdgeLM(out, model_file=file)
     same = total = 0
     for prompt in prompts:
         a, b = list(fp32.tokens(prompt, max_new_tokens)), list(qlm.tokens(prompt, max_new_tokens))
         same += sum(x == y for x, y in zip(a, b))
         total += max(len(a), len(b))
-    return {"model_file": file, "bits": bits, "block_size": block, "algorithm": algorithm.upper(),
-            "symmetric": symmetric if algorithm != "hqq" else False,
-            "accuracy_level": accuracy_level, "embedding": embedding, "untied_heads": n_untied,
-            "greedy_token_agreement_with_fp32": round(same / max(1, total), 4),
-            "size_mb": round(dst.stat().st_size / 1e6, 3)}
+    return {"greedy_token_agreement_with_fp32": round(same / max(1, total), 4)}
+
+
+def moe_operators(path: Path) -> int:
+    """How many ``com.microsoft.MoE`` / ``QMoE`` nodes the graph at ``path`` has."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sum(n.op_type in ("MoE", "QMoE") and n.domain == "com.microsoft" for n in graph.node)
+
+
+def size_mb(path: Path) -> float:
+    """The graph's size with its external data file, if any."""
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 1e6

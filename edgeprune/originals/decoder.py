@@ -54,7 +54,16 @@ def ensure_dense_lm(progress: bool = True) -> Path:
         raise ModelError("reading the GGUF file needs the gguf package: pip install gguf")
     if progress:
         print(f"[edgeprune] converting {gguf.name} (dequantising Q4_1; about half a minute)", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers 5 marks a model read from GGUF as quantized and refuses to save it, although its weights are
+    # dequantised fp32: the same weights in a plain model of its class
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(loaded)(config).to(torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    del loaded
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tok.eos_token = "<|im_end|>"
     tok.add_bos_token = False  # LlamaTokenizerFast rebuilds its post-processor without the BOS

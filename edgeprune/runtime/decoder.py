@@ -1,8 +1,9 @@
 """``EdgeLM``: text generation from a decoder artifact with a KV cache, on onnxruntime + tokenizers + numpy only.
 
 The graph is the one optimum's ``text-generation-with-past`` export writes (``input_ids``, ``attention_mask``,
-``position_ids``, ``past_key_values.{i}.key / .value`` -> ``logits``, ``present.{i}.key / .value``): the prompt goes
-through once with an empty cache, then one token per step with the cache the previous step returned.
+``position_ids``, ``past_key_values.{i}.key / .value`` -> ``logits``, ``present.{i}.key / .value``), or onnxruntime-genai's
+model builder (the same names; LFM2's convolution layers add a fixed-size state ``past.{i}.conv`` -> ``present.{i}.conv``):
+the prompt goes through once with an empty cache, then one token per step with the state the previous step returned.
 
     lm = EdgeLM("build/lm")                                  # edgeprune.json, or a plain optimum export folder
     lm.generate("Review: a gorgeous film\\nSentiment:", max_new_tokens=8)            # greedy
@@ -64,11 +65,15 @@ class EdgeLM:
             opts.intra_op_num_threads = session_threads(threads or manifest["threads"])
         self.session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
         names = [i.name for i in self.session.get_inputs()]
-        self.past_names = [n for n in names if n.startswith("past_key_values.")]
-        if not self.past_names:
+        self.past_names = [n for n in names if n.startswith(("past_key_values.", "past."))]
+        if not any(n.startswith("past_key_values.") for n in self.past_names):
             raise ModelError(f"{model}: no past_key_values inputs; export with task text-generation-with-past")
         self.inputs = set(names)
         self.kv = {i.name: i for i in self.session.get_inputs() if i.name in self.past_names}
+        # each state output (present.{i}.key / .value, present.{i}.conv) feeds the input of the same suffix
+        by_suffix = {n.split(".", 1)[1]: n for n in self.past_names}
+        self.carry = {o.name: by_suffix[o.name.split(".", 1)[1]] for o in self.session.get_outputs()[1:]
+                      if o.name.startswith("present") and o.name.split(".", 1)[1] in by_suffix}
         self.head_dim = config_head_dim(cfg)  # where the graph leaves it symbolic (genai 0.18's builder)
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         self.tokenizer.no_truncation()  # the context is handled here (left truncation, said), not by the file's setting
@@ -80,13 +85,22 @@ class EdgeLM:
         self.last: dict = {}
 
     def _empty_past(self) -> dict[str, np.ndarray]:
+        """The state before the first token: every layer's key / value cache with no position, and the fixed-size
+        state of a convolution layer (onnxruntime-genai's LFM2 graphs: ``past.{i}.conv`` [batch, channels,
+        kernel - 1]) as zeros, which is what the layer's causal padding is."""
         feeds = {}
         for name, meta in self.kv.items():
+            dtype = np.float16 if "16" in meta.type else np.float32
+            if not name.startswith("past_key_values."):
+                if not all(isinstance(d, int) for d in meta.shape[1:]):
+                    raise ModelError(f"the graph's state {name} has no fixed size ({meta.shape})")
+                feeds[name] = np.zeros((1, *meta.shape[1:]), dtype=dtype)
+                continue
             heads, dim = meta.shape[1], meta.shape[3]
             dim = dim if isinstance(dim, int) and dim > 0 else self.head_dim
             if not isinstance(heads, int) or not isinstance(dim, int):
                 raise ModelError(f"the graph's {name} has no fixed head count / size ({meta.shape})")
-            feeds[name] = np.zeros((1, heads, 0, dim), dtype=np.float16 if "16" in meta.type else np.float32)
+            feeds[name] = np.zeros((1, heads, 0, dim), dtype=dtype)
         return feeds
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -145,8 +159,8 @@ class EdgeLM:
         for _ in range(max_new_tokens):
             out = self.session.run(None, self._feeds(step_ids, past, total))
             logits = out[0][0, -1].astype(np.float64)
-            past = {name.replace("present", "past_key_values"): v
-                    for name, v in zip((o.name for o in self.session.get_outputs()[1:]), out[1:])}
+            past = {self.carry[name]: v for name, v in zip((o.name for o in self.session.get_outputs()[1:]), out[1:])
+                    if name in self.carry}
             token = pick(logits, temperature, top_p, rng)
             yield token
             if token in self.eos and not ignore_eos:

@@ -1,8 +1,9 @@
 """The task registry: one :class:`Task` per supported task.
 
-The project ships its own copy of the sst2, agnews and rte data (``edgeprune/tasks/data/<task>/*.tsv.gz``,
-copied from the team's shared data) so that a clone works without any download. ``mnli`` ships no data: it
-works when the user passes ``--train-file``/``--eval-file``.
+The project ships its own copy of the sst2, agnews, rte and mnli data (``edgeprune/tasks/data/<task>/*.tsv.gz``,
+copied from the team's shared data) so that a clone works without any download. mnli's is a subset: 29,169
+training pairs and half of dev_matched as validation (``data/mnli/README.md``; the other half is held out, not
+shipped). ``completion`` ships no data: it works when the user passes ``--train-file``/``--eval-file``.
 
 agnews ships no validation split, so a fixed, seeded 10% of its training file is held out as validation
 (:data:`AGNEWS_VALIDATION_SEED`); the same rows are always excluded from training.
@@ -93,7 +94,9 @@ TASKS: dict[str, Task] = {
         labels=("entailment", "neutral", "contradiction"),
         label_aliases={"0": "entailment", "1": "neutral", "2": "contradiction"},
         max_length=128,
-        description="MultiNLI (premise/hypothesis, 3 labels); no data shipped, pass --train-file/--eval-file",
+        train_steps=1200,
+        shipped_splits=("train", "validation"),
+        description="MultiNLI (premise/hypothesis, 3 labels): 29,169 training pairs, half of dev_matched as validation",
     ),
     "completion": Task(
         name="completion",

@@ -143,10 +143,10 @@ def _torch_speed(model, ids: list[int], new_tokens: int, into: dict) -> None:
         t0 = time.perf_counter()
         out = model(torch.tensor([ids]), use_cache=True)
         t1 = time.perf_counter()
-        past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+        past, tok = out.cache, int(out.logits[0, -1].argmax())  # transformers 5: cache, not past_key_values
         for _ in range(new_tokens - 1):
-            out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+            out = model(torch.tensor([[tok]]), cache=past, use_cache=True)
+            past, tok = out.cache, int(out.logits[0, -1].argmax())
         t2 = time.perf_counter()
     into["ttft"].append((t1 - t0) * 1000)
     into["rate"].append((new_tokens - 1) / (t2 - t1))
