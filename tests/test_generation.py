@@ -137,3 +137,23 @@ def test_export_lm_validates_against_the_original_side_by_side(lm_artifact, tmp_
     art = v["models"]["artifact fp32"]
     assert art["perplexity"] > 1 and 0 <= art["next_token_agreement"] <= 1 and art["decode_tokens_per_s"] > 0
     assert "artifact fp32: perplexity" in res.output
+
+
+def test_upcycling_a_llama_without_dropping_is_the_llama():
+    """``upcycle_lm`` (the decoder original: SmolLM2 into Mixtral) writes transformers 5's fused experts: with no
+    drop-upcycling every expert is the dense MLP and the routing weights sum to 1, so the MoE computes the dense
+    model's logits (float32 rounding: 1e-6)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgeprune.originals.decoder import upcycle_lm
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=50)).eval()
+    moe = upcycle_lm(dense, num_experts=4, top_k=2, drop_fraction=0.0)
+    assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.rope_parameters == dense.config.rope_parameters
+    x = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert (moe(x).logits - dense(x).logits).abs().max() < 1e-6
+    assert not torch.equal(upcycle_lm(dense, drop_fraction=0.1).model.layers[0].mlp.experts.down_proj[0],
+                           dense.model.layers[0].mlp.down_proj.weight)

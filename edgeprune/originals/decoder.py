@@ -89,7 +89,8 @@ def upcycle_lm(dense: torch.nn.Module, num_experts: int = 4, top_k: int = 2, dro
                         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
                         num_key_value_heads=c.num_key_value_heads, head_dim=getattr(c, "head_dim", None),
                         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-                        rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings, sliding_window=None,
+                        rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
+                        sliding_window=None,
                         num_local_experts=num_experts, num_experts_per_tok=top_k, bos_token_id=c.bos_token_id,
                         eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
                         initializer_range=c.initializer_range, router_aux_loss_coef=0.01)
@@ -102,9 +103,8 @@ def upcycle_lm(dense: torch.nn.Module, num_experts: int = 4, top_k: int = 2, dro
     gen = torch.Generator().manual_seed(seed)
     width = c.intermediate_size
     for layer in range(c.num_hidden_layers):
-        mlp = f"model.layers.{layer}.mlp."
+        mlp = f"model.layers.{layer}.mlp."  # the dense MLP in, transformers 5's fused experts out
         for e in range(num_experts):
-            ex = f"model.layers.{layer}.block_sparse_moe.experts.{e}."
             w1, w3, w2 = (src[mlp + n].clone() for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
             drop = torch.randperm(width, generator=gen)[: int(round(drop_fraction * width))]
             for w, dim in ((w1, 0), (w3, 0), (w2, 1)):
@@ -113,7 +113,8 @@ def upcycle_lm(dense: torch.nn.Module, num_experts: int = 4, top_k: int = 2, dro
                     w[drop] = fresh[drop]
                 else:
                     w[:, drop] = fresh[:, drop]
-            dst[ex + "w1.weight"], dst[ex + "w3.weight"], dst[ex + "w2.weight"] = w1, w3, w2
+            dst[mlp + "experts.gate_up_proj"][e] = torch.cat([w1, w3])  # [2I, H]: gate rows, then up rows
+            dst[mlp + "experts.down_proj"][e] = w2  # [H, I]
     moe.load_state_dict(dst)
     return moe.eval()
 
