@@ -95,7 +95,9 @@ BUILT = {"gemma4_text": dict(hidden_size=32, intermediate_size=48, num_hidden_la
                              layer_types=["sliding_attention", "full_attention"], sliding_window=16,
                              max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                              tie_word_embeddings=False),
-         "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=128, attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
+         # DBRX: transformers 5.25 reads attn_config.rope_theta and clamps with clip_qkv (None fails): as released
+         "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=128,
+                      attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
                       ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2), pad_token_id=0,
                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)}
 

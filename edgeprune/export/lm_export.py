@@ -351,7 +351,8 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
     """``FILES[precision]`` from the fp32 graph: the head untied, every weight MatMul as ``MatMulNBits`` of
     ``precision``'s bits (``algorithm``, blocks of ``block``), the word embedding 4-bit ``GatherBlockQuantized``
     when ``embedding`` is ``int4`` (into ``file``, default ``FILES[precision]``); ``gptq`` runs the fp32 graph over
-    ``calibration`` (token id sequences: the training split's prompts and completions); with its greedy-token agreement with the fp32 graph on ``prompts``.
+    ``calibration`` (token id sequences: the training split's prompts and completions); with its greedy-token
+    agreement with the fp32 graph on ``prompts``.
 
     A graph whose experts are ONNX Runtime's ``MoE`` operator (the model builder's :data:`BUILDER_MOE` families)
     is rebuilt by the builder from the checkpoint ``source`` at ``precision`` instead: the experts as ``QMoE``

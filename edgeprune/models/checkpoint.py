@@ -53,7 +53,8 @@ SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention
          "moe_intermediate_size", "num_layers", "num_decoder_layers", "d_model", "d_ff", "head_dim")
 """Config sizes that must be positive integers (a string or a negative number fails deep inside transformers)."""
 MAY_BE_ZERO = {"head_dim"}
-"""Sizes that may be 0: GLM-5-Next's attention has no rotary part, and its config's ``head_dim`` (the rotary width) is 0."""
+"""Sizes that may be 0: GLM-5-Next's attention has no rotary part, and its config's ``head_dim`` (the rotary
+width) is 0."""
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:

@@ -1,9 +1,10 @@
 """``EdgeLM``: text generation from a decoder artifact with a KV cache, on onnxruntime + tokenizers + numpy only.
 
 The graph is the one optimum's ``text-generation-with-past`` export writes (``input_ids``, ``attention_mask``,
-``position_ids``, ``past_key_values.{i}.key / .value`` -> ``logits``, ``present.{i}.key / .value``), or onnxruntime-genai's
-model builder (the same names; LFM2's convolution layers add a fixed-size state ``past.{i}.conv`` -> ``present.{i}.conv``):
-the prompt goes through once with an empty cache, then one token per step with the state the previous step returned.
+``position_ids``, ``past_key_values.{i}.key / .value`` -> ``logits``, ``present.{i}.key / .value``), or
+onnxruntime-genai's model builder (the same names; LFM2's convolution layers add a fixed-size state
+``past.{i}.conv`` -> ``present.{i}.conv``): the prompt goes through once with an empty cache, then one token per
+step with the state the previous step returned.
 
     lm = EdgeLM("build/lm")                                  # edgeprune.json, or a plain optimum export folder
     lm.generate("Review: a gorgeous film\\nSentiment:", max_new_tokens=8)            # greedy
