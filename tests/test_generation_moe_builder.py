@@ -38,7 +38,7 @@ def tiny_decoder(model_type: str, d, tok, vocab: int):
 
 @pytest.mark.parametrize("family", ["lfm2_moe", "gpt_oss"])
 def test_a_k2_decoder_keeps_its_experts_in_the_moe_operator(family, bpe_tokenizer, tmp_path, cache, monkeypatch):
-    from edgeprune.export.lm_export import moe_operators
+    from edgeprune.export.genai_builder import moe_operators
 
     d = tiny_decoder(family, tmp_path / "ckpt", *bpe_tokenizer)
     gen_targets(tmp_path, monkeypatch)

@@ -32,7 +32,8 @@ def stage_export(pruned_dir: Path, spec, prompts: list[str], calibration: list[l
 
 
 def _export(tmp: Path, pruned_dir: Path, spec, prompts: list[str], calibration: list[list[int]]) -> None:
-    from edgeprune.export.lm_export import FILES, moe_operators, parity, weight_variant, write_decoder
+    from edgeprune.export.genai_builder import moe_operators
+    from edgeprune.export.lm_export import FILES, parity, weight_variant, write_decoder
     from edgeprune.models.loading import load_language_model
 
     model = load_language_model(pruned_dir, moe=False)
