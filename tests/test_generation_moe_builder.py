@@ -8,11 +8,9 @@ import importlib.util
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from tests.test_generation_build import build, gen_targets
-from tests.test_table_families import tiny_config
+from tests.test_table_families import save_tiny
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None,
                                 reason="onnxruntime-genai (the dev extra) is not installed")
@@ -21,26 +19,11 @@ DECODER = dict(hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value
                bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def tiny_decoder(model_type: str, d, tok, vocab: int):
-    config = tiny_config(model_type, vocab)
-    for k, v in DECODER.items():
-        setattr(config, k, v)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # routers that spread tokens over the experts
-        for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2:
-                p.normal_(0, 1.0)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 @pytest.mark.parametrize("family", ["lfm2_moe", "gpt_oss"])
 def test_a_k2_decoder_keeps_its_experts_in_the_moe_operator(family, bpe_tokenizer, tmp_path, cache, monkeypatch):
     from edgeprune.export.genai_builder import moe_operators
 
-    d = tiny_decoder(family, tmp_path / "ckpt", *bpe_tokenizer)
+    d = save_tiny(family, tmp_path / "ckpt", *bpe_tokenizer, **DECODER)
     gen_targets(tmp_path, monkeypatch)
     out = tmp_path / "art"
     res = build(d, out, "--experts", "2")

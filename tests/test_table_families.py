@@ -131,19 +131,23 @@ def table_dir(tmp_path_factory, tiny_tokenizer, bpe_tokenizer):
     return make
 
 
-def save_tiny(mt: str, d, tok, vocab: int):
+ROUTERS = ("gate.weight", "router.weight", "router.layer.weight", "router.proj.weight")
+
+
+def save_tiny(mt: str, d, tok, vocab: int, **sizes):
     """The family's tiny checkpoint in ``d``, as a user's directory holds it (also scripts/table_families.py): the
     causal LM, the classifier where transformers maps only that, the whole model where it is multimodal; routers
-    N(0, 1), so that tokens spread over the experts."""
+    N(0, 1), so that tokens spread over the experts. ``sizes``: config values set over the tiny ones."""
     torch.manual_seed(0)
     config = tiny_config(mt, vocab)
+    for k, v in sizes.items():
+        setattr(config, k, v)
     auto = (AutoModelForImageTextToText if mt in PARENT else AutoModelForCausalLM
             if type(config) in AutoModelForCausalLM._model_mapping else AutoModelForSequenceClassification)
     model = auto.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            routers = ("gate.weight", "router.weight", "router.layer.weight", "router.proj.weight")
-            if name.endswith(routers) and p.dim() == 2:
+            if name.endswith(ROUTERS) and p.dim() == 2:
                 p.normal_(0, 1.0)
     model.save_pretrained(d)
     tok.save_pretrained(d)

@@ -57,7 +57,7 @@ def _export(tmp: Path, pruned_dir: Path, spec, prompts: list[str], calibration: 
         manifest["variants"][precision] = v = weight_variant(tmp, precision, prompts, 8, spec.block_size,
                                                              spec.accuracy_level, algorithm, spec.embedding_weights,
                                                              calibration=calibration, symmetric=spec.symmetric,
-                                                             source=pruned_dir)
+                                                             source=pruned_dir if moe else None)
         if "experts" in v:
             log(f"quantize: experts as {v['experts']}")
     (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))

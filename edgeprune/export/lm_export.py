@@ -306,26 +306,27 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
     ``calibration`` (token id sequences: the training split's prompts and completions); with its greedy-token
     agreement with the fp32 graph on ``prompts``.
 
-    A graph whose experts are ONNX Runtime's ``MoE`` operator (the model builder's :data:`BUILDER_MOE` families)
-    is rebuilt by the builder from the checkpoint ``source`` at ``precision`` instead: the experts as ``QMoE``
-    (int4 / int8, symmetric round to nearest, blocks of ``block``), the other MatMuls as ``MatMulNBits``; ONNX
-    Runtime's quantizers do not touch a contrib operator's weights, so post-quantizing would leave the experts fp32.
+    ``source`` (given for a graph whose experts are ONNX Runtime's ``MoE`` operator: the model builder's
+    :data:`BUILDER_MOE` families): the variant is rebuilt by the builder from that checkpoint instead, the experts
+    as ``QMoE`` (int4 / int8, symmetric round to nearest, blocks of ``block``), the other MatMuls as
+    ``MatMulNBits``; ONNX Runtime's quantizers do not touch a contrib operator's weights, so post-quantizing would
+    leave the experts fp32.
     Where the builder cannot (its gpt-oss path quantizes only the released MXFP4 expert tensors), the variant is
     post-quantized as any other graph and says that its experts stay fp32."""
     import onnx
 
-    from edgeprune.export.quantize import gather_4bit, weight_only
+    from edgeprune.export.quantize import gather_4bit, size_mb, weight_only
 
     bits = {"int4": 4, "int8": 8}[precision]
     file = file or FILES[precision]
     src, dst = out / FILES["fp32"], out / file
     experts = None
-    if source is not None and moe_operators(src):
+    if source is not None:
         try:
             build_graph(source, dst.parent, precision, dst.name, block)
             info = {"model_file": file, "bits": bits, "block_size": block, "algorithm": "RTN", "symmetric": True,
                     "experts": f"com.microsoft.QMoE ({moe_operators(dst)} layers, onnxruntime-genai's model builder)"}
-            return {**info, **greedy_agreement(out, file, prompts, max_new_tokens), "size_mb": round(size_mb(dst), 3)}
+            return {**info, **greedy_agreement(out, file, prompts, max_new_tokens), "size_mb": size_mb(dst)}
         except ExportError as exc:  # gpt-oss: the builder quantizes only the released MXFP4 experts
             why = str(exc).split(": ", 1)[-1][:160]  # the builder's own last line, without the checkpoint's path
             experts = f"fp32 in com.microsoft.MoE (the model builder's {precision} failed: {why})"
@@ -346,7 +347,7 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
             "symmetric": symmetric if algorithm != "hqq" else False,
             "accuracy_level": accuracy_level, "embedding": embedding, "untied_heads": n_untied,
             **({"experts": experts} if experts else {}),
-            **greedy_agreement(out, file, prompts, max_new_tokens), "size_mb": round(size_mb(dst), 3)}
+            **greedy_agreement(out, file, prompts, max_new_tokens), "size_mb": size_mb(dst)}
 
 
 def greedy_agreement(out: Path, file: str, prompts: Sequence[str], max_new_tokens: int) -> dict:
@@ -360,9 +361,3 @@ def greedy_agreement(out: Path, file: str, prompts: Sequence[str], max_new_token
         same += sum(x == y for x, y in zip(a, b))
         total += max(len(a), len(b))
     return {"greedy_token_agreement_with_fp32": round(same / max(1, total), 4)}
-
-
-def size_mb(path: Path) -> float:
-    """The graph's size with its external data file, if any."""
-    data = path.with_name(path.name + ".data")
-    return (path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 1e6

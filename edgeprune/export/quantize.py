@@ -132,12 +132,13 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
                 if embed4:  # the word embedding first, block-wise 4-bit
                     gather_4bit(src, block4)
                     info["embedding"] = "GatherBlockQuantized, 4-bit symmetric, block 32 (ONNX Runtime's quantizer)"
-                batched = fp32_nodes(src)
-                if batched:
-                    info["fp32_nodes"] = len(batched)
+                keep_fp32 = fp32_nodes(src)
+                if keep_fp32:
+                    info["fp32_nodes"] = len(keep_fp32)
                 quantize_dynamic(str(block4 if embed4 else src), str(dst), op_types_to_quantize=ops,
                                  per_channel=q.per_channel, reduce_range=q.reduce_range, weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=batched, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                                 nodes_to_exclude=keep_fp32,
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             finally:
                 block4.unlink(missing_ok=True)
             info["op_types"] = ops
@@ -292,7 +293,10 @@ def mobile_usability(path: Path) -> dict:
 
 
 def size_mb(path: Path) -> float:
-    return round(Path(path).stat().st_size / 1e6, 3)
+    """The graph's size in MB with its external data file (``<name>.data``), if it has one."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return round((path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 1e6, 3)
 
 
 def numpy_inputs(names: list[str], batch: int, length: int, vocab_size: int = 30522, seed: int = 0) -> dict:

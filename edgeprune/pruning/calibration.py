@@ -162,7 +162,7 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
     blocks = adapter.blocks(model)
     n = min(len(enc), max_examples)
     rows = logit_rows_per_batch(max_logit_rows, batch_size, n)
-    seen: dict[int, torch.Tensor] = {}
+    seen: dict[int, list[torch.Tensor]] = {}
     handles = [adapter.routing_input(b).register_forward_pre_hook(capture_input(seen, i), with_kwargs=True)
                for i, b in blocks.items()]
     model.eval()

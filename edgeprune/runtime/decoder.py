@@ -75,6 +75,7 @@ class EdgeLM:
         by_suffix = {n.split(".", 1)[1]: n for n in self.past_names}
         self.carry = {o.name: by_suffix[o.name.split(".", 1)[1]] for o in self.session.get_outputs()[1:]
                       if o.name.startswith("present") and o.name.split(".", 1)[1] in by_suffix}
+        self.state_outputs = [o.name for o in self.session.get_outputs()[1:]]
         self.head_dim = config_head_dim(cfg)  # where the graph leaves it symbolic (genai 0.18's builder)
         self.tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
         self.tokenizer.no_truncation()  # the context is handled here (left truncation, said), not by the file's setting
@@ -160,8 +161,7 @@ class EdgeLM:
         for _ in range(max_new_tokens):
             out = self.session.run(None, self._feeds(step_ids, past, total))
             logits = out[0][0, -1].astype(np.float64)
-            past = {self.carry[name]: v for name, v in zip((o.name for o in self.session.get_outputs()[1:]), out[1:])
-                    if name in self.carry}
+            past = {self.carry[name]: v for name, v in zip(self.state_outputs, out[1:]) if name in self.carry}
             token = pick(logits, temperature, top_p, rng)
             yield token
             if token in self.eos and not ignore_eos:
