@@ -99,7 +99,10 @@ BUILT = {"gemma4_text": dict(hidden_size=32, intermediate_size=48, num_hidden_la
          "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=128,
                       attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
                       ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2), pad_token_id=0,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)}
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
+         "jetmoe": dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+                        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)}
 
 
 def tiny_config(model_type: str, vocab: int):
@@ -170,7 +173,7 @@ SLOW = {"lara_mini", "qwen3_5_moe_text", "bailing_hybrid", "kimi_linear"}
 
 
 # transformers 5 families with an adapter file of their own (not a table row), tested the same way
-FILES = ["dbrx"]
+FILES = ["dbrx", "jetmoe"]
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f

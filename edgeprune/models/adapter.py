@@ -168,6 +168,16 @@ class MoEAdapter:
         for n, t in tensors.items():
             state[f"{path}.{self.experts_attr}.{e}.{n}"] = t
 
+    # -- companions: other expert sets of the layer that share the config's expert count (JetMoE's MoA) --------
+    def companions(self, model: nn.Module, block_path: str) -> dict[str, tuple[nn.Module, Callable]]:
+        """name -> (module whose output is the companion's router logits (T, Z), logits -> (top-k index, weight)):
+        calibration records each companion's routing mass, the plan keeps its top-k (``LayerPlan.companions``)."""
+        return {}
+
+    def prune_companions(self, src: dict, dst: dict, path: str, lp) -> None:
+        """Write the experts of each companion of the block at ``path`` that the layer's plan ``lp`` keeps
+        (``lp.companions``) into ``dst`` (no companions by default)."""
+
     # -- config --------------------------------------------------------------------------------------------
     def resize_config(self, config, k_per_layer: dict[int, int]) -> None:
         """Set the config's expert count to k (one value for every layer: the families store one) and top-k

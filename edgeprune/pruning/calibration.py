@@ -40,6 +40,7 @@ class LayerStats:
     reap_sum: np.ndarray
     tokens: int = 0
     logits: list[np.ndarray] = field(default_factory=list)
+    companions: dict[str, np.ndarray] = field(default_factory=dict)  # name -> routing mass per expert
 
     @property
     def usage(self) -> np.ndarray:
@@ -85,6 +86,7 @@ class BatchStats:
     reap_sum: np.ndarray
     tokens: int
     logits: np.ndarray
+    companions: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -127,6 +129,8 @@ def add_in_order(stats: dict[int, LayerStats], parts: dict[tuple[int, int], Batc
         st.reap_sum += p.reap_sum
         st.prob_sum += p.prob_sum
         st.logits.append(p.logits)
+        for name, mass in p.companions.items():
+            st.companions[name] = st.companions.get(name, 0) + mass
     return stats
 
 
@@ -138,6 +142,20 @@ def capture_input(seen: dict, key):
         hidden = args[0] if args else next(iter(kwargs.values()))
         seen.setdefault(key, []).append(hidden.detach().reshape(-1, hidden.shape[-1]))
     return pre
+
+
+def capture_output(seen: dict, key):
+    """A forward hook that keeps a module's output (a companion router's logits) as :func:`capture_input` does."""
+    def post(_m, _args, out):
+        seen.setdefault(key, []).append(out.detach().reshape(-1, out.shape[-1]))
+    return post
+
+
+def routing_mass(route, logits: torch.Tensor) -> np.ndarray:
+    """sum_t w_e(x_t) per expert over the tokens' router ``logits`` (T, Z), ``route`` giving (top-k index, weight)."""
+    idx, weight = route(logits.float())
+    return np.bincount(idx.reshape(-1).numpy(), weights=weight.reshape(-1).double().numpy(),
+                       minlength=logits.shape[-1])
 
 
 def routed_tokens(calls: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -165,6 +183,10 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
     seen: dict[int, list[torch.Tensor]] = {}
     handles = [adapter.routing_input(b).register_forward_pre_hook(capture_input(seen, i), with_kwargs=True)
                for i, b in blocks.items()]
+    companions = {i: adapter.companions(model, p) for i, p in adapter.block_paths(model).items()}
+    logits_seen: dict[tuple[int, str], list[torch.Tensor]] = {}
+    handles += [router.register_forward_hook(capture_output(logits_seen, (i, name)))
+                for i, cs in companions.items() for name, (router, _) in cs.items()]
     model.eval()
     parts: dict[tuple[int, int], BatchStats] = {}
     try:
@@ -174,6 +196,8 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
             mask = batch["attention_mask"].reshape(-1).bool()
             for i, block in blocks.items():
                 parts[(i, b)] = batch_stats(adapter, block, routed_tokens(seen.pop(i), mask), i, b, rows)
+                parts[(i, b)].companions = {name: routing_mass(route, routed_tokens(logits_seen.pop((i, name)), mask))
+                                            for name, (_, route) in companions[i].items()}
     finally:
         for h in handles:
             h.remove()

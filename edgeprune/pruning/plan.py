@@ -35,6 +35,8 @@ class LayerPlan:
     scores: list[float]
     groups: list[list[tuple[int, float]]]
     output_scale: float = 1.0
+    # expert sets of the layer that share its expert count (JetMoE's attention experts): name -> the k kept
+    companions: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -91,9 +93,11 @@ class PrunePlan:
             scale = _finite(lp.get("output_scale", 1.0), f"layer {layer}: output_scale")
             if scale <= 0:
                 raise ValueError(f"layer {layer}: output_scale {scale} must be positive")
+            companions = {str(name): [_integer(e, f"layer {layer}: {name} expert id") for e in kept]
+                          for name, kept in lp.get("companions", {}).items()}
             layers.append(LayerPlan(layer, _integer(lp["num_experts"], f"layer {layer}: num_experts"),
                                     [_finite(s, f"layer {layer}: score") for s in lp["scores"]],
-                                    groups, scale))
+                                    groups, scale, companions))
         return cls(d["method"], layers, d.get("source"), d.get("task"), d.get("options", {}))
 
     @classmethod
@@ -164,6 +168,10 @@ def validate_plan(plan: PrunePlan, model, adapter=None) -> None:
             raise ConfigError(f"layer {lp.layer}: an expert appears in two groups")
         if any(not g for g in lp.groups):
             raise ConfigError(f"layer {lp.layer}: empty group")
+        for name, kept in lp.companions.items():
+            if len(kept) != lp.k or len(set(kept)) != len(kept) or any(not 0 <= e < z for e in kept):
+                raise ConfigError(f"layer {lp.layer}: {name} experts {kept} must be {lp.k} distinct indices in "
+                                  f"0..{z - 1} (as many as the layer keeps)")
 
 
 def make_plan(method: str, scores: dict[int, np.ndarray], num_experts: dict[int, int], top_k: dict[int, int],
@@ -201,8 +209,16 @@ def make_plan(method: str, scores: dict[int, np.ndarray], num_experts: dict[int,
         scale = 1.0
         if gate_scale and stats is not None and top_k[layer] == 1 and stats[layer].tokens:
             scale = round(gate_output_scale(stats[layer], groups), 6)
-        layers.append(LayerPlan(layer, num_experts[layer], [round(float(x), 6) for x in s], groups, scale))
+        layers.append(LayerPlan(layer, num_experts[layer], [round(float(x), 6) for x in s], groups, scale,
+                                companion_choice(stats[layer], k_l) if stats is not None else {}))
     return PrunePlan(method, layers, **meta)
+
+
+def companion_choice(stats: LayerStats, k: int) -> dict[str, list[int]]:
+    """Each companion expert set (JetMoE's MoA) keeps its ``k`` experts of largest routing mass sum_t w_e(x_t) on
+    the calibration tokens (Chen et al. 2022's frequency, gate-weighted), in index order."""
+    return {name: sorted(int(e) for e in sorted(range(len(mass)), key=lambda e: (-mass[e], e))[:k])
+            for name, mass in stats.companions.items()}
 
 
 def gate_output_scale(stats: LayerStats, groups: list[list[tuple[int, float]]]) -> float:

@@ -26,8 +26,6 @@ REFUSED: dict[str, str] = {
     "glm5_next": ("not done yet: multimodal, and its text model's pooled sparse attention (keys averaged in pools of "
                   "index_kpool, the pools kept chosen from the data) exported with the first batch's shapes (ONNX "
                   "Runtime failed at batch 1); probed on a tiny checkpoint"),
-    "jetmoe": ("not done yet: a mixture of attention heads (MoA) beside its MoE MLP, both with JetMoe's own "
-               "parallel-experts layout; needs an adapter file"),
     "kolibri1_1": ("not done yet: its indexed-attention layers round keys and values to NVFP4 through float8 casts "
                    "(no ONNX export) and pick keys in Python loops over the data; probed on a tiny checkpoint"),
     "longcat_flash": "not done yet: zero-computation experts and its own FFN sizes; the probe's tiny config did not run",
