@@ -40,3 +40,56 @@ def test_a_k2_decoder_keeps_its_experts_in_the_moe_operator(family, bpe_tokenize
         assert int4["experts"].startswith("fp32 in com.microsoft.MoE") and "MXFP4" in int4["experts"]
     manifest = json.loads((out / "edgeprune.json").read_text())
     assert manifest["model_file"] == "onnx/model_q4.onnx" and (out / manifest["model_file"]).is_file()
+
+
+def save_qwen3_5_moe(d, tok, vocab: int):
+    """A tiny Qwen3.5-MoE as its users hold it: the whole multimodal checkpoint (Qwen3_5MoeForConditionalGeneration,
+    vision tower included), one linear-attention and one attention layer, mrope sections as released."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from tests.test_table_families import EXTRA, TINY, TOWER, shrink
+
+    config = AutoConfig.for_model("qwen3_5_moe")
+    text = config.get_text_config()
+    shrink(text, {**TINY, **EXTRA["qwen3_5_moe_text"], **DECODER, "vocab_size": vocab, "num_attention_heads": 2,
+                  "num_key_value_heads": 1})
+    text.rope_parameters = {**text.rope_parameters, "mrope_section": [1, 1, 0], "mrope_interleaved": True}
+    shrink(config.vision_config, TOWER)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and p.dim() == 2:
+                p.normal_(0, 1.0)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_a_multimodal_qwen3_5_moe_decoder_goes_through_the_builder_whole(bpe_tokenizer, tmp_path, cache, monkeypatch):
+    """Qwen3.5-MoE's text MoE pruned to k = 2 inside the multimodal checkpoint (the builder takes only that class and
+    writes its text decoder): MoE / QMoE operators, greedy parity through EdgeLM (recurrent and convolution states,
+    3-row mrope position ids), the builder's genai_config.json naming those states, and a pruned checkpoint that
+    stock transformers loads."""
+    from transformers import AutoModelForImageTextToText
+
+    from edgeprune.export.genai_builder import moe_operators
+
+    d = save_qwen3_5_moe(tmp_path / "ckpt", *bpe_tokenizer)
+    gen_targets(tmp_path, monkeypatch)
+    out = tmp_path / "art"
+    build(d, out, "--experts", "2")
+    export = json.loads((out / "report.json").read_text())["export"]
+    assert export["exporter"] == "onnxruntime-genai model builder"
+    assert export["parity"]["greedy_equal"] and export["parity"]["max_abs_logit_diff"] < 1e-3
+    assert export["variants"]["int4"]["experts"].startswith("com.microsoft.QMoE (2 layers")
+    fp32_dir = next(cache.glob("stages/export-lm-*"))
+    assert moe_operators(fp32_dir / "onnx" / "model.onnx") == 2
+    genai = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert genai["filename"] == "onnx/model_q4.onnx" and genai["inputs"]["past_recurrent_names"] == "past.%d.recurrent"
+    pruned = next(cache.glob("stages/prune-*"))
+    raw = json.loads((pruned / "config.json").read_text())
+    assert raw["architectures"] == ["Qwen3_5MoeForConditionalGeneration"] and raw["text_config"]["num_experts"] == 2
+    model = AutoModelForImageTextToText.from_pretrained(pruned)
+    assert model.model.language_model.layers[0].mlp.experts.gate_up_proj.shape[0] == 2

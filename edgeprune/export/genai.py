@@ -48,11 +48,17 @@ def genai_config(config: dict, model_file: str, eos_ids: list, max_length: int, 
 
 
 def write_genai_config(directory: Path, model_file: str, eos_ids: list) -> bool:
-    """``directory/genai_config.json`` for ``model_file``, from the artifact's ``config.json``; False (nothing
-    written) for multi-head latent attention (DeepSeek), whose cached keys and values differ in size, which genai's
+    """``directory/genai_config.json`` for ``model_file``: the model builder's where it wrote the graph, else from
+    the artifact's ``config.json``; False (nothing written) for multi-head latent attention (DeepSeek), whose cached keys and values differ in size, which genai's
     one ``head_size`` cannot say."""
     import onnx
 
+    built = directory / "genai_config.json"  # the model builder's own (export.genai_builder): kept, for model_file
+    if built.is_file():
+        cfg = json.loads(built.read_text())
+        cfg["model"]["decoder"]["filename"] = model_file
+        built.write_text(json.dumps(cfg, indent=1))
+        return True
     config = json.loads((directory / "config.json").read_text())
     if "kv_lora_rank" in config:
         return False

@@ -18,8 +18,10 @@ BUILDER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCaus
                          "GraniteForCausalLM", "OlmoForCausalLM", "Phi3ForCausalLM", "PhiForCausalLM",
                          "GemmaForCausalLM", "Gemma2ForCausalLM", "NemotronForCausalLM", "SmolLM3ForCausalLM")
 # MoE decoders the builder writes with ONNX Runtime's MoE operator (fp32) and QMoE (int4 / int8 expert weights, its
-# own quantizer): a k > 1 (or one-expert) model of these families keeps its experts in one operator per layer
-BUILDER_MOE = ("GptOssForCausalLM", "Lfm2MoeForCausalLM")
+# own quantizer): a k > 1 (or one-expert) model of these families keeps its experts in one operator per layer; the
+# builder takes Qwen3.5-MoE only as its multimodal checkpoint and writes its text decoder. Not Gemma 4: genai 0.18
+# reads text_config.global_head_dim, which transformers 5.25 parses into per-layer settings (AttributeError)
+BUILDER_MOE = ("GptOssForCausalLM", "Lfm2MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration")
 
 
 def builder_supports(model) -> bool:
@@ -27,7 +29,7 @@ def builder_supports(model) -> bool:
     that ONNX Runtime's GroupQueryAttention takes (CPU: a head size that is a multiple of 16)."""
     import importlib.util
 
-    c = model.config
+    c = model.config.get_text_config()
     head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return (type(model).__name__ in BUILDER_ARCHITECTURES + BUILDER_MOE and head % 16 == 0
             and importlib.util.find_spec("onnxruntime_genai") is not None)
@@ -57,6 +59,8 @@ def build_graph(model_dir: Path, out_dir: Path, precision: str = "fp32", name: s
 
         graph = onnx.load(str(Path(tmp) / "out" / "model.onnx"))  # its weights are in model.onnx.data
         onnx.save(graph, str(out_dir / name), save_as_external_data=graph.ByteSize() > 1_900_000_000)
+        if name == "model.onnx":  # its genai_config.json names the graph's states (convolution, recurrent) as well
+            shutil.copy2(Path(tmp) / "out" / "genai_config.json", out_dir / "genai_config.json")
     for name in ("config.json", "generation_config.json"):
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)

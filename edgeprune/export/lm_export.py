@@ -194,7 +194,7 @@ def parity(model, out: Path, prompts: Sequence[str], max_new_tokens: int, atol: 
         with torch.no_grad():
             x = torch.tensor([ids])
             ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=model.config.pad_token_id or 0,
+                                 pad_token_id=model.config.get_text_config().pad_token_id or 0,
                                  eos_token_id=sorted(lm.eos) or None)[0, len(ids):].tolist()
             first = model(x).logits[0, -1].float().numpy()
         diffs.append(float(np.abs(first - lm.logits(ids)[-1]).max()))

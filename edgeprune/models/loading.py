@@ -29,7 +29,7 @@ def family_of(model_or_dir) -> MoEAdapter:
         from edgeprune.models.checkpoint import read_config
 
         return adapter_for(family_type(read_config(model_or_dir)))
-    return adapter_for(model_or_dir.config)
+    return adapter_for(family_type(model_or_dir.config.to_dict()))
 
 
 def load_model(model_dir: str | Path, dtype: Optional[str] = None, task=None,
@@ -81,19 +81,31 @@ def load_model(model_dir: str | Path, dtype: Optional[str] = None, task=None,
 
 
 
+# multimodal checkpoints whose text model ``--generate`` prunes and onnxruntime-genai's model builder exports (the
+# builder takes these architectures whole and writes their text decoder)
+MULTIMODAL_LM = ("Qwen3_5MoeForConditionalGeneration", "Gemma4ForConditionalGeneration")
+
+
 def load_language_model(original_dir: str | Path, dtype: Optional[str] = None, moe: bool = True) -> torch.nn.Module:
     """``--generate``: the checkpoint's own causal LM (safetensors, checked against its config), of a supported
-    MoE family unless not ``moe`` (a pruned and folded one)."""
+    MoE family unless not ``moe`` (a pruned and folded one); a :data:`MULTIMODAL_LM` checkpoint loads whole (its
+    text MoE is pruned, its vision / audio towers stay so that the checkpoint keeps its class)."""
     from transformers import AutoModelForCausalLM
 
     from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype, weight_files
 
     raw = read_config(original_dir)
     if moe:
-        adapter_for(raw["model_type"])
-    if not any("CausalLM" in a for a in raw.get("architectures") or []):
-        raise ConfigError(f"--generate needs a language-model checkpoint (...ForCausalLM); {original_dir} is "
-                          f"{', '.join(raw.get('architectures') or ['unknown'])}")
+        adapter_for(family_type(raw))
+    archs = raw.get("architectures") or []
+    if any(a in MULTIMODAL_LM for a in archs):  # the whole model: its text part generates, the towers are kept
+        from transformers import AutoModelForImageTextToText
+
+        weight_files(original_dir)
+        return load_checked(AutoModelForImageTextToText, original_dir, dtype=torch_dtype(dtype, raw))
+    if not any("CausalLM" in a for a in archs):
+        raise ConfigError(f"--generate needs a language-model checkpoint (...ForCausalLM, or "
+                          f"{' / '.join(MULTIMODAL_LM)}); {original_dir} is {', '.join(archs or ['unknown'])}")
     weight_files(original_dir)
     return load_checked(AutoModelForCausalLM, original_dir, dtype=torch_dtype(dtype, raw))
 

@@ -35,7 +35,8 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True, adapt
     for layer, lp in by_layer.items():
         adapter.check_k(model.get_submodule(paths[layer]), lp.k)
     config = model.config.__class__.from_dict(model.config.to_dict())
-    adapter.resize_config(config, {l: lp.k for l, lp in by_layer.items()})
+    # the expert count lives in the text model's config (a multimodal checkpoint's text_config; else the config)
+    adapter.resize_config(config.get_text_config(), {l: lp.k for l, lp in by_layer.items()})
     new = clone_model(model, config)
     src, dst = model.state_dict(), new.state_dict()
     for key in dst:  # everything whose shape did not change (experts and router rows are rewritten below)

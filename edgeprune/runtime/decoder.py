@@ -27,7 +27,9 @@ from edgeprune.errors import ConfigError, ModelError
 
 
 def config_head_dim(cfg: dict):
-    """The attention head size a decoder's config.json states (``head_dim``, else hidden size / heads; None)."""
+    """The attention head size a decoder's config.json states (``head_dim``, else hidden size / heads; None); a
+    multimodal checkpoint's (its ``text_config``: the model builder writes the text model of Qwen3.5-MoE, Gemma 4)."""
+    cfg = cfg.get("text_config") or cfg
     heads = cfg.get("num_attention_heads")
     return cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
 
@@ -70,6 +72,10 @@ class EdgeLM:
         if not any(n.startswith("past_key_values.") for n in self.past_names):
             raise ModelError(f"{model}: no past_key_values inputs; export with task text-generation-with-past")
         self.inputs = set(names)
+        # multimodal rotary (Qwen3.5's mrope, the model builder's text graph): position ids [3, batch, seq], one row
+        # per section, all equal for text
+        self.position_rows = next((i.shape[0] for i in self.session.get_inputs()
+                                   if i.name == "position_ids" and len(i.shape) == 3), None)
         self.kv = {i.name: i for i in self.session.get_inputs() if i.name in self.past_names}
         # each state output (present.{i}.key / .value, present.{i}.conv) feeds the input of the same suffix
         by_suffix = {n.split(".", 1)[1]: n for n in self.past_names}
@@ -83,7 +89,8 @@ class EdgeLM:
         eos = manifest.get("eos_token_ids", gen.get("eos_token_id", cfg.get("eos_token_id")))
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.bos = manifest.get("bos_token_id", gen.get("bos_token_id", cfg.get("bos_token_id")))
-        self.context = int(manifest.get("context") or cfg.get("max_position_embeddings") or 2048)
+        self.context = int(manifest.get("context") or (cfg.get("text_config") or cfg).get("max_position_embeddings")
+                           or 2048)
         self.last: dict = {}
 
     def _empty_past(self) -> dict[str, np.ndarray]:
@@ -115,7 +122,8 @@ class EdgeLM:
         if "attention_mask" in self.inputs:
             feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
         if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.arange(total - len(step_ids), total, dtype=np.int64)[None]
+            pos = np.arange(total - len(step_ids), total, dtype=np.int64)[None]
+            feeds["position_ids"] = pos if self.position_rows is None else np.stack([pos] * self.position_rows)
         return feeds
 
     def prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:

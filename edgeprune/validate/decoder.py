@@ -48,7 +48,7 @@ def _torch_greedy(model, ids: list[int], new_tokens: int, eos: set) -> list[int]
     with torch.no_grad():
         x = torch.tensor([ids])
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=model.config.pad_token_id or 0, eos_token_id=sorted(eos) or None)
+                             pad_token_id=model.config.get_text_config().pad_token_id or 0, eos_token_id=sorted(eos) or None)
     return out[0, len(ids):].tolist()
 
 
