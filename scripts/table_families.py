@@ -2,7 +2,8 @@
 (with the adapter files of tests/test_table_families.py ``FILES``).
 
     python scripts/table_families.py                  # -> results/table_families.md / .json
-    python scripts/table_families.py --families qwen3_next lfm2_moe
+    python scripts/table_families.py --families qwen3_next lfm2_moe           # only these
+    python scripts/table_families.py --families jetmoe --merge                # these, the other rows kept
 
 The checkpoints are the ones tests/test_table_families.py builds (hidden 32, 2 layers, 4 experts, top-2, routers
 N(0, 1), the whole multimodal model where the family is multimodal), saved with ``save_pretrained`` as a user's
@@ -63,10 +64,12 @@ def build(d: Path, k: int, words: list[str], out: Path) -> dict:
     return row
 
 
-def main_(families: list[str], out: str) -> None:
+def main_(families: list[str], out: str, merge: bool = False) -> None:
     from tests.conftest import write_loose_profiles
 
     rows = []
+    kept = [r for r in json.loads(Path(out).with_suffix(".json").read_text())["rows"] if r["family"] not in families] \
+        if merge else []
     with tempfile.TemporaryDirectory(prefix="edgeprune-table-") as tmp:
         root = Path(tmp)
         os.environ["EDGEPRUNE_TARGETS"] = str(write_loose_profiles(root / "targets"))
@@ -77,8 +80,9 @@ def main_(families: list[str], out: str) -> None:
             for k in (2, 1):
                 rows.append({"family": family, **build(d, k, words, root / "art" / f"{family}-{k}")})
                 print("   ", rows[-1], flush=True)
+    rows = sorted(kept + rows, key=lambda r: (r["family"], -r["k"]))
     md = ["# transformers 5 families (models/families/table.py) through the build, tiny random checkpoints", "",
-          "Command: `python scripts/table_families.py`", "", __doc__.split("\n\n", 2)[2].strip(), "",
+          "Command: `python scripts/table_families.py` (rows of a family added later: `--families F --merge`)", "", __doc__.split("\n\n", 2)[2].strip(), "",
           "| family | k | exit | export path | fp32 parity | artifact agreement | size ratio | build s | said |",
           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -93,5 +97,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="*", default=sorted(ROWS) + FILES)
     ap.add_argument("--out", default=str(ROOT / "results" / "table_families"))
+    ap.add_argument("--merge", action="store_true", help="keep the other families' rows of the existing results")
     a = ap.parse_args()
-    main_(a.families, a.out)
+    main_(a.families, a.out, a.merge)
