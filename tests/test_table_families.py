@@ -310,3 +310,16 @@ def test_a_layer_that_runs_twice_is_calibrated_on_both_passes(table_dir, tiny_to
     real = int(sum(len(ids) for ids in enc.input_ids))
     assert stats[0].tokens == real and stats[1].tokens == 2 * real
     assert stats[1].counts.sum() == 2 * real * 2  # top-2
+
+
+def test_a_top_k_above_the_expert_count_is_refused_also_in_a_nested_config(table_dir, tmp_path):
+    """check_model reads top-k by the adapter's key, a dotted path for DBRX's nested ffn_config."""
+    import shutil
+
+    d = tmp_path / "dbrx"
+    shutil.copytree(table_dir("dbrx"), d)
+    raw = json.loads((d / "config.json").read_text())
+    raw["ffn_config"]["moe_top_k"] = 9
+    (d / "config.json").write_text(json.dumps(raw))
+    res = cli(["score", "--model", str(d), "--experts", "2", "--out", str(tmp_path / "p.json")] + WORDS, code=4)
+    assert "config.json ffn_config.moe_top_k = 9 but layer 0 has 4 experts; fix the checkpoint's config" in res.output

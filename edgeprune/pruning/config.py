@@ -114,6 +114,13 @@ def check_model_labels(model, task) -> None:
                           f"{task.num_labels} ({', '.join(task.labels)})")
 
 
+def config_value(config, key: str):
+    """``key`` of ``config``, a dotted path for nested configs (DBRX's ``ffn_config.moe_top_k``); None if absent."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else getattr(config, part, None)
+    return config
+
+
 def check_model(model, adapter, task, cfg: PruneConfig, tokenizer=None, labels: bool = True) -> None:
     """Labels match the task (a classifier's: ``labels``), k fits every layer, a decoder classifier pads with its
     tokenizer's padding id: checked before any heavy work. ``adapter`` is the model's family
@@ -123,7 +130,7 @@ def check_model(model, adapter, task, cfg: PruneConfig, tokenizer=None, labels: 
     blocks = adapter.blocks(model)
     if not blocks:
         raise ModelError(f"the {adapter.model_type} checkpoint has no MoE layer to prune (every layer is dense)")
-    declared = getattr(model.config, adapter.top_k_key, None)
+    declared = config_value(model.config.get_text_config(), adapter.top_k_key)
     for layer, b in blocks.items():
         if isinstance(declared, int) and not 1 <= declared <= adapter.num_experts(b):
             raise ModelError(f"config.json {adapter.top_k_key} = {declared} but layer {layer} has "
