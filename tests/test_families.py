@@ -185,6 +185,11 @@ def cli(args, code=0):
     return res
 
 
+# families whose k = 2 artifact keeps a fixed top-k: Switch routes by argmax, PhiMoE's sparsemixer picks its two
+# experts by argmax and masking (no TopK to feed)
+FIXED_TOP_K = {"switch_transformers", "phimoe"}
+
+
 @pytest.mark.parametrize("family", FAMS)
 @pytest.mark.parametrize("k", [1, 2])
 def test_build_end_to_end_and_edgemodel_predicts(family, k, family_dirs, tmp_path, cache, loose_targets):
@@ -205,6 +210,19 @@ def test_build_end_to_end_and_edgemodel_predicts(family, k, family_dirs, tmp_pat
     assert len(model.predict(["a gorgeous film", "dull"])) == 2
     # the artifact's logits are the quantized export of the pruned model: agreement with it on a few texts
     assert model.predict_proba(["a gorgeous film"]).shape == (1, 2)
+    spec = manifest["top_k"]
+    if k == 2 and family not in FIXED_TOP_K:  # the routers read top_k at run time: the report has every k
+        assert spec == {"input": "top_k", "default": 2, "max": 2}
+        assert [row["top_k"] for row in report["top_k"]["rows"]] == [1, 2]
+        one = EdgeModel(out, top_k=1).logits(["a gorgeous film", "dull"])
+        assert np.abs(one - model.logits(["a gorgeous film", "dull"])).max() > 0  # another routing, other numbers
+        assert cli(["predict", str(out), "a gorgeous film", "--top-k", "1"]).output.endswith("\ta gorgeous film\n")
+        res = cli(["predict", str(out), "a gorgeous film", "--top-k", "3"], code=2)
+        assert "--top-k: top_k=3: this artifact keeps 2 experts per layer; give 1..2 (its own is 2)" in res.output
+    else:
+        assert spec is None and "top_k" not in report
+        with pytest.raises(ValueError, match="fixed top-k"):
+            EdgeModel(out, top_k=1)
 
 
 @pytest.mark.parametrize("method", ["frequency", "chen2022", "reap", "uncurl", "random"])

@@ -121,7 +121,7 @@ class ClassifierBuild:
         return stage_export(cfg, pruned_dir, x["art_val_enc"])
 
     def validate(self, cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path) -> tuple[dict, dict]:
-        from edgeprune.validate.classifier import quality, session_memory, speed
+        from edgeprune.validate.classifier import quality, session_memory, speed, top_k_sweep
 
         t, x = cfg.target, prep.extra
         fixed = fixed_shape(t)
@@ -135,6 +135,14 @@ class ClassifierBuild:
                            t.budgets.latency_seq_len, iters=cfg.latency_iters, throughput_iters=cfg.throughput_iters,
                            fixed=fixed, artifact_vocab=(x["prune_info"].get("vocab") or {}).get("kept")),
             "memory": session_memory(artifact_model, t.runtime.threads)}
+        spec = json.loads((export_dir / "export.json").read_text()).get("top_k")
+        if spec:  # the routers read top_k at run time: accuracy and speed at each k
+            log(f"validate: top-k at run time, k = 1..{spec['max']}")
+            measured["top_k"] = top_k_sweep(ref_logits, artifact_model, x["art_val_enc"], spec, t.runtime.threads,
+                                            t.budgets.latency_batch, t.budgets.latency_seq_len,
+                                            (x["prune_info"].get("vocab") or {}).get("kept")
+                                            or prep.original.config.get_text_config().vocab_size,
+                                            iters=cfg.latency_iters, fixed=fixed)
         report = _report(cfg, prep, pruned_dir, export_dir, measured)
         return report, _manifest(cfg, prep, report)
 
@@ -218,4 +226,5 @@ def _manifest(cfg: BuildConfig, prep: Prepared, report: dict) -> dict:
         "versions": versions(), "command": cfg.command, "budgets": asdict(t.budgets),
         "model_file": layout.onnx_name(t.quantization.precision),
         "variants": {v: layout.onnx_name(v) for v in t.export.variants},
+        "top_k": export_info.get("top_k"),  # the routers' top-k as a run-time input (edgeprune.export.runtime_top_k)
     }

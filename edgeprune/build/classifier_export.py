@@ -91,7 +91,15 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
     for f in ("fp32.onnx", "opt.onnx"):
         (tmp / f).unlink()
     _runtime_formats(tmp, t, info)
-    info["input_names"] = [i.name for i in onnx.load(str(tmp / "model.onnx")).graph.input]
+    graph = onnx.load(str(tmp / "model.onnx")).graph
+    stored = {i.name for i in graph.initializer}
+    info["input_names"] = [i.name for i in graph.input if i.name not in stored]  # top_k: overridable, not required
+    if "top_k" in stored and any(i.name == "top_k" for i in graph.input):
+        from edgeprune.export.onnx_export import routing_of
+
+        z, k = routing_of(find_adapter(model.config.model_type), model)
+        info["top_k"] = {"input": "top_k", "default": k, "max": z}
+        log(f"export: the routers read their top-k from the input top_k (default {k}, 1..{z} at run time)")
     (tmp / "export.json").write_text(json.dumps(info, indent=1))
     np.save(tmp / "parity_logits.npy", onnx_logits(tmp / "model.onnx", sample, fixed_length=fixed_len))
 

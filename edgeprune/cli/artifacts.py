@@ -38,11 +38,16 @@ def check(directory, budget_file, **overrides) -> None:
 @click.argument("texts", nargs=-1, required=True)
 @click.option("--pair", "pairs", multiple=True, help="Second text of a pair task, once per text.")
 @click.option("--proba", is_flag=True, help="Print the probabilities of every label (JSON).")
-def predict(directory, texts, pairs, proba) -> None:
+@click.option("--top-k", type=int, help="Experts per token, for an artifact whose routers read it at run time "
+                                        "(its report lists accuracy and speed at each k); default: the model's own.")
+def predict(directory, texts, pairs, proba, top_k) -> None:
     """Classify TEXTS with a built artifact (ONNX Runtime only)."""
     from edgeprune.runtime import EdgeModel
 
-    model = EdgeModel(directory)
+    try:
+        model = EdgeModel(directory, top_k=top_k)
+    except ValueError as exc:
+        raise ConfigError(f"--top-k: {exc}") from None
     if pairs and len(pairs) != len(texts):
         raise click.UsageError(f"{len(texts)} texts but {len(pairs)} --pair values; give one --pair per text")
     if bool(pairs) != bool(model.manifest.get("pair")):

@@ -10,7 +10,8 @@ keep only the experts the example input reached; the dense dispatch has no such 
 task inputs at several shapes gates every export.
 
 Inputs are ``input_ids``, ``attention_mask`` and, for BERT, ``token_type_ids`` (int64), output ``logits``;
-batch and sequence axes are dynamic unless the target fixes them.
+batch and sequence axes are dynamic unless the target fixes them. A k > 1 dense-dispatch graph also reads its
+routers' top-k from ``top_k`` (int64 [1], stored as its default: :mod:`edgeprune.export.runtime_top_k`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 
 from edgeprune.errors import ExportError
 from edgeprune.export.ort_session import pad_to, session  # noqa: F401
+from edgeprune.export.runtime_top_k import INPUT, overridable, routed_top_k
 from edgeprune.targets import Target
 from edgeprune.tasks.encoding import Encoded, collate, model_inputs
 from edgeprune.training.loop import predict_logits
@@ -73,20 +75,26 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     if axes is not None:
         axes["logits"] = {0: "batch_size"}
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, *inputs):
-            return self.m(**dict(zip(names, inputs))).logits
-
     model.eval()
     # a model folded into its own class (every layer dense) still takes the family's other patches (DeepSeek-V2 rope)
     exporter = "torch.onnx+dense_dispatch" if adapter is not None and adapter.blocks(model) else "torch.onnx"
     patch = adapter.export_patch(model) if adapter is not None else contextlib.nullcontext()
     if adapter is not None and spec.moe_operator == "ort" and maps_onto_ort_moe(adapter, model):
         patch, exporter = ort_moe_patch(adapter, model), "torch.onnx+ort_moe"
+    routing = routing_of(adapter, model) if exporter == "torch.onnx+dense_dispatch" else None
+    if routing is not None:  # the routers' top-k as the graph input top_k (edgeprune.export.runtime_top_k)
+        feeds[INPUT], names = torch.tensor([routing[1]]), names + [INPUT]
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *inputs):
+            kw = dict(zip(names, inputs))
+            with routed_top_k(kw.pop(INPUT), *routing) if routing else contextlib.nullcontext():
+                return self.m(**kw).logits
+
     try:
         with patch, eager_attention(model), exportable(model), torch.no_grad():
             torch.onnx.export(Wrapper(model), tuple(feeds[n] for n in names), str(out_path), input_names=names,
@@ -95,12 +103,28 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     except Exception as exc:
         raise ExportError(f"torch.onnx export of the {model.config.model_type} model failed: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if routing is not None:
+        overridable(out_path, routing[1])
     return exporter
 
 
+def routing_of(adapter, model) -> tuple[int, int] | None:
+    """(Z, top-k) of a model whose MoE layers all keep Z > 1 experts with one top-k (None otherwise: one expert
+    per layer has no routing to change; layers that differ keep their graph's constants)."""
+    blocks = list(adapter.blocks(model).values())
+    if not adapter.runtime_top_k:
+        return None
+    pairs = {(adapter.num_experts(b), adapter.top_k(b)) for b in blocks}
+    if len(pairs) != 1:
+        return None
+    z, k = pairs.pop()
+    return (z, k) if z > 1 else None
+
+
 def onnx_logits(path: str | Path, enc: Encoded, batch_size: int = 32, fixed_length: int | None = None,
-                threads: int = 2) -> np.ndarray:
-    """Logits of the ONNX model on ``enc`` (padded per batch, or to ``fixed_length`` for fixed shapes)."""
+                threads: int = 2, extra: dict | None = None) -> np.ndarray:
+    """Logits of the ONNX model on ``enc`` (padded per batch, or to ``fixed_length`` for fixed shapes); ``extra``:
+    more feeds (``top_k``)."""
     sess = session(path, threads)
     names = {i.name for i in sess.get_inputs()}
     fixed_batch = sess.get_inputs()[0].shape[0] if isinstance(sess.get_inputs()[0].shape[0], int) else None
@@ -113,7 +137,7 @@ def onnx_logits(path: str | Path, enc: Encoded, batch_size: int = 32, fixed_leng
         feeds = {k: v.numpy() for k, v in batch.items() if k in names}
         if fixed_length is not None or fixed_batch:
             feeds = pad_to(feeds, fixed_batch or len(idx), fixed_length or feeds["input_ids"].shape[1], enc.pad_id)
-        logits = sess.run(["logits"], feeds)[0][: len(idx)].astype(np.float32)
+        logits = sess.run(["logits"], {**feeds, **(extra or {})})[0][: len(idx)].astype(np.float32)
         if out is None:
             out = np.zeros((len(enc), logits.shape[1]), dtype=np.float32)
         out[idx] = logits

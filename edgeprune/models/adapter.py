@@ -76,6 +76,7 @@ class MoEAdapter:
     # the experts' activation as ONNX Runtime's com.microsoft.MoE computes it (edgeprune.export.ort_moe), if it can
     ort_moe: Optional[dict] = None
     autocast_safe: bool = True  # the family's forward runs under bf16 autocast (recovery fine-tuning)
+    runtime_top_k: bool = True  # a k > 1 export may read its routers' top-k from a graph input (export.runtime_top_k)
     ort_model_type: Optional[str] = None  # the ORT transformer optimizer's model type, where one fits
     note: str = ""
     extra: dict = field(default_factory=dict)

@@ -25,9 +25,13 @@ class EdgeModel:
     """A built artifact directory (``onnx/model_quantized.onnx`` or ``model.ort``, ``tokenizer.json``,
     ``edgeprune.json``: :mod:`edgeprune.runtime.layout`)."""
 
-    def __init__(self, path: str | Path, threads: Optional[int] = None, prefer_ort: bool = True):
+    def __init__(self, path: str | Path, threads: Optional[int] = None, prefer_ort: bool = True,
+                 top_k: Optional[int] = None):
+        """``top_k``: experts per token for an artifact whose routers read it at run time (the manifest's
+        ``top_k``: default and maximum; fewer is faster, as llama.cpp's expert_used_count); None: the model's own."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        self.top_k = self._top_k(top_k)
         self.labels: list[str] = list(self.manifest["labels"])
         self.max_length: int = int(self.manifest["max_length"])
         self.fixed = self.manifest.get("fixed_shape")  # [batch, length] or None
@@ -63,6 +67,18 @@ class EdgeModel:
                                          direction="left" if self.label_words else "right")
         self.tokenizer.no_padding()
 
+    def _top_k(self, top_k: Optional[int]) -> Optional[np.ndarray]:
+        spec = self.manifest.get("top_k")
+        if top_k is None:
+            return None
+        if not spec:
+            raise ValueError(f"top_k={top_k}: this artifact's routing has a fixed top-k (one expert per layer, "
+                             "ONNX Runtime's MoE operator, or a family whose graph fixes it); build a k > 1 artifact")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= spec["max"]:
+            raise ValueError(f"top_k={top_k!r}: this artifact keeps {spec['max']} experts per layer; give 1.."
+                             f"{spec['max']} (its own is {spec['default']})")
+        return np.array([top_k], dtype=np.int64)
+
     def _feeds(self, texts: Sequence[str], pairs: Optional[Sequence[str]]) -> dict[str, np.ndarray]:
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
@@ -83,7 +99,8 @@ class EdgeModel:
             feeds["input_ids"][row, :n] = e.ids
             feeds["attention_mask"][row, :n] = e.attention_mask
             feeds["token_type_ids"][row, :n] = e.type_ids
-        return {k: v for k, v in feeds.items() if k in self.input_names}
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        return feeds if self.top_k is None else {**feeds, "top_k": self.top_k}
 
     def logits(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None, batch_size: int = 32) -> np.ndarray:
         if isinstance(texts, str):
@@ -100,8 +117,8 @@ class EdgeModel:
             feeds = self._feeds(chunk, pchunk)
             n = len(chunk)
             if self.fixed and n < self.fixed[0]:
-                feeds = {k: np.concatenate([v, np.full((self.fixed[0] - n, v.shape[1]), self.pad_id if k == "input_ids"
-                                                       else 0, v.dtype)]) for k, v in feeds.items()}
+                feeds = {k: v if k == "top_k" else np.concatenate([v, np.full((self.fixed[0] - n, v.shape[1]),
+                         self.pad_id if k == "input_ids" else 0, v.dtype)]) for k, v in feeds.items()}
             out.append(self.session.run(["logits"], feeds)[0][:n].astype(np.float32))
         return np.concatenate(out)
 

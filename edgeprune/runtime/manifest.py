@@ -127,6 +127,11 @@ def read_manifest(directory: str | Path) -> dict:
     names = m.get("input_names")
     if names is not None and (not isinstance(names, list) or not names or not set(names) <= set(INPUTS)):
         raise _bad(path, "input_names", f"must be a non-empty list among {', '.join(INPUTS)}")
+    top_k = m.get("top_k")
+    if top_k is not None and not (isinstance(top_k, dict) and all(
+            isinstance(top_k.get(f), int) and not isinstance(top_k.get(f), bool) for f in ("default", "max"))
+            and 1 <= top_k["default"] <= top_k["max"]):
+        raise _bad(path, "top_k", "must be null or {\"input\": \"top_k\", \"default\": k, \"max\": Z} with 1 <= k <= Z")
     budgets = m.get("budgets")
     if budgets is not None:
         from edgeprune.targets import Budgets

@@ -36,10 +36,11 @@ def torch_runner(model: torch.nn.Module, batch: int, length: int) -> Callable[[]
     return run
 
 
-def onnx_runner(path: Path, batch: int, length: int, threads: int, vocab_size: int = 30522) -> Callable[[], object]:
-    """One ONNX Runtime run of ``path`` (a fresh session with ``threads`` intra-op threads)."""
+def onnx_runner(path: Path, batch: int, length: int, threads: int, vocab_size: int = 30522,
+                extra: Optional[dict] = None) -> Callable[[], object]:
+    """One ONNX Runtime run of ``path`` (a fresh session with ``threads`` intra-op threads; ``extra``: more feeds)."""
     sess = session(path, threads)
-    feeds = numpy_inputs([i.name for i in sess.get_inputs()], batch, length, vocab_size)
+    feeds = {**numpy_inputs([i.name for i in sess.get_inputs()], batch, length, vocab_size), **(extra or {})}
     return lambda: sess.run(None, feeds)
 
 
@@ -158,3 +159,26 @@ def quality(original_logits: np.ndarray, artifact: Path, enc: Encoded, fixed_len
 
 def original_logits(model: torch.nn.Module, enc: Encoded) -> np.ndarray:
     return predict_logits(model, enc, progress=True, desc="original on validation")
+
+
+def top_k_sweep(original_logits: np.ndarray, artifact: Path, enc: Encoded, spec: dict, threads: int, batch: int,
+                length: int, vocab_size: int, iters: int = 50, fixed: Optional[tuple[int, int]] = None) -> dict:
+    """Accuracy, agreement with the original and latency of an artifact whose routers read ``top_k`` at run time,
+    at every k from 1 to the kept experts (``spec``: the export's ``top_k``), latency in alternating rounds with
+    ratios to the artifact at its own k."""
+    ks = range(1, spec["max"] + 1)
+    feeds = {k: {"top_k": np.array([k], dtype=np.int64)} for k in ks}
+    e = truncate(enc, fixed[1]) if fixed else enc
+    rows = {}
+    for k in ks:
+        got = onnx_logits(artifact, e, fixed_length=fixed[1] if fixed else None, extra=feeds[k])
+        rows[k] = {"top_k": k, "accuracy": round(accuracy(got, enc.labels), 4),
+                   "agreement": round(float((original_logits.argmax(-1) == got.argmax(-1)).mean()), 4)}
+    b, s = fixed if fixed else (batch, length)
+    times = interleaved({k: onnx_runner(artifact, b, s, threads, vocab_size, feeds[k]) for k in ks}, threads,
+                        warmup=3, iters=iters)
+    base = float(np.median(times[spec["default"]]))
+    for k in ks:
+        rows[k].update(p50_ms=round(float(np.median(times[k])), 3),
+                       speedup_vs_default=round(base / float(np.median(times[k])), 3))
+    return {"default": spec["default"], "batch": b, "sequence_length": s, "threads": threads, "rows": list(rows.values())}

@@ -55,8 +55,18 @@ def report_markdown(r: dict) -> str:
         lines.append(_row("peak RSS of an app process running the artifact (MB)", "", mem["peak_rss_mb"],
                           f"{mem['session_mb']} MB above a bare onnxruntime import"))
     lines += ["", f"Latency and memory: {sp['note']}.",
-              f"Accuracy is on the task's {r['data']['validation_split']} split ({r['data']['note']}).", "",
-              "## Export", "",
+              f"Accuracy is on the task's {r['data']['validation_split']} split ({r['data']['note']}).", ""]
+    if r.get("top_k"):
+        tk = r["top_k"]
+        lines += ["## Top-k at run time", "",
+                  f"The routers read their top-k from the input `top_k` (default {tk['default']}): "
+                  f"`EdgeModel(DIR, top_k=k)`, `edgeprune predict DIR --top-k k`. Latency at batch {tk['batch']}, "
+                  f"{tk['sequence_length']} tokens, {tk['threads']} thread(s), alternating rounds.", "",
+                  "| top-k | accuracy | agreement with the original | p50 ms | speed vs default |", "|---|---|---|---|---|"]
+        lines += [f"| {row['top_k']}{' (default)' if row['top_k'] == tk['default'] else ''} | {row['accuracy']} | "
+                  f"{row['agreement']} | {row['p50_ms']} | {row['speedup_vs_default']}x |" for row in tk["rows"]]
+        lines.append("")
+    lines += ["## Export", "",
               f"- exporter: {r['export']['exporter']}; parity with PyTorch (fp32 ONNX, "
               f"{r['export']['parity_fp32']['examples']} examples): max logit difference "
               f"{r['export']['parity_fp32']['max_abs_logit_diff']:.2e}, agreement {r['export']['parity_fp32']['agreement']}",

@@ -159,5 +159,6 @@ def moa_reduce(moa, a, topo):
 ADAPTER = JetMoeAdapter(model_type="jetmoe", block_class=JetMoeMoE, router_attr="router.layer", expert_roles=ROLES,
                         num_experts_key="num_local_experts", top_k_key="num_experts_per_tok",
                         fold_exact="no sibling: keeps its class with one expert per layer (MLP and MoA)",
+                        runtime_top_k=False,  # its attention's head count is top-k x kv heads: fixed in the graph
                         note="MoE MLP plus a mixture of attention heads pruned to the same k "
                              "(models/families/jetmoe.py)")
