@@ -79,7 +79,7 @@ def main() -> None:
     work = ROOT / args.work
     work.mkdir(parents=True, exist_ok=True)
     target = load_target(args.target)
-    target = replace(target, generate=replace(target.generate, variants=["fp32", "int8"]))
+    target = replace(target, generate=replace(target.generate, variants=["fp32", "int8", "int4"]))
     prune = PruneConfig(method="reap", experts=1, generate=True, recovery_steps=args.recovery_steps,
                         calibration_examples=args.calibration_examples, distill_alpha=0.5)
     cfg = BuildConfig(task=task, target=target, out=work / "artifact", data=data, model_dir=str(original_dir),
