@@ -226,5 +226,7 @@ def _manifest(cfg: BuildConfig, prep: Prepared, report: dict) -> dict:
         "versions": versions(), "command": cfg.command, "budgets": asdict(t.budgets),
         "model_file": layout.onnx_name(t.quantization.precision),
         "variants": {v: layout.onnx_name(v) for v in t.export.variants},
-        "top_k": export_info.get("top_k"),  # the routers' top-k as a run-time input (edgeprune.export.runtime_top_k)
+        # the routers' top-k as a run-time input (edgeprune.export.runtime_top_k)
+        "top_k": {k: v for k, v in export_info["top_k"].items() if k != "parity_by_k"} if export_info.get("top_k")
+        else None,
     }

@@ -81,6 +81,7 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
         fix_shapes(tmp / "fp32.onnx", *fixed)
     info["parity_fp32"] = parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed_len)
     log(f"export: parity with PyTorch ok (max logit diff {info['parity_fp32']['max_abs_logit_diff']:.2e})")
+    _runtime_top_k(tmp / "fp32.onnx", model, sample, fixed_len, info)
     info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, *attention_shape(model.config),
                                ort_model_type(model, find_adapter(model.config.model_type)))
     log(f"quantize: {t.quantization.precision}")
@@ -94,14 +95,35 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
     graph = onnx.load(str(tmp / "model.onnx")).graph
     stored = {i.name for i in graph.initializer}
     info["input_names"] = [i.name for i in graph.input if i.name not in stored]  # top_k: overridable, not required
-    if "top_k" in stored and any(i.name == "top_k" for i in graph.input):
-        from edgeprune.export.onnx_export import routing_of
+    if "top_k" in info and not ("top_k" in stored and any(i.name == "top_k" for i in graph.input)):
+        from edgeprune.errors import ExportError
 
-        z, k = routing_of(find_adapter(model.config.model_type), model)
-        info["top_k"] = {"input": "top_k", "default": k, "max": z}
-        log(f"export: the routers read their top-k from the input top_k (default {k}, 1..{z} at run time)")
+        raise ExportError("the graph's top_k input was lost in fusion or quantization; report it with the command")
     (tmp / "export.json").write_text(json.dumps(info, indent=1))
     np.save(tmp / "parity_logits.npy", onnx_logits(tmp / "model.onnx", sample, fixed_length=fixed_len))
+
+
+def _runtime_top_k(path: Path, model, sample, fixed_len: Optional[int], info: dict) -> None:
+    """Keep the routers' run-time top-k (edgeprune.export.runtime_top_k) where the graph routes to every k as PyTorch
+    does on the parity sample; otherwise fix it at the model's own, saying why."""
+    import onnx
+
+    from edgeprune.export import runtime_top_k
+    from edgeprune.export.onnx_export import routing_of
+    from edgeprune.models.registry import find_adapter
+
+    if not any(i.name == runtime_top_k.INPUT for i in onnx.load(str(path), load_external_data=False).graph.input):
+        return
+    z, k = routing_of(find_adapter(model.config.model_type), model)
+    diffs, why = runtime_top_k.check(path, model, sample, z, k, fixed_length=fixed_len)
+    if why:
+        runtime_top_k.fix(path)
+        info["top_k_fixed"] = why
+        log(f"export: top-k stays {k} in the graph: {why}")
+        return
+    info["top_k"] = {"input": "top_k", "default": k, "max": z, "parity_by_k": diffs}
+    log(f"export: the routers read their top-k from the input top_k (default {k}; 1..{z} checked against PyTorch, "
+        f"max logit diff {max(diffs.values()):.2e})")
 
 
 def _runtime_formats(tmp: Path, t: Target, info: dict) -> None:

@@ -16,7 +16,8 @@ def prune_key(cfg: BuildConfig, original_dir: Path) -> dict:
     the path only when it is layer-wise (its recovery has no teacher)."""
     from edgeprune.pruning.pipeline import memory_path
 
-    key = {k: v for k, v in cfg.prune.to_dict().items() if k not in ("layerwise", "max_memory_gb", "offload_dir")}
+    key = {k: v for k, v in cfg.prune.to_dict().items()
+           if k not in ("layerwise", "max_memory_gb", "offload_dir", "device")}  # where, not what, is computed
     if memory_path(original_dir, cfg.task, cfg.prune)[0]:
         key["layerwise"] = True
     return key

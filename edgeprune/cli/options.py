@@ -114,7 +114,8 @@ def prune_options(structure: bool = False, recovery_default: int = 200, recovery
                 coverage=coverage, calibration_examples=kw.pop("calibration_examples"), seed=seed,
                 prompt=kw.pop("prompt"), verbalisers=tuple(w.strip() for w in verbalisers.split(",")) if verbalisers
                 else None, dtype=kw.pop("dtype"), layerwise=kw.pop("layerwise"), max_memory_gb=kw.pop("max_memory"),
-                offload_dir=kw.pop("offload_dir"), generate=kw.pop("generate"), label_map=label_map)
+                offload_dir=kw.pop("offload_dir"), generate=kw.pop("generate"), label_map=label_map,
+                device=kw.pop("device"))
             for name, value in knobs.items():
                 setattr(cfg, "distill_alpha" if name == "distill" else name, value)
             return fn(prune_cfg=cfg, given=given_options(), **kw)
@@ -164,6 +165,9 @@ def _common_prune_options(fn):
         click.option("--label-map", "label_map", metavar="NAME=LABEL,...",
                      help="The checkpoint's label names (config.json id2label) as the task's labels, e.g. "
                           "pos=positive,neg=negative (default: matched by name; LABEL_0, LABEL_1, ... in order)."),
+        click.option("--device", default="auto", show_default=True, metavar="cpu|cuda|mps|auto",
+                     help="Where calibration and recovery compute (accelerate's convention: auto takes a GPU where "
+                          "PyTorch sees one); export and validation run in ONNX Runtime on the CPU."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
                      help="Load the checkpoint in this dtype (default: the checkpoint's own)."),
         click.option("--layerwise/--in-memory", "layerwise", default=None,

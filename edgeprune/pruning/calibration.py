@@ -72,7 +72,7 @@ def calibration_batches(enc: Encoded, max_examples: int, batch_size: int, desc: 
 def real_tokens(mask: torch.Tensor, rows: int) -> torch.Tensor:
     """The non-padding rows (bool) of a layer's flattened input: the batch's attention mask, or every row where the
     layer sees other positions than the input tokens (an encoder-decoder's decoder: the label-word step)."""
-    return mask if rows == mask.numel() else torch.ones(rows, dtype=torch.bool)
+    return mask if rows == mask.numel() else torch.ones(rows, dtype=torch.bool, device=mask.device)
 
 
 @dataclass
@@ -102,6 +102,7 @@ def batch_stats(adapter, block: torch.nn.Module, x: torch.Tensor, layer: int, ba
         tok, slot = (idx == e).nonzero(as_tuple=True)
         norm[tok, slot] = adapter.expert_forward(block, e, x[tok]).float().norm(dim=-1)
     z = adapter.num_experts(block)
+    logits, idx, gate, norm = logits.cpu(), idx.cpu(), gate.cpu(), norm.cpu()
     flat_idx = idx.reshape(-1).numpy()
     reap_gate = gate / gate.sum(dim=-1, keepdim=True) if gate.shape[-1] > 1 else gate
     take = np.random.default_rng([layer, batch_index]).choice(logits.shape[0], size=min(logit_rows, logits.shape[0]),
@@ -153,7 +154,7 @@ def capture_output(seen: dict, key):
 
 def routing_mass(route, logits: torch.Tensor) -> np.ndarray:
     """sum_t w_e(x_t) per expert over the tokens' router ``logits`` (T, Z), ``route`` giving (top-k index, weight)."""
-    idx, weight = route(logits.float())
+    idx, weight = (t.cpu() for t in route(logits.float()))
     return np.bincount(idx.reshape(-1).numpy(), weights=weight.reshape(-1).double().numpy(),
                        minlength=logits.shape[-1])
 
@@ -169,11 +170,16 @@ def logit_rows_per_batch(max_logit_rows: int, batch_size: int, n: int) -> int:
 
 @torch.no_grad()
 def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 2048, batch_size: int = 64,
-                    max_logit_rows: int = 20000, progress: bool = True, adapter=None) -> dict[int, LayerStats]:
+                    max_logit_rows: int = 20000, progress: bool = True, adapter=None,
+                    device: str = "cpu") -> dict[int, LayerStats]:
     """Run ``model`` over up to ``max_examples`` encoded examples and return :class:`LayerStats` per layer.
+
+    ``device`` (:mod:`edgeprune.device`): the model and its batches go there for the pass and the model comes back;
+    the statistics are the CPU's numpy arrays wherever the pass ran.
 
     Under ``torchrun`` each process takes every world-size-th batch and the contributions are gathered and added
     in batch order (:mod:`edgeprune.scale.distributed`): the same statistics as one process."""
+    from edgeprune.device import give_back, resolve, to
     from edgeprune.scale import distributed
 
     adapter = adapter or adapter_for(model.config)
@@ -189,11 +195,13 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
                 for i, cs in companions.items() for name, (router, _) in cs.items()]
     model.eval()
     parts: dict[tuple[int, int], BatchStats] = {}
+    dev, home = resolve(device), next(model.parameters()).device
+    model.to(dev)
     try:
         for b, batch in distributed.my_batches(calibration_batches(enc, max_examples, batch_size, "calibrate",
                                                                    progress)):
-            model(**model_inputs(model, batch))
-            mask = batch["attention_mask"].reshape(-1).bool()
+            model(**model_inputs(model, to(batch, dev)))
+            mask = batch["attention_mask"].reshape(-1).bool().to(dev)
             for i, block in blocks.items():
                 parts[(i, b)] = batch_stats(adapter, block, routed_tokens(seen.pop(i), mask), i, b, rows)
                 parts[(i, b)].companions = {name: routing_mass(route, routed_tokens(logits_seen.pop((i, name)), mask))
@@ -201,4 +209,5 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
     finally:
         for h in handles:
             h.remove()
+        give_back([model], [home], dev)
     return add_in_order(empty_stats(adapter, blocks), distributed.gather_parts(parts))

@@ -70,11 +70,29 @@ def done(model: torch.nn.Module) -> None:
 
 def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], enc: LMEncoded, steps: int,
             alpha: float = 1.0, temperature: float = 1.0, learning_rate: float = 5e-5, batch_size: int = 8,
-            seed: int = 0, progress: bool = True) -> dict:
+            seed: int = 0, progress: bool = True, device: str = "cpu") -> dict:
     """Train ``student`` for ``steps`` steps (see the module docstring); without a teacher, CE alone. Returns
-    the record: steps, losses at the start and the end, seconds."""
+    the record: steps, losses at the start and the end, seconds. ``device`` (:mod:`edgeprune.device`): student and
+    teacher compute there for the run and come back."""
     if steps <= 0:
         return {"steps": 0, "seconds": 0.0}
+    from edgeprune.device import give_back, resolve
+
+    dev = resolve(device)
+    nets = [m for m in (student, teacher) if m is not None]
+    homes = [next(m.parameters()).device for m in nets]
+    for m in nets:
+        m.to(dev)
+    try:
+        return _distill(student, teacher, enc, steps, alpha, temperature, learning_rate, batch_size, seed, progress,
+                        dev)
+    finally:
+        give_back(nets, homes, dev)
+
+
+def _distill(student, teacher, enc, steps, alpha, temperature, learning_rate, batch_size, seed, progress, dev) -> dict:
+    from edgeprune.device import to
+
     alpha = alpha if teacher is not None else 0.0
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -90,11 +108,11 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], enc: L
     bar = tqdm(range(start, steps), desc="distil", disable=not progress, unit="step", initial=start, total=steps)
     for step in bar:
         idx = rng.choice(batches)
-        feeds = batch(enc, idx)
-        mask = completion_mask(enc, idx, feeds["input_ids"].shape[1])
+        feeds = to(batch(enc, idx), dev)
+        mask = completion_mask(enc, idx, feeds["input_ids"].shape[1]).to(dev)
         logits = student(**feeds).logits[:, :-1][mask].float()
         target = feeds["input_ids"][:, 1:][mask]
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=dev)
         if alpha < 1:
             loss = loss + (1 - alpha) * F.cross_entropy(logits, target)
         if teacher is not None:

@@ -78,7 +78,7 @@ def score(original_dir: str | Path, task, data: DataSpec, cfg: PruneConfig, mode
                                                  offload_dir=cfg.offload_dir, model=model)
     else:
         stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress,
-                                adapter=adapter)
+                                adapter=adapter, device=cfg.device)
     if release:  # every process has the same statistics; only rank 0 goes on (prune keeps them for recovery)
         distributed.release_workers()
     return _plan(original_dir, task, cfg, model, adapter, mcfg, stats)
@@ -106,7 +106,7 @@ def _score_language_model(original_dir, task, data, cfg, model, progress, releas
     check_model(model, adapter, task, cfg, labels=False)
     enc = lm_examples(original_dir, task, data, cfg, "train", cfg.calibration_examples)
     stats = collect_routing(model, enc.as_encoded(), max_examples=cfg.calibration_examples, progress=progress,
-                            adapter=adapter)
+                            adapter=adapter, device=cfg.device)
     if release:
         distributed.release_workers()
     return _plan(original_dir, task, cfg, model, adapter, cfg.method_config(), stats)
@@ -242,7 +242,7 @@ def _prune_language_model(original_dir, task, data, cfg: PruneConfig, plan, prog
     info["score_and_apply_seconds"] = round(time.perf_counter() - t0, 1)
     train = lm_examples(original_dir, task, data, cfg, "train") if cfg.recovery_steps else None
     info["recovery"] = distill(pruned, lm, train, cfg.recovery_steps, alpha=cfg.distill_alpha, seed=cfg.seed,
-                               progress=progress) if train is not None else {"steps": 0, "seconds": 0.0}
+                               progress=progress, device=cfg.device) if train is not None else {"steps": 0, "seconds": 0.0}
     distributed.release_workers()
     info["generate"] = {"class": type(pruned).__name__, "recovery": "KL distillation on completion tokens"
                         if cfg.recovery_steps else "none (--recovery-steps 0)"}
@@ -263,7 +263,7 @@ def _after_plan(pruned, original, adapter, plan, task, data, cfg: PruneConfig, t
         info["router"] = done
     info["recovery"] = recover(pruned, train_enc, cfg.recovery_steps, teacher=original,
                                distill_alpha=cfg.distill_alpha, max_length=task.max_length, progress=progress,
-                               seed=cfg.seed, fsdp=cfg.fsdp)
+                               seed=cfg.seed, fsdp=cfg.fsdp, device=cfg.device)
     distributed.release_workers()  # under torchrun, recovery was data-parallel; the rest is rank 0's
     if cfg.vocab_reserve is not None:  # the training split's tokens keep their segmentation: after recovery
         from edgeprune.pruning.vocab import prune_vocabulary

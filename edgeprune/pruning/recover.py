@@ -30,12 +30,13 @@ def train_router(model: torch.nn.Module, enc: Encoded, steps: int, teacher: Opti
 
 def recover(model: torch.nn.Module, enc: Encoded, steps: int, teacher: Optional[torch.nn.Module] = None,
             distill_alpha: float = 0.5, learning_rate: float = 5e-5, max_length: int = 128,
-            progress: bool = True, seed: int = 0, on_step=None, desc: str = "recover", fsdp: bool = False) -> dict:
+            progress: bool = True, seed: int = 0, on_step=None, desc: str = "recover", fsdp: bool = False,
+            device: str = "cpu") -> dict:
     """Fine-tune the pruned model for ``steps`` steps; with a teacher, distil from its logits (weight
     ``distill_alpha``, temperature 2); under torchrun data-parallel (DDP), or sharded with ``fsdp``
     (:mod:`edgeprune.scale.fsdp`)."""
     if steps <= 0:
         return {"steps": 0, "seconds": 0.0}
     cfg = TrainConfig(max_steps=steps, learning_rate=learning_rate, seed=seed, max_length=max_length,
-                      distill_alpha=distill_alpha if teacher is not None else 0.0, fsdp=fsdp)
+                      distill_alpha=distill_alpha if teacher is not None else 0.0, fsdp=fsdp, device=device)
     return train(model, enc, cfg, teacher=teacher, on_step=on_step, desc=desc, progress=progress)

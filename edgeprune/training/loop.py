@@ -66,6 +66,7 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard the training over the processes (FSDP2) instead of DDP
     seed: int = 0
     max_length: int = 128
+    device: str = "cpu"  # edgeprune.device: the model and its batches go there for the run, and back
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,7 +123,7 @@ class TeacherCache:
 
     def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        key = bytes(str(tuple(ids.shape)), "ascii") + ids.numpy().tobytes() + mask.numpy().tobytes()
+        key = bytes(str(tuple(ids.shape)), "ascii") + ids.cpu().numpy().tobytes() + mask.cpu().numpy().tobytes()
         if key not in self.memo:
             self.memo[key] = self.teacher(**batch).logits
         return SimpleNamespace(logits=self.memo[key])
@@ -138,10 +139,25 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
     :func:`edgeprune.training.resume.checkpoints_under` names) and a rerun resumes from it
     (:mod:`edgeprune.training.resume`).
     """
-    from edgeprune.scale import distributed
+    from edgeprune.device import give_back, resolve
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    device = resolve(cfg.device)
+    nets = [m for m in (model, getattr(teacher, "teacher", teacher)) if isinstance(m, torch.nn.Module)]
+    homes = [next(m.parameters()).device for m in nets]
+    for m in nets:  # the run borrows the device: model and teacher go back where they were
+        m.to(device)
+    try:
+        return _train(model, enc, cfg, teacher, on_step, desc, progress, checkpoint, checkpoint_every, rng, device)
+    finally:
+        give_back(nets, homes, device)
+
+
+def _train(model, enc, cfg, teacher, on_step, desc, progress, checkpoint, checkpoint_every, rng, device) -> dict:
+    from edgeprune.device import autocast_type, to
+    from edgeprune.scale import distributed
+
     model.train()
     world, rank = distributed.world_size(), distributed.rank()
     if world > 1 and on_step is not None:
@@ -165,8 +181,8 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
         if len(batches) < world:
             batches = bucketed_batches(enc, cfg.batch_size, rng)
         step_batches = [batches.pop() for _ in range(world)]  # the same sequence in every process
-        batch = collate(enc, step_batches[rank])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        batch = to(collate(enc, step_batches[rank]), device)
+        with torch.autocast(autocast_type(device), dtype=torch.bfloat16, enabled=bf16):
             loss = _loss(run.net, model, batch, teacher, cfg)
         run.step(loss)
         sched.step()
