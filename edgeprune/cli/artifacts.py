@@ -88,9 +88,9 @@ def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, stop, 
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
-@click.option("--lib", type=click.Path(file_okay=False, exists=True),
-              help="A local @huggingface/transformers dist/ folder, served at /lib/ (default: the page loads it "
-                   "from jsDelivr).")
+@click.option("--lib", type=click.Path(file_okay=False, exists=True), multiple=True,
+              help="Local folders served at /lib/ (repeatable): @huggingface/transformers' dist/ and onnxruntime-web's "
+                   "dist/ (its WASM files); default: the page loads both from jsDelivr.")
 def serve(directory, port, host, lib) -> None:
     """Serve an artifact's demo page (demo/index.html) to try it in a browser."""
     from edgeprune.runtime.serve import server

@@ -4,15 +4,15 @@ its ``AutoTokenizer`` with ``text_pair`` and ``AutoModelForSequenceClassificatio
 probabilities and the latency of a sentence typed into it. ``edgeprune serve DIR`` serves it on loopback.
 
 The library comes from ``../lib/transformers.min.js`` when the server provides one (``edgeprune serve --lib``:
-offline, and what the browser tests use), else from jsDelivr at the version the project tests
-(``TRANSFORMERS_JS``). The page also exposes ``window.edgeprune.classify(text, pair)`` for tests.
+offline, and what the browser tests use; ONNX Runtime Web's WASM files from the same folder), else from jsDelivr at
+the version the project tests (``TRANSFORMERS_JS``) with ONNX Runtime Web from where transformers.js 4 takes it. The page also exposes ``window.edgeprune.classify(text, pair)`` for tests.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-TRANSFORMERS_JS = "3.8.1"  # tests/js/package.json pins the same version
+TRANSFORMERS_JS = "4.3.2"  # tests/js/package.json pins the same version
 CDN = f"https://cdn.jsdelivr.net/npm/@huggingface/transformers@{TRANSFORMERS_JS}/dist/"
 
 PAGE = """<!doctype html>
@@ -39,7 +39,7 @@ const local = await fetch("../lib/transformers.min.js", {method: "HEAD"}).then(r
 const base = local ? new URL("../lib/", location.href).href : CDN;
 const T = await import(base + "transformers.min.js");
 T.env.allowRemoteModels = false; T.env.allowLocalModels = true; T.env.useBrowserCache = false;
-T.env.backends.onnx.wasm.wasmPaths = base;
+if (local) T.env.backends.onnx.wasm.wasmPaths = base;  // else transformers.js' own CDN of ONNX Runtime Web
 T.env.backends.onnx.wasm.numThreads = M.threads || 1;
 const $ = id => document.getElementById(id);
 $("pair").hidden = !M.pair;

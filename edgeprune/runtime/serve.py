@@ -2,8 +2,9 @@
 
 The folder is served as it is, with the headers that make the page cross-origin isolated
 (``Cross-Origin-Opener-Policy: same-origin``, ``Cross-Origin-Embedder-Policy: require-corp``), which ONNX Runtime
-Web needs for more than one WASM thread (SharedArrayBuffer). ``--lib DIR`` serves a local transformers.js
-``dist/`` folder at ``/lib/`` (the page then loads neither the library nor the WASM binaries from a CDN).
+Web needs for more than one WASM thread (SharedArrayBuffer). ``--lib DIR`` (repeatable) serves local folders at
+``/lib/``, the first that has the file answering: transformers.js 4's ``dist/`` and ONNX Runtime Web's ``dist/``
+(transformers.js 4 no longer ships the WASM binaries; the page then loads nothing from a CDN).
 """
 from __future__ import annotations
 
@@ -18,16 +19,19 @@ from edgeprune.runtime.manifest import read_manifest
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
-    lib: Optional[Path] = None
+    lib: tuple[Path, ...] = ()
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".mjs": "text/javascript",
                       ".js": "text/javascript", ".wasm": "application/wasm", ".onnx": "application/octet-stream",
                       ".json": "application/json"}
 
     def translate_path(self, path: str) -> str:
         clean = path.split("?", 1)[0].split("#", 1)[0]
-        if self.lib is not None and clean.startswith("/lib/"):
-            target = (self.lib / clean[len("/lib/"):]).resolve()
-            return str(target) if target.is_relative_to(self.lib.resolve()) else str(self.lib / "missing")
+        if self.lib and clean.startswith("/lib/"):
+            for folder in self.lib:
+                target = (folder / clean[len("/lib/"):]).resolve()
+                if target.is_relative_to(folder.resolve()) and target.is_file():
+                    return str(target)
+            return str(self.lib[0] / "missing")
         return super().translate_path(path)
 
     def end_headers(self) -> None:
@@ -53,24 +57,24 @@ def _check_artifact(directory: Path) -> None:
 
 
 def server(directory: str | Path, host: str = "127.0.0.1", port: int = 8000,
-           lib: Optional[str | Path] = None) -> http.server.ThreadingHTTPServer:
+           lib=None) -> http.server.ThreadingHTTPServer:
     """A server for the artifact in ``directory`` (not started; ``port=0`` picks a free port)."""
     directory = Path(directory)
     _check_artifact(directory)  # an artifact whose manifest fits its graph and tokenizer, or a one-line error
     if not (directory / "demo" / "index.html").is_file():
         raise ModelError(f"{directory}: no demo/index.html (built before the demo page existed); rebuild the artifact")
-    lib_dir = Path(lib) if lib else None
-    if lib_dir is not None and not (lib_dir / "transformers.min.js").is_file():
-        raise ConfigError(f"--lib {lib_dir}: no transformers.min.js there; give the dist/ folder of "
-                          "@huggingface/transformers")
-    handler = type("ArtifactHandler", (Handler,), {"lib": lib_dir})
+    libs = tuple(Path(p) for p in ([lib] if isinstance(lib, (str, Path)) else lib or ()))
+    if libs and not any((d / "transformers.min.js").is_file() for d in libs):
+        raise ConfigError(f"--lib {' '.join(map(str, libs))}: no transformers.min.js there; give the dist/ folder of "
+                          "@huggingface/transformers (and onnxruntime-web's dist/ for its WASM files)")
+    handler = type("ArtifactHandler", (Handler,), {"lib": libs})
     try:
         return http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(directory)))
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
 
 
-def serve_in_background(directory: str | Path, lib: Optional[str | Path] = None) -> tuple[str, callable]:
+def serve_in_background(directory: str | Path, lib=None) -> tuple[str, callable]:
     """Start a server on a free loopback port in a thread; returns the demo's URL and a stop function."""
     srv = server(directory, port=0, lib=lib)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
