@@ -60,7 +60,9 @@ def build(d: Path, k: int, words: list[str], out: Path) -> dict:
     r = json.loads((out / "report.json").read_text())
     e = r["export"]
     row.update(exporter=e["exporter"], parity=e["parity_fp32"]["max_abs_logit_diff"],
-               agreement=r["quality"]["agreement"], size_ratio=r["size"]["size_ratio"])
+               agreement=r["quality"]["agreement"], size_ratio=r["size"]["size_ratio"],
+               top_k=f"1..{e['top_k']['max']}" if e.get("top_k") else ("fixed: " + e["top_k_fixed"][:60]
+                                                                        if e.get("top_k_fixed") else "-"))
     return row
 
 
@@ -83,12 +85,13 @@ def main_(families: list[str], out: str, merge: bool = False) -> None:
     rows = sorted(kept + rows, key=lambda r: (r["family"], -r["k"]))
     md = ["# transformers 5 families (models/families/table.py) through the build, tiny random checkpoints", "",
           "Command: `python scripts/table_families.py` (rows of a family added later: `--families F --merge`)", "", __doc__.split("\n\n", 2)[2].strip(), "",
-          "| family | k | exit | export path | fp32 parity | artifact agreement | size ratio | build s | said |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| family | k | exit | export path | fp32 parity | artifact agreement | size ratio | run-time top-k | build s "
+          "| said |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         md.append(f"| {r['family']} | {r['k']} | {r['exit']} | {r.get('exporter', '-')} | {fmt(r.get('parity'), '.1e')} "
-                  f"| {fmt(r.get('agreement'), '.3f')} | {fmt(r.get('size_ratio'), '.2f')} | {r['seconds']} "
+                  f"| {fmt(r.get('agreement'), '.3f')} | {fmt(r.get('size_ratio'), '.2f')} | {r.get('top_k', '?')} "
+                  f"| {r['seconds']} "
                   f"| {r.get('said', '')} |")
     write_results(out, {"rows": rows}, md)
 
