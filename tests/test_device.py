@@ -1,5 +1,5 @@
-"""--device (edgeprune/device.py): calibration, recovery and distillation run where the user says, and give the model
-back where it was. This machine has only a CPU: the CPU runs are compared with the default numbers exactly, and
+"""--device (edgeprune/scale/device.py): calibration, recovery and distillation run where the user says, and give the
+model back where it was. This machine has only a CPU: the CPU runs are compared with the default numbers exactly, and
 placement on another device is shown on the meta device (no memory: the pass is stopped at its first forward)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgeprune.device import resolve
+from edgeprune.scale.device import resolve
 from edgeprune.errors import ConfigError
 from edgeprune.pruning.calibration import collect_routing
 from edgeprune.tasks.encoding import Encoded

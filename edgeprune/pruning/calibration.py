@@ -174,12 +174,12 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
                     device: str = "cpu") -> dict[int, LayerStats]:
     """Run ``model`` over up to ``max_examples`` encoded examples and return :class:`LayerStats` per layer.
 
-    ``device`` (:mod:`edgeprune.device`): the model and its batches go there for the pass and the model comes back;
-    the statistics are the CPU's numpy arrays wherever the pass ran.
+    ``device`` (:mod:`edgeprune.scale.device`): the model and its batches go there for the pass and the model comes
+    back; the statistics are the CPU's numpy arrays wherever the pass ran.
 
     Under ``torchrun`` each process takes every world-size-th batch and the contributions are gathered and added
     in batch order (:mod:`edgeprune.scale.distributed`): the same statistics as one process."""
-    from edgeprune.device import give_back, resolve, to
+    from edgeprune.scale.device import give_back, resolve, to
     from edgeprune.scale import distributed
 
     adapter = adapter or adapter_for(model.config)

@@ -39,7 +39,7 @@ class PruneConfig:
     offload_dir: Optional[str] = None  # layer-wise hidden states beyond the cap (None: a temporary directory)
     generate: bool = False  # keep a language model's LM head: the pruned (folded) model generates (issue 14)
     fsdp: bool = False  # under torchrun: the recovery sharded over the processes (FSDP2) instead of DDP
-    device: str = "auto"  # where calibration and recovery compute (edgeprune.device: cpu, cuda, mps, auto)
+    device: str = "auto"  # where calibration and recovery compute (edgeprune.scale.device: cpu, cuda, mps, auto)
 
     def load_options(self) -> dict:
         """How :func:`~edgeprune.models.loading.load_model` reads the original: dtype, and the label words of a
@@ -66,7 +66,7 @@ class PruneConfig:
         mcfg.check(self)
         self._validate_generate()
         self._validate_fsdp()
-        from edgeprune.device import resolve
+        from edgeprune.scale.device import resolve
 
         if resolve(self.device).type != "cpu" and self.layerwise:
             raise ConfigError(f"--device {self.device} with --layerwise: the layer-wise pass runs on the CPU so far; "

@@ -72,11 +72,11 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], enc: L
             alpha: float = 1.0, temperature: float = 1.0, learning_rate: float = 5e-5, batch_size: int = 8,
             seed: int = 0, progress: bool = True, device: str = "cpu") -> dict:
     """Train ``student`` for ``steps`` steps (see the module docstring); without a teacher, CE alone. Returns
-    the record: steps, losses at the start and the end, seconds. ``device`` (:mod:`edgeprune.device`): student and
+    the record: steps, losses at the start and the end, seconds. ``device`` (:mod:`edgeprune.scale.device`): student and
     teacher compute there for the run and come back."""
     if steps <= 0:
         return {"steps": 0, "seconds": 0.0}
-    from edgeprune.device import give_back, resolve
+    from edgeprune.scale.device import give_back, resolve
 
     dev = resolve(device)
     nets = [m for m in (student, teacher) if m is not None]
@@ -91,7 +91,7 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], enc: L
 
 
 def _distill(student, teacher, enc, steps, alpha, temperature, learning_rate, batch_size, seed, progress, dev) -> dict:
-    from edgeprune.device import to
+    from edgeprune.scale.device import to
 
     alpha = alpha if teacher is not None else 0.0
     torch.manual_seed(seed)

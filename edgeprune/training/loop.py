@@ -66,7 +66,7 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard the training over the processes (FSDP2) instead of DDP
     seed: int = 0
     max_length: int = 128
-    device: str = "cpu"  # edgeprune.device: the model and its batches go there for the run, and back
+    device: str = "cpu"  # edgeprune.scale.device: the model and its batches go there for the run, and back
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,7 +139,7 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
     :func:`edgeprune.training.resume.checkpoints_under` names) and a rerun resumes from it
     (:mod:`edgeprune.training.resume`).
     """
-    from edgeprune.device import give_back, resolve
+    from edgeprune.scale.device import give_back, resolve
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -155,7 +155,7 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
 
 
 def _train(model, enc, cfg, teacher, on_step, desc, progress, checkpoint, checkpoint_every, rng, device) -> dict:
-    from edgeprune.device import autocast_type, to
+    from edgeprune.scale.device import autocast_type, to
     from edgeprune.scale import distributed
 
     model.train()

@@ -181,4 +181,5 @@ def top_k_sweep(original_logits: np.ndarray, artifact: Path, enc: Encoded, spec:
     for k in ks:
         rows[k].update(p50_ms=round(float(np.median(times[k])), 3),
                        speedup_vs_default=round(base / float(np.median(times[k])), 3))
-    return {"default": spec["default"], "batch": b, "sequence_length": s, "threads": threads, "rows": list(rows.values())}
+    return {"default": spec["default"], "batch": b, "sequence_length": s, "threads": threads,
+            "rows": list(rows.values())}
