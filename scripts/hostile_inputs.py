@@ -774,7 +774,8 @@ def generation_cases() -> list[Case]:
         Case("generate: unknown --variant", lambda w: ["generate", str(w.decoder), "hi", "--variant", "int2"]),
         Case("generate: --top-p 0", lambda w: ["generate", str(w.decoder), "hi", "--top-p", "0"]),
         Case("generate: graph missing", lambda w: ["generate", str(w.p("dec")), "hi"],
-             setup=lambda w: (w.copy(w.decoder, "dec"), (w.p("dec") / "onnx" / "model_q4.onnx").unlink())),
+             setup=lambda w: (w.copy(w.decoder, "dec"), (w.p("dec") / json.loads(
+                 (w.p("dec") / "edgeprune.json").read_text())["model_file"]).unlink())),  # the graph it names
         Case("export-lm: a classifier checkpoint", lambda w: ["export-lm", str(w.bert), "--out", str(w.p("art"))],
              out=out),
         Case("export-lm: the tiny Mixtral MoE (not folded)", lambda w: ["export-lm", str(w.gen), "--out",
