@@ -129,19 +129,19 @@ class ClassifierBuild:
             f"{t.budgets.latency_seq_len} tokens, {t.runtime.threads} thread(s)")
         ref_logits = original_logits_cached(cfg, prep, x["val_enc"])
         artifact_model = export_dir / "model.onnx"
+        vocab = (x["prune_info"].get("vocab") or {}).get("kept")  # a pruned vocabulary: the artifact's own
         measured = {
             "quality": quality(ref_logits, artifact_model, x["art_val_enc"], fixed_length=fixed[1] if fixed else None),
             "speed": speed(prep.original, artifact_model, t.runtime.threads, t.budgets.latency_batch,
                            t.budgets.latency_seq_len, iters=cfg.latency_iters, throughput_iters=cfg.throughput_iters,
-                           fixed=fixed, artifact_vocab=(x["prune_info"].get("vocab") or {}).get("kept")),
+                           fixed=fixed, artifact_vocab=vocab),
             "memory": session_memory(artifact_model, t.runtime.threads)}
         spec = json.loads((export_dir / "export.json").read_text()).get("top_k")
         if spec:  # the routers read top_k at run time: accuracy and speed at each k
             log(f"validate: top-k at run time, k = 1..{spec['max']}")
             measured["top_k"] = top_k_sweep(ref_logits, artifact_model, x["art_val_enc"], spec, t.runtime.threads,
                                             t.budgets.latency_batch, t.budgets.latency_seq_len,
-                                            (x["prune_info"].get("vocab") or {}).get("kept")
-                                            or prep.original.config.get_text_config().vocab_size,
+                                            vocab or prep.original.config.get_text_config().vocab_size,
                                             iters=cfg.latency_iters, fixed=fixed)
         report = _report(cfg, prep, pruned_dir, export_dir, measured)
         return report, _manifest(cfg, prep, report)

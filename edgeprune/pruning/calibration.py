@@ -179,7 +179,7 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
 
     Under ``torchrun`` each process takes every world-size-th batch and the contributions are gathered and added
     in batch order (:mod:`edgeprune.scale.distributed`): the same statistics as one process."""
-    from edgeprune.scale.device import give_back, resolve, to
+    from edgeprune.scale.device import borrowed, to
     from edgeprune.scale import distributed
 
     adapter = adapter or adapter_for(model.config)
@@ -195,19 +195,18 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
                 for i, cs in companions.items() for name, (router, _) in cs.items()]
     model.eval()
     parts: dict[tuple[int, int], BatchStats] = {}
-    dev, home = resolve(device), next(model.parameters()).device
-    model.to(dev)
     try:
-        for b, batch in distributed.my_batches(calibration_batches(enc, max_examples, batch_size, "calibrate",
-                                                                   progress)):
-            model(**model_inputs(model, to(batch, dev)))
-            mask = batch["attention_mask"].reshape(-1).bool().to(dev)
-            for i, block in blocks.items():
-                parts[(i, b)] = batch_stats(adapter, block, routed_tokens(seen.pop(i), mask), i, b, rows)
-                parts[(i, b)].companions = {name: routing_mass(route, routed_tokens(logits_seen.pop((i, name)), mask))
-                                            for name, (_, route) in companions[i].items()}
+        with borrowed(device, model) as dev:
+            for b, batch in distributed.my_batches(calibration_batches(enc, max_examples, batch_size, "calibrate",
+                                                                       progress)):
+                model(**model_inputs(model, to(batch, dev)))
+                mask = batch["attention_mask"].reshape(-1).bool().to(dev)
+                for i, block in blocks.items():
+                    parts[(i, b)] = batch_stats(adapter, block, routed_tokens(seen.pop(i), mask), i, b, rows)
+                    parts[(i, b)].companions = {
+                        name: routing_mass(route, routed_tokens(logits_seen.pop((i, name)), mask))
+                        for name, (_, route) in companions[i].items()}
     finally:
         for h in handles:
             h.remove()
-        give_back([model], [home], dev)
     return add_in_order(empty_stats(adapter, blocks), distributed.gather_parts(parts))

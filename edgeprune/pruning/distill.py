@@ -76,18 +76,11 @@ def distill(student: torch.nn.Module, teacher: Optional[torch.nn.Module], enc: L
     teacher compute there for the run and come back."""
     if steps <= 0:
         return {"steps": 0, "seconds": 0.0}
-    from edgeprune.scale.device import give_back, resolve
+    from edgeprune.scale.device import borrowed
 
-    dev = resolve(device)
-    nets = [m for m in (student, teacher) if m is not None]
-    homes = [next(m.parameters()).device for m in nets]
-    for m in nets:
-        m.to(dev)
-    try:
+    with borrowed(device, student, teacher) as dev:
         return _distill(student, teacher, enc, steps, alpha, temperature, learning_rate, batch_size, seed, progress,
                         dev)
-    finally:
-        give_back(nets, homes, dev)
 
 
 def _distill(student, teacher, enc, steps, alpha, temperature, learning_rate, batch_size, seed, progress, dev) -> dict:

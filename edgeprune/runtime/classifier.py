@@ -99,8 +99,7 @@ class EdgeModel:
             feeds["input_ids"][row, :n] = e.ids
             feeds["attention_mask"][row, :n] = e.attention_mask
             feeds["token_type_ids"][row, :n] = e.type_ids
-        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
-        return feeds if self.top_k is None else {**feeds, "top_k": self.top_k}
+        return {k: v for k, v in feeds.items() if k in self.input_names}
 
     def logits(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None, batch_size: int = 32) -> np.ndarray:
         if isinstance(texts, str):
@@ -117,8 +116,10 @@ class EdgeModel:
             feeds = self._feeds(chunk, pchunk)
             n = len(chunk)
             if self.fixed and n < self.fixed[0]:
-                feeds = {k: v if k == "top_k" else np.concatenate([v, np.full((self.fixed[0] - n, v.shape[1]),
-                         self.pad_id if k == "input_ids" else 0, v.dtype)]) for k, v in feeds.items()}
+                feeds = {k: np.concatenate([v, np.full((self.fixed[0] - n, v.shape[1]), self.pad_id if k == "input_ids"
+                                                       else 0, v.dtype)]) for k, v in feeds.items()}
+            if self.top_k is not None:  # the routers' run-time top-k (not a batch input: no padding)
+                feeds["top_k"] = self.top_k
             out.append(self.session.run(["logits"], feeds)[0][:n].astype(np.float32))
         return np.concatenate(out)
 

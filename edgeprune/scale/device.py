@@ -7,7 +7,8 @@ are not measured here (README).
 """
 from __future__ import annotations
 
-from typing import Union
+import contextlib
+from typing import Iterator, Union
 
 import torch
 
@@ -42,12 +43,21 @@ def _mps() -> bool:
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
-def give_back(modules, homes, device: torch.device) -> None:
-    """Each module back on its own device after a pass on ``device`` (the meta device holds no data to bring back:
-    placement checks only)."""
-    if device.type != "meta":
-        for m, home in zip(modules, homes):
-            m.to(home)
+@contextlib.contextmanager
+def borrowed(device, *modules) -> Iterator[torch.device]:
+    """The modules (None and non-modules skipped) on ``device`` for the pass, each back on its own device after it
+    (the meta device holds no data to bring back: placement checks only); yields the resolved device."""
+    dev = resolve(device)
+    nets = [m for m in modules if isinstance(m, torch.nn.Module)]
+    homes = [next(m.parameters()).device for m in nets]
+    for m in nets:
+        m.to(dev)
+    try:
+        yield dev
+    finally:
+        if dev.type != "meta":
+            for m, home in zip(nets, homes):
+                m.to(home)
 
 
 def to(batch: dict, device: torch.device) -> dict:

@@ -139,19 +139,12 @@ def train(model: torch.nn.Module, enc: Encoded, cfg: TrainConfig, teacher: Optio
     :func:`edgeprune.training.resume.checkpoints_under` names) and a rerun resumes from it
     (:mod:`edgeprune.training.resume`).
     """
-    from edgeprune.scale.device import give_back, resolve
+    from edgeprune.scale.device import borrowed
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    device = resolve(cfg.device)
-    nets = [m for m in (model, getattr(teacher, "teacher", teacher)) if isinstance(m, torch.nn.Module)]
-    homes = [next(m.parameters()).device for m in nets]
-    for m in nets:  # the run borrows the device: model and teacher go back where they were
-        m.to(device)
-    try:
+    with borrowed(cfg.device, model, getattr(teacher, "teacher", teacher)) as device:  # a TeacherCache's module
         return _train(model, enc, cfg, teacher, on_step, desc, progress, checkpoint, checkpoint_every, rng, device)
-    finally:
-        give_back(nets, homes, device)
 
 
 def _train(model, enc, cfg, teacher, on_step, desc, progress, checkpoint, checkpoint_every, rng, device) -> dict:

@@ -17,7 +17,7 @@ exactly 1 (softmax over one logit): attention with num_key_value_heads plain hea
 bias. transformers has no dense sibling: one expert keeps the class.
 
 Export: both routers call ``.tolist()`` and split by expert counts (no ONNX trace); the MLP runs the adapter's
-dense dispatch and the MoA's ``map`` / ``reduce`` run :func:`moa_map` / :func:`moa_reduce`, every expert's
+dense dispatch (its bias as the block's shared term) and the MoA's ``map`` / ``reduce`` run :func:`moa_map` / :func:`moa_reduce`, every expert's
 projection computed and combined with exact zeros off the top-k (equal to JetMoE's sums in fp32).
 """
 from __future__ import annotations
@@ -52,18 +52,11 @@ class JetMoeAdapter(MoEAdapter):
         gate, up = torch.nn.functional.linear(x, block.input_linear.weight[e]).chunk(2, dim=-1)
         return torch.nn.functional.linear(block.activation(gate) * up, block.output_linear.weight[e])
 
-    def block_output(self, out, logits):
-        raise NotImplementedError  # export_forward adds the block's bias itself
+    def shared_forward(self, block, x):
+        return block.bias  # the one output bias every token gets after the weighted sum
 
-    def export_forward(self, block, hidden):
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        z = self.num_experts(block)
-        if z == 1:
-            out = self.expert_forward(block, 0, flat)
-        else:
-            w = combination(*self.route(block, block.router.layer(flat)), z).to(flat.dtype)
-            out = sum(w[:, e: e + 1] * self.expert_forward(block, e, flat) for e in range(z))
-        return out.reshape(hidden.shape) + block.bias
+    def block_output(self, out, logits):
+        return out  # JetMoeMoE returns the hidden states alone
 
     # -- state ----------------------------------------------------------------------------------------------
     def expert_tensors(self, state, path, e):
@@ -117,11 +110,6 @@ class JetMoeAdapter(MoEAdapter):
             for m in moas:
                 m.__dict__.pop("map", None)
                 m.__dict__.pop("reduce", None)
-
-
-def combination(idx: torch.Tensor, weight: torch.Tensor, z: int) -> torch.Tensor:
-    """(T, Z) routing weights, zero off the top-k."""
-    return torch.zeros(idx.shape[0], z, dtype=weight.dtype).scatter(-1, idx, weight)
 
 
 def moa_map(moa, x):
