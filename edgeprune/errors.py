@@ -41,3 +41,9 @@ class BudgetError(EdgepruneError):
     """One or more budgets of the target were violated."""
 
     exit_code = 1
+
+
+class EmulationError(EdgepruneError):
+    """The machine cannot run the arm64 emulation (not root, no binfmt_misc, no qemu), or its set-up failed."""
+
+    exit_code = 6

@@ -3,10 +3,12 @@
 Schema (every key checked; an unknown key or a bad value is a one-line error naming it)::
 
     name, description, notes
-    [export]        opset, fixed_shapes, batch_size, sequence_length, moe_operator = "dense" | "ort",
+    [export]        opset, fixed_shapes, batch_size, sequence_length, moe_operator = "dense" | "ort" | "qmoe"
+                    (k > 1: experts by dense dispatch, in com.microsoft.MoE with fp32 weights, or in QMoE),
                     variants = ["fp16"] (extra ONNX files beside the artifact: fp16 for WebGPU)
     [quantization]  precision = "int8-dynamic" | "int8-static" | "fp16" | "fp32", per_channel, reduce_range,
-                    quantize_embeddings, embedding_bits = 8 | 4, calibration_examples
+                    quantize_embeddings, embedding_bits = 8 | 4, calibration_examples, moe_bits = 8 | 4 (the
+                    expert weights in QMoE where moe_operator = "qmoe")
     [optimization]  fuse (ORT transformer fusions: Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm),
                     skip_layer_norm (false: keep residual Add + LayerNormalization unfused, also at session
                     load), gelu_approximation (BiasGelu -> FastGelu, the tanh form)
@@ -37,7 +39,7 @@ from typing import Optional
 from edgeprune.errors import ConfigError
 
 PRECISIONS = ("int8-dynamic", "int8-static", "fp16", "fp32")
-MOE_OPERATORS = ("dense", "ort")
+MOE_OPERATORS = ("dense", "ort", "qmoe")
 VARIANTS = ("fp16",)
 OPSETS = (14, 20)
 
@@ -48,7 +50,7 @@ class ExportSpec:
     fixed_shapes: bool = False
     batch_size: int = 1
     sequence_length: int = 64
-    moe_operator: str = "dense"  # k > 1: "ort" (com.microsoft.MoE where the family maps onto it) or "dense"
+    moe_operator: str = "dense"  # k > 1: "ort" / "qmoe" (com.microsoft.MoE / QMoE where the family maps onto it)
     variants: list = field(default_factory=list)  # extra precisions exported beside the artifact ("fp16")
 
 
@@ -60,6 +62,7 @@ class QuantSpec:
     quantize_embeddings: bool = True
     embedding_bits: int = 8  # 8: with the int8 dynamic quantizer; 4: GatherBlockQuantized (int8-dynamic only)
     calibration_examples: int = 256
+    moe_bits: int = 8  # expert weights inside QMoE (export.moe_operator = "qmoe"): 8 or 4
 
 
 @dataclass
@@ -221,6 +224,8 @@ def _check_quantization(obj, where: str, values: dict) -> None:
     if obj.embedding_bits == 4 and obj.precision != "int8-dynamic":
         raise ConfigError(f"{where}: [quantization].embedding_bits = 4 goes with precision int8-dynamic "
                           f"(not {obj.precision})")
+    if obj.moe_bits not in (4, 8):
+        raise ConfigError(f"{where}: [quantization].moe_bits {obj.moe_bits} is not 4 or 8")
     if "calibration_examples" in values:
         if obj.precision != "int8-static":
             raise ConfigError(f"{where}: [quantization].calibration_examples is used only by int8-static "

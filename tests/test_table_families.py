@@ -61,6 +61,12 @@ EXTRA: dict[str, dict] = {
     "inkling2_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=16,
                           rel_extent=32, layer_types=["hybrid_sliding", "hybrid"]),
     "muse_spark_text": dict(moe_hidden_size=32),
+    # DeepSeek-V4: a hash-routed layer then a top-k one, with both compressed attentions (windows of 4 and 8 tokens)
+    "deepseek_v4": dict(num_key_value_heads=1, head_dim=16, q_lora_rank=16, qk_rope_head_dim=8, o_groups=2,
+                        o_lora_rank=16, index_n_heads=2, index_head_dim=8, index_topk=4, sliding_window=8,
+                        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+                        layer_types=["compressed_sparse_attention", "heavily_compressed_attention"],
+                        mlp_layer_types=["hash_moe", "moe"], num_nextn_predict_layers=0),
     "inkling2_loop_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
                                sliding_window_size=16, rel_extent=32, layer_types=["hybrid_sliding", "hybrid"],
                                loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=8,
@@ -173,7 +179,7 @@ SLOW = {"lara_mini", "qwen3_5_moe_text", "bailing_hybrid", "kimi_linear"}
 
 
 # transformers 5 families with an adapter file of their own (not a table row), tested the same way
-FILES = ["dbrx", "jetmoe"]
+FILES = ["dbrx", "deepseek_v4", "jetmoe"]
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f
@@ -242,7 +248,7 @@ def test_every_moe_model_type_of_transformers_is_supported_or_refused_with_a_rea
     assert not set(ADAPTERS) & set(REFUSED) and not set(VIA_TEXT) & (set(REFUSED) | set(ADAPTERS))
     assert set(VIA_TEXT.values()) <= set(ADAPTERS)
     supported = [d for d, mts in dirs.items() if set(mts) & (set(ADAPTERS) | set(VIA_TEXT))]
-    assert len(supported) >= 61, f"{len(supported)} of {len(dirs)} MoE model directories supported"
+    assert len(supported) >= 62, f"{len(supported)} of {len(dirs)} MoE model directories supported"
     listed = CliRunner().invoke(main, ["families"]).output.splitlines()
     for mt, why in REFUSED.items():
         assert f"{mt:19s} not supported: {why}" in listed

@@ -10,6 +10,6 @@
 Importing it does not import torch, transformers or onnxruntime (tests/test_cli_imports.py holds it to that).
 """
 from edgeprune.cli.app import main
-from edgeprune.cli import artifacts, build, listing, originals, pruning  # noqa: F401  (register the commands)
+from edgeprune.cli import artifacts, build, emulate, listing, originals, pruning  # noqa: F401  (register the commands)
 
 __all__ = ["main"]

@@ -79,7 +79,7 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     # a model folded into its own class (every layer dense) still takes the family's other patches (DeepSeek-V2 rope)
     exporter = "torch.onnx+dense_dispatch" if adapter is not None and adapter.blocks(model) else "torch.onnx"
     patch = adapter.export_patch(model) if adapter is not None else contextlib.nullcontext()
-    if adapter is not None and spec.moe_operator == "ort" and maps_onto_ort_moe(adapter, model):
+    if adapter is not None and spec.moe_operator in ("ort", "qmoe") and maps_onto_ort_moe(adapter, model):
         patch, exporter = ort_moe_patch(adapter, model), "torch.onnx+ort_moe"
     routing = routing_of(adapter, model) if exporter == "torch.onnx+dense_dispatch" else None
     if routing is not None:  # the routers' top-k as the graph input top_k (edgeprune.export.runtime_top_k)

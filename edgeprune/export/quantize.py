@@ -100,12 +100,15 @@ def fp32_nodes(path: Path) -> list[str]:
     (experts stacked in one tensor, e.g. Inkling's shared experts: the int8 MatMul kernels take 2-D weights only, and
     ``MatMulIntegerToFloat`` refuses their per-channel parameters at run time), and Gathers from anything but a 2-D
     initializer (an embedding table): a per-expert scale indexed by the routed experts (Gemma 4) has no axis to
-    quantize along, and the quantizer fails on it."""
+    quantize along, and the quantizer fails on it; nor does a table of integers (DeepSeek-V4's token-to-expert
+    table)."""
     model = onnx.load(str(path), load_external_data=False)
     ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    floats = {t.name for t in model.graph.initializer
+              if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
     return [n.name for n in model.graph.node
             if (n.op_type == "MatMul" and any(ranks.get(i, 0) > 2 for i in n.input))
-            or (n.op_type == "Gather" and ranks.get(n.input[0]) != 2)]
+            or (n.op_type == "Gather" and (ranks.get(n.input[0]) != 2 or n.input[0] not in floats))]
 
 
 def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = None) -> dict:
@@ -114,7 +117,10 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
 
     q = target.quantization
     info: dict = {"precision": q.precision}
+    qmoe = dst.with_name(dst.stem + ".qmoe.onnx")
     try:
+        if target.export.moe_operator == "qmoe" and q.precision.startswith("int8"):
+            src = _experts_in_qmoe(src, qmoe, q.moe_bits, info)
         if q.precision == "fp32":
             onnx.save(onnx.load(str(src)), str(dst))
         elif q.precision == "fp16":
@@ -156,7 +162,25 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
         raise
     except Exception as exc:
         raise ExportError(f"{q.precision} quantization failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        qmoe.unlink(missing_ok=True)
     return info
+
+
+def _experts_in_qmoe(src: Path, dst: Path, bits: int, info: dict) -> Path:
+    """``src`` with its ``com.microsoft.MoE`` nodes turned into ``QMoE`` (:mod:`edgeprune.export.qmoe`) in ``dst``;
+    ``src`` itself when it has none (k = 1, or a family that does not map onto the operator)."""
+    from edgeprune.export.qmoe import to_qmoe
+
+    model = onnx.load(str(src))
+    done = to_qmoe(model, bits)
+    if not done["nodes"]:
+        return src
+    onnx.save(model, str(dst))
+    info["experts"] = (f"com.microsoft.QMoE, {bits}-bit block-wise (block {'/'.join(map(str, done['blocks']))}), "
+                       f"{done['nodes']} layers: expert weights {done['fp32_bytes'] / 2**20:.1f} -> "
+                       f"{done['quantized_bytes'] / 2**20:.1f} MB")
+    return dst
 
 
 def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], block: int = 32,

@@ -144,9 +144,15 @@ def export_branches(model: nn.Module):
     return [(m, "is_torchdynamo_exporting", lambda: True) for m in modules if hasattr(m, "is_torchdynamo_exporting")]
 
 
+# indexers that pick among compressed entries, not keys (DeepSeek-V4's CSA): their family exports at one fixed shape,
+# where the traced min(index_topk, entries) is the right constant, so they are left as they are
+NOT_DSA = ("DeepseekV4Indexer",)
+
+
 def dsa_indexers(model: nn.Module) -> list[nn.Module]:
-    """DeepSeek sparse attention indexers (modules with ``index_topk``) of the model."""
-    return [m for m in model.modules() if type(m).__name__.endswith("Indexer") and hasattr(m, "index_topk")]
+    """DeepSeek sparse attention indexers (modules with ``index_topk`` that pick keys) of the model."""
+    return [m for m in model.modules() if type(m).__name__.endswith("Indexer") and hasattr(m, "index_topk")
+            and type(m).__name__ not in NOT_DSA]
 
 
 def check_dsa_length(model: nn.Module, max_length: int) -> None:

@@ -26,7 +26,7 @@ import contextlib
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, ClassVar, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,9 @@ class MoEAdapter:
     ort_model_type: Optional[str] = None  # the ORT transformer optimizer's model type, where one fits
     note: str = ""
     extra: dict = field(default_factory=dict)
+    # keyword arguments of the block's call that its routing reads besides the hidden states (DeepSeek-V4's hash
+    # layers: input_ids); calibration records them per token and passes them to routing()
+    routing_kwargs: ClassVar[tuple[str, ...]] = ()
 
     # -- where the blocks are -------------------------------------------------------------------------------
     def block_paths(self, model: nn.Module) -> dict[int, str]:

@@ -20,7 +20,7 @@ adapter's :meth:`~edgeprune.models.adapter.MoEAdapter.expert_forward` on the rou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -91,12 +91,13 @@ class BatchStats:
 
 @torch.no_grad()
 def batch_stats(adapter, block: torch.nn.Module, x: torch.Tensor, layer: int, batch_index: int,
-                logit_rows: int) -> BatchStats:
-    """The routing statistics of ``block`` on the real tokens ``x`` (rows, hidden) of one batch.
+                logit_rows: int, extras: Optional[dict] = None) -> BatchStats:
+    """The routing statistics of ``block`` on the real tokens ``x`` (rows, hidden) of one batch; ``extras``: the
+    per-token values of the adapter's ``routing_kwargs`` (DeepSeek-V4's input ids).
 
     The sampled logit rows are drawn with a generator seeded by (layer, batch): the sample does not depend on
     the order in which layers and batches are visited."""
-    logits, idx, gate = adapter.routing(block, x)
+    logits, idx, gate = adapter.routing(block, x, **(extras or {}))
     norm = torch.zeros_like(gate)
     for e in idx.unique().tolist():
         tok, slot = (idx == e).nonzero(as_tuple=True)
@@ -135,14 +136,27 @@ def add_in_order(stats: dict[int, LayerStats], parts: dict[tuple[int, int], Batc
     return stats
 
 
-def capture_input(seen: dict, key):
+def capture_input(seen: dict, key, extras: tuple[str, ...] = ()):
     """A forward pre-hook that keeps a block's input, flattened to (tokens, hidden), in the list ``seen[key]``: one
     entry per call, so a layer that runs several times in one forward (Inkling 2 Loop's looped layers) counts the
-    tokens of every pass (:func:`routed_tokens`)."""
+    tokens of every pass (:func:`routed_tokens`). ``extras``: keyword arguments of the call kept per token as well,
+    in ``seen[(key, name)]`` (an adapter's ``routing_kwargs``)."""
     def pre(_m, args, kwargs):
         hidden = args[0] if args else next(iter(kwargs.values()))
         seen.setdefault(key, []).append(hidden.detach().reshape(-1, hidden.shape[-1]))
+        for name in extras:
+            value = kwargs.get(name)
+            if value is not None:
+                seen.setdefault((key, name), []).append(value.detach().reshape(-1, 1))
     return pre
+
+
+def block_stats(adapter, block, seen: dict, layer: int, batch_index: int, mask: torch.Tensor,
+                logit_rows: int) -> BatchStats:
+    """:func:`batch_stats` of what :func:`capture_input` kept for ``layer`` in one batch (its real tokens)."""
+    extras = {n: routed_tokens(seen.pop((layer, n)), mask).reshape(-1) for n in adapter.routing_kwargs
+              if (layer, n) in seen}
+    return batch_stats(adapter, block, routed_tokens(seen.pop(layer), mask), layer, batch_index, logit_rows, extras)
 
 
 def capture_output(seen: dict, key):
@@ -187,8 +201,8 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
     n = min(len(enc), max_examples)
     rows = logit_rows_per_batch(max_logit_rows, batch_size, n)
     seen: dict[int, list[torch.Tensor]] = {}
-    handles = [adapter.routing_input(b).register_forward_pre_hook(capture_input(seen, i), with_kwargs=True)
-               for i, b in blocks.items()]
+    handles = [adapter.routing_input(b).register_forward_pre_hook(capture_input(seen, i, adapter.routing_kwargs),
+                                                                  with_kwargs=True) for i, b in blocks.items()]
     companions = {i: adapter.companions(model, p) for i, p in adapter.block_paths(model).items()}
     logits_seen: dict[tuple[int, str], list[torch.Tensor]] = {}
     handles += [router.register_forward_hook(capture_output(logits_seen, (i, name)))
@@ -202,7 +216,7 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
                 model(**model_inputs(model, to(batch, dev)))
                 mask = batch["attention_mask"].reshape(-1).bool().to(dev)
                 for i, block in blocks.items():
-                    parts[(i, b)] = batch_stats(adapter, block, routed_tokens(seen.pop(i), mask), i, b, rows)
+                    parts[(i, b)] = block_stats(adapter, block, seen, i, b, mask, rows)
                     parts[(i, b)].companions = {
                         name: routing_mass(route, routed_tokens(logits_seen.pop((i, name)), mask))
                         for name, (_, route) in companions[i].items()}

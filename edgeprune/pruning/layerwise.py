@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from edgeprune.errors import ModelError
 from edgeprune.models.registry import adapter_for, class_for
-from edgeprune.pruning.calibration import (LayerStats, add_in_order, batch_stats, calibration_batches, capture_input,
-                                           empty_stats, logit_rows_per_batch, routed_tokens)
+from edgeprune.pruning.calibration import (LayerStats, add_in_order, block_stats, calibration_batches, capture_input,
+                                           empty_stats, logit_rows_per_batch)
 from edgeprune.scale import distributed
 from edgeprune.scale.lazy import LazyCheckpoint, layer_of
 from edgeprune.tasks.encoding import Encoded, model_inputs
@@ -357,10 +357,10 @@ def collect_routing_layerwise(model_dir: str | Path, enc: Encoded, max_examples:
 
     def on_output(i, b, mask):
         if i in blocks:
-            parts[(i, b)] = batch_stats(adapter, blocks[i], routed_tokens(seen.pop(i), mask), i, b, rows)
+            parts[(i, b)] = block_stats(adapter, blocks[i], seen, i, b, mask, rows)
 
-    handles = [adapter.routing_input(blk).register_forward_pre_hook(capture_input(seen, i), with_kwargs=True)
-               for i, blk in blocks.items()]
+    handles = [adapter.routing_input(blk).register_forward_pre_hook(capture_input(seen, i, adapter.routing_kwargs),
+                                                                    with_kwargs=True) for i, blk in blocks.items()]
     try:
         batches = distributed.my_batches(calibration_batches(enc, max_examples, batch_size, "embed", progress))
         _run_stack(model, ckpt, batches, store, progress, last=max(blocks), on_output=on_output,

@@ -12,10 +12,6 @@ _MULTIMODAL = ("not done yet: multimodal; its text model is not registered (not 
                "checkpoint did not build here)")
 REFUSED: dict[str, str] = {
     "deepseek_ocr2": _MULTIMODAL,
-    "deepseek_v4": ("not done yet: its compressed attention does not export (the compressor concatenates an empty "
-                    "cache tensor, 'All tensors must have the same rank', and skips chunks by sequence length), and "
-                    "its first MoE layers pick experts by a frozen token-id table (tid2eid), whose entries for a "
-                    "dropped expert need a new home; probed on a tiny checkpoint"),
     "diffusion_gemma": _MULTIMODAL + " (a diffusion LM besides)",
     "doge": ("its CDMoE is product-key retrieval over single-neuron experts (no expert FFNs behind a top-k "
              "router): nothing for expert pruning to act on"),
