@@ -119,3 +119,26 @@ def test_a_hash_layer_without_its_input_ids_is_one_line():
     block = model.model.layers[0].mlp
     with pytest.raises(ConfigError, match="picks experts by the input ids"):
         adapter_for(model.config).routing(block, torch.zeros(3, model.config.hidden_size))
+
+
+@torch.no_grad()
+def test_the_sparse_indexer_breaks_ties_by_index_so_padding_changes_nothing():
+    """A tiny CSA indexer scores many entries exactly 0 (sums of ReLUs); with ties broken by index (the rule of
+    ONNX's TopK, which the export then reproduces), a right-padded input gives the real tokens' states of the
+    unpadded one. With PyTorch's own topk these differed by 0.33 from position 24 of a 37-token input."""
+    from edgeprune.models.families.deepseek_v4 import stable_topk
+
+    x = torch.zeros(16)
+    x[2], x[9] = 5.0, 3.0
+    assert stable_topk(x, 4).indices.tolist() == [2, 9, 0, 1]
+    torch.manual_seed(0)
+    cfg = tiny_config("deepseek_v4", VOCAB)
+    cfg.layer_types = ["compressed_sparse_attention"] * 2
+    lm = AutoModelForCausalLM.from_config(cfg).eval().model
+    ids = torch.randint(5, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0))
+    n = 37
+    mask = torch.zeros(1, 64, dtype=torch.long)
+    mask[0, :n] = 1
+    padded = lm(input_ids=ids.masked_fill(mask == 0, 0), attention_mask=mask).last_hidden_state[0, :n]
+    alone = lm(input_ids=ids[:, :n]).last_hidden_state[0]
+    assert torch.allclose(padded, alone, atol=1e-5, rtol=0)
