@@ -4,7 +4,8 @@ Set-up, once (llama.cpp from its PyPI source package, which vendors it; 8 minute
 
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
     cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \\
-        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \\
+        -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \\
+        -DLLAMA_BUILD_SERVER=OFF \\
         && cmake --build build -j2 --target llama-bench llama-quantize
     CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install --no-deps ../.. diskcache sentencepiece   # its Python bindings, no rebuild
 
@@ -60,7 +61,8 @@ def gguf_models(llama_dir: Path, folded: Path, work: Path) -> dict[str, Path]:
     f16 = work / "folded-f16.gguf"
     if not f16.exists():
         subprocess.run([sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), str(folded), "--outtype", "f16",
-                        "--outfile", str(f16)], check=True, env={**os.environ, "PYTHONPATH": str(llama_dir / "gguf-py")},
+                        "--outfile", str(f16)], check=True,
+                       env={**os.environ, "PYTHONPATH": str(llama_dir / "gguf-py")},
                        capture_output=True)
     out = {}
     for q in ("Q4_0", "Q8_0"):
@@ -157,7 +159,8 @@ def main() -> None:
               ("folded artifact", "llama.cpp Q4_0", ("gguf", ggufs["Q4_0"])),
               ("folded artifact", "ONNX int8 (MatMulNBits)", ("onnx", args.artifact, "onnx/model_int8.onnx")),
               ("folded artifact", "llama.cpp Q8_0", ("gguf", ggufs["Q8_0"]))]
-    enc = lm_examples(args.folded, get_task("sst2"), DataSpec(), PruneConfig(generate=True), "validation", args.examples)
+    enc = lm_examples(args.folded, get_task("sst2"), DataSpec(), PruneConfig(generate=True), "validation",
+                      args.examples)
     prompt = list(range(100, 164))
     rows = []
     for weights, runtime, spec in models:
