@@ -8,6 +8,7 @@ those are missing.
 """
 import http.client
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -170,21 +171,22 @@ def test_serve_gives_the_demo_cross_origin_isolated_and_refuses_bad_input(web_ar
     assert res.exit_code == 4 and "no demo/index.html" in res.output and "rebuild the artifact" in res.output
 
 
-def run_js(script: str, *args: str) -> dict:
-    res = subprocess.run(["node", str(JS / script), *args], capture_output=True, text=True, timeout=300)
+def run_js(script: str, *args: str, env: dict | None = None) -> dict:
+    res = subprocess.run(["node", str(JS / script), *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **(env or {})})
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def compare_with_edgemodel(art: Path, got: dict) -> None:
-    """Labels equal and probabilities within 1e-4 of EdgeModel's at batch 1 (one text per call, as the page)."""
+def compare_with_edgemodel(art: Path, got: dict, atol: float = 1e-4) -> None:
+    """Labels equal and probabilities within ``atol`` of EdgeModel's at batch 1 (one text per call, as the page)."""
     from edgeprune.runtime import EdgeModel
 
     model = EdgeModel(art)
     want = model.predict_proba(TEXTS, batch_size=1)
     probs = np.array([r["probs"] for r in got["results"]])
     assert [r["label"] for r in got["results"]] == [model.labels[i] for i in want.argmax(-1)]
-    np.testing.assert_allclose(probs, want, atol=1e-4)
+    np.testing.assert_allclose(probs, want, atol=atol)
 
 
 @web
@@ -208,7 +210,29 @@ def test_browser_demo_page_matches_edgemodel(web_artifact, tmp_path):
         stop()
     compare_with_edgemodel(web_artifact, got)
     assert got["load_ms"] > 0 and got["threads"] == 1
+    assert got["backend"].startswith("WASM, int8 graph") and "WebGPU" in got["backend"]  # says why not WebGPU
     assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@web
+@needs_node
+@needs_browser
+def test_the_demo_page_takes_webgpu_only_with_fp16_shaders_and_says_why_not(web_artifact, tmp_path):
+    """Headless Chromium with WebGPU on: this machine's only adapter is SwiftShader's, which has no shader-f16, so
+    the fp16 variant cannot run (transformers.js: "The device (webgpu) does not support fp16"); the page names the
+    reason and runs the int8 graph on WASM, with EdgeModel's labels."""
+    from edgeprune.runtime.serve import serve_in_background
+
+    (tmp_path / "in.json").write_text(json.dumps({"texts": TEXTS, "pairs": None, "repeat": 1}))
+    url, stop = serve_in_background(web_artifact, lib=LIB)
+    try:
+        got = run_js("classify_browser.mjs", url, str(tmp_path / "in.json"),
+                     env={"CHROMIUM_ARGS": "--enable-unsafe-webgpu"})
+    finally:
+        stop()
+    assert got["backend"] in ("WASM, int8 graph, 1 thread(s) (the WebGPU adapter has no shader-f16)",
+                              "WebGPU, fp16 graph")  # the latter on a machine whose adapter has fp16 shaders
+    compare_with_edgemodel(web_artifact, got, atol=1e-4 if got["backend"].startswith("WASM") else 2e-2)
 
 
 @web
@@ -259,7 +283,7 @@ def test_pair_task_in_node_and_the_browser_matches_edgemodel(tmp_path, tiny_orig
     for got in runs:
         probs = np.array([r["probs"] for r in got["results"]])
         assert [r["label"] for r in got["results"]] == [model.labels[i] for i in want.argmax(-1)]
-        np.testing.assert_allclose(probs, want, atol=1e-4)
+        np.testing.assert_allclose(probs, want, atol=atol)
 
 
 def test_artifacts_from_before_the_onnx_folder_still_load(web_artifact, tmp_path):

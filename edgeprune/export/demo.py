@@ -1,7 +1,9 @@
 """``demo/index.html`` in every artifact: a page of a few kilobytes that loads the model from its own folder with
 transformers.js (``pipeline('text-classification', ...)``; for text pairs, which that pipeline does not take,
 its ``AutoTokenizer`` with ``text_pair`` and ``AutoModelForSequenceClassification``) on ONNX Runtime Web, and shows the label, the
-probabilities and the latency of a sentence typed into it. ``edgeprune serve DIR`` serves it on loopback.
+probabilities and the latency of a sentence typed into it. ``edgeprune serve DIR`` serves it on loopback. It runs the
+artifact's fp16 variant on WebGPU where the browser has an adapter with ``shader-f16``, else the int8 graph on WASM,
+and says which backend ran and why (``window.edgeprune.backend``; ``?device=wasm`` forces WASM).
 
 The library comes from ``../lib/transformers.min.js`` when the server provides one (``edgeprune serve --lib``:
 offline, and what the browser tests use; ONNX Runtime Web's WASM files from the same folder), else from jsDelivr at
@@ -43,20 +45,36 @@ if (local) T.env.backends.onnx.wasm.wasmPaths = base;  // else transformers.js' 
 T.env.backends.onnx.wasm.numThreads = M.threads || 1;
 const $ = id => document.getElementById(id);
 $("pair").hidden = !M.pair;
+// WebGPU where the browser has an adapter that computes in fp16 (shader-f16) and the artifact has its fp16 variant;
+// otherwise ONNX Runtime Web's WASM backend with the int8 graph. ?device=wasm forces WASM.
+let device = "wasm", dtype = "q8", why = "";
+if ((M.variants || {}).fp16 && new URLSearchParams(location.search).get("device") !== "wasm") {
+  const adapter = navigator.gpu ? await navigator.gpu.requestAdapter().catch(() => null) : null;
+  if (!adapter) why = navigator.gpu ? "no WebGPU adapter" : "no WebGPU in this browser";
+  else if (!adapter.features.has("shader-f16")) why = "the WebGPU adapter has no shader-f16";
+  else { device = "webgpu"; dtype = "fp16"; }
+}
 const t0 = performance.now();
 let clf = null, error = null;
 try {
   if (!M.transformers_js) throw new Error(M.model_type + ": transformers.js has no sequence classifier for this model type; use EdgeModel");
   if (M.pair) {  // the text-classification pipeline takes single texts: tokenizer + model for pairs
     const [tok, model] = await Promise.all([T.AutoTokenizer.from_pretrained(".."),
-      T.AutoModelForSequenceClassification.from_pretrained("..", {device: "wasm"})]);
+      T.AutoModelForSequenceClassification.from_pretrained("..", {device, dtype})]);
     clf = async (x) => {
       const z = Array.from((await model(tok(x.text, {text_pair: x.text_pair, truncation: true}))).logits.data);
       const e = z.map(v => Math.exp(v - Math.max(...z))), s = e.reduce((a, b) => a + b);
       return e.map((v, i) => ({label: M.labels[i], score: v / s})).sort((a, b) => b.score - a.score);
     };
-  } else clf = await T.pipeline("text-classification", "..", {device: "wasm"});  // the artifact: this page's parent
+  } else clf = await T.pipeline("text-classification", "..", {device, dtype});  // the artifact: this page's parent
 } catch (e) { error = String(e && e.message || e); }
+if (error && device === "webgpu") {  // WebGPU failed: say why and run on WASM
+  why = "WebGPU failed: " + error; device = "wasm"; dtype = "q8"; error = null;
+  try { clf = await T.pipeline("text-classification", "..", {device, dtype}); }
+  catch (e) { error = String(e && e.message || e); }
+}
+const backend = device === "webgpu" ? "WebGPU, fp16 graph" :
+  `WASM, int8 graph, ${T.env.backends.onnx.wasm.numThreads} thread(s)` + (why ? ` (${why})` : "");
 const loadMs = performance.now() - t0;
 async function classify(text, pair) {
   const s = performance.now();
@@ -71,10 +89,10 @@ async function show() {
   $("probs").innerHTML = M.labels.map((l, i) => `<div class="row"><span class="name">${l}</span>` +
     `<span class="bar" style="width:${(r.probs[i] * 20).toFixed(2)}em"></span>${r.probs[i].toFixed(4)}</div>`).join("");
   $("status").textContent = `${r.ms.toFixed(1)} ms for this text; model loaded in ${loadMs.toFixed(0)} ms ` +
-    `(ONNX Runtime Web, WASM, ${T.env.backends.onnx.wasm.numThreads} thread(s))`;
+    `(ONNX Runtime Web: ${backend})`;
   return r;
 }
-window.edgeprune = {manifest: M, loadMs, error, classify, show};
+window.edgeprune = {manifest: M, loadMs, error, classify, show, backend};
 if (error) { $("status").textContent = "cannot load the model: " + error; }
 else { $("go").disabled = false; $("go").onclick = show; await show(); }
 document.body.dataset.ready = "1";

@@ -10,8 +10,10 @@ const input = JSON.parse(readFileSync(inputFile, "utf8"));
 const browser = await puppeteer.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   headless: true,
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
+  args: ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+         // CHROMIUM_ARGS: extra flags, e.g. "--enable-unsafe-webgpu" (headless Chromium's WebGPU, SwiftShader here)
+         ...(process.env.CHROMIUM_ARGS ? process.env.CHROMIUM_ARGS.split(" ") : ["--disable-gpu"])],
 });
 try {
   const page = await browser.newPage();
@@ -20,7 +22,8 @@ try {
   await page.goto(url, { waitUntil: "load" });
   await page.waitForFunction(() => document.body.dataset.ready === "1", { timeout: 120000 })
     .catch(() => { throw new Error("the demo page did not finish loading: " + errors.join("; ")); });
-  const state = await page.evaluate(() => ({ error: window.edgeprune.error, load_ms: window.edgeprune.loadMs }));
+  const state = await page.evaluate(() => ({ error: window.edgeprune.error, load_ms: window.edgeprune.loadMs,
+                                             backend: window.edgeprune.backend }));
   if (state.error) throw new Error("the demo page cannot run the model: " + state.error);
   const results = await page.evaluate(async (input) => {
     const out = [];
@@ -43,7 +46,7 @@ try {
     await page.setViewport({ width: 800, height: 520 });
     await page.screenshot({ path: screenshot });
   }
-  console.log(JSON.stringify({ load_ms: state.load_ms, threads: await page.evaluate(() => window.edgeprune.manifest.threads), results }));
+  console.log(JSON.stringify({ load_ms: state.load_ms, backend: state.backend, threads: await page.evaluate(() => window.edgeprune.manifest.threads), results }));
 } finally {
   await browser.close();
 }
