@@ -54,6 +54,9 @@ def run_emulated(artifact: Path, cpu: str, texts: Sequence[str], pairs: Optional
     """Logits of ``artifact`` on ``texts`` from ONNX Runtime's aarch64 build on the emulated ``cpu``."""
     root = require()
     spec = CPUS[cpu]
+    for stale in (root / "tmp").glob("edgeprune-*"):  # left by a killed run (a live one is younger than a day)
+        if time.time() - stale.stat().st_mtime > 86400:
+            shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix="edgeprune-", dir=root / "tmp"))
     inside = Path("/") / work.relative_to(root)
     cpuinfo = root / "proc" / "cpuinfo"  # the root's /proc is not mounted: the file is what the guest reads
