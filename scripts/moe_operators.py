@@ -2,7 +2,7 @@
 
     python scripts/moe_operators.py --out results/moe_operators
 
-A Mixtral-shaped classifier (hidden 1024 and 2048, FFN 3.5x, 2 layers, 8 experts, random weights: speed, size and
+A Mixtral-shaped classifier (hidden 1024 x 2 layers and 2048 x 1, FFN 3.5x, 8 experts, random weights: speed, size and
 parity do not depend on training) is pruned to 4 experts with top-2 and to 2 of 2, then exported through the build's
 own export and quantization (``export_onnx``, ``optimize``, ``quantize``) with each ``[export].moe_operator`` of the
 x86_64 profile: ``dense`` (dense dispatch, int8 MatMuls), ``ort`` (com.microsoft.MoE, fp32 experts), ``qmoe`` with
@@ -36,10 +36,11 @@ from edgeprune.targets import load_target
 VARIANTS = {"dense": ("dense", 8), "ort (fp32 experts)": ("ort", 8), "qmoe int8": ("qmoe", 8), "qmoe int4": ("qmoe", 4)}
 
 
-def original(hidden: int, seed: int = 0) -> MixtralForSequenceClassification:
+def original(hidden: int, layers: int, seed: int = 0) -> MixtralForSequenceClassification:
     torch.manual_seed(seed)
-    cfg = MixtralConfig(vocab_size=8000, hidden_size=hidden, intermediate_size=int(hidden * 3.5), num_hidden_layers=2,
-                        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256, num_local_experts=8,
+    cfg = MixtralConfig(vocab_size=8000, hidden_size=hidden, intermediate_size=int(hidden * 3.5),
+                        num_hidden_layers=layers,
+                        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), num_local_experts=8,
                         num_experts_per_tok=2, max_position_embeddings=512, num_labels=3, pad_token_id=0)
     return MixtralForSequenceClassification(cfg).eval()
 
@@ -95,8 +96,8 @@ def latency(sessions: dict, feed: dict, rounds: int, per_round: int) -> dict:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def measure(hidden: int, keep: int, rounds: int) -> list[dict]:
-    orig = original(hidden)
+def measure(hidden: int, layers: int, keep: int, rounds: int) -> list[dict]:
+    orig = original(hidden, layers)
     orig_mb = sum(p.numel() * 4 for p in orig.parameters()) / 2**20
     model = pruned(orig, keep)
     parity_in = inputs(64, 32)
@@ -110,7 +111,7 @@ def measure(hidden: int, keep: int, rounds: int) -> list[dict]:
             paths[name] = path
             got = np.concatenate([session(path, 2).run(["logits"], {k: v[i:i + 16] for k, v in parity_in.items()})[0]
                                   for i in range(0, 64, 16)])
-            rows.append({"hidden": hidden, "experts": f"{keep} of 8, top-2", "variant": name, **info,
+            rows.append({"hidden": hidden, "layers": layers, "experts": f"{keep} of 8, top-2", "variant": name, **info,
                          "mb": round(path.stat().st_size / 2**20, 1), "x_smaller_than_original": 0.0,
                          "max_abs_logit_diff": float(f"{np.abs(got - want).max():.3g}"),
                          "agreement": float((got.argmax(-1) == want.argmax(-1)).mean())})
@@ -129,10 +130,12 @@ def measure(hidden: int, keep: int, rounds: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| hidden | experts | variant | MB | x smaller than fp32 original | p50 ms 1 thread | speed vs dense 1t | "
+    head = ("| hidden x layers | experts | variant | MB | x smaller than fp32 original | p50 ms 1 thread | "
+            "speed vs dense 1t | "
             "p50 ms 2 threads | speed vs dense 2t | max logit diff | agreement |\n|" + "---|" * 11 + "\n")
     return head + "".join(
-        f"| {r['hidden']} | {r['experts']} | {r['variant']} | {r['mb']} | {r['x_smaller_than_original']} | "
+        f"| {r['hidden']} x {r['layers']} | {r['experts']} | {r['variant']} | {r['mb']} | "
+        f"{r['x_smaller_than_original']} | "
         f"{r['p50_ms_1t']} | {r['vs_dense_1t']}x | {r['p50_ms_2t']} | {r['vs_dense_2t']}x | "
         f"{r['max_abs_logit_diff']} | {r['agreement']} |\n" for r in rows)
 
@@ -140,17 +143,19 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 1], help="layers at each --hidden")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("results/moe_operators"))
     args = ap.parse_args()
     rows = []
-    for hidden in args.hidden:
+    for hidden, layers in zip(args.hidden, args.layers):
         for keep in (4, 2):
-            rows += measure(hidden, keep, args.rounds)
+            rows += measure(hidden, layers, keep, args.rounds)
     Path(f"{args.out}.json").write_text(json.dumps({"onnxruntime": ort.__version__, "rows": rows}, indent=1))
     Path(f"{args.out}.md").write_text(
         "# k > 1 experts: dense dispatch, com.microsoft.MoE and QMoE side by side\n\n"
-        f"`python scripts/moe_operators.py --hidden {' '.join(map(str, args.hidden))} --out {args.out}` (ONNX Runtime "
+        f"`python scripts/moe_operators.py --hidden {' '.join(map(str, args.hidden))} --layers "
+        f"{' '.join(map(str, args.layers))} --out {args.out}` (ONNX Runtime "
         f"{ort.__version__}, CPU provider, this host). {__doc__.split(chr(10), 3)[3]}\n" + table(rows))
     print(f"wrote {args.out}.md")
 

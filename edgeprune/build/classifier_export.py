@@ -77,6 +77,7 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
     info: dict = {}
     log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes"))
     info["exporter"] = export_onnx(model, pruned_dir, tmp / "fp32.onnx", t, max_tokens)
+    info["moe_operator"] = t.export.moe_operator
     if fixed:
         fix_shapes(tmp / "fp32.onnx", *fixed)
     info["parity_fp32"] = parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed_len)

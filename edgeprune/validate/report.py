@@ -72,6 +72,9 @@ def report_markdown(r: dict) -> str:
               f"{r['export']['parity_fp32']['max_abs_logit_diff']:.2e}, agreement {r['export']['parity_fp32']['agreement']}",
               f"- fusions: {', '.join(r['export']['fusions']) or 'none'}",
               f"- quantization: {r['export']['quantization']}"]
+    experts = experts_line(r["export"], r.get("target", ""))
+    if experts:
+        lines.append(experts)
     if "mobile_usability" in r["export"]:
         mu = r["export"]["mobile_usability"]
         lines += [f"- ORT mobile usability checker: NNAPI or CoreML may work: {mu.get('nnapi_or_coreml_may_work')}"]
@@ -164,3 +167,18 @@ or `edgeprune predict DIR "some text"`.{_js_use(m)}
 - Inputs longer than {m['max_length']} tokens are truncated.
 - Built with: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.
 """
+
+
+def experts_line(export: dict, target: str) -> str:
+    """How a k > 1 artifact holds its experts, and the target setting that chose it (measured in
+    results/moe_operators.md); empty for a model without routed experts in its graph."""
+    exporter = export.get("exporter", "")
+    if "ort_moe" in exporter:
+        how = export.get("quantization", {}).get("experts") or "com.microsoft.MoE, fp32 expert weights"
+    elif "dense_dispatch" in exporter:
+        how = "dense dispatch: every kept expert as int8 MatMuls, combined by the routing weights"
+    else:
+        return ""
+    op = export.get("moe_operator", "dense")
+    return (f"- experts: {how} (target {target}: `[export].moe_operator = \"{op}\"`; dense dispatch, MoE and "
+            "QMoE measured side by side in results/moe_operators.md)")
