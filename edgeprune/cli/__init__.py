@@ -5,7 +5,7 @@
   options, structure and recovery) and the output guards;
 * :mod:`.originals` (upcycle, original, baseline), :mod:`.pruning` (score, prune), :mod:`.build` (build,
   search), :mod:`.artifacts` (check, predict, generate, serve, export-lm), :mod:`.listing` (families, tasks,
-  targets).
+  targets), :mod:`.emulate` (emulate setup, validate --on arm64).
 
 Importing it does not import torch, transformers or onnxruntime (tests/test_cli_imports.py holds it to that).
 """
