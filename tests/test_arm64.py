@@ -93,6 +93,7 @@ def test_a_tiny_artifact_on_both_emulated_cpus_matches_the_host(tmp_path, tiny_o
 
     if arm64_env.ready() is None:
         pytest.skip("no arm64 environment: run `edgeprune emulate setup` first")
+    root = arm64_env.root_dir()  # the set-up one, whatever cache the builds below use
     tdir = write_loose_profiles(tmp_path / "targets", ["arm64"])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGEPRUNE_TARGETS", str(tdir))
@@ -104,7 +105,27 @@ def test_a_tiny_artifact_on_both_emulated_cpus_matches_the_host(tmp_path, tiny_o
     assert res.exit_code == 0, res.output
     rec = json.loads((tmp_path / "art" / "edgeprune.json").read_text())["arm64_emulation"]
     assert rec["examples"] == 40 and set(rec["cpus"]) == {"neoverse-n1", "cortex-a72"}
+    with pytest.MonkeyPatch.context() as mp:  # the build runs it itself with --emulate, on its validation data
+        mp.setenv("EDGEPRUNE_TARGETS", str(tdir))
+        mp.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+        mp.setenv("EDGEPRUNE_ARM64_ROOT", str(root))
+        res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "arm64", "--emulate",
+                                        "--out", str(tmp_path / "art2")] + FAST, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rec2 = json.loads((tmp_path / "art2" / "edgeprune.json").read_text())["arm64_emulation"]
+    assert rec2["examples"] == 48 and all(r["agreement"] == 1.0 for r in rec2["cpus"].values())
     for cpu, row in rec["cpus"].items():
         assert row["machine"] == "aarch64" and row["agreement"] == 1.0 and row["max_abs_logit_diff"] <= 1e-3
         assert row["hwcaps"]["asimddp"] == (cpu == "neoverse-n1") and not row["hwcaps"]["sme"]
     assert "## On arm64 kernels (emulated)" in (tmp_path / "art" / "report.md").read_text()
+
+
+def test_build_emulate_without_the_environment_stops_before_any_work(tmp_path, monkeypatch, tiny_original):
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--target", "arm64", "--emulate",
+                                    "--out", str(tmp_path / "art")])
+    assert res.exit_code == 6 and "edgeprune emulate setup" in res.output and not (tmp_path / "art").exists()
+    assert not (tmp_path / "cache" / "stages").exists()  # nothing built
+    res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--generate", "--emulate",
+                                    "--out", str(tmp_path / "art")])
+    assert res.exit_code == 2 and "--emulate runs classifier artifacts" in res.output

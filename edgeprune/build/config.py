@@ -31,6 +31,7 @@ class BuildConfig:
     throughput_iters: int = 10
     command: str = ""
     extra_files: dict = field(default_factory=dict)  # artifact-relative name -> file to copy in (the search's front)
+    emulate: bool = False  # also run the artifact on arm64 kernels under qemu before publishing (validate/arm64.py)
 
     def to_dict(self) -> dict:
         return {"task": self.task.name, "target": self.target.to_dict(), "out": str(self.out),

@@ -169,7 +169,8 @@ def _candidate(cfg, workdir: Path, knobs: dict, n: int, trials: int, original: d
     log(f"[search] trial {n + 1}/{trials}: {knob_options(knobs)}")
     out = workdir / f"trial-{n}"
     try:
-        _, report = build(replace(cfg, prune=prune_for(cfg.prune, knobs), target=target_for(cfg.target, knobs), out=out))
+        _, report = build(replace(cfg, prune=prune_for(cfg.prune, knobs), target=target_for(cfg.target, knobs), out=out,
+                                  emulate=False))  # candidates: the chosen one is emulated by the build
         art = out
     except BudgetError:
         art = out.parent / f"{out.name}.rejected"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from edgeprune.build.config import BuildConfig
+from edgeprune.build.config import BuildConfig, log
 from edgeprune.build.stage import stage_prune
 from edgeprune.cache import atomic_dir
 from edgeprune.errors import BudgetError
@@ -87,6 +87,11 @@ def publish(cfg: BuildConfig, pruned_dir: Path, report: dict, manifest: dict, pl
     with atomic_dir(dest) as tmp:
         place(tmp)
         write_records(tmp, cfg, pruned_dir, manifest, report, markdown, card)
+        if cfg.emulate:  # on arm64 kernels before the artifact is published (recorded in its manifest and report)
+            from edgeprune.validate.arm64 import validate_on_arm64
+
+            log("validate on arm64 kernels (qemu): neoverse-n1 and cortex-a72")
+            validate_on_arm64(tmp, examples=cfg.data.load(cfg.task, "validation", cfg.eval_examples), echo=log)
     if report["violations"]:
         raise BudgetError("budgets failed (previous artifact kept; this one is in "
                           f"{dest}):\n" + "\n".join(f"  - {v}" for v in report["violations"]))

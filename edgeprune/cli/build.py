@@ -29,10 +29,13 @@ from edgeprune.errors import BudgetError, ConfigError
 @click.option("--search", "search_trials", type=click.IntRange(1), default=None, metavar="TRIALS",
               help="First search TRIALS candidates (edgeprune search) and build the smallest within the budgets; the "
                    "Pareto table and plot go into the artifact.")
+@click.option("--emulate", is_flag=True,
+              help="Also run the artifact on arm64 kernels under qemu (neoverse-n1, cortex-a72) before publishing it, "
+                   "against x86_64 on the validation data (`edgeprune emulate setup` once; classifiers).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Artifact directory [default: build/<task>-<target>, build/<task>-<target>-generate with --generate].")
 def build(task, data, prune_cfg, model_dir, given, target_name, plan_file, eval_examples, latency_iters,
-          embedding_bits, preset_file, search_trials, out) -> None:
+          embedding_bits, preset_file, search_trials, emulate, out) -> None:
     """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
     from edgeprune.build.config import BuildConfig
     from edgeprune.build.presets import apply_presets, with_embedding_bits
@@ -42,6 +45,12 @@ def build(task, data, prune_cfg, model_dir, given, target_name, plan_file, eval_
     target = with_embedding_bits(load_target(target_name), embedding_bits)
     if search_trials and (plan_file or preset_file):
         raise ConfigError(f"--search chooses the knobs itself; drop {'--plan' if plan_file else '--preset'}")
+    if emulate:  # before any heavy work: the machine can emulate and the root is set up
+        if prune_cfg.generate:
+            raise ConfigError("--emulate runs classifier artifacts (EdgeModel); drop it with --generate")
+        from edgeprune.validate.arm64_env import require
+
+        require()
     if prune_cfg.generate:
         if search_trials or embedding_bits or preset_file:
             raise ConfigError("--search, --preset and --embedding-bits are for classifiers; a --generate build takes "
@@ -62,7 +71,7 @@ def build(task, data, prune_cfg, model_dir, given, target_name, plan_file, eval_
                      replace=False)  # the search adds trial folders; it replaces nothing
     cfg = BuildConfig(task=task, target=target, out=out, data=data, model_dir=model_dir, prune=prune_cfg,
                       plan_file=plan_file, eval_examples=eval_examples, latency_iters=latency_iters,
-                      command=" ".join(["edgeprune"] + sys.argv[1:]))
+                      command=" ".join(["edgeprune"] + sys.argv[1:]), emulate=emulate)
     with writer_lock(out):
         if search_trials:
             from edgeprune.build.search import choose_by_search

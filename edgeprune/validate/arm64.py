@@ -103,8 +103,9 @@ def compare(host: np.ndarray, guest: np.ndarray, labels: Optional[Sequence[int]]
 
 def validate_on_arm64(artifact: str | Path, cpus: Sequence[str] = ("neoverse-n1", "cortex-a72"),
                       limit: Optional[int] = None, batch_size: int = 32, record: bool = True,
-                      echo: Callable[[str], None] = print) -> dict:
-    """Run ``artifact`` on each emulated CPU and on the host; record and return the comparison."""
+                      echo: Callable[[str], None] = print, examples: Optional[Sequence] = None) -> dict:
+    """Run ``artifact`` on each emulated CPU and on the host; record and return the comparison. ``examples``: the
+    labelled examples to run (a build's own validation data); default the task's shipped validation split."""
     from tqdm import tqdm
 
     from edgeprune.runtime import EdgeModel
@@ -119,7 +120,8 @@ def validate_on_arm64(artifact: str | Path, cpus: Sequence[str] = ("neoverse-n1"
     manifest = model.manifest
     if manifest.get("kind") == "decoder" or "labels" not in manifest:
         raise ConfigError(f"{artifact}: validate --on arm64 runs classifier artifacts; this one is a decoder")
-    examples = load_split(get_task(manifest["task"]), "validation", limit=limit)
+    if examples is None:
+        examples = load_split(get_task(manifest["task"]), "validation", limit=limit)
     texts = [e.text for e in examples]
     pairs = [e.text_pair for e in examples] if manifest.get("pair") else None
     labels = [e.label for e in examples]

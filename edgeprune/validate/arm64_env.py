@@ -1,7 +1,8 @@
 """An arm64 Debian root in which the aarch64 build of ONNX Runtime runs under qemu user-mode emulation
 (``../shared/DESIGN.md`` section 11): the artifact meets arm64's own kernels (NEON, dot product) on an x86 host.
 
-One command sets it up and caches it (``edgeprune emulate setup``, about 12 minutes and 1 GB the first time):
+One command sets it up and caches it (``edgeprune emulate setup``, 3 minutes here and 1 GB, the first time;
+``$EDGEPRUNE_ARM64_ROOT`` puts it elsewhere):
 qemu-user-static and debootstrap from apt, qemu's binfmt_misc entry enabled, a minimal Debian root
 (``debootstrap --arch=arm64 --variant=minbase``, python3 of the host's minor version), and in it a venv with the
 aarch64 wheels of the host's onnxruntime, numpy and tokenizers versions (``pip download --platform
@@ -62,7 +63,9 @@ CPUS = {
 
 
 def root_dir() -> Path:
-    return cache_root() / "arm64" / "root"
+    """``$EDGEPRUNE_ARM64_ROOT`` or ``<cache>/arm64/root`` (the root outlives a per-project cache)."""
+    return Path(os.environ["EDGEPRUNE_ARM64_ROOT"]) if os.environ.get("EDGEPRUNE_ARM64_ROOT") else \
+        cache_root() / "arm64" / "root"
 
 
 def ready(root: Path | None = None) -> dict | None:
@@ -75,7 +78,7 @@ def require(root: Path | None = None) -> Path:
     root = root or root_dir()
     if ready(root) is None:
         raise EmulationError(f"no arm64 environment at {root}; set it up once with `edgeprune emulate setup` "
-                             "(about 12 minutes, 1 GB)")
+                             "(a few minutes, 1 GB)")
     check_machine(install=False)
     return root
 
