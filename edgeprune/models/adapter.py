@@ -178,9 +178,10 @@ class MoEAdapter:
         calibration records each companion's routing mass, the plan keeps its top-k (``LayerPlan.companions``)."""
         return {}
 
-    def prune_companions(self, src: dict, dst: dict, path: str, lp) -> None:
-        """Write the experts of each companion of the block at ``path`` that the layer's plan ``lp`` keeps
-        (``lp.companions``) into ``dst`` (no companions by default)."""
+    def prune_layer_state(self, src: dict, dst: dict, path: str, lp) -> None:
+        """Write the rest of the layer's state that follows the plan ``lp`` into ``dst``, after its experts and router
+        rows: each companion's kept experts (``lp.companions``: JetMoE's attention experts), a token-to-expert table
+        renumbered for the kept experts (DeepSeek-V4's hash layers). Nothing by default."""
 
     # -- config --------------------------------------------------------------------------------------------
     def resize_config(self, config, k_per_layer: dict[int, int]) -> None:

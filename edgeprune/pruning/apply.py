@@ -64,7 +64,7 @@ def plan_layer(adapter, src, dst, path: str, lp, router_keys: list[str]) -> None
         rows = src[key]
         mix = torch.from_numpy(group_mixing(lp.groups, rows.shape[0])).to(torch.float64)
         dst[key] = (mix.T @ rows.double().reshape(rows.shape[0], -1)).reshape(len(lp.groups), *rows.shape[1:]).to(rows.dtype)
-    adapter.prune_companions(src, dst, path, lp)
+    adapter.prune_layer_state(src, dst, path, lp)
 
 
 def fold_to_dense(model: torch.nn.Module, adapter=None) -> torch.nn.Module:

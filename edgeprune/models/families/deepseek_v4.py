@@ -107,7 +107,7 @@ class DeepseekV4Adapter(FusedAdapter):
             logits, weight, idx = block.gate(x)
         return logits.float(), idx, weight.float()
 
-    def prune_companions(self, src, dst, path, lp):
+    def prune_layer_state(self, src, dst, path, lp):
         """The hash layer's token table follows the plan (:func:`remap_table`)."""
         key = f"{path}.{self.router_attr}.tid2eid"
         if key in dst:

@@ -76,7 +76,7 @@ class JetMoeAdapter(MoEAdapter):
         router = model.get_submodule(moa_path(block_path)).router
         return {MOA: (router.layer, lambda logits: topk_then_softmax(logits, min(router.top_k, logits.shape[-1])))}
 
-    def prune_companions(self, src, dst, path, lp):
+    def prune_layer_state(self, src, dst, path, lp):
         moa = moa_path(path)
         keep = lp.companions.get(MOA)
         if keep is None:
