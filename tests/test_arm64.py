@@ -129,3 +129,11 @@ def test_build_emulate_without_the_environment_stops_before_any_work(tmp_path, m
     res = CliRunner().invoke(main, ["build", "--model", str(tiny_original), "--generate", "--emulate",
                                     "--out", str(tmp_path / "art")])
     assert res.exit_code == 2 and "--emulate runs classifier artifacts" in res.output
+
+
+def test_a_decoder_artifact_is_refused_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "edgeprune.json").write_text(json.dumps({"kind": "causal-lm", "task": "sst2"}))
+    monkeypatch.setattr(arm64, "require", lambda: None)  # as if the root were set up
+    res = CliRunner().invoke(main, ["validate", str(tmp_path), "--on", "arm64"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert "runs classifier artifacts; this one is a decoder" in res.output

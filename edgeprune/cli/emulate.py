@@ -15,7 +15,7 @@ def emulate() -> None:
 @emulate.command("setup")
 @click.option("--force", is_flag=True, help="Build the root again even if a complete one is cached.")
 def emulate_setup(force) -> None:
-    """Set up the arm64 root once (root and binfmt_misc needed; about 12 minutes and 1 GB; cached)."""
+    """Set up the arm64 root once (root and binfmt_misc needed; a few minutes and 1 GB; cached)."""
     from edgeprune.validate.arm64_env import setup
 
     setup(echo=lambda line: click.echo(line, err=True), force=force)

@@ -63,15 +63,15 @@ def to_qmoe(model: onnx.ModelProto, bits: int) -> dict:
     what was done: nodes, bits, block size(s), bytes of expert weights before and after."""
     if bits not in (4, 8):
         raise ValueError(f"QMoE expert weights are 4 or 8 bits, not {bits}")
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    inits.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
-                  if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    tensors = {t.name: t for t in model.graph.initializer}  # read as arrays only where an MoE node takes them
+    tensors.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                    if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
     done = {"nodes": 0, "bits": bits, "blocks": set(), "fp32_bytes": 0, "quantized_bytes": 0}
     for node in model.graph.node:
         if node.domain != "com.microsoft" or node.op_type != "MoE":
             continue
         x, router, fc1, b1, fc2, b2 = (list(node.input) + [""] * 6)[:6]
-        w1, w2 = inits[fc1], inits[fc2]
+        w1, w2 = numpy_helper.to_array(tensors[fc1]), numpy_helper.to_array(tensors[fc2])
         block = block_size(w1.shape[2], w2.shape[2])
         new = []
         for name, w in ((fc1, w1), (fc2, w2)):

@@ -20,7 +20,7 @@ shared expert, the dense sibling a one-expert model folds into. Everything else 
 * one expert's tensors in the Linear layout (gate / up rows = hidden units, down columns = hidden units), whatever
   the storage (transposed, interleaved, biases): merging, scaling, neuron pruning and folds work on roles;
 * export (:meth:`FusedAdapter.export_patch`): only the experts' forward is replaced, by dense dispatch (every kept
-  expert computed by its two matmuls and combined with a [T, E] weight matrix scattered from the router's
+  expert computed by its two matmuls and combined with a [T, E] weight matrix summed from the router's
   top-k), so the router, shared experts and everything else in the block run as the family wrote them and the
   graph has no data-dependent loop (``torch.onnx.export`` cannot trace the families' own expert loops).
 """
@@ -30,6 +30,7 @@ import contextlib
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgeprune.errors import ConfigError, ModelError
@@ -261,12 +262,13 @@ def glu(act, h: torch.Tensor) -> torch.Tensor:
 
 def dense_dispatch(ex: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Every expert on every token, combined with a (T, E) weight matrix that is zero off the top-k: exactly the
-    family's sum, with no data-dependent indexing. One 2-D matmul pair per expert (unrolled when traced), so that
-    ONNX Runtime's quantizers see plain MatMuls with 2-D weights."""
+    family's sum, with no data-dependent indexing. The matrix sums one-hot rows of the routed indices times their
+    weights, so an expert named twice for a token counts twice, as the families' own expert loops do (DeepSeek-V4's
+    hash table, all zeros in a fresh checkpoint, names expert 0 twice); a top-k never repeats one. One 2-D matmul
+    pair per expert (unrolled when traced), so that ONNX Runtime's quantizers see plain MatMuls with 2-D weights."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     z = ex.down_proj.shape[0]
-    w = torch.zeros(flat.shape[0], z, dtype=weight.dtype).scatter(-1, idx.reshape(flat.shape[0], -1),
-                                                                   weight.reshape(flat.shape[0], -1))
+    w = (F.one_hot(idx.reshape(flat.shape[0], -1), z).to(weight.dtype) * weight.reshape(flat.shape[0], -1, 1)).sum(1)
     out = sum(w[:, e : e + 1].to(flat.dtype) * FusedAdapter.all_experts(ex, flat, [e])[0] for e in range(z))
     return out.reshape(hidden.shape).to(hidden.dtype)
 

@@ -26,6 +26,7 @@ import numpy as np
 
 import edgeprune
 from edgeprune.errors import ConfigError, EmulationError
+from edgeprune.runtime.manifest import MANIFEST, read_json, require_artifact
 from edgeprune.validate.arm64_env import CPUS, require
 
 RUNNER = r'''
@@ -116,10 +117,10 @@ def validate_on_arm64(artifact: str | Path, cpus: Sequence[str] = ("neoverse-n1"
     if unknown:
         raise ConfigError(f"--cpu {unknown[0]}: unknown; give one of {', '.join(CPUS)}")
     require()  # before any work: set up, and this machine can still emulate
+    if read_json(require_artifact(artifact) / MANIFEST, "manifest").get("kind") == "causal-lm":
+        raise ConfigError(f"{artifact}: validate --on arm64 runs classifier artifacts; this one is a decoder")
     model = EdgeModel(artifact)
     manifest = model.manifest
-    if manifest.get("kind") == "decoder" or "labels" not in manifest:
-        raise ConfigError(f"{artifact}: validate --on arm64 runs classifier artifacts; this one is a decoder")
     if examples is None:
         examples = load_split(get_task(manifest["task"]), "validation", limit=limit)
     texts = [e.text for e in examples]

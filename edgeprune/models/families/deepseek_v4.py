@@ -16,8 +16,8 @@ an entry naming a dropped expert goes to the kept expert whose router row is clo
 so the tokens hashed to it go where the learnt router sees the most similar expert; a merged expert's members all
 name the merged one. When k <= top-k every token takes every kept expert, as a top-k router then does. A plan
 that keeps every expert leaves the table as it is (exact). Rows with a repeated expert (a freshly initialised table
-is all zeros) count that expert once per entry, as the family's expert loop does: the export's dispatch sums
-one-hot rows instead of scattering, so it equals the family there too.
+is all zeros) count that expert once per entry, as the family's expert loop does, and so does the shared dense
+dispatch of the export (:func:`edgeprune.models.fused.dense_dispatch` sums one-hot rows).
 
 Export: the compressed attentions (CSA and HCA) compress whole windows of ``compress_rate`` tokens and branch on the
 sequence length in Python, so the graph is traced at one shape (``fixed_shapes``: batch 1 x the task's maximum
@@ -113,18 +113,6 @@ class DeepseekV4Adapter(FusedAdapter):
         if key in dst:
             rows = f"{path}.{self.router_attr}.weight"
             dst[key] = remap_table(src[key], lp.groups, src[rows], dst[rows], dst[key].shape[1])
-
-    def export_patch(self, model):
-        def make(block, ex):
-            def forward(hidden, idx, weight):
-                z = ex.down_proj.shape[0]
-                flat = hidden.reshape(-1, hidden.shape[-1])
-                w = (torch.nn.functional.one_hot(idx.reshape(flat.shape[0], -1), z).to(weight.dtype)
-                     * weight.reshape(flat.shape[0], -1, 1)).sum(1)  # a repeated expert counts once per entry
-                out = sum(w[:, e : e + 1].to(flat.dtype) * self.all_experts(ex, flat, [e])[0] for e in range(z))
-                return out.reshape(hidden.shape).to(hidden.dtype)
-            return forward
-        return self.experts_patch(model, make)
 
 
 ADAPTER = fused_family(
