@@ -107,6 +107,11 @@ class DeepseekV4Adapter(FusedAdapter):
             logits, weight, idx = block.gate(x)
         return logits.float(), idx, weight.float()
 
+    def one_expert_weight(self, block, hidden, weight):
+        """No 0/0 to guard: both routers divide by ``sum + 1e-20`` (and the hash router cannot be called without
+        input ids, which the shared guard's zero-vector call does not have)."""
+        return weight
+
     def prune_layer_state(self, src, dst, path, lp):
         """The hash layer's token table follows the plan (:func:`remap_table`)."""
         key = f"{path}.{self.router_attr}.tid2eid"
