@@ -3,6 +3,10 @@ against the original and the dense baseline. Writes results/prune_table.{md,json
 
     python scripts/prune_table.py                                   # sst2 agnews rte, Z = 8
     python scripts/prune_table.py --tasks sst2 --experts 16 32 --factors 2 4 8 --out results/prune_factors
+    python scripts/prune_table.py --recipe btx --tasks sst2 --out results/prune_table_btx_sst2   # BTX original
+
+Random is run with --random-seeds seeds (0, 1, ...) and reported as their mean and spread (sample standard
+deviation) beside each seed's row; the summary under the table compares the best task-aware method with that mean.
 
 CPU budget (2 cores): calibration on --calibration-examples training examples, --recovery-steps steps of
 recovery (distilled from the original, alpha 0.5), accuracy on the first --eval-examples validation examples
@@ -12,7 +16,10 @@ of the committed results/prune_table_*.md and results/prune_factors.md (about 30
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
+import statistics
 import time
 
 from edgeprune.tasks.spec import DataSpec
@@ -32,8 +39,8 @@ from edgeprune.models.tokenizer import load_tokenizer
 from edgeprune.tasks.encoding import encode
 from edgeprune.training.loop import TeacherCache, accuracy, predict_logits
 
-METHODS = ["random", "frequency", "chen2022", "chowdhury2024", "reap", "uncurl", "chen2022-progressive",
-           "chen2022-eager"]
+METHODS = ["random", "frequency", "chen2022", "chowdhury2024", "reap", "uncurl", "hc-smoe", "m-smoe", "ties",
+           "chen2022-progressive", "chen2022-eager"]
 
 
 def main() -> None:
@@ -47,7 +54,16 @@ def main() -> None:
     ap.add_argument("--recovery-steps", type=int, default=60)
     ap.add_argument("--eval-examples", type=int, default=1000)
     ap.add_argument("--out", default="results/prune_table")
+    ap.add_argument("--recipe", choices=["upcycle", "btx"], default="upcycle",
+                    help="the original: upcycled (Z = --experts) or Branch-Train-MiX (one expert per domain)")
+    ap.add_argument("--random-seeds", type=int, default=5)
+    ap.add_argument("--router-recovery", action=argparse.BooleanOptionalAction, default=True,
+                    help="also recover a copy with only the routers trained (k >= 2; --recovery-steps steps)")
     args = ap.parse_args()
+    if args.recipe == "btx":
+        from edgeprune.originals.btx import BtxRecipe
+
+        args.experts = [len(BtxRecipe().domains)]
     rows = []
     for name in args.tasks:
         task = get_task(name)
@@ -55,7 +71,8 @@ def main() -> None:
         dense = load_meta(ensure_original(OriginalSpec(task, kind="dense")))
         val = data.load(task, "validation", limit=args.eval_examples)
         for z in args.experts:
-            odir = ensure_original(OriginalSpec(task, kind="moe", num_experts=z))
+            btx = BtxRecipe() if args.recipe == "btx" else None
+            odir = ensure_original(OriginalSpec(task, kind="moe", num_experts=z, btx=btx))
             original = load_model(odir)
             tok = load_tokenizer(odir)
             va = encode(val, tok, task.max_length)
@@ -64,14 +81,17 @@ def main() -> None:
             teacher = TeacherCache(original)  # same seeded batches in every cell: one teacher pass
             ks = [z // f for f in args.factors] if args.factors else args.ks
             for k in ks:
-                for method in args.methods:
+                runs = [(m, s) for m in args.methods for s in (range(args.random_seeds) if m == "random" else [None])]
+                for method, seed in runs:
                     if method == "chen2022-eager" and k != 1:
                         continue
                     t0 = time.perf_counter()
                     progressive = methods.get(method).progressive
+                    options = {"window": max(5, args.recovery_steps // 8)} if progressive else {}
+                    if seed is not None:
+                        options["seed"] = seed
                     cfg = PruneConfig(method=method, experts=k, calibration_examples=args.calibration_examples,
-                                      recovery_steps=args.recovery_steps,
-                                      method_options={"window": max(5, args.recovery_steps // 8)} if progressive else {})
+                                      recovery_steps=args.recovery_steps, method_options=options)
                     if progressive:
                         model, plan, _ = prune(odir, task, data, cfg, progress=False)
                         before = None
@@ -80,13 +100,24 @@ def main() -> None:
                         model = apply_plan(original, plan)
                         before = accuracy(predict_logits(model, va), va.labels)
                         cfg.method_config().after_apply(model, plan, tr, teacher, cfg, task, progress=False)
+                        routed = None
+                        if args.router_recovery and k > 1:
+                            twin = copy.deepcopy(model)
+                            t1 = time.perf_counter()
+                            recover(twin, tr, args.recovery_steps, teacher=teacher, max_length=task.max_length,
+                                    progress=False, mode="router")
+                            routed = (accuracy(predict_logits(twin, va), va.labels), time.perf_counter() - t1)
+                            del twin
                         recover(model, tr, args.recovery_steps, teacher=teacher, max_length=task.max_length,
                                 progress=False)
                     after = accuracy(predict_logits(model, va), va.labels)
-                    row = {"task": name, "Z": z, "k": k, "factor": z // k, "method": method,
+                    row = {"task": name, "Z": z, "k": k, "factor": z // k, "recipe": args.recipe,
+                           "method": method if seed is None else f"random (seed {seed})",
                            "before": None if before is None else round(before, 4), "after": round(after, 4),
                            "original": round(orig_acc, 4), "dense": dense["validation_accuracy"],
                            "retained": round(after / orig_acc, 4), "kept": plan.summary()["kept"],
+                           "after_router_only": None if progressive or routed is None else round(routed[0], 4),
+                           "router_only_seconds": None if progressive or routed is None else round(routed[1], 1),
                            "seconds": round(time.perf_counter() - t0, 1)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -101,13 +132,47 @@ def write(args, rows) -> None:
     lines = ["# Expert pruning: methods x k", "", f"Produced by `{cmd}`.", "", f"Settings (CPU budget): {settings}.",
              "`before` = right after pruning (router renormalised / folded), `after` = after recovery;"
              " `retained` = after / original.", "",
-             "| task | Z | k | method | before | after | original | dense baseline | retained | kept experts per layer |",
-             "|" + " --- |" * 10]
-    for r in rows:
-        b = "" if r["before"] is None else f"{r['before']:.4f}"
-        lines.append(f"| {r['task']} | {r['Z']} | {r['k']} | {r['method']} | {b} | {r['after']:.4f} | "
-                     f"{r['original']:.4f} | {r['dense']:.4f} | {r['retained']:.4f} | {r['kept']} |")
-    write_results(args.out, {"settings": settings, "rows": rows}, lines)
+             "`after, router only` = the same pruned model recovered with only its routers trained (k >= 2); `seconds` ="
+             " the whole cell (calibration, plan, both recoveries, evaluations).", "",
+             "| task | Z | k | method | before | after | after, router only | original | dense baseline | retained | seconds "
+             "| kept experts per layer |",
+             "|" + " --- |" * 12]
+    summary = []
+    for (task, z, k), group in itertools.groupby(rows, key=lambda r: (r["task"], r["Z"], r["k"])):
+        group = list(group)
+        for r in group:
+            b = "" if r["before"] is None else f"{r['before']:.4f}"
+            ro = "" if r.get("after_router_only") is None else f"{r['after_router_only']:.4f}"
+            lines.append(f"| {r['task']} | {r['Z']} | {r['k']} | {r['method']} | {b} | {r['after']:.4f} | {ro} | "
+                         f"{r['original']:.4f} | {r['dense']:.4f} | {r['retained']:.4f} | {r['seconds']} | {r['kept']} |")
+        rand = [r for r in group if r["method"].startswith("random")]
+        aware = [r for r in group if not r["method"].startswith("random")]
+        if len(rand) > 1:
+            mean = {c: statistics.mean(r[c] for r in rand) for c in ("before", "after")}
+            sd = {c: statistics.stdev(r[c] for r in rand) for c in ("before", "after")}
+            lines.append(f"| {task} | {z} | {k} | **random, mean ± sd of {len(rand)} seeds** | {mean['before']:.4f} ± "
+                         f"{sd['before']:.4f} | {mean['after']:.4f} ± {sd['after']:.4f} | | | | | | |")
+            for c in ("before", "after"):
+                cands = [r for r in aware if r[c] is not None]
+                if cands:
+                    best = max(cands, key=lambda r: r[c])
+                    summary.append(f"- {task}, k = {k}, {c} recovery: best task-aware {best['method']} "
+                                   f"{best[c]:.4f} vs random {mean[c]:.4f} ± {sd[c]:.4f}: "
+                                   f"{100 * (best[c] - mean[c]):+.2f} points")
+            dense = group[0]["dense"]
+            gain = group[0]["original"] - dense
+            if aware and gain > 0:
+                best = max(aware, key=lambda r: r["after"])
+                summary.append(f"- {task}, k = {k}: original {group[0]['original']:.4f} vs dense baseline {dense:.4f}; "
+                               f"best after recovery ({best['method']}) keeps {(best['after'] - dense) / gain:.2f} of the "
+                               "gain (Chen et al. 2022: (pruned - dense) / (original - dense))")
+            elif aware:
+                summary.append(f"- {task}, k = {k}: the original ({group[0]['original']:.4f}) does not beat the dense "
+                               f"baseline ({dense:.4f}): no MoE gain to keep")
+    if summary:
+        lines += ["", "Task-aware against random (goals of issue 28: +3 points before recovery at k = 1, +1 after):",
+                  ""] + summary
+    write_results(args.out, {"settings": settings, "rows": rows, "summary": summary}, lines)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def plan_for(model, k, method="frequency", gate_scale=False, **kw):
     blocks = model.moe_blocks()
     return make_plan(method, scores, {i: b.num_experts for i, b in blocks.items()},
                      {i: b.top_k for i, b in blocks.items()}, k=k, stats=stats,
-                     merge=method_config(method).merges, gate_scale=gate_scale)
+                     clusters=method_config(method).clusters if method_config(method).merges else None,
+                     merge_rule=method_config(method).merge_rule, gate_scale=gate_scale)
 
 
 @pytest.mark.parametrize("gate_scale", [False, True])
@@ -100,7 +101,7 @@ def test_uncurl_clusters_cover_all_experts_reference_first():
         assert stats.counts[g[0][0]] == max(stats.counts[e] for e, _ in g)
 
 
-@pytest.mark.parametrize("method", ["frequency", "chen2022", "reap", "random", "uncurl"])
+@pytest.mark.parametrize("method", ["frequency", "chen2022", "reap", "random", "uncurl", "hc-smoe", "m-smoe", "ties"])
 def test_every_method_makes_a_valid_plan(method):
     model = tiny_moe(num_experts=8)
     for k in (1, 2, 4):

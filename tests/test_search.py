@@ -34,6 +34,27 @@ def test_search_returns_a_candidate_within_budgets_and_a_plot(tmp_path, cache, t
     assert "(chosen)" in table and "Pareto" in table
     assert json.loads((tmp_path / "s" / "pareto.json").read_text())["chosen"]["number"] == result.chosen.number
     assert any(l.startswith("[search] trial 1/4:") for l in lines)
+    assert "accuracy on the selection split" in table
+    for c in result.candidates:  # every candidate was measured on the selection split, not on validation
+        report = json.loads((Path(c.artifact) / "report.json").read_text())
+        assert report["data"]["validation_split"] == "selection"
+        assert report["data"]["examples"] == 48
+        assert "selection split (a seeded 10% of the training split)" in (Path(c.artifact) / "README.md").read_text()
+
+
+def test_selection_split_is_carved_from_train_and_never_touches_validation():
+    from edgeprune.tasks import get_task
+    from edgeprune.tasks.spec import DataSpec
+
+    task = get_task("rte")
+    train = DataSpec().load(task, "train")
+    sel_train, sel = DataSpec(selection=True).load(task, "train"), DataSpec(selection=True).load(task, "validation")
+    key = lambda rows: {(e.text, e.text_pair, e.label) for e in rows}
+    assert len(sel) == int(0.1 * len(train)) and not key(sel) & key(sel_train)
+    assert key(sel) | key(sel_train) <= key(train) and len(sel) + len(sel_train) >= 0.99 * len(train)
+    assert not {(e.text, e.text_pair) for e in sel} & {(e.text, e.text_pair) for e in DataSpec().load(task, "validation")}
+    assert DataSpec(selection=True).key() != DataSpec().key()
+    assert len(DataSpec(selection=True).load(task, "validation", limit=20)) == 20
 
 
 def test_knob_options_read_as_build_options():

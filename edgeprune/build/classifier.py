@@ -196,8 +196,10 @@ def _report(cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path
         "size": {"original_mb": original_mb, "artifact_mb": artifact_mb,
                  "artifact_ort_mb": round(ort.stat().st_size / 1e6, 3) if ort.is_file() else None,
                  "size_ratio": round(original_mb / artifact_mb, 2)},
-        "budgets": asdict(t.budgets), "data": {"validation_split": "validation", "examples": len(x["val_enc"]),
-                                               "note": "validation split of the task data; not a held-out test set"},
+        "budgets": asdict(t.budgets), "data": {"validation_split": "selection" if cfg.data.selection else "validation",
+                                               "examples": len(x["val_enc"]),
+                                               "note": f"{cfg.data.validation_name} of the task data; not a held-out "
+                                                       "test set"},
     }
     if cfg.extra_files:
         report["search"] = sorted(cfg.extra_files)

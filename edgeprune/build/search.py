@@ -8,7 +8,9 @@ multi-objective TPE sampler, seeded, over the categorical space :class:`SearchSp
 and maximising accuracy, bounded by ``trials`` and ``timeout``. The Pareto front goes to ``pareto.md`` /
 ``pareto.json`` with a plot ``pareto.png`` (accuracy against size and against p50; the original and the chosen
 candidate marked), and the chosen candidate is the smallest one that meets every budget (ties: the more
-accurate). Accuracy here is the validation split's: the held-out test split is not used to choose.
+accurate). Accuracy here is the selection split's (:meth:`~edgeprune.tasks.spec.DataSpec.load` with ``selection``:
+a seeded 10% carved from the training split; candidates recover on the rest): neither the validation split a build
+reports nor a held-out test set is used to choose.
 """
 from __future__ import annotations
 
@@ -125,6 +127,7 @@ def run_search(cfg, workdir: Path, space: SearchSpace = SearchSpace(), trials: i
     if cfg.prune.experts != 1:
         raise ConfigError("search prunes the folded dense model: use --experts 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = selection_config(cfg)
     space = space.for_layers(_layers(cfg))
     if not cfg.target.quantization.precision.startswith("int8"):
         space = replace(space, embedding_bits=(cfg.target.quantization.embedding_bits,))
@@ -160,6 +163,17 @@ def run_search(cfg, workdir: Path, space: SearchSpace = SearchSpace(), trials: i
         result.peer = measure_peer(cfg) or {}
     result.files = write_front(result, workdir, cfg)
     return result
+
+
+def selection_config(cfg):
+    """``cfg`` whose candidates are compared on the selection split: the original resolved first from the user's
+    data (the model being searched is the one the build prunes), then every stage on the selection splits."""
+    if cfg.data.selection:
+        return cfg
+    from edgeprune.originals.classifier import OriginalSpec, ensure_original
+
+    model_dir = cfg.model_dir or str(ensure_original(OriginalSpec(cfg.task, cfg.data, "moe")))
+    return replace(cfg, model_dir=model_dir, data=replace(cfg.data, selection=True))
 
 
 def _candidate(cfg, workdir: Path, knobs: dict, n: int, trials: int, original: dict, log) -> Candidate:
@@ -202,7 +216,8 @@ def write_front(result: SearchResult, workdir: Path, cfg) -> dict:
           f"Command: `{cfg.command or 'edgeprune search'}` (recovery {cfg.prune.recovery_steps} steps per candidate; "
           f"budgets of {cfg.target.name}: accuracy drop <= {cfg.target.budgets.max_accuracy_drop} points, size <= "
           f"{cfg.target.budgets.max_size_mb} MB, p95 <= {cfg.target.budgets.max_p95_latency_ms} ms).", "",
-          f"{len(result.candidates)} candidates in {result.seconds} s (Optuna multi-objective TPE; validation split). "
+          f"{len(result.candidates)} candidates in {result.seconds} s (Optuna multi-objective TPE; accuracy on the "
+          f"selection split, a seeded 10% of the training split, candidates recovered on the rest; the validation split is not used). "
           f"Original MoE: {result.original.get('size_mb')} MB, p50 {result.original.get('p50_ms')} ms, accuracy "
           f"{result.original.get('accuracy')}. Pareto-optimal in size, p50 and accuracy: marked *." +
           (f" The peer (the dense model through `optimum-cli export onnx` + `onnxruntime quantize "
@@ -226,7 +241,7 @@ def write_front(result: SearchResult, workdir: Path, cfg) -> dict:
 
         write_preset(workdir / "preset.toml", result.chosen.knobs, cfg.prune.recovery_steps,
                      f"edgeprune search's choice for {cfg.model_dir or 'the default original'} on {cfg.task.name} "
-                     f"({cfg.target.name} budgets); apply it with: edgeprune build --preset {workdir / 'preset.toml'}")
+                     f"({cfg.target.name} budgets, chosen on the selection split carved from the training split); apply it with: edgeprune build --preset {workdir / 'preset.toml'}")
         files["preset"] = str(workdir / "preset.toml")
     return files
 
@@ -259,7 +274,7 @@ def plot(result: SearchResult, path: Path, title: str) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation accuracy")
+    axes[0].set_ylabel("selection-split accuracy")
     axes[1].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"edgeprune search: {title}")
     fig.tight_layout()

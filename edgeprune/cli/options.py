@@ -81,13 +81,17 @@ def _structure_options(fn, recovery_default: int):
 
 
 def _recovery_options(fn, default: int):
-    """``--recovery-steps`` and ``--distill`` (prune, build, search)."""
+    """``--recovery-steps``, ``--recovery-mode`` and ``--distill`` (prune, build, search)."""
+    fn = click.option("--recovery-mode", type=click.Choice(["full", "router"]), default="full", show_default=True,
+                      help="full: fine-tune the whole pruned model; router: train only the routers and gates, "
+                           "distilled from the original (k >= 2).")(fn)
     fn = click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
                       help="Weight of distillation from the original's logits during recovery (0: labels only).")(fn)
     return click.option("--recovery-steps", default=default, show_default=True, type=click.IntRange(0))(fn)
 
 
-STRUCTURE = ("ffn_keep", "drop_layers", "heads_keep", "vocab_reserve", "recovery_steps", "distill", "fsdp")
+STRUCTURE = ("ffn_keep", "drop_layers", "heads_keep", "vocab_reserve", "recovery_steps", "distill", "fsdp",
+             "recovery_mode")
 
 
 def prune_options(structure: bool = False, recovery_default: int = 200, recovery_only: bool = False):

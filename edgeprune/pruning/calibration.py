@@ -10,7 +10,9 @@ validation data), recording per MoE layer, over non-padding tokens only:
   gates renormalised to sum to one as the REAP authors' corrected code does (families that do not renormalise,
   Qwen3-MoE without ``norm_topk_prob``, DeepSeek's scaled gates, would otherwise weigh tokens unevenly; top-1
   gates stay as routed);
-* ``logits``: a bounded sample of router logit rows (UNCURL clusters the experts by their columns).
+* ``logits``: a bounded sample of router logit rows (UNCURL clusters the experts by their columns);
+* ``out_sum[e]``: sum of E_e(x) over a small seeded sample of tokens (``OUTPUT_ROWS`` per batch), every expert on
+  the same tokens whether routed there or not (HC-SMoE clusters the experts by these mean outputs).
 
 Family-agnostic: the block's input is captured by a forward pre-hook, the router logits are computed from it
 with the routing (top-k indices and weights) exactly as the family computes it, by the family's adapter
@@ -41,6 +43,8 @@ class LayerStats:
     tokens: int = 0
     logits: list[np.ndarray] = field(default_factory=list)
     companions: dict[str, np.ndarray] = field(default_factory=dict)  # name -> routing mass per expert
+    out_sum: Optional[np.ndarray] = None  # (experts, hidden): every expert's output summed over out_rows tokens
+    out_rows: int = 0
 
     @property
     def usage(self) -> np.ndarray:
@@ -87,6 +91,11 @@ class BatchStats:
     tokens: int
     logits: np.ndarray
     companions: dict[str, np.ndarray] = field(default_factory=dict)
+    out_sum: Optional[np.ndarray] = None
+    out_rows: int = 0
+
+
+OUTPUT_ROWS = 32  # tokens per batch on which every expert runs (HC-SMoE's mean outputs)
 
 
 @torch.no_grad()
@@ -108,13 +117,15 @@ def batch_stats(adapter, block: torch.nn.Module, x: torch.Tensor, layer: int, ba
     reap_gate = gate / gate.sum(dim=-1, keepdim=True) if gate.shape[-1] > 1 else gate
     take = np.random.default_rng([layer, batch_index]).choice(logits.shape[0], size=min(logit_rows, logits.shape[0]),
                                                                replace=False)
+    sample = x[torch.from_numpy(np.sort(take[:OUTPUT_ROWS])).to(x.device)]
+    out_sum = np.stack([adapter.expert_forward(block, e, sample).double().sum(0).cpu().numpy() for e in range(z)])
     return BatchStats(
         counts=np.bincount(flat_idx, minlength=z).astype(np.float64),
         gate_sum=np.bincount(flat_idx, weights=gate.reshape(-1).double().numpy(), minlength=z),
         prob_sum=logits.softmax(-1).sum(0).double().numpy(),
         reap_sum=np.bincount(flat_idx, weights=(reap_gate * norm).reshape(-1).double().numpy(), minlength=z),
         tokens=int(x.shape[0]),
-        logits=logits[torch.from_numpy(np.sort(take))].numpy())
+        logits=logits[torch.from_numpy(np.sort(take))].numpy(), out_sum=out_sum, out_rows=int(sample.shape[0]))
 
 
 def empty_stats(adapter, blocks: dict[int, torch.nn.Module]) -> dict[int, LayerStats]:
@@ -131,6 +142,9 @@ def add_in_order(stats: dict[int, LayerStats], parts: dict[tuple[int, int], Batc
         st.reap_sum += p.reap_sum
         st.prob_sum += p.prob_sum
         st.logits.append(p.logits)
+        if p.out_sum is not None:
+            st.out_sum = p.out_sum.copy() if st.out_sum is None else st.out_sum + p.out_sum
+            st.out_rows += p.out_rows
         for name, mass in p.companions.items():
             st.companions[name] = st.companions.get(name, 0) + mass
     return stats

@@ -24,6 +24,7 @@ class PruneConfig:
     calibration_examples: int = 1024
     recovery_steps: int = 200
     distill_alpha: float = 0.5
+    recovery_mode: str = "full"  # or "router": train only the routers and gates (arXiv 2603.02217, 2606.03391)
     gate_scale: bool = True
     ffn_keep: float = 1.0
     drop_layers: int = 0  # remove this many layers of the folded model (ShortGPT block influence)
@@ -73,6 +74,14 @@ class PruneConfig:
                               "drop one of them")
         if not 0 <= self.distill_alpha <= 1:
             raise ConfigError(f"distill alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.recovery_mode not in ("full", "router"):
+            raise ConfigError(f"--recovery-mode {self.recovery_mode!r}: give full or router")
+        if self.recovery_mode == "router" and self.experts == 1:
+            raise ConfigError("--recovery-mode router trains the routers, and --experts 1 folds them away; use "
+                              "--experts 2 or more, or full recovery")
+        if self.recovery_mode == "router" and self.generate:
+            raise ConfigError("--recovery-mode router: the generation recovery distils the whole language model so "
+                              "far; drop --recovery-mode")
 
     def _validate_structure(self) -> None:
         """The folded model's knobs: ranges, and only with one expert per layer."""

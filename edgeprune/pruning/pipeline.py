@@ -89,7 +89,8 @@ def _plan(original_dir, task, cfg: PruneConfig, model, adapter, mcfg, stats) -> 
     scores = methods.score_experts(mcfg, model, stats, source_dir=str(original_dir), adapter=adapter)
     return make_plan(cfg.method, scores, {i: adapter.num_experts(b) for i, b in blocks.items()},
                      {i: adapter.top_k(b) for i, b in blocks.items()}, k=cfg.experts, coverage=cfg.coverage,
-                     stats=stats, merge=mcfg.merges, seed=cfg.seed, gate_scale=cfg.gate_scale,
+                     stats=stats, clusters=mcfg.clusters if mcfg.merges else None, gate_scale=cfg.gate_scale,
+                     merge_rule=mcfg.merge_rule,
                      source=str(original_dir), task=task.name,
                      options=dict(cfg.method_options, calibration_examples=cfg.calibration_examples))
 
@@ -263,7 +264,7 @@ def _after_plan(pruned, original, adapter, plan, task, data, cfg: PruneConfig, t
         info["router"] = done
     info["recovery"] = recover(pruned, train_enc, cfg.recovery_steps, teacher=original,
                                distill_alpha=cfg.distill_alpha, max_length=task.max_length, progress=progress,
-                               seed=cfg.seed, fsdp=cfg.fsdp, device=cfg.device)
+                               seed=cfg.seed, fsdp=cfg.fsdp, device=cfg.device, mode=cfg.recovery_mode)
     distributed.release_workers()  # under torchrun, recovery was data-parallel; the rest is rank 0's
     if cfg.vocab_reserve is not None:  # the training split's tokens keep their segmentation: after recovery
         from edgeprune.pruning.vocab import prune_vocabulary

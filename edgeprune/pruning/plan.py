@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from scipy.special import softmax
@@ -55,6 +55,7 @@ class PrunePlan:
     source: Optional[str] = None
     task: Optional[str] = None
     options: dict = field(default_factory=dict)
+    merge_rule: str = "average"  # how a group's members combine: edgeprune.pruning.merge.MERGE_RULES
 
     @property
     def folds(self) -> bool:
@@ -98,7 +99,12 @@ class PrunePlan:
             layers.append(LayerPlan(layer, _integer(lp["num_experts"], f"layer {layer}: num_experts"),
                                     [_finite(s, f"layer {layer}: score") for s in lp["scores"]],
                                     groups, scale, companions))
-        return cls(d["method"], layers, d.get("source"), d.get("task"), d.get("options", {}))
+        from edgeprune.pruning.merge import MERGE_RULES
+
+        rule = d.get("merge_rule", "average")
+        if rule not in MERGE_RULES:
+            raise ValueError(f"merge_rule {rule!r} is not one of {', '.join(MERGE_RULES)}")
+        return cls(d["method"], layers, d.get("source"), d.get("task"), d.get("options", {}), rule)
 
     @classmethod
     def load(cls, path: str | Path) -> "PrunePlan":
@@ -176,10 +182,11 @@ def validate_plan(plan: PrunePlan, model, adapter=None) -> None:
 
 def make_plan(method: str, scores: dict[int, np.ndarray], num_experts: dict[int, int], top_k: dict[int, int],
               k: Optional[int] = None, coverage: Optional[float] = None,
-              stats: Optional[dict[int, LayerStats]] = None, merge: bool = False, seed: int = 0,
+              stats: Optional[dict[int, LayerStats]] = None, clusters: Optional[Callable] = None,
               gate_scale: bool = True, **meta) -> PrunePlan:
     """Keep the top-``k`` experts by score per layer (or an adaptive k from routing ``coverage``);
-    with ``merge`` (UNCURL) cluster the experts into k groups instead. With ``gate_scale`` and statistics,
+    with ``clusters`` (a merging method's :meth:`~edgeprune.pruning.methods.MethodConfig.clusters`: layer statistics
+    and k -> groups) cluster the experts into k groups instead. With ``gate_scale`` and statistics,
     a top-1 layer gets the ``output_scale`` of :func:`gate_output_scale` (at k = 1: its mean top-1 gate)."""
     if (k is None) == (coverage is None):
         raise ConfigError("give exactly one of --experts K or --coverage SHARE")
@@ -199,10 +206,10 @@ def make_plan(method: str, scores: dict[int, np.ndarray], num_experts: dict[int,
         else:
             k_l = k
         validate_k(k_l, num_experts[layer], top_k[layer], layer)
-        if merge:
-            from edgeprune.pruning.merge import uncurl_clusters
-
-            groups = uncurl_clusters(stats[layer], k_l, seed=seed)
+        if clusters is not None:
+            if stats is None:
+                raise ConfigError(f"{method} merges clusters of experts and needs calibration statistics")
+            groups = clusters(stats[layer], k_l)
         else:
             order = sorted(range(len(s)), key=lambda e: (-s[e], e))
             groups = [[(e, 1.0)] for e in sorted(order[:k_l])]

@@ -118,7 +118,7 @@ def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype:
             # one layer's original tensors, read at most once (a fused expert tensor serves every kept expert)
             original = _Chain({}, ckpt, wdtype)
             plan_layer(adapter, original, state, paths[layer], by_layer[layer],
-                       adapter.router_keys(src_model, layer))
+                       adapter.router_keys(src_model, layer), plan.merge_rule)
         view = _Chain(state, ckpt, wdtype)
         mapped = adapter.fold_layer(view, paths[layer], pruned.get_submodule(paths[layer])) \
             if folding and layer in paths else {}

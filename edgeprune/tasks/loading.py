@@ -237,11 +237,12 @@ def _shipped(task: Task, split: str) -> Path:
     return Path(str(root))
 
 
-def _carve(rows: list[Example], validation: bool) -> list[Example]:
-    """The fixed, seeded validation share of a train file (``validation=True``) or the rest of it."""
+def _carve(rows: list[Example], validation: bool, seed: int = AGNEWS_VALIDATION_SEED,
+           fraction: float = AGNEWS_VALIDATION_FRACTION) -> list[Example]:
+    """The fixed, seeded ``fraction`` of a train file (``validation=True``) or the rest of it."""
     order = list(range(len(rows)))
-    random.Random(AGNEWS_VALIDATION_SEED).shuffle(order)
-    held = set(order[: int(len(rows) * AGNEWS_VALIDATION_FRACTION)])
+    random.Random(seed).shuffle(order)
+    held = set(order[: int(len(rows) * fraction)])
     if validation:
         return [r for i, r in enumerate(rows) if i in held]
     held_texts = {(rows[i].text, rows[i].text_pair) for i in held}  # duplicates in the file must not leak
@@ -273,8 +274,25 @@ def load_split(task: Task, split: str, train_file: str | Path | None = None, eva
         raise DataError(f"task {task.name} has no {split} split")
     if split == "train" and user is None and task.carve_validation:
         rows = _carve(rows, validation=False)
+    return subsample(rows, limit)
+
+
+def subsample(rows: list[Example], limit: int | None) -> list[Example]:
+    """The first ``limit`` examples after a seeded shuffle, in file order (all of them without ``limit``)."""
     if limit is not None and limit < len(rows):
         order = list(range(len(rows)))
         random.Random(0).shuffle(order)
         rows = [rows[i] for i in sorted(order[:limit])]
     return rows
+
+
+SELECTION_SEED, SELECTION_FRACTION = 20261207, 0.1
+
+
+def load_selection_split(task: Task, split: str, train_file=None, columns: Columns | None = None,
+                         limit: int | None = None) -> list[Example]:
+    """The search's splits, both carved from the training split: ``validation`` is a fixed, seeded 10% of it (the
+    selection split candidates are compared on), ``train`` the rest (recovery and calibration). The task's own
+    validation split stays unseen by the choice, so the figures a build reports on it are not the ones that chose."""
+    rows = load_split(task, "train", train_file, None, columns)
+    return subsample(_carve(rows, split == "validation", SELECTION_SEED, SELECTION_FRACTION), limit)

@@ -16,13 +16,28 @@ class DataSpec:
     train_file: Optional[str] = None
     eval_file: Optional[str] = None
     columns: Optional[Columns] = None
+    selection: bool = False  # the search's splits: "validation" = a seeded 10% of train, "train" = the rest
 
     def key(self) -> dict:
-        return {"train": file_sha256(self.train_file) if self.train_file else None,
-                "eval": file_sha256(self.eval_file) if self.eval_file else None,
-                "columns": self.columns.__dict__ if self.columns else None}
+        key = {"train": file_sha256(self.train_file) if self.train_file else None,
+               "eval": file_sha256(self.eval_file) if self.eval_file else None,
+               "columns": self.columns.__dict__ if self.columns else None}
+        return dict(key, selection=True) if self.selection else key
+
+    @property
+    def validation_name(self) -> str:
+        """What ``load(task, "validation")`` returns, as reports name it."""
+        return "selection split (a seeded 10% of the training split)" if self.selection else "validation split"
 
     def load(self, task: Task, split: str, limit: Optional[int] = None):
+        if self.selection:
+            from edgeprune.tasks.loading import load_selection_split
+
+            if split not in ("train", "validation"):
+                from edgeprune.errors import ConfigError
+
+                raise ConfigError(f"unknown split {split!r}; use train or validation")
+            return load_selection_split(task, split, self.train_file, self.columns, limit=limit)
         return load_split(task, split, self.train_file, self.eval_file, self.columns, limit=limit)
 
 

@@ -162,7 +162,7 @@ or `edgeprune predict DIR "some text"`.{_js_use(m)}
 
 ## Limitations
 
-- Accuracy is measured on the task's validation split, not on a held-out test set.
+- Accuracy is measured on the {r.get('data', {}).get('note', "task's validation split; not a held-out test set")}.
 - Latency is the build host's ({sp['threads']} thread): a proxy for the device; the ratios carry over better.
 - Inputs longer than {m['max_length']} tokens are truncated.
 - Built with: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.

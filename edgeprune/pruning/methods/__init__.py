@@ -25,7 +25,7 @@ from edgeprune.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-MODULES = ("frequency", "chen2022", "chowdhury2024", "reap", "random_scores", "uncurl")
+MODULES = ("frequency", "chen2022", "chowdhury2024", "reap", "random_scores", "uncurl", "hc_smoe", "m_smoe", "ties")
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,13 @@ class MethodConfig:
     """Base of all method configs. ``needs_calibration``: task data must be run through the model;
     ``merges``: the plan merges clusters of experts; ``progressive``: the plan is made while fine-tuning;
     ``options``: the command-line options this method adds (besides the shared ``--seed``, which every method
-    with a ``seed`` field receives)."""
+    with a ``seed`` field receives); ``merge_rule``: how a merging method combines a group's experts
+    (:data:`edgeprune.pruning.merge.MERGE_RULES`)."""
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = True
     merges: ClassVar[bool] = False
+    merge_rule: ClassVar[str] = "average"
     progressive: ClassVar[bool] = False
     options: ClassVar[tuple[MethodOption, ...]] = ()
 
@@ -63,6 +65,11 @@ class MethodConfig:
 
     def needs_after_apply(self, plan) -> bool:
         return False
+
+    def clusters(self, stats, k: int) -> list[list[tuple[int, float]]]:
+        """A merging method's k groups of one layer from its statistics: ``[[(expert, weight), ...], ...]``, the
+        group's reference (the expert the others are aligned to) first."""
+        raise NotImplementedError(f"{self.name} does not merge")
 
 
 Handler = Callable[..., "dict[int, np.ndarray]"]
@@ -82,6 +89,12 @@ def register(cfg_cls: type[MethodConfig]) -> Callable[[Callable], Callable]:
         return fn
 
     return deco
+
+
+def usage_scores(cfg: MethodConfig, model, stats, **_) -> "dict[int, np.ndarray]":
+    """A merging method's scores: each expert's usage (the groups themselves come from its :meth:`clusters` when
+    the plan knows k)."""
+    return {i: s.counts.astype(float) for i, s in stats.items()}
 
 
 def _load() -> None:

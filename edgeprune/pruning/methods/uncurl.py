@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from edgeprune.pruning.methods import MethodConfig, MethodOption, register
+from edgeprune.pruning.methods import MethodConfig, MethodOption, register, usage_scores
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,11 @@ class Uncurl(MethodConfig):
     router_steps: int = 50
     seed: int = 0
 
+    def clusters(self, stats, k: int):
+        from edgeprune.pruning.merge import uncurl_clusters
+
+        return uncurl_clusters(stats, k, seed=self.seed)
+
     def needs_after_apply(self, plan) -> bool:
         return not plan.folds  # at k = 1 there is no router left to train
 
@@ -37,7 +42,4 @@ class Uncurl(MethodConfig):
                             progress=progress, adapter=adapter)
 
 
-@register(Uncurl)
-def score(cfg: Uncurl, model, stats, **_):
-    # Scores are the usage; the clusters are made when the plan knows D (see plan.make_plan).
-    return {i: s.counts.astype(float) for i, s in stats.items()}
+register(Uncurl)(usage_scores)
