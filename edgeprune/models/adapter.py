@@ -83,6 +83,7 @@ class MoEAdapter:
     # keyword arguments of the block's call that its routing reads besides the hidden states (DeepSeek-V4's hash
     # layers: input_ids); calibration records them per token and passes them to routing()
     routing_kwargs: ClassVar[tuple[str, ...]] = ()
+    per_layer_counts: ClassVar[bool] = False  # the config stores an expert count per layer (BERT-MoE)
 
     # -- where the blocks are -------------------------------------------------------------------------------
     def block_paths(self, model: nn.Module) -> dict[int, str]:

@@ -236,11 +236,17 @@ class FusedAdapter(MoEAdapter):
                 ex.__dict__.pop("forward", None)
 
     def export_patch(self, model):
+        from edgeprune.pruning.padding import slots
+
+        layers = {id(b): layer for layer, b in self.blocks(model).items()}
+
         def make(block, ex):
+            skip = slots(model.config, layers[id(block)])  # padded experts are never selected: not computed
+
             def forward(hidden, idx, weight):
                 if ex.down_proj.shape[0] == 1:
                     weight = self.one_expert_weight(block, hidden, weight)
-                return dense_dispatch(ex, hidden, idx, weight)
+                return dense_dispatch(ex, hidden, idx, weight, skip)
             return forward
         return self.experts_patch(model, make)
 
@@ -260,16 +266,19 @@ def glu(act, h: torch.Tensor) -> torch.Tensor:
     return act(gate) * up
 
 
-def dense_dispatch(ex: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def dense_dispatch(ex: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                   skip=()) -> torch.Tensor:
     """Every expert on every token, combined with a (T, E) weight matrix that is zero off the top-k: exactly the
     family's sum, with no data-dependent indexing. The matrix sums one-hot rows of the routed indices times their
     weights, so an expert named twice for a token counts twice, as the families' own expert loops do (DeepSeek-V4's
     hash table, all zeros in a fresh checkpoint, names expert 0 twice); a top-k never repeats one. One 2-D matmul
-    pair per expert (unrolled when traced), so that ONNX Runtime's quantizers see plain MatMuls with 2-D weights."""
+    pair per expert (unrolled when traced), so that ONNX Runtime's quantizers see plain MatMuls with 2-D weights.
+    ``skip``: experts whose weight is always 0 (padded slots, :mod:`edgeprune.pruning.padding`), not computed."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     z = ex.down_proj.shape[0]
     w = (F.one_hot(idx.reshape(flat.shape[0], -1), z).to(weight.dtype) * weight.reshape(flat.shape[0], -1, 1)).sum(1)
-    out = sum(w[:, e : e + 1].to(flat.dtype) * FusedAdapter.all_experts(ex, flat, [e])[0] for e in range(z))
+    out = sum(w[:, e : e + 1].to(flat.dtype) * FusedAdapter.all_experts(ex, flat, [e])[0]
+              for e in range(z) if e not in skip)
     return out.reshape(hidden.shape).to(hidden.dtype)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from edgeprune.models.adapter import clone_model, scale_outputs
 from edgeprune.models.registry import adapter_for
+from edgeprune.pruning import padding
 from edgeprune.pruning.merge import merge_experts
 from edgeprune.pruning.plan import PrunePlan, group_mixing, validate_plan
 
@@ -35,8 +36,11 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True, adapt
     for layer, lp in by_layer.items():
         adapter.check_k(model.get_submodule(paths[layer]), lp.k)
     config = model.config.__class__.from_dict(model.config.to_dict())
+    ks = {l: lp.k for l, lp in by_layer.items()}
+    padded = padding.padded_counts(adapter, model, ks)  # a per-layer k the family cannot store: padded to the max
     # the expert count lives in the text model's config (a multimodal checkpoint's text_config; else the config)
-    adapter.resize_config(config.get_text_config(), {l: lp.k for l, lp in by_layer.items()})
+    adapter.resize_config(config.get_text_config(), padded or ks)
+    padding.mark(config.get_text_config(), ks, padded)
     new = clone_model(model, config)
     src, dst = model.state_dict(), new.state_dict()
     for key in dst:  # everything whose shape did not change (experts and router rows are rewritten below)
@@ -44,6 +48,9 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True, adapt
             dst[key] = src[key].clone()
     for layer, lp in by_layer.items():
         plan_layer(adapter, src, dst, paths[layer], lp, adapter.router_keys(model, layer), plan.merge_rule)
+        if padded:
+            padding.pad_layer(adapter, dst, paths[layer], adapter.router_keys(model, layer), lp.k, padded[layer],
+                              padding.selection_bias_key(adapter, model, layer))
     new.load_state_dict(dst)
     new.eval()
     if fold and plan.folds:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from edgeprune.models.adapter import zero_pad
 from edgeprune.models.registry import adapter_for
+from edgeprune.pruning import padding
 from edgeprune.pruning.apply import plan_layer
 from edgeprune.pruning.plan import PrunePlan, validate_plan
 from edgeprune.scale.lazy import LazyCheckpoint, layer_of
@@ -98,7 +99,10 @@ def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype:
         adapter.check_k(src_model.get_submodule(paths[layer]), lp.k)
     wdtype = next(src_model.parameters()).dtype
     config = src_model.config.__class__.from_dict(src_model.config.to_dict())
-    adapter.resize_config(config, {l: lp.k for l, lp in by_layer.items()})
+    ks = {l: lp.k for l, lp in by_layer.items()}
+    padded = padding.padded_counts(adapter, src_model, ks)
+    adapter.resize_config(config, padded or ks)
+    padding.mark(config.get_text_config(), ks, padded)
     with init_empty_weights(include_buffers=False):
         pruned = type(src_model)._from_config(config, dtype=wdtype)
         folding = fold and plan.folds and adapter.dense is not None
@@ -117,8 +121,11 @@ def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype:
         if layer in by_layer:
             # one layer's original tensors, read at most once (a fused expert tensor serves every kept expert)
             original = _Chain({}, ckpt, wdtype)
-            plan_layer(adapter, original, state, paths[layer], by_layer[layer],
-                       adapter.router_keys(src_model, layer), plan.merge_rule)
+            keys = adapter.router_keys(src_model, layer)
+            plan_layer(adapter, original, state, paths[layer], by_layer[layer], keys, plan.merge_rule)
+            if padded:
+                padding.pad_layer(adapter, state, paths[layer], keys, by_layer[layer].k, padded[layer],
+                                  padding.selection_bias_key(adapter, src_model, layer))
         view = _Chain(state, ckpt, wdtype)
         mapped = adapter.fold_layer(view, paths[layer], pruned.get_submodule(paths[layer])) \
             if folding and layer in paths else {}

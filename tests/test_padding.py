@@ -1,0 +1,110 @@
+"""Different k per layer that stock transformers loads (edgeprune.pruning.padding): every layer padded to the largest
+k with slots the router never selects, on tiny family checkpoints built from config classes. Exactness: the padded
+model against the original with each layer's dropped experts' router logits at -inf (1e-5, as the equal-k test), the
+reload and the streamed path against the in-memory model bit for bit (torch.equal)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgeprune.errors import ConfigError
+from edgeprune.models.fused import FusedAdapter
+from edgeprune.models.registry import adapter_for
+from edgeprune.pruning.apply import apply_plan
+from edgeprune.pruning.padding import CONFIG_KEY, PAD_BIAS, slots
+from edgeprune.pruning.plan import LayerPlan, PrunePlan
+from tests.families import tiny_family_model
+from tests.test_families import batch
+
+KEPT = {0: [0, 2, 5], 1: [1, 2, 3, 4]}
+
+
+def plan_per_layer(kept: dict[int, list[int]], z: int = 6) -> PrunePlan:
+    return PrunePlan("manual", [LayerPlan(l, z, [0.0] * z, [[(e, 1.0)] for e in ks]) for l, ks in kept.items()])
+
+
+@torch.no_grad()
+def masked_per_layer(model, kept: dict[int, list[int]], inputs) -> torch.Tensor:
+    """The original whose router logits (and selection biases) of each layer's dropped experts are -inf."""
+    adapter = adapter_for(model.config)
+    blocks = adapter.blocks(model)
+    z = adapter.num_experts(blocks[0])
+    drop = {l: torch.tensor([e not in kept[l] for e in range(z)]) for l in blocks}
+    by_weight = {adapter.router(b).weight.data_ptr(): drop[l] for l, b in blocks.items()}
+    biases = [(buf, drop[l]) for l, b in blocks.items() for n, buf in
+              list(adapter.router(b).named_buffers()) + list(b.named_buffers(recurse=False)) if "bias" in n]
+    saved = [buf.clone() for buf, _ in biases]
+    linear = F.linear
+
+    def masked(x, w, *a, **kw):
+        out = linear(x, w, *a, **kw)
+        return out.masked_fill(by_weight[w.data_ptr()], float("-inf")) if w.data_ptr() in by_weight else out
+
+    F.linear = masked
+    try:
+        for buf, d in biases:
+            buf.masked_fill_(d, float("-inf"))
+        return model(**inputs).logits
+    finally:
+        F.linear = linear
+        for (buf, _), old in zip(biases, saved):
+            buf.copy_(old)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "gpt_oss"])
+def test_per_layer_k_is_padded_to_the_largest_and_computes_what_the_plan_keeps(family, tmp_path, monkeypatch):
+    model = tiny_family_model(family, vocab=100)
+    x = batch(100)
+    pruned = apply_plan(model, plan_per_layer(KEPT), fold=False)
+    adapter = adapter_for(pruned.config)
+    assert [adapter.num_experts(b) for b in adapter.blocks(pruned).values()] == [4, 4]
+    assert getattr(pruned.config.get_text_config(), CONFIG_KEY) == {"0": [3]} and slots(pruned.config, 0) == {3}
+    with torch.no_grad():
+        got = pruned(**x).logits
+    assert torch.allclose(got, masked_per_layer(model, KEPT, x), atol=1e-5, rtol=0)
+    bias = [k for k in adapter.router_keys(pruned, 0) if k.endswith("bias")][0]
+    assert pruned.state_dict()[bias][3] == PAD_BIAS
+    pruned.save_pretrained(tmp_path)  # the family's own class loads it: no remote code, one expert count
+    again = type(pruned).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**x).logits, got)
+    computed = []
+    real = FusedAdapter.all_experts
+
+    def counting(ex, flat, which=None):
+        computed.append((id(ex), tuple(which or ())))
+        return real(ex, flat, which)
+
+    monkeypatch.setattr(FusedAdapter, "all_experts", staticmethod(counting))
+    with torch.no_grad(), adapter.export_patch(again):
+        exported = again(**x).logits
+    assert torch.allclose(exported, got, atol=1e-5, rtol=0)
+    layer0 = id(getattr(adapter.blocks(again)[0], adapter.experts_attr))
+    assert sorted(w for ex, w in computed if ex == layer0) == [(0,), (1,), (2,)]  # the padded slot is not computed
+
+
+def test_per_layer_k_streamed_equals_in_memory(tmp_path, tiny_tokenizer):
+    from safetensors.torch import load_file
+
+    from edgeprune.pruning.stream import stream_apply
+
+    tok, vocab = tiny_tokenizer
+    model = tiny_family_model("deepseek_v3", vocab=vocab)
+    model.save_pretrained(tmp_path / "orig")
+    tok.save_pretrained(tmp_path / "orig")
+    stream_apply(tmp_path / "orig", plan_per_layer(KEPT), tmp_path / "out", progress=False)
+    streamed = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        streamed.update(load_file(str(f)))
+    memory = apply_plan(model, plan_per_layer(KEPT), fold=False).state_dict()
+    assert set(streamed) == {k for k in memory if k in streamed} and len(streamed) >= len(memory) - 2
+    for k, t in streamed.items():
+        assert torch.equal(t, memory[k]), k
+
+
+def test_a_router_without_a_selection_bias_keeps_one_k_per_model():
+    model = tiny_family_model("mixtral", vocab=100)
+    with pytest.raises(ConfigError, match="^mixtral stores one expert count for all layers and its router has no "
+                                          "selection bias"):
+        apply_plan(model, plan_per_layer(KEPT), fold=False)
