@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--router-recovery", action=argparse.BooleanOptionalAction, default=True,
                     help="also recover a copy with only the routers trained (k >= 2; --recovery-steps steps)")
+    ap.add_argument("--test-file", help="held-out examples of the task (TSV, CSV or JSONL with its columns): every "
+                                        "accuracy is also measured on them, and the summary claims on them")
     args = ap.parse_args()
     if args.recipe == "btx":
         from edgeprune.originals.btx import BtxRecipe
@@ -68,7 +70,8 @@ def main() -> None:
     for name in args.tasks:
         task = get_task(name)
         data = DataSpec()
-        dense = load_meta(ensure_original(OriginalSpec(task, kind="dense")))
+        dense_dir = ensure_original(OriginalSpec(task, kind="dense"))
+        dense = load_meta(dense_dir)
         val = data.load(task, "validation", limit=args.eval_examples)
         for z in args.experts:
             btx = BtxRecipe() if args.recipe == "btx" else None
@@ -78,6 +81,13 @@ def main() -> None:
             va = encode(val, tok, task.max_length)
             tr = encode(data.load(task, "train"), tok, task.max_length)
             orig_acc = accuracy(predict_logits(original, va), va.labels)
+            te = encode(DataSpec(eval_file=args.test_file).load(task, "validation"), tok, task.max_length) \
+                if args.test_file else None
+
+            def on_test(m):
+                return None if te is None or m is None else round(accuracy(predict_logits(m, te), te.labels), 4)
+
+            test_original, test_dense = on_test(original), on_test(load_model(dense_dir)) if te is not None else None
             teacher = TeacherCache(original)  # same seeded batches in every cell: one teacher pass
             ks = [z // f for f in args.factors] if args.factors else args.ks
             for k in ks:
@@ -94,11 +104,12 @@ def main() -> None:
                                       recovery_steps=args.recovery_steps, method_options=options)
                     if progressive:
                         model, plan, _ = prune(odir, task, data, cfg, progress=False)
-                        before = None
+                        before = test_before = None
                     else:
                         plan = score(odir, task, data, cfg, model=original, progress=False)
                         model = apply_plan(original, plan)
                         before = accuracy(predict_logits(model, va), va.labels)
+                        test_before = on_test(model)
                         cfg.method_config().after_apply(model, plan, tr, teacher, cfg, task, progress=False)
                         routed = None
                         if args.router_recovery and k > 1:
@@ -119,9 +130,39 @@ def main() -> None:
                            "after_router_only": None if progressive or routed is None else round(routed[0], 4),
                            "router_only_seconds": None if progressive or routed is None else round(routed[1], 1),
                            "seconds": round(time.perf_counter() - t0, 1)}
+                    if te is not None:
+                        row.update(test_before=test_before, test_after=on_test(model), test_original=test_original,
+                                   test_dense=test_dense)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     write(args, rows)
+
+
+def compare(task, k, group, rand, aware, prefix: str) -> list[str]:
+    """Summary lines: the best task-aware method (chosen on validation, whatever ``prefix`` reports) against random's
+    mean and spread, and Chen et al. 2022's share of the MoE's gain over the dense baseline kept."""
+    split = "held-out" if prefix else "validation"
+    out = []
+    for c in ("before", "after"):
+        cands = [r for r in aware if r[c] is not None]
+        vals = [r[prefix + c] for r in rand]
+        if not cands or None in vals:
+            continue
+        best = max(cands, key=lambda r: r[c])  # chosen on validation, always
+        mean, sd = statistics.mean(vals), statistics.stdev(vals)
+        out.append(f"- {task}, k = {k}, {c} recovery ({split}): best task-aware on validation, {best['method']}, "
+                   f"{best[prefix + c]:.4f} vs random {mean:.4f} ± {sd:.4f}: {100 * (best[prefix + c] - mean):+.2f} points")
+    original, dense = group[0][prefix + "original"], group[0][prefix + "dense"]
+    gain = original - dense
+    if aware and gain > 0:
+        best = max(aware, key=lambda r: r["after"])
+        out.append(f"- {task}, k = {k} ({split}): original {original:.4f} vs dense baseline {dense:.4f}; the best after "
+                   f"recovery on validation ({best['method']}) keeps {(best[prefix + 'after'] - dense) / gain:.2f} of the "
+                   "gain (Chen et al. 2022: (pruned - dense) / (original - dense))")
+    elif aware:
+        out.append(f"- {task}, k = {k} ({split}): the original ({original:.4f}) does not beat the dense baseline "
+                   f"({dense:.4f}): no MoE gain to keep")
+    return out
 
 
 def write(args, rows) -> None:
@@ -152,23 +193,16 @@ def write(args, rows) -> None:
             sd = {c: statistics.stdev(r[c] for r in rand) for c in ("before", "after")}
             lines.append(f"| {task} | {z} | {k} | **random, mean ± sd of {len(rand)} seeds** | {mean['before']:.4f} ± "
                          f"{sd['before']:.4f} | {mean['after']:.4f} ± {sd['after']:.4f} | | | | | | |")
-            for c in ("before", "after"):
-                cands = [r for r in aware if r[c] is not None]
-                if cands:
-                    best = max(cands, key=lambda r: r[c])
-                    summary.append(f"- {task}, k = {k}, {c} recovery: best task-aware {best['method']} "
-                                   f"{best[c]:.4f} vs random {mean[c]:.4f} ± {sd[c]:.4f}: "
-                                   f"{100 * (best[c] - mean[c]):+.2f} points")
-            dense = group[0]["dense"]
-            gain = group[0]["original"] - dense
-            if aware and gain > 0:
-                best = max(aware, key=lambda r: r["after"])
-                summary.append(f"- {task}, k = {k}: original {group[0]['original']:.4f} vs dense baseline {dense:.4f}; "
-                               f"best after recovery ({best['method']}) keeps {(best['after'] - dense) / gain:.2f} of the "
-                               "gain (Chen et al. 2022: (pruned - dense) / (original - dense))")
-            elif aware:
-                summary.append(f"- {task}, k = {k}: the original ({group[0]['original']:.4f}) does not beat the dense "
-                               f"baseline ({dense:.4f}): no MoE gain to keep")
+            summary += compare(task, k, group, rand, aware, "")
+            if group[0].get("test_original") is not None:
+                summary += compare(task, k, group, rand, aware, "test_")
+    if any(r.get("test_after") is not None for r in rows):
+        lines += ["", f"Held-out ({args.test_file}): the same cells", "",
+                  "| task | k | method | before | after | original | dense baseline |", "|" + " --- |" * 7]
+        for r in rows:
+            tb = "" if r.get("test_before") is None else f"{r['test_before']:.4f}"
+            lines.append(f"| {r['task']} | {r['k']} | {r['method']} | {tb} | {r['test_after']:.4f} | "
+                         f"{r['test_original']:.4f} | {r['test_dense']:.4f} |")
     if summary:
         lines += ["", "Task-aware against random (goals of issue 28: +3 points before recovery at k = 1, +1 after):",
                   ""] + summary
