@@ -157,3 +157,30 @@ def test_dense_twin_has_the_same_masked_lm_budget(dense_dir, tmp_path, cache):
     spec = OriginalSpec(get_task("sst2"), kind="dense", dense_dir=str(dense_dir), steps=2, btx=recipe)
     meta = load_meta(ensure_original(spec, progress=False))
     assert meta["kind"] == "dense" and meta["btx"]["mix_steps"] == 4 and "mlm-twin" in spec.directory().name
+
+
+def test_build_recipe_btx_takes_the_btx_original_and_not_the_upcycled_ones_preset(tmp_path):
+    from edgeprune.build.config import BuildConfig
+    from edgeprune.build.presets import apply_presets
+    from edgeprune.pruning.config import PruneConfig
+    from edgeprune.targets import load_target
+
+    target = load_target("arm64")
+    assert target.prune.presets()  # the recipe chosen on the upcycled default original
+    cfg, said = PruneConfig(), []
+    apply_presets(cfg, target, None, set(), said.append, other="the BTX original")
+    assert cfg.drop_layers == 0 and cfg.ffn_keep == 1.0 and "not applied to the BTX original" in said[0]
+    spec = BuildConfig(task=get_task("mnli"), target=target, out=tmp_path, recipe="btx").original_spec()
+    assert spec.btx == BtxRecipe() and spec.kind == "moe"
+    assert BuildConfig(task=get_task("mnli"), target=target, out=tmp_path).original_spec().btx is None
+
+
+def test_build_recipe_btx_with_a_model_is_one_line(tmp_path, cache):
+    from click.testing import CliRunner
+
+    from edgeprune.cli import main
+
+    (tmp_path / "m").mkdir()
+    res = CliRunner().invoke(main, ["build", "--task", "sst2", "--recipe", "btx", "--model", str(tmp_path / "m"),
+                                    "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--recipe picks the default original; with --model DIR drop it" in res.output

@@ -76,10 +76,10 @@ class ClassifierBuild:
     """The classifier's stages for :func:`edgeprune.build.spine.run`."""
 
     def default_original(self, cfg: BuildConfig) -> Path:
-        from edgeprune.originals.classifier import OriginalSpec, ensure_original
+        from edgeprune.originals.classifier import ensure_original
 
-        log(f"original: default MoE for {cfg.task.name} (built once, then cached)")
-        return ensure_original(OriginalSpec(cfg.task, cfg.data, "moe"))
+        log(f"original: default {'BTX ' if cfg.recipe == 'btx' else ''}MoE for {cfg.task.name} (built once, then cached)")
+        return ensure_original(cfg.original_spec())
 
     def prepare(self, cfg: BuildConfig, original_dir: Path) -> Prepared:
         """The original (its skeleton when it is too large for memory: scoring, pruning and its validation logits

@@ -32,13 +32,24 @@ class BuildConfig:
     command: str = ""
     extra_files: dict = field(default_factory=dict)  # artifact-relative name -> file to copy in (the search's front)
     emulate: bool = False  # also run the artifact on arm64 kernels under qemu before publishing (validate/arm64.py)
+    recipe: str = "upcycle"  # the default original when there is no model_dir: upcycled, or "btx" (originals/btx.py)
+
+    def original_spec(self):
+        """The default original of this build (used when ``model_dir`` is None)."""
+        from edgeprune.originals.classifier import OriginalSpec
+
+        if self.recipe == "btx":
+            from edgeprune.originals.btx import BtxRecipe
+
+            return OriginalSpec(self.task, self.data, "moe", btx=BtxRecipe())
+        return OriginalSpec(self.task, self.data, "moe")
 
     def to_dict(self) -> dict:
         return {"task": self.task.name, "target": self.target.to_dict(), "out": str(self.out),
                 "data": asdict(self.data), "model": self.model_dir, "prune": self.prune.to_dict(),
                 "plan_file": self.plan_file, "eval_examples": self.eval_examples,
                 "parity_examples": self.parity_examples, "latency_iters": self.latency_iters,
-                "command": self.command}
+                "command": self.command, "recipe": self.recipe}
 
 
 def log(msg: str) -> None:

@@ -79,10 +79,11 @@ def _has_dense_sibling(model_type) -> bool:
 
 
 def apply_presets(prune_cfg, target, plan_file: Optional[str], given: set[str], say: Callable[[str], None],
-                  model_dir: Optional[str] = None, preset_file: Optional[str] = None) -> None:
+                  model_dir: Optional[str] = None, preset_file: Optional[str] = None, other: Optional[str] = None) -> None:
     """Set on ``prune_cfg`` the preset's knobs the user left at their defaults (``given``: the options given):
     ``--preset FILE`` for any model, else the target's ``[prune]`` recipe when the build prunes the default
-    original (no ``model_dir``). Said in one line; see the module docstring for what does not fit."""
+    original (no ``model_dir``, and ``other`` None: not another default such as ``"the BTX original"``). Said in one
+    line; see the module docstring for what does not fit."""
     if prune_cfg.vocab_reserve == -1:  # explicitly the full vocabulary
         prune_cfg.vocab_reserve = None
         given = given | {"vocab_reserve"}
@@ -90,12 +91,12 @@ def apply_presets(prune_cfg, target, plan_file: Optional[str], given: set[str], 
     presets = load_preset(preset_file) if preset_file else target.prune.presets()
     if not presets:
         return
-    if not preset_file and model_dir is not None:
+    if not preset_file and (model_dir is not None or other):
         left = {k: v for k, v in presets.items() if k not in given}
         if left:
             say(f"[edgeprune] {source}: its [prune] preset ({_options(left)}) was chosen for the default original; "
-                "not applied to --model (give --preset FILE, e.g. the one `edgeprune search` wrote for this model, or "
-                "the options)")
+                f"not applied to {other or '--model'} (give --preset FILE, e.g. the one `edgeprune search` wrote for "
+                "this model, or the options)")
         return
     if prune_cfg.progressive or plan_file or prune_cfg.experts != 1:
         why = (f"{prune_cfg.method} makes its plan while fine-tuning" if prune_cfg.progressive

@@ -170,9 +170,9 @@ def selection_config(cfg):
     data (the model being searched is the one the build prunes), then every stage on the selection splits."""
     if cfg.data.selection:
         return cfg
-    from edgeprune.originals.classifier import OriginalSpec, ensure_original
+    from edgeprune.originals.classifier import ensure_original
 
-    model_dir = cfg.model_dir or str(ensure_original(OriginalSpec(cfg.task, cfg.data, "moe")))
+    model_dir = cfg.model_dir or str(ensure_original(cfg.original_spec()))
     return replace(cfg, model_dir=model_dir, data=replace(cfg.data, selection=True))
 
 
@@ -202,9 +202,9 @@ def _candidate(cfg, workdir: Path, knobs: dict, n: int, trials: int, original: d
 def _layers(cfg) -> int:
     """The original's number of layers (its config.json), for the depth knob's range."""
     from edgeprune.models.checkpoint import read_config
-    from edgeprune.originals.classifier import OriginalSpec, ensure_original
+    from edgeprune.originals.classifier import ensure_original
 
-    original_dir = cfg.model_dir or ensure_original(OriginalSpec(cfg.task, cfg.data, "moe"))
+    original_dir = cfg.model_dir or ensure_original(cfg.original_spec())
     return int(read_config(original_dir).get("num_hidden_layers", 1))
 
 

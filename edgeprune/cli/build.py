@@ -32,10 +32,13 @@ from edgeprune.errors import BudgetError, ConfigError
 @click.option("--emulate", is_flag=True,
               help="Also run the artifact on arm64 kernels under qemu (neoverse-n1, cortex-a72) before publishing it, "
                    "against x86_64 on the validation data (`edgeprune emulate setup` once; classifiers).")
+@click.option("--recipe", type=click.Choice(["upcycle", "btx"]), default="upcycle", show_default=True,
+              help="Without --model: the default original upcycled, or by Branch-Train-MiX (`edgeprune original "
+                   "--recipe btx`; the target's [prune] preset was chosen on the upcycled one and is not applied).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Artifact directory [default: build/<task>-<target>, build/<task>-<target>-generate with --generate].")
 def build(task, data, prune_cfg, model_dir, given, target_name, plan_file, eval_examples, latency_iters,
-          embedding_bits, preset_file, search_trials, emulate, out) -> None:
+          embedding_bits, preset_file, search_trials, emulate, recipe, out) -> None:
     """The whole pipeline: prune, recover, export, quantize, validate against the original, check budgets."""
     from edgeprune.build.config import BuildConfig
     from edgeprune.build.presets import apply_presets, with_embedding_bits
@@ -56,7 +59,10 @@ def build(task, data, prune_cfg, model_dir, given, target_name, plan_file, eval_
             raise ConfigError("--search, --preset and --embedding-bits are for classifiers; a --generate build takes "
                               "its weights from the target's [generate] section")
     else:
-        apply_presets(prune_cfg, target, plan_file, given, click.echo, model_dir=model_dir, preset_file=preset_file)
+        if recipe == "btx" and model_dir:
+            raise ConfigError("--recipe picks the default original; with --model DIR drop it")
+        apply_presets(prune_cfg, target, plan_file, given, click.echo, model_dir=model_dir, preset_file=preset_file,
+                      other="the BTX original" if recipe == "btx" else None)
     prune_cfg.validate()
     if plan_file:
         from edgeprune.pruning.plan import PrunePlan
@@ -71,7 +77,7 @@ def build(task, data, prune_cfg, model_dir, given, target_name, plan_file, eval_
                      replace=False)  # the search adds trial folders; it replaces nothing
     cfg = BuildConfig(task=task, target=target, out=out, data=data, model_dir=model_dir, prune=prune_cfg,
                       plan_file=plan_file, eval_examples=eval_examples, latency_iters=latency_iters,
-                      command=" ".join(["edgeprune"] + sys.argv[1:]), emulate=emulate)
+                      command=" ".join(["edgeprune"] + sys.argv[1:]), emulate=emulate, recipe=recipe)
     with writer_lock(out):
         if search_trials:
             from edgeprune.build.search import choose_by_search
