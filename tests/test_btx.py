@@ -122,7 +122,7 @@ def test_tiny_btx_build_writes_a_bert_moe_with_its_record_and_fine_tunes(dense_d
         assert 0 <= js <= math.log(2) + 1e-9
     assert set(record["stages"]) == {"head", "branch movies", "branch sports", "router"}
     spec = OriginalSpec(get_task("sst2"), kind="moe", dense_dir=str(dense_dir), steps=2, btx=recipe)
-    assert spec.num_experts == 3 and spec.recipe == "btx"
+    assert spec.num_experts == 3 and spec.recipe == "btx" and spec.router_learning_rate is None  # trained routers
     meta = load_meta(ensure_original(spec, progress=False))
     assert meta["btx"]["branch_steps"] == 3 and meta["upcycling"]["recipe"] == "btx"
     other = OriginalSpec(get_task("sst2"), kind="moe", dense_dir=str(dense_dir), steps=2,

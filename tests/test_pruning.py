@@ -227,6 +227,9 @@ def test_teacher_cache_distils_exactly_like_the_teacher_and_runs_it_once_per_bat
     calls.clear()
     train(tiny_moe(), enc(32), cfg, teacher=memo, progress=False)  # same seeded batches: all from the memo
     assert direct_calls == 6 and 0 < len(memo.memo) <= 6 and calls == []
+    # under bf16 autocast the cache's family is asked through its teacher (it has no config of its own)
+    train(tiny_moe(), enc(32), TrainConfig(max_steps=2, batch_size=8, bf16=True, distill_alpha=0.5), teacher=memo,
+          progress=False)
 
 
 def _folded(seed=0):

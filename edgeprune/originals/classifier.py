@@ -55,6 +55,8 @@ class OriginalSpec:
     def __post_init__(self):
         if self.btx is not None:  # a dense spec with btx: the dense twin of equal masked-LM budget
             self.num_experts, self.drop_fraction = len(self.btx.domains), 0.0
+            if self.router_learning_rate == 1e-3:  # BTX's routers are trained already: the encoder's rate
+                self.router_learning_rate = None
 
     @property
     def recipe(self) -> str:

@@ -169,7 +169,7 @@ def _train(model, enc, cfg, teacher, on_step, desc, progress, checkpoint, checkp
     start, losses, batches = state["step"], state["losses"], state["batches"]
     bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=not (progress and rank == 0), unit="step",
                dynamic_ncols=True)
-    bf16 = cfg.bf16 and autocast_safe(model) and (teacher is None or autocast_safe(teacher))
+    bf16 = cfg.bf16 and autocast_safe(model) and (teacher is None or autocast_safe(getattr(teacher, "teacher", teacher)))
     for step in range(start, cfg.max_steps):
         if len(batches) < world:
             batches = bucketed_batches(enc, cfg.batch_size, rng)
