@@ -57,9 +57,11 @@ def main() -> None:
     ap.add_argument("--experts", nargs="+", type=int, default=[8], help="Z of the upcycled originals")
     ap.add_argument("--dense-twin", action=argparse.BooleanOptionalAction, default=True,
                     help="for btx: also the dense twin of equal masked-LM budget (about as long as BTX itself)")
+    ap.add_argument("--btx-drop-fraction", type=float, default=0.0,
+                    help="the BTX branches' Drop-Upcycling share (BtxRecipe.drop_fraction)")
     ap.add_argument("--out", default="results/originals")
     args = ap.parse_args()
-    recipe = BtxRecipe()
+    recipe = BtxRecipe(drop_fraction=args.btx_drop_fraction)
     rows, special = [], {}
     for name in args.tasks:
         task = get_task(name)

@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--out", default="results/prune_table")
     ap.add_argument("--recipe", choices=["upcycle", "btx"], default="upcycle",
                     help="the original: upcycled (Z = --experts) or Branch-Train-MiX (one expert per domain)")
+    ap.add_argument("--btx-drop-fraction", type=float, default=0.0,
+                    help="with --recipe btx: the branches' Drop-Upcycling share (BtxRecipe.drop_fraction)")
     ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--router-recovery", action=argparse.BooleanOptionalAction, default=True,
                     help="also recover a copy with only the routers trained (k >= 2; --recovery-steps steps)")
@@ -66,6 +68,7 @@ def main() -> None:
         from edgeprune.originals.btx import BtxRecipe
 
         args.experts = [len(BtxRecipe().domains)]
+    recipe = BtxRecipe(drop_fraction=args.btx_drop_fraction) if args.recipe == "btx" else None
     rows = []
     for name in args.tasks:
         task = get_task(name)
@@ -74,8 +77,7 @@ def main() -> None:
         dense = load_meta(dense_dir)
         val = data.load(task, "validation", limit=args.eval_examples)
         for z in args.experts:
-            btx = BtxRecipe() if args.recipe == "btx" else None
-            odir = ensure_original(OriginalSpec(task, kind="moe", num_experts=z, btx=btx))
+            odir = ensure_original(OriginalSpec(task, kind="moe", num_experts=z, btx=recipe))
             original = load_model(odir)
             tok = load_tokenizer(odir)
             va = encode(val, tok, task.max_length)
@@ -122,7 +124,8 @@ def main() -> None:
                         recover(model, tr, args.recovery_steps, teacher=teacher, max_length=task.max_length,
                                 progress=False)
                     after = accuracy(predict_logits(model, va), va.labels)
-                    row = {"task": name, "Z": z, "k": k, "factor": z // k, "recipe": args.recipe,
+                    row = {"task": name, "Z": z, "k": k, "factor": z // k,
+                           "recipe": args.recipe if recipe is None else f"btx (r = {recipe.drop_fraction})",
                            "method": method if seed is None else f"random (seed {seed})",
                            "before": None if before is None else round(before, 4), "after": round(after, 4),
                            "original": round(orig_acc, 4), "dense": dense["validation_accuracy"],
