@@ -57,6 +57,14 @@ class DenseSibling:
     extra_ffn: dict = field(default_factory=dict)
 
 
+PADDED_KEY = "edgeprune_padded_experts"  # config.json: layer -> expert slots padded to one count (pruning/padding.py)
+
+
+def padded_slots(config, layer: int) -> set[int]:
+    """The expert slots of ``layer`` that pruning padded and the router never selects (none without padding)."""
+    return set((getattr(config.get_text_config(), PADDED_KEY, None) or {}).get(str(layer), ()))
+
+
 @dataclass(frozen=True)
 class MoEAdapter:
     """One MoE family (see the module docstring). Defaults fit the Mixtral-style ModuleList block."""

@@ -236,7 +236,7 @@ class FusedAdapter(MoEAdapter):
                 ex.__dict__.pop("forward", None)
 
     def export_patch(self, model):
-        from edgeprune.pruning.padding import slots
+        from edgeprune.models.adapter import padded_slots as slots
 
         layers = {id(b): layer for layer, b in self.blocks(model).items()}
 

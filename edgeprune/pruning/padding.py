@@ -21,10 +21,11 @@ from typing import Optional
 import torch
 
 from edgeprune.errors import ConfigError
+from edgeprune.models.adapter import PADDED_KEY, padded_slots
 
 PAD_BIAS = -1e9
 BIAS_NAMES = ("e_score_correction_bias", "expert_bias", "bias")
-CONFIG_KEY = "edgeprune_padded_experts"
+CONFIG_KEY = PADDED_KEY
 
 
 def selection_bias_key(adapter, model, layer: int) -> Optional[str]:
@@ -56,9 +57,7 @@ def mark(config, k_per_layer: dict[int, int], padded: Optional[dict[int, int]]) 
                                      if k < padded[l]})
 
 
-def slots(config, layer: int) -> set[int]:
-    """The padded expert slots of ``layer`` (empty for a checkpoint without padding)."""
-    return set((getattr(config.get_text_config(), CONFIG_KEY, None) or {}).get(str(layer), ()))
+slots = padded_slots  # the padded expert slots of a layer (empty for a checkpoint without padding)
 
 
 @torch.no_grad()
