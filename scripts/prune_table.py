@@ -26,7 +26,7 @@ from edgeprune.tasks.spec import DataSpec
 
 from edgeprune.originals.classifier import OriginalSpec, ensure_original
 
-from edgeprune.models.checkpoint import load_meta
+from edgeprune.models.registry import load_classifier
 from edgeprune.pruning.apply import apply_plan
 from edgeprune.pruning import methods
 from edgeprune.pruning.config import PruneConfig
@@ -74,7 +74,6 @@ def main() -> None:
         task = get_task(name)
         data = DataSpec()
         dense_dir = ensure_original(OriginalSpec(task, kind="dense"))
-        dense = load_meta(dense_dir)
         val = data.load(task, "validation", limit=args.eval_examples)
         for z in args.experts:
             odir = ensure_original(OriginalSpec(task, kind="moe", num_experts=z, btx=recipe))
@@ -83,13 +82,16 @@ def main() -> None:
             va = encode(val, tok, task.max_length)
             tr = encode(data.load(task, "train"), tok, task.max_length)
             orig_acc = accuracy(predict_logits(original, va), va.labels)
+            dense_model = load_classifier(dense_dir)  # on the same examples as every other column
+            dense_acc = round(accuracy(predict_logits(dense_model, encode(val, load_tokenizer(dense_dir),
+                                                                          task.max_length)), va.labels), 4)
             te = encode(DataSpec(eval_file=args.test_file).load(task, "validation"), tok, task.max_length) \
                 if args.test_file else None
 
             def on_test(m):
                 return None if te is None or m is None else round(accuracy(predict_logits(m, te), te.labels), 4)
 
-            test_original, test_dense = on_test(original), on_test(load_model(dense_dir)) if te is not None else None
+            test_original, test_dense = on_test(original), on_test(dense_model) if te is not None else None
             teacher = TeacherCache(original)  # same seeded batches in every cell: one teacher pass
             ks = [z // f for f in args.factors] if args.factors else args.ks
             for k in ks:
@@ -128,7 +130,7 @@ def main() -> None:
                            "recipe": args.recipe if recipe is None else f"btx (r = {recipe.drop_fraction})",
                            "method": method if seed is None else f"random (seed {seed})",
                            "before": None if before is None else round(before, 4), "after": round(after, 4),
-                           "original": round(orig_acc, 4), "dense": dense["validation_accuracy"],
+                           "original": round(orig_acc, 4), "dense": dense_acc,
                            "retained": round(after / orig_acc, 4), "kept": plan.summary()["kept"],
                            "after_router_only": None if progressive or routed is None else round(routed[0], 4),
                            "router_only_seconds": None if progressive or routed is None else round(routed[1], 1),
@@ -172,7 +174,7 @@ def write(args, rows) -> None:
     cmd = command_line()
     settings = (f"calibration {args.calibration_examples} training examples; recovery {args.recovery_steps} steps "
                 f"(batch 32, distilled from the original, alpha 0.5); accuracy on {args.eval_examples} validation "
-                f"examples (seeded subsample; the dense baseline column is on the full validation split)")
+                f"examples (a seeded subsample, the same for every column, the dense baseline's included)")
     lines = ["# Expert pruning: methods x k", "", f"Produced by `{cmd}`.", "", f"Settings (CPU budget): {settings}.",
              "`before` = right after pruning (router renormalised / folded), `after` = after recovery;"
              " `retained` = after / original.", "",
