@@ -225,7 +225,7 @@ def test_build_end_to_end_and_edgemodel_predicts(family, k, family_dirs, tmp_pat
             EdgeModel(out, top_k=1)
 
 
-@pytest.mark.parametrize("method", ["frequency", "chen2022", "reap", "uncurl", "random"])
+@pytest.mark.parametrize("method", ["frequency", "chen2022", "reap", "uncurl", "hc-smoe", "random"])
 def test_every_method_runs_on_every_family(method, family_dirs, tmp_path):
     for family in FAMS:
         plan = tmp_path / f"{family}-{method}.json"

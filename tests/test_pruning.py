@@ -7,7 +7,7 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 
 from edgeprune.errors import ConfigError
 from edgeprune.pruning.apply import apply_plan
-from edgeprune.pruning.calibration import collect_routing
+from edgeprune.pruning.calibration import OUTPUT_ROWS, collect_routing
 from edgeprune.pruning.merge import align_to, merge_experts, uncurl_clusters
 from edgeprune.models.families.bert_moe import ADAPTER as BERT_ADAPTER
 
@@ -30,7 +30,8 @@ def enc(n=24, seed=0, vocab=200):
 
 def plan_for(model, k, method="frequency", gate_scale=False, **kw):
     e = enc()
-    stats = collect_routing(model, e, progress=False)
+    stats = collect_routing(model, e, progress=False,
+                            output_rows=OUTPUT_ROWS if method_config(method).expert_outputs else 0)
     scores = score_experts(method_config(method, **kw), model, stats)
     blocks = model.moe_blocks()
     return make_plan(method, scores, {i: b.num_experts for i, b in blocks.items()},

@@ -11,8 +11,9 @@ validation data), recording per MoE layer, over non-padding tokens only:
   Qwen3-MoE without ``norm_topk_prob``, DeepSeek's scaled gates, would otherwise weigh tokens unevenly; top-1
   gates stay as routed);
 * ``logits``: a bounded sample of router logit rows (UNCURL clusters the experts by their columns);
-* ``out_sum[e]``: sum of E_e(x) over a small seeded sample of tokens (``OUTPUT_ROWS`` per batch), every expert on
-  the same tokens whether routed there or not (HC-SMoE clusters the experts by these mean outputs).
+* ``out_sum[e]``, when a method asks (``output_rows``; HC-SMoE clusters the experts by these mean outputs): sum of
+  E_e(x) over a small seeded sample of tokens (``OUTPUT_ROWS`` per batch), every expert on the same tokens whether
+  routed there or not.
 
 Family-agnostic: the block's input is captured by a forward pre-hook, the router logits are computed from it
 with the routing (top-k indices and weights) exactly as the family computes it, by the family's adapter
@@ -100,7 +101,7 @@ OUTPUT_ROWS = 32  # tokens per batch on which every expert runs (HC-SMoE's mean 
 
 @torch.no_grad()
 def batch_stats(adapter, block: torch.nn.Module, x: torch.Tensor, layer: int, batch_index: int,
-                logit_rows: int, extras: Optional[dict] = None) -> BatchStats:
+                logit_rows: int, extras: Optional[dict] = None, output_rows: int = 0) -> BatchStats:
     """The routing statistics of ``block`` on the real tokens ``x`` (rows, hidden) of one batch; ``extras``: the
     per-token values of the adapter's ``routing_kwargs`` (DeepSeek-V4's input ids).
 
@@ -117,8 +118,9 @@ def batch_stats(adapter, block: torch.nn.Module, x: torch.Tensor, layer: int, ba
     reap_gate = gate / gate.sum(dim=-1, keepdim=True) if gate.shape[-1] > 1 else gate
     take = np.random.default_rng([layer, batch_index]).choice(logits.shape[0], size=min(logit_rows, logits.shape[0]),
                                                                replace=False)
-    sample = x[torch.from_numpy(np.sort(take[:OUTPUT_ROWS])).to(x.device)]
-    out_sum = np.stack([adapter.expert_forward(block, e, sample).double().sum(0).cpu().numpy() for e in range(z)])
+    sample = x[torch.from_numpy(np.sort(take[:output_rows])).to(x.device)]
+    out_sum = np.stack([adapter.expert_forward(block, e, sample).double().sum(0).cpu().numpy() for e in range(z)]) \
+        if output_rows else None
     return BatchStats(
         counts=np.bincount(flat_idx, minlength=z).astype(np.float64),
         gate_sum=np.bincount(flat_idx, weights=gate.reshape(-1).double().numpy(), minlength=z),
@@ -166,11 +168,12 @@ def capture_input(seen: dict, key, extras: tuple[str, ...] = ()):
 
 
 def block_stats(adapter, block, seen: dict, layer: int, batch_index: int, mask: torch.Tensor,
-                logit_rows: int) -> BatchStats:
+                logit_rows: int, output_rows: int = 0) -> BatchStats:
     """:func:`batch_stats` of what :func:`capture_input` kept for ``layer`` in one batch (its real tokens)."""
     extras = {n: routed_tokens(seen.pop((layer, n)), mask).reshape(-1) for n in adapter.routing_kwargs
               if (layer, n) in seen}
-    return batch_stats(adapter, block, routed_tokens(seen.pop(layer), mask), layer, batch_index, logit_rows, extras)
+    return batch_stats(adapter, block, routed_tokens(seen.pop(layer), mask), layer, batch_index, logit_rows, extras,
+                       output_rows)
 
 
 def capture_output(seen: dict, key):
@@ -199,7 +202,7 @@ def logit_rows_per_batch(max_logit_rows: int, batch_size: int, n: int) -> int:
 @torch.no_grad()
 def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 2048, batch_size: int = 64,
                     max_logit_rows: int = 20000, progress: bool = True, adapter=None,
-                    device: str = "cpu") -> dict[int, LayerStats]:
+                    device: str = "cpu", output_rows: int = 0) -> dict[int, LayerStats]:
     """Run ``model`` over up to ``max_examples`` encoded examples and return :class:`LayerStats` per layer.
 
     ``device`` (:mod:`edgeprune.scale.device`): the model and its batches go there for the pass and the model comes
@@ -230,7 +233,7 @@ def collect_routing(model: torch.nn.Module, enc: Encoded, max_examples: int = 20
                 model(**model_inputs(model, to(batch, dev)))
                 mask = batch["attention_mask"].reshape(-1).bool().to(dev)
                 for i, block in blocks.items():
-                    parts[(i, b)] = block_stats(adapter, block, seen, i, b, mask, rows)
+                    parts[(i, b)] = block_stats(adapter, block, seen, i, b, mask, rows, output_rows)
                     parts[(i, b)].companions = {
                         name: routing_mass(route, routed_tokens(logits_seen.pop((i, name)), mask))
                         for name, (_, route) in companions[i].items()}

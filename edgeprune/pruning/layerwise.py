@@ -342,7 +342,8 @@ def _open(model_dir, dtype, model):
 def collect_routing_layerwise(model_dir: str | Path, enc: Encoded, max_examples: int = 2048, batch_size: int = 64,
                               max_logit_rows: int = 20000, progress: bool = True, dtype: Optional[str] = None,
                               max_hidden_bytes: Optional[int] = None, offload_dir: Optional[str | Path] = None,
-                              model: Optional[nn.Module] = None) -> tuple[dict[int, LayerStats], nn.Module]:
+                              model: Optional[nn.Module] = None,
+                              output_rows: int = 0) -> tuple[dict[int, LayerStats], nn.Module]:
     """:func:`edgeprune.pruning.calibration.collect_routing` one layer at a time (see the module docstring).
 
     Returns the statistics and the skeleton, whose routers are loaded (scoring methods read router weights)."""
@@ -357,7 +358,7 @@ def collect_routing_layerwise(model_dir: str | Path, enc: Encoded, max_examples:
 
     def on_output(i, b, mask):
         if i in blocks:
-            parts[(i, b)] = block_stats(adapter, blocks[i], seen, i, b, mask, rows)
+            parts[(i, b)] = block_stats(adapter, blocks[i], seen, i, b, mask, rows, output_rows)
 
     handles = [adapter.routing_input(blk).register_forward_pre_hook(capture_input(seen, i, adapter.routing_kwargs),
                                                                     with_kwargs=True) for i, blk in blocks.items()]

@@ -21,7 +21,7 @@ from edgeprune.models.loading import family_of, load_language_model, load_model
 from edgeprune.models.tokenizer import load_tokenizer
 from edgeprune.pruning import methods, structure
 from edgeprune.pruning.apply import apply_plan
-from edgeprune.pruning.calibration import collect_routing
+from edgeprune.pruning.calibration import OUTPUT_ROWS, collect_routing
 from edgeprune.pruning.config import PruneConfig, check_model, check_model_labels
 from edgeprune.pruning.plan import PrunePlan, make_plan
 from edgeprune.scale import distributed
@@ -75,13 +75,19 @@ def score(original_dir: str | Path, task, data: DataSpec, cfg: PruneConfig, mode
     if layerwise:
         stats, model = collect_routing_layerwise(original_dir, enc, max_examples=cfg.calibration_examples,
                                                  progress=progress, max_hidden_bytes=keep,
-                                                 offload_dir=cfg.offload_dir, model=model)
+                                                 offload_dir=cfg.offload_dir, model=model,
+                                                 output_rows=_output_rows(mcfg))
     else:
         stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress,
-                                adapter=adapter, device=cfg.device)
+                                adapter=adapter, device=cfg.device, output_rows=_output_rows(mcfg))
     if release:  # every process has the same statistics; only rank 0 goes on (prune keeps them for recovery)
         distributed.release_workers()
     return _plan(original_dir, task, cfg, model, adapter, mcfg, stats)
+
+
+def _output_rows(mcfg) -> int:
+    """Tokens per batch on which calibration runs every expert: only for a method that reads their outputs."""
+    return OUTPUT_ROWS if mcfg.expert_outputs else 0
 
 
 def _plan(original_dir, task, cfg: PruneConfig, model, adapter, mcfg, stats) -> PrunePlan:
@@ -107,7 +113,7 @@ def _score_language_model(original_dir, task, data, cfg, model, progress, releas
     check_model(model, adapter, task, cfg, labels=False)
     enc = lm_examples(original_dir, task, data, cfg, "train", cfg.calibration_examples)
     stats = collect_routing(model, enc.as_encoded(), max_examples=cfg.calibration_examples, progress=progress,
-                            adapter=adapter, device=cfg.device)
+                            adapter=adapter, device=cfg.device, output_rows=_output_rows(cfg.method_config()))
     if release:
         distributed.release_workers()
     return _plan(original_dir, task, cfg, model, adapter, cfg.method_config(), stats)

@@ -45,12 +45,14 @@ class MethodConfig:
     ``merges``: the plan merges clusters of experts; ``progressive``: the plan is made while fine-tuning;
     ``options``: the command-line options this method adds (besides the shared ``--seed``, which every method
     with a ``seed`` field receives); ``merge_rule``: how a merging method combines a group's experts
-    (:data:`edgeprune.pruning.merge.MERGE_RULES`)."""
+    (:data:`edgeprune.pruning.merge.MERGE_RULES`); ``expert_outputs``: calibration also runs every expert on a sample
+    of tokens (``LayerStats.out_sum``)."""
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = True
     merges: ClassVar[bool] = False
     merge_rule: ClassVar[str] = "average"
+    expert_outputs: ClassVar[bool] = False
     progressive: ClassVar[bool] = False
     options: ClassVar[tuple[MethodOption, ...]] = ()
 

@@ -20,6 +20,7 @@ class HcSmoe(MethodConfig):
     name: ClassVar[str] = "hc-smoe"
     merges: ClassVar[bool] = True
     merge_rule: ClassVar[str] = "average-unaligned"
+    expert_outputs: ClassVar[bool] = True
 
     def clusters(self, stats, k: int):
         from edgeprune.pruning.merge import hc_clusters
