@@ -12,7 +12,8 @@ from edgeprune.errors import ConfigError
 from edgeprune.models.fused import FusedAdapter
 from edgeprune.models.registry import adapter_for
 from edgeprune.pruning.apply import apply_plan
-from edgeprune.pruning.padding import CONFIG_KEY, PAD_BIAS, slots
+from edgeprune.models.adapter import PADDED_KEY, padded_slots
+from edgeprune.pruning.padding import PAD_BIAS
 from edgeprune.pruning.plan import LayerPlan, PrunePlan
 from tests.families import tiny_family_model
 from tests.test_families import batch
@@ -59,7 +60,7 @@ def test_per_layer_k_is_padded_to_the_largest_and_computes_what_the_plan_keeps(f
     pruned = apply_plan(model, plan_per_layer(KEPT), fold=False)
     adapter = adapter_for(pruned.config)
     assert [adapter.num_experts(b) for b in adapter.blocks(pruned).values()] == [4, 4]
-    assert getattr(pruned.config.get_text_config(), CONFIG_KEY) == {"0": [3]} and slots(pruned.config, 0) == {3}
+    assert getattr(pruned.config.get_text_config(), PADDED_KEY) == {"0": [3]} and padded_slots(pruned.config, 0) == {3}
     with torch.no_grad():
         got = pruned(**x).logits
     assert torch.allclose(got, masked_per_layer(model, KEPT, x), atol=1e-5, rtol=0)

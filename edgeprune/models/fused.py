@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeprune.errors import ConfigError, ModelError
-from edgeprune.models.adapter import _LAYER, MoEAdapter
+from edgeprune.models.adapter import _LAYER, MoEAdapter, padded_slots
 
 # one expert's tensors in the Linear layout, by role (an ungated family has no "gate"; biases only with has_bias)
 FUSED_ROLES = {"gate": "in", "up": "in", "gate_bias": "in_bias", "up_bias": "in_bias", "down": "out",
@@ -236,12 +236,10 @@ class FusedAdapter(MoEAdapter):
                 ex.__dict__.pop("forward", None)
 
     def export_patch(self, model):
-        from edgeprune.models.adapter import padded_slots as slots
-
         layers = {id(b): layer for layer, b in self.blocks(model).items()}
 
         def make(block, ex):
-            skip = slots(model.config, layers[id(block)])  # padded experts are never selected: not computed
+            skip = padded_slots(model.config, layers[id(block)])  # padded experts are never selected: not computed
 
             def forward(hidden, idx, weight):
                 if ex.down_proj.shape[0] == 1:

@@ -36,21 +36,19 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, fold: bool = True, adapt
     for layer, lp in by_layer.items():
         adapter.check_k(model.get_submodule(paths[layer]), lp.k)
     config = model.config.__class__.from_dict(model.config.to_dict())
-    ks = {l: lp.k for l, lp in by_layer.items()}
-    padded = padding.padded_counts(adapter, model, ks)  # a per-layer k the family cannot store: padded to the max
-    # the expert count lives in the text model's config (a multimodal checkpoint's text_config; else the config)
-    adapter.resize_config(config.get_text_config(), padded or ks)
-    padding.mark(config.get_text_config(), ks, padded)
+    # the expert count lives in the text model's config (a multimodal checkpoint's text_config; else the config);
+    # a per-layer k the family cannot store is padded to the largest
+    padded = padding.resize_config(adapter, model, config.get_text_config(), {l: lp.k for l, lp in by_layer.items()})
     new = clone_model(model, config)
     src, dst = model.state_dict(), new.state_dict()
     for key in dst:  # everything whose shape did not change (experts and router rows are rewritten below)
         if key in src and src[key].shape == dst[key].shape:
             dst[key] = src[key].clone()
     for layer, lp in by_layer.items():
-        plan_layer(adapter, src, dst, paths[layer], lp, adapter.router_keys(model, layer), plan.merge_rule)
+        keys = adapter.router_keys(model, layer)
+        plan_layer(adapter, src, dst, paths[layer], lp, keys, plan.merge_rule)
         if padded:
-            padding.pad_layer(adapter, dst, paths[layer], adapter.router_keys(model, layer), lp.k, padded[layer],
-                              padding.selection_bias_key(adapter, model, layer))
+            padding.pad_layer(adapter, model, dst, paths[layer], layer, keys, lp.k, padded[layer])
     new.load_state_dict(dst)
     new.eval()
     if fold and plan.folds:

@@ -21,51 +21,49 @@ from typing import Optional
 import torch
 
 from edgeprune.errors import ConfigError
-from edgeprune.models.adapter import PADDED_KEY, padded_slots
+from edgeprune.models.adapter import PADDED_KEY
 
 PAD_BIAS = -1e9
 BIAS_NAMES = ("e_score_correction_bias", "expert_bias", "bias")
-CONFIG_KEY = PADDED_KEY
 
 
 def selection_bias_key(adapter, model, layer: int) -> Optional[str]:
     """The layer's per-expert additive selection bias (a state key), or None."""
     for key in adapter.router_keys(model, layer):
-        if key.rsplit(".", 1)[-1] in BIAS_NAMES and model.state_dict()[key].dim() == 1:
+        owner, _, name = key.rpartition(".")
+        if name in BIAS_NAMES and getattr(model.get_submodule(owner), name).dim() == 1:
             return key
     return None
 
 
-def padded_counts(adapter, model, k_per_layer: dict[int, int]) -> Optional[dict[int, int]]:
-    """None where nothing is padded (one k everywhere, or a family that stores per-layer counts); else every layer's
-    count K. A per-layer plan on a family that can be neither is one line."""
+def resize_config(adapter, model, config, k_per_layer: dict[int, int]) -> Optional[dict[int, int]]:
+    """Set ``config``'s expert counts for the plan's ``k_per_layer``: as they are, or every layer padded to the
+    largest k (returned, with the padded slots recorded in the text config); None where nothing is padded (one k
+    everywhere, or a family that stores per-layer counts). A per-layer plan on a family that can be neither is one
+    line."""
     ks = set(k_per_layer.values())
     if len(ks) <= 1 or adapter.per_layer_counts:
+        adapter.resize_config(config, k_per_layer)
         return None
     missing = [l for l in k_per_layer if selection_bias_key(adapter, model, l) is None]
     if missing:
         raise ConfigError(f"{adapter.model_type} stores one expert count for all layers and its router has no "
                           f"selection bias to keep padded experts unselected (layer {missing[0]}); the plan keeps "
                           f"{sorted(ks)}: use --experts K (the same k in every layer)")
-    return {l: max(ks) for l in k_per_layer}
-
-
-def mark(config, k_per_layer: dict[int, int], padded: Optional[dict[int, int]]) -> None:
-    """Record the padded slots in the (text) config."""
-    if padded:
-        setattr(config, CONFIG_KEY, {str(l): list(range(k, padded[l])) for l, k in sorted(k_per_layer.items())
-                                     if k < padded[l]})
-
-
-slots = padded_slots  # the padded expert slots of a layer (empty for a checkpoint without padding)
+    padded = {l: max(ks) for l in k_per_layer}
+    adapter.resize_config(config, padded)
+    setattr(config.get_text_config(), PADDED_KEY,
+            {str(l): list(range(k, padded[l])) for l, k in sorted(k_per_layer.items()) if k < padded[l]})
+    return padded
 
 
 @torch.no_grad()
-def pad_layer(adapter, dst: dict, path: str, router_keys: list[str], k: int, total: int,
-              bias_key: Optional[str]) -> None:
-    """Slots ``k .. total - 1`` of one layer: zero experts, zero router rows, the selection bias at ``PAD_BIAS``."""
+def pad_layer(adapter, model, dst: dict, path: str, layer: int, router_keys: list[str], k: int, total: int) -> None:
+    """Slots ``k .. total - 1`` of one layer of ``model`` (the original): zero experts, zero router rows, the
+    selection bias at ``PAD_BIAS``."""
     if k >= total:
         return
+    bias_key = selection_bias_key(adapter, model, layer)
     for key in router_keys:
         rows = dst[key]
         if rows.shape[0] < total:  # plan_layer wrote k rows

@@ -99,10 +99,7 @@ def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype:
         adapter.check_k(src_model.get_submodule(paths[layer]), lp.k)
     wdtype = next(src_model.parameters()).dtype
     config = src_model.config.__class__.from_dict(src_model.config.to_dict())
-    ks = {l: lp.k for l, lp in by_layer.items()}
-    padded = padding.padded_counts(adapter, src_model, ks)
-    adapter.resize_config(config, padded or ks)
-    padding.mark(config.get_text_config(), ks, padded)
+    padded = padding.resize_config(adapter, src_model, config, {l: lp.k for l, lp in by_layer.items()})
     with init_empty_weights(include_buffers=False):
         pruned = type(src_model)._from_config(config, dtype=wdtype)
         folding = fold and plan.folds and adapter.dense is not None
@@ -124,8 +121,8 @@ def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype:
             keys = adapter.router_keys(src_model, layer)
             plan_layer(adapter, original, state, paths[layer], by_layer[layer], keys, plan.merge_rule)
             if padded:
-                padding.pad_layer(adapter, state, paths[layer], keys, by_layer[layer].k, padded[layer],
-                                  padding.selection_bias_key(adapter, src_model, layer))
+                padding.pad_layer(adapter, src_model, state, paths[layer], layer, keys, by_layer[layer].k,
+                                  padded[layer])
         view = _Chain(state, ckpt, wdtype)
         mapped = adapter.fold_layer(view, paths[layer], pruned.get_submodule(paths[layer])) \
             if folding and layer in paths else {}

@@ -15,6 +15,7 @@ FFN_MAP = {"w_in.weight": "intermediate.dense.weight", "w_in.bias": "intermediat
 
 class BertMoeAdapter(MoEAdapter):
     per_layer_counts = True
+
     def resize_config(self, config, k_per_layer):
         config.num_experts_per_layer = [k_per_layer.get(l, config.experts_in(l)) for l in config.moe_layers]
 
