@@ -38,12 +38,11 @@ def specialisation_of(model_dir, recipe: BtxRecipe) -> dict:
     from transformers import AutoModel
 
     from edgeprune.models.tokenizer import load_tokenizer
-    from edgeprune.originals.domains import domain_texts, mlm_chunks
+    from edgeprune.originals.btx import domain_chunks
     from edgeprune.originals.specialisation import specialisation, usage_by_domain
 
     tok = load_tokenizer(model_dir)
-    held = {n: mlm_chunks(domain_texts(n, 0, recipe.held_texts, recipe.seed)[1], tok, recipe.chunk)
-            for n in recipe.domains if n != "seed"}
+    held = domain_chunks(recipe, tok, train=False)[1]
     body = AutoModel.from_pretrained(model_dir)
     body = getattr(body, "bert", body)
     usage = usage_by_domain(body, held)

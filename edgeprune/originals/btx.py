@@ -185,6 +185,18 @@ def centroid_routers(moe, chunks: list[list[list[int]]], per_domain: int = 64) -
             block.router.weight.copy_(w / spread)
 
 
+def domain_chunks(recipe: BtxRecipe, tok, train: bool = True) -> tuple[list[list[list[int]]], dict]:
+    """Each domain's masked-LM training chunks, in the recipe's order (none without ``train``), and the held-aside
+    chunks of every domain that has text (what the specialisation is measured on)."""
+    train_chunks, held_chunks = [], {}
+    for name in recipe.domains:
+        texts, held = domain_texts(name, recipe.texts_per_domain if train else 0, recipe.held_texts, recipe.seed)
+        train_chunks.append(mlm_chunks(texts, tok, recipe.chunk))
+        if held:
+            held_chunks[name] = mlm_chunks(held, tok, recipe.chunk)
+    return train_chunks, held_chunks
+
+
 def build_btx(dense_dir: Path, out_dir: Path, recipe: BtxRecipe, progress: bool = True) -> dict:
     """Branch, mix and train the router (module docstring); writes the BERT-MoE and its record to ``out_dir``."""
     from transformers import AutoModel
@@ -194,12 +206,7 @@ def build_btx(dense_dir: Path, out_dir: Path, recipe: BtxRecipe, progress: bool 
 
     torch.manual_seed(recipe.seed)
     tok = load_tokenizer(dense_dir)
-    train_chunks, held_chunks = [], {}
-    for i, name in enumerate(recipe.domains):
-        texts, held = domain_texts(name, recipe.texts_per_domain, recipe.held_texts, recipe.seed)
-        train_chunks.append(mlm_chunks(texts, tok, recipe.chunk))
-        if held:
-            held_chunks[name] = mlm_chunks(held, tok, recipe.chunk)
+    train_chunks, held_chunks = domain_chunks(recipe, tok)
     mixture = [c for cs in train_chunks for c in cs]
     record: dict = {"recipe": recipe.to_dict(), "dense": str(dense_dir),
                     "chunks": {n: len(c) for n, c in zip(recipe.domains, train_chunks)}, "stages": {}}
@@ -256,9 +263,7 @@ def build_dense_twin(dense_dir: Path, out_dir: Path, recipe: BtxRecipe, progress
 
     torch.manual_seed(recipe.seed)
     tok = load_tokenizer(dense_dir)
-    mixture = [c for name in recipe.domains
-               for c in mlm_chunks(domain_texts(name, recipe.texts_per_domain, recipe.held_texts, recipe.seed)[0],
-                                   tok, recipe.chunk)]
+    mixture = [c for cs in domain_chunks(recipe, tok)[0] for c in cs]
     body = AutoModel.from_pretrained(dense_dir, add_pooling_layer=True).eval()
     lm = MaskedLM(body)
     batches = MaskedBatches(mixture, tok, recipe.batch_size, recipe.seed)

@@ -59,6 +59,11 @@ class OriginalSpec:
                 self.router_learning_rate = None
 
     @property
+    def _btx_tag(self) -> str:
+        """What a BTX spec's cache keys name: the BTX MoE, or its dense twin."""
+        return "btx" if self.kind == "moe" else "btx-dense-twin"
+
+    @property
     def recipe(self) -> str:
         return "btx" if self.btx is not None else "upcycle"
 
@@ -69,7 +74,7 @@ class OriginalSpec:
 
     def pretrained_dir(self) -> Path:
         if self.btx is not None:
-            key = fingerprint("btx" if self.kind == "moe" else "btx-dense-twin", self.dense_dir, self.btx.to_dict())
+            key = fingerprint(self._btx_tag, self.dense_dir, self.btx.to_dict())
             name = f"minilm-btx{self.num_experts}" if self.kind == "moe" else "minilm-mlm-twin"
             return cache_root() / "pretrained" / f"{name}-{key}"
         key = fingerprint("pretrained", self.dense_dir, self.num_experts, self.num_experts_per_tok,
@@ -79,7 +84,7 @@ class OriginalSpec:
     def directory(self) -> Path:
         moe = (self.num_experts, self.num_experts_per_tok, self.drop_fraction) if self.kind == "moe" else None
         if self.btx is not None:
-            moe = ("btx" if self.kind == "moe" else "btx-dense-twin", self.btx.to_dict())
+            moe = (self._btx_tag, self.btx.to_dict())
         key = fingerprint(self.kind, self.task.name, self.data.key(), moe, self.dense_dir,
                           self.train_config().to_dict())
         name = f"{self.task.name}-{'btx' if self.btx else 'z'}{self.num_experts}" if self.kind == "moe" else \
