@@ -55,6 +55,13 @@ def test_selection_split_is_carved_from_train_and_never_touches_validation():
     assert not {(e.text, e.text_pair) for e in sel} & {(e.text, e.text_pair) for e in DataSpec().load(task, "validation")}
     assert DataSpec(selection=True).key() != DataSpec().key()
     assert len(DataSpec(selection=True).load(task, "validation", limit=20)) == 20
+    import pytest
+
+    from edgeprune.errors import ConfigError
+
+    for selection in (False, True):
+        with pytest.raises(ConfigError, match="^unknown split 'test'; use train or validation$"):
+            DataSpec(selection=selection).load(task, "test")
 
 
 def test_knob_options_read_as_build_options():

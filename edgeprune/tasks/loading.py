@@ -249,6 +249,11 @@ def _carve(rows: list[Example], validation: bool, seed: int = AGNEWS_VALIDATION_
     return [r for i, r in enumerate(rows) if i not in held and (r.text, r.text_pair) not in held_texts]
 
 
+def _check_split(split: str) -> None:
+    if split not in ("train", "validation"):
+        raise ConfigError(f"unknown split {split!r}; use train or validation")
+
+
 def load_split(task: Task, split: str, train_file: str | Path | None = None, eval_file: str | Path | None = None,
                columns: Columns | None = None, limit: int | None = None) -> list[Example]:
     """Examples of ``split`` (``train`` or ``validation``) for ``task``.
@@ -257,8 +262,7 @@ def load_split(task: Task, split: str, train_file: str | Path | None = None, eva
     (agnews) carve a fixed, seeded share of train: it is never part of the train split returned here.
     ``limit`` keeps the first ``limit`` examples after a seeded shuffle (a reproducible subsample).
     """
-    if split not in ("train", "validation"):
-        raise ConfigError(f"unknown split {split!r}; use train or validation")
+    _check_split(split)
     user = train_file if split == "train" else eval_file
     if user is not None:
         rows = read_table(user, task, columns, header=True)
@@ -294,5 +298,6 @@ def load_selection_split(task: Task, split: str, train_file=None, columns: Colum
     """The search's splits, both carved from the training split: ``validation`` is a fixed, seeded 10% of it (the
     selection split candidates are compared on), ``train`` the rest (recovery and calibration). The task's own
     validation split stays unseen by the choice, so the figures a build reports on it are not the ones that chose."""
+    _check_split(split)
     rows = load_split(task, "train", train_file, None, columns)
     return subsample(_carve(rows, split == "validation", SELECTION_SEED, SELECTION_FRACTION), limit)

@@ -33,10 +33,6 @@ class DataSpec:
         if self.selection:
             from edgeprune.tasks.loading import load_selection_split
 
-            if split not in ("train", "validation"):
-                from edgeprune.errors import ConfigError
-
-                raise ConfigError(f"unknown split {split!r}; use train or validation")
             return load_selection_split(task, split, self.train_file, self.columns, limit=limit)
         return load_split(task, split, self.train_file, self.eval_file, self.columns, limit=limit)
 
