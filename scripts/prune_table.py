@@ -64,11 +64,12 @@ def main() -> None:
     ap.add_argument("--test-file", help="held-out examples of the task (TSV, CSV or JSONL with its columns): every "
                                         "accuracy is also measured on them, and the summary claims on them")
     args = ap.parse_args()
+    recipe = None
     if args.recipe == "btx":
         from edgeprune.originals.btx import BtxRecipe
 
-        args.experts = [len(BtxRecipe().domains)]
-    recipe = BtxRecipe(drop_fraction=args.btx_drop_fraction) if args.recipe == "btx" else None
+        recipe = BtxRecipe(drop_fraction=args.btx_drop_fraction)
+        args.experts = [len(recipe.domains)]
     rows = []
     for name in args.tasks:
         task = get_task(name)
@@ -81,17 +82,17 @@ def main() -> None:
             tok = load_tokenizer(odir)
             va = encode(val, tok, task.max_length)
             tr = encode(data.load(task, "train"), tok, task.max_length)
-            orig_acc = accuracy(predict_logits(original, va), va.labels)
-            dense_model = load_classifier(dense_dir)  # on the same examples as every other column
-            dense_acc = round(accuracy(predict_logits(dense_model, encode(val, load_tokenizer(dense_dir),
-                                                                          task.max_length)), va.labels), 4)
-            te = encode(DataSpec(eval_file=args.test_file).load(task, "validation"), tok, task.max_length) \
-                if args.test_file else None
+            orig_acc = evaluate(original, va)
+            dense_model, dense_tok = load_classifier(dense_dir), load_tokenizer(dense_dir)
+            dense_acc = round(evaluate(dense_model, encode(val, dense_tok, task.max_length)), 4)  # the same examples
+            test = DataSpec(eval_file=args.test_file).load(task, "validation") if args.test_file else None
+            te = encode(test, tok, task.max_length) if test else None
 
             def on_test(m):
-                return None if te is None or m is None else round(accuracy(predict_logits(m, te), te.labels), 4)
+                return None if te is None else round(evaluate(m, te), 4)
 
-            test_original, test_dense = on_test(original), on_test(dense_model) if te is not None else None
+            test_original = on_test(original)
+            test_dense = round(evaluate(dense_model, encode(test, dense_tok, task.max_length)), 4) if test else None
             teacher = TeacherCache(original)  # same seeded batches in every cell: one teacher pass
             ks = [z // f for f in args.factors] if args.factors else args.ks
             for k in ks:
@@ -106,34 +107,34 @@ def main() -> None:
                         options["seed"] = seed
                     cfg = PruneConfig(method=method, experts=k, calibration_examples=args.calibration_examples,
                                       recovery_steps=args.recovery_steps, method_options=options)
+                    routed = None
                     if progressive:
                         model, plan, _ = prune(odir, task, data, cfg, progress=False)
                         before = test_before = None
                     else:
                         plan = score(odir, task, data, cfg, model=original, progress=False)
                         model = apply_plan(original, plan)
-                        before = accuracy(predict_logits(model, va), va.labels)
+                        before = evaluate(model, va)
                         test_before = on_test(model)
                         cfg.method_config().after_apply(model, plan, tr, teacher, cfg, task, progress=False)
-                        routed = None
                         if args.router_recovery and k > 1:
                             twin = copy.deepcopy(model)
                             t1 = time.perf_counter()
                             recover(twin, tr, args.recovery_steps, teacher=teacher, max_length=task.max_length,
                                     progress=False, mode="router")
-                            routed = (accuracy(predict_logits(twin, va), va.labels), time.perf_counter() - t1)
+                            routed = (evaluate(twin, va), time.perf_counter() - t1)
                             del twin
                         recover(model, tr, args.recovery_steps, teacher=teacher, max_length=task.max_length,
                                 progress=False)
-                    after = accuracy(predict_logits(model, va), va.labels)
+                    after = evaluate(model, va)
                     row = {"task": name, "Z": z, "k": k, "factor": z // k,
                            "recipe": args.recipe if recipe is None else f"btx (r = {recipe.drop_fraction})",
                            "method": method if seed is None else f"random (seed {seed})",
                            "before": None if before is None else round(before, 4), "after": round(after, 4),
                            "original": round(orig_acc, 4), "dense": dense_acc,
                            "retained": round(after / orig_acc, 4), "kept": plan.summary()["kept"],
-                           "after_router_only": None if progressive or routed is None else round(routed[0], 4),
-                           "router_only_seconds": None if progressive or routed is None else round(routed[1], 1),
+                           "after_router_only": None if routed is None else round(routed[0], 4),
+                           "router_only_seconds": None if routed is None else round(routed[1], 1),
                            "seconds": round(time.perf_counter() - t0, 1)}
                     if te is not None:
                         row.update(test_before=test_before, test_after=on_test(model), test_original=test_original,
@@ -141,6 +142,10 @@ def main() -> None:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     write(args, rows)
+
+
+def evaluate(model, enc) -> float:
+    return accuracy(predict_logits(model, enc), enc.labels)
 
 
 def compare(task, k, group, rand, aware, prefix: str) -> list[str]:
