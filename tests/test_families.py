@@ -32,34 +32,40 @@ def plan_keeping(model, kept: list[int]) -> PrunePlan:
     return PrunePlan("manual", layers)
 
 
-@torch.no_grad()
 def masked_logits(model, kept: list[int], inputs) -> torch.Tensor:
     """The original with the dropped experts' router logits set to -inf (its own routing rule unchanged): every
     router computes its logits with ``F.linear`` on its weight, whose output columns are masked here; a
     score-correction bias (DeepSeek-V3) of a dropped expert is -inf too, so that it is never chosen."""
+    return masked_per_layer(model, {l: kept for l in adapter_for(model.config).blocks(model)}, inputs)
+
+
+@torch.no_grad()
+def masked_per_layer(model, kept: dict[int, list[int]], inputs) -> torch.Tensor:
+    """:func:`masked_logits` with each layer's own kept experts."""
     import torch.nn.functional as F
 
     adapter = adapter_for(model.config)
-    blocks = list(adapter.blocks(model).values())
-    z = adapter.num_experts(blocks[0])
-    drop = torch.tensor([e not in kept for e in range(z)])
-    weights = {adapter.router(b).weight.data_ptr() for b in blocks}
-    biases = [buf for b in blocks for n, buf in adapter.router(b).named_buffers() if "bias" in n]
-    saved = [buf.clone() for buf in biases]
+    blocks = adapter.blocks(model)
+    z = adapter.num_experts(next(iter(blocks.values())))
+    drop = {l: torch.tensor([e not in kept[l] for e in range(z)]) for l in blocks}
+    by_weight = {adapter.router(b).weight.data_ptr(): drop[l] for l, b in blocks.items()}
+    biases = [(buf, drop[l]) for l, b in blocks.items() for n, buf in
+              list(adapter.router(b).named_buffers()) + list(b.named_buffers(recurse=False)) if "bias" in n]
+    saved = [buf.clone() for buf, _ in biases]
     linear = F.linear
 
     def masked(x, w, *a, **kw):
         out = linear(x, w, *a, **kw)
-        return out.masked_fill(drop, float("-inf")) if w.data_ptr() in weights else out
+        return out.masked_fill(by_weight[w.data_ptr()], float("-inf")) if w.data_ptr() in by_weight else out
 
     F.linear = masked
     try:
-        for buf in biases:
-            buf.masked_fill_(drop, float("-inf"))
+        for buf, d in biases:
+            buf.masked_fill_(d, float("-inf"))
         return model(**inputs).logits
     finally:
         F.linear = linear
-        for buf, old in zip(biases, saved):
+        for (buf, _), old in zip(biases, saved):
             buf.copy_(old)
 
 

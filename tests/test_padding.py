@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from edgeprune.errors import ConfigError
 from edgeprune.models.fused import FusedAdapter
@@ -16,41 +15,13 @@ from edgeprune.models.adapter import PADDED_KEY, padded_slots
 from edgeprune.pruning.padding import PAD_BIAS
 from edgeprune.pruning.plan import LayerPlan, PrunePlan
 from tests.families import tiny_family_model
-from tests.test_families import batch
+from tests.test_families import batch, masked_per_layer
 
 KEPT = {0: [0, 2, 5], 1: [1, 2, 3, 4]}
 
 
 def plan_per_layer(kept: dict[int, list[int]], z: int = 6) -> PrunePlan:
     return PrunePlan("manual", [LayerPlan(l, z, [0.0] * z, [[(e, 1.0)] for e in ks]) for l, ks in kept.items()])
-
-
-@torch.no_grad()
-def masked_per_layer(model, kept: dict[int, list[int]], inputs) -> torch.Tensor:
-    """The original whose router logits (and selection biases) of each layer's dropped experts are -inf."""
-    adapter = adapter_for(model.config)
-    blocks = adapter.blocks(model)
-    z = adapter.num_experts(blocks[0])
-    drop = {l: torch.tensor([e not in kept[l] for e in range(z)]) for l in blocks}
-    by_weight = {adapter.router(b).weight.data_ptr(): drop[l] for l, b in blocks.items()}
-    biases = [(buf, drop[l]) for l, b in blocks.items() for n, buf in
-              list(adapter.router(b).named_buffers()) + list(b.named_buffers(recurse=False)) if "bias" in n]
-    saved = [buf.clone() for buf, _ in biases]
-    linear = F.linear
-
-    def masked(x, w, *a, **kw):
-        out = linear(x, w, *a, **kw)
-        return out.masked_fill(by_weight[w.data_ptr()], float("-inf")) if w.data_ptr() in by_weight else out
-
-    F.linear = masked
-    try:
-        for buf, d in biases:
-            buf.masked_fill_(d, float("-inf"))
-        return model(**inputs).logits
-    finally:
-        F.linear = linear
-        for (buf, _), old in zip(biases, saved):
-            buf.copy_(old)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "gpt_oss"])
