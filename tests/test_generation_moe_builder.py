@@ -93,3 +93,61 @@ def test_a_multimodal_qwen3_5_moe_decoder_goes_through_the_builder_whole(bpe_tok
     assert raw["architectures"] == ["Qwen3_5MoeForConditionalGeneration"] and raw["text_config"]["num_experts"] == 2
     model = AutoModelForImageTextToText.from_pretrained(pruned)
     assert model.model.language_model.layers[0].mlp.experts.gate_up_proj.shape[0] == 2
+
+
+def save_gemma4(d, tok, vocab: int):
+    """A tiny Gemma 4 MoE as its users hold it: the multimodal checkpoint (Gemma4ForConditionalGeneration, vision
+    tower included), one sliding and one full-attention layer with their own head sizes and key-value heads (the
+    full layer's keys serve as values), experts beside the dense MLP in both."""
+    import torch
+    from transformers import AutoModelForImageTextToText, Gemma4Config
+
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32, vocab_size=vocab,
+                vocab_size_per_layer_input=vocab, hidden_size_per_layer_input=0, max_position_embeddings=320,
+                layer_types=["sliding_attention", "full_attention"], sliding_window=64, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                  num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(Gemma4Config(text_config=text, vision_config=vision,
+                                                                 audio_config=None)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.proj.weight"):
+                p.normal_(0, 1.0)
+            elif name.endswith("per_expert_scale"):  # folded into the experts' down projections by the builder
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_a_multimodal_gemma4_decoder_goes_through_the_builder_whole(bpe_tokenizer, tmp_path, cache, monkeypatch):
+    """Gemma 4's text MoE pruned to k = 2 inside its multimodal checkpoint: the builder (through genai_compat, which
+    gives it the flat head sizes transformers 5.25 keeps per layer) writes one MoE operator per layer, greedy parity
+    through EdgeLM with the sliding and the full layers' own head sizes, QMoE in the int4 variant."""
+    import onnx
+    from transformers import AutoModelForImageTextToText
+
+    from edgeprune.export.genai_builder import moe_operators
+
+    d = save_gemma4(tmp_path / "ckpt", *bpe_tokenizer)
+    gen_targets(tmp_path, monkeypatch)
+    out = tmp_path / "art"
+    build(d, out, "--experts", "2")
+    export = json.loads((out / "report.json").read_text())["export"]
+    # ONNX Runtime's CPU MoE has no geglu: the builder's MoE nodes become dense dispatch, quantized like any MatMul
+    assert export["exporter"] == "onnxruntime-genai model builder (experts of 2 layers as dense dispatch)"
+    assert export["parity"]["greedy_equal"] and export["parity"]["max_abs_logit_diff"] < 1e-4
+    fp32_dir = next(cache.glob("stages/export-lm-*"))
+    assert moe_operators(fp32_dir / "onnx" / "model.onnx") == 0
+    q4 = onnx.load(str(out / "onnx" / "model_q4.onnx"), load_external_data=False).graph
+    expert_matmuls = [n for n in q4.node if n.op_type == "MatMulNBits" and "/moe/MoE/dense/" in n.name]
+    assert len(expert_matmuls) == 2 * 2 * 2  # layers x kept experts x (fc1, fc2), all 4-bit
+    pruned = next(cache.glob("stages/prune-*"))
+    raw = json.loads((pruned / "config.json").read_text())
+    assert raw["architectures"] == ["Gemma4ForConditionalGeneration"] and raw["text_config"]["num_experts"] == 2
+    model = AutoModelForImageTextToText.from_pretrained(pruned)
+    assert model.model.language_model.layers[1].experts.gate_up_proj.shape[0] == 2

@@ -19,9 +19,11 @@ BUILDER_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCaus
                          "GemmaForCausalLM", "Gemma2ForCausalLM", "NemotronForCausalLM", "SmolLM3ForCausalLM")
 # MoE decoders the builder writes with ONNX Runtime's MoE operator (fp32) and QMoE (int4 / int8 expert weights, its
 # own quantizer): a k > 1 (or one-expert) model of these families keeps its experts in one operator per layer; the
-# builder takes Qwen3.5-MoE only as its multimodal checkpoint and writes its text decoder. Not Gemma 4: genai 0.18
-# reads text_config.global_head_dim, which transformers 5.25 parses into per-layer settings (AttributeError)
-BUILDER_MOE = ("GptOssForCausalLM", "Lfm2MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration")
+# builder takes Qwen3.5-MoE and Gemma 4 only as their multimodal checkpoints and writes their text decoders (Gemma 4
+# through genai_compat: genai 0.18 reads the flat head sizes that transformers 5.25 keeps per layer; its geglu MoE
+# nodes, which ONNX Runtime's CPU kernel does not run, become dense dispatch: moe_decompose)
+BUILDER_MOE = ("GptOssForCausalLM", "Lfm2MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration",
+               "Gemma4ForConditionalGeneration")
 
 
 def builder_supports(model) -> bool:
@@ -29,15 +31,24 @@ def builder_supports(model) -> bool:
     that ONNX Runtime's GroupQueryAttention takes (CPU: a head size that is a multiple of 16)."""
     import importlib.util
 
-    c = model.config.get_text_config()
-    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return (type(model).__name__ in BUILDER_ARCHITECTURES + BUILDER_MOE and head % 16 == 0
+    return (type(model).__name__ in BUILDER_ARCHITECTURES + BUILDER_MOE
+            and all(head % 16 == 0 for head in head_sizes(model.config.get_text_config()))
             and importlib.util.find_spec("onnxruntime_genai") is not None)
+
+
+def head_sizes(c) -> set[int]:
+    """The attention head sizes of a text config: one, or one per layer where transformers keeps them per layer
+    (Gemma 4's ``per_layer_config``, whose global ``head_dim`` it refuses to read)."""
+    per_layer = getattr(c, "per_layer_config", None)
+    if per_layer is not None:
+        return {per_layer[i].head_dim for i in range(c.num_hidden_layers)}
+    return {getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads}
 
 
 def build_graph(model_dir: Path, out_dir: Path, precision: str = "fp32", name: str = "model.onnx",
                 block: int = 32) -> str:
-    """onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder -p fp32 -e cpu``): the fp32
+    """onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder -p fp32 -e cpu``, run through
+    :mod:`edgeprune.export.genai_compat` for transformers 5.25's per-layer Gemma 4 configs): the fp32
     graph with ONNX Runtime's fused decoder operators (GroupQueryAttention with the rotary embedding inside,
     SkipSimplifiedLayerNormalization, and for :data:`BUILDER_MOE` families ``com.microsoft.MoE``), which the
     weight-only quantizer then takes like any other; ``precision`` ``int4`` / ``int8``: the builder's own quantized
@@ -46,8 +57,12 @@ def build_graph(model_dir: Path, out_dir: Path, precision: str = "fp32", name: s
     import subprocess
     import sys
 
+    from edgeprune.export.moe_decompose import decompose, unsupported
+
+    how = "onnxruntime-genai model builder"
     with tempfile.TemporaryDirectory(prefix="edgeprune-genai-") as tmp:
-        res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o",
+        compat = str(Path(__file__).with_name("genai_compat.py"))  # a script: the child needs no edgeprune import
+        res = subprocess.run([sys.executable, compat, "-i", str(model_dir), "-o",
                               str(Path(tmp) / "out"), "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache"),
                               "--extra_options", "hf_token=false", f"block_size={block}", f"qmoe_block_size={block}",
                               "windowed_kv_cache=false"],  # EdgeLM's cache grows; no window-sized ring buffers
@@ -58,13 +73,21 @@ def build_graph(model_dir: Path, out_dir: Path, precision: str = "fp32", name: s
         import onnx
 
         graph = onnx.load(str(Path(tmp) / "out" / "model.onnx"))  # its weights are in model.onnx.data
+        if unsupported(graph.graph, "QMoE"):
+            raise ExportError("onnxruntime-genai's model builder wrote QMoE experts with the geglu activation, "
+                              "which ONNX Runtime's CPU kernel does not run")
+        try:
+            how += f" (experts of {decompose(graph)} layers as dense dispatch)" if unsupported(graph.graph) else ""
+        except ValueError as exc:
+            raise ExportError(f"onnxruntime-genai's model builder wrote a MoE node ONNX Runtime's CPU kernel does not "
+                              f"run: {exc}") from None
         onnx.save(graph, str(out_dir / name), save_as_external_data=graph.ByteSize() > 1_900_000_000)
         if name == "model.onnx":  # its genai_config.json names the graph's states (convolution, recurrent) as well
             shutil.copy2(Path(tmp) / "out" / "genai_config.json", out_dir / "genai_config.json")
     for name in ("config.json", "generation_config.json"):
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out_dir / name)
-    return "onnxruntime-genai model builder"
+    return how
 
 
 def moe_operators(path: Path) -> int:
