@@ -47,6 +47,9 @@ def test_build_end_to_end(tmp_path, cache, tiny_original, loose_targets, target,
     assert report["export"]["parity_fp32"]["max_abs_logit_diff"] < 1e-3
     assert report["export"]["exporter"] == ("torch.onnx" if k == 1 else "torch.onnx+dense_dispatch")
     assert report["speed"]["p50_speedup"] > 0 and report["memory"]["peak_rss_mb"] > 0
+    assert [r["stage"] for r in report["stages"]] == ["prepare", "prune", "export", "validate"]
+    assert all(r["seconds"] >= 0 and r["peak_gib"] > 0 for r in report["stages"]) and "## Stages" in \
+        (out / "report.md").read_text()
     if t.runtime.mobile_usability:
         assert "nnapi_or_coreml_may_work" in report["export"]["mobile_usability"]
     run(["check", str(out)])

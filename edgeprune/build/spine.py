@@ -54,17 +54,24 @@ def run(cfg: BuildConfig, kind: Kind) -> tuple[Path, dict]:
     """Run the whole pipeline for ``kind``; returns the artifact directory and the report. Raises
     :class:`BudgetError` (exit 1) when a budget fails, leaving the previous artifact in place."""
     from edgeprune.scale import distributed
+    from edgeprune.scale.meter import Meter
 
-    t0 = time.perf_counter()
+    t0, meter = time.perf_counter(), Meter()
     cfg.prune.validate()
     original_dir = Path(cfg.model_dir) if cfg.model_dir else kind.default_original(cfg)
-    prep = kind.prepare(cfg, original_dir)
-    pruned_dir = stage_prune(cfg, original_dir, prep.original_hash)
+    with meter.stage("prepare"):
+        prep = kind.prepare(cfg, original_dir)
+    with meter.stage("prune"):
+        pruned_dir = stage_prune(cfg, original_dir, prep.original_hash)
     distributed.release_workers()  # under torchrun (if the prune stage was cached): the rest is rank 0's
-    export_dir = kind.export(cfg, pruned_dir, prep)
-    report, manifest = kind.validate(cfg, prep, pruned_dir, export_dir)
+    with meter.stage("export"):
+        export_dir = kind.export(cfg, pruned_dir, prep)
+    with meter.stage("validate"):
+        report, manifest = kind.validate(cfg, prep, pruned_dir, export_dir)
     report["violations"] = kind.violations(report, cfg)
     report["build_seconds"] = round(time.perf_counter() - t0, 1)
+    report["stages"] = meter.rows  # wall time and peak resident memory (VmHWM) of each stage; cached stages are quick
+    log(f"stages: {meter.line()}")
     return publish(cfg, pruned_dir, report, manifest,
                    lambda tmp: kind.place(tmp, cfg, pruned_dir, export_dir, manifest), kind.markdown, kind.card)
 

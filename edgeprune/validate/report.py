@@ -85,6 +85,7 @@ def report_markdown(r: dict) -> str:
                  f"{b['max_accuracy_drop']} points, min agreement {b['min_agreement']}")
     lines.append("")
     lines += ([f"- VIOLATED: {v}" for v in r["violations"]] or ["All budgets hold."])
+    lines += stage_lines(r)
     if r.get("search"):
         lines += ["", "## Search", "", "The knobs were chosen by `build --search` (edgeprune search): the candidates and "
                   "the Pareto front are in `search/pareto.md`, the plot in `search/pareto.png`."]
@@ -167,6 +168,17 @@ or `edgeprune predict DIR "some text"`.{_js_use(m)}
 - Inputs longer than {m['max_length']} tokens are truncated.
 - Built with: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.
 """
+
+
+def stage_lines(r: dict) -> list[str]:
+    """The build's stages: wall time and the process's peak resident memory in each (``report["stages"]``)."""
+    if not r.get("stages"):
+        return []
+    rows = ["", "## Stages", "", "Wall time and peak resident memory (VmHWM, reset at each stage) of the build process; "
+            "a stage found in the cache takes seconds.", "", "| stage | seconds | peak GiB | resident at start GiB |",
+            "|---|---|---|---|"]
+    return rows + [f"| {x['stage']} | {x['seconds']} | {x['peak_gib']}{' (process so far)' if x.get('cumulative') else ''}"
+                   f" | {x['start_gib']} |" for x in r["stages"]]
 
 
 def experts_line(export: dict, target: str) -> str:

@@ -1,6 +1,8 @@
 """The report (``report.md``) and model card (``README.md``) of a decoder artifact (``build --generate``)."""
 from __future__ import annotations
 
+from edgeprune.validate.report import stage_lines
+
 
 def _table(v: dict, sizes: dict) -> list[str]:
     cols = ("perplexity", "perplexity_ratio", "next_token_agreement", "greedy_exact", "greedy_prefix",
@@ -34,7 +36,7 @@ def report_markdown(r: dict) -> str:
              "Budgets: " + (", ".join(f"{k} = {b}" for k, b in r["budgets"].items() if b is not None) or "none") + ".",
              "", ("Violations:\n" + "\n".join(f"- {x}" for x in r["violations"])) if r["violations"]
              else "All budgets hold.", "", f"Data: {r['data']['note']}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + stage_lines(r) + [""])
 
 
 def model_card(r: dict, manifest: dict) -> str:
