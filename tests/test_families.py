@@ -518,3 +518,26 @@ def test_a_sharded_checkpoint_loads_like_the_single_file(tmp_path, tiny_tokenize
         b = load_model(shards, task=get_task("sst2"))(**x).logits
     assert torch.equal(a, b)
     cli(["score", "--model", str(shards), "--experts", "2", "--calibration-examples", "16", "--out", str(tmp_path / "p.json")])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_large_model_exports_with_dynamo_into_external_data(k, family_dirs, tmp_path, cache, loose_targets,
+                                                              monkeypatch):
+    """Above LARGE_BYTES (here: any size) the export goes through the dynamo exporter with its weights in external
+    data, in a child process that also computes PyTorch's parity logits: same parity gate, the quantizer run
+    without its deep copy, no data file left in the artifact (the quantized graph holds its own weights), the
+    child's peak in the export stage's."""
+    from edgeprune.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "LARGE_BYTES", 0)
+    out = tmp_path / "art"
+    res = cli(["build", "--model", str(family_dirs["mixtral"]), "--target", "x86_64", "--experts", str(k), "--out",
+               str(out)] + FAST)
+    assert "(large: the dynamo exporter, weights in external data, in a child process)" in res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["exporter"] == ("torch.onnx.dynamo" if k == 1 else "torch.onnx.dynamo+dense_dispatch")
+    assert report["export"]["parity_fp32"]["max_abs_logit_diff"] < 1e-4
+    assert "top_k" not in report  # no run-time top-k input on this path
+    assert not list(out.rglob("*.data")) and not list(next(cache.glob("stages/export-*")).glob("*.data"))
+    export = report["stages"][2]
+    assert export["stage"] == "export" and export["child_peak_gib"] > 0.1 and export["peak_gib"] > export["child_peak_gib"]

@@ -4,6 +4,7 @@ and the mobile usability check. Cached (:class:`edgeprune.build.stage.Stage`): a
 logits it recorded on the parity sample."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,6 +39,13 @@ def attention_shape(config) -> tuple[int, int]:
     return heads, hidden
 
 
+def describe(model) -> tuple[tuple[int, int], Optional[str]]:
+    """What the ORT transformer optimizer needs of ``model``: attention heads and width, its model type."""
+    from edgeprune.models.registry import find_adapter
+
+    return attention_shape(model.config), ort_model_type(model, find_adapter(model.config.model_type))
+
+
 def fixed_shape(t: Target) -> Optional[tuple[int, int]]:
     return (t.export.batch_size, t.export.sequence_length) if t.export.fixed_shapes else None
 
@@ -67,33 +75,46 @@ def stage_export(cfg: BuildConfig, pruned_dir: Path, val_enc) -> Path:
 def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: int) -> None:
     import onnx
 
-    from edgeprune.export.onnx_export import export_onnx, onnx_logits, parity
+    from edgeprune.export import onnx_export
+    from edgeprune.export.large import export_in_child, quantizer_without_copy
     from edgeprune.export.quantize import fix_shapes, mark_disabled_optimizers, optimize, quantize
+    from edgeprune.models.checkpoint import weight_files
     from edgeprune.models.registry import load_classifier
-    from edgeprune.models.registry import find_adapter
+    from edgeprune.pruning.layerwise import trim
 
     fixed_len = fixed[1] if fixed else None
-    model = load_classifier(pruned_dir)  # MoE (k > 1) or folded dense sibling
+    large = sum(f.stat().st_size for f in weight_files(pruned_dir)) > onnx_export.LARGE_BYTES
     info: dict = {}
-    log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes"))
-    info["exporter"] = export_onnx(model, pruned_dir, tmp / "fp32.onnx", t, max_tokens)
+    log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes")
+        + (" (large: the dynamo exporter, weights in external data, in a child process)" if large else ""))
+    if large:  # the model never enters this process (edgeprune.export.large)
+        info["exporter"], model, (heads, fuse_as), child_gib = export_in_child(
+            pruned_dir, tmp / "fp32.onnx", t, max_tokens, sample, fixed, describe)
+        info["export_child_peak_gib"] = round(child_gib, 3)
+    else:
+        model = load_classifier(pruned_dir)  # MoE (k > 1) or folded dense sibling
+        info["exporter"] = onnx_export.export_onnx(model, pruned_dir, tmp / "fp32.onnx", t, max_tokens)
+        if fixed:
+            fix_shapes(tmp / "fp32.onnx", *fixed)
+        heads, fuse_as = describe(model)
     info["moe_operator"] = t.export.moe_operator
-    if fixed:
-        fix_shapes(tmp / "fp32.onnx", *fixed)
-    info["parity_fp32"] = parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed_len)
+    info["parity_fp32"] = onnx_export.parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed_len)
     log(f"export: parity with PyTorch ok (max logit diff {info['parity_fp32']['max_abs_logit_diff']:.2e})")
-    _runtime_top_k(tmp / "fp32.onnx", model, sample, fixed_len, info)
-    info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, *attention_shape(model.config),
-                               ort_model_type(model, find_adapter(model.config.model_type)))
+    if not large:
+        _runtime_top_k(tmp / "fp32.onnx", model, sample, fixed_len, info)
+    del model
+    trim()  # the parity sessions' memory back to the system before the quantizer loads the graph
+    info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, *heads, fuse_as)
     log(f"quantize: {t.quantization.precision}")
-    info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample)
+    with quantizer_without_copy() if large else contextlib.nullcontext():
+        info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample)
     info["variants"] = export_variants(tmp, t, sample, fixed_len)
     info["ort_disabled_optimizers"] = t.optimization.ort_disabled_optimizers
     mark_disabled_optimizers(tmp / "model.onnx", info["ort_disabled_optimizers"])
-    for f in ("fp32.onnx", "opt.onnx"):
-        (tmp / f).unlink()
+    for f in ("fp32.onnx", "opt.onnx", "fp32.onnx.data"):
+        (tmp / f).unlink(missing_ok=True)
     _runtime_formats(tmp, t, info)
-    graph = onnx.load(str(tmp / "model.onnx")).graph
+    graph = onnx.load(str(tmp / "model.onnx"), load_external_data=False).graph
     stored = {i.name for i in graph.initializer}
     info["input_names"] = [i.name for i in graph.input if i.name not in stored]  # top_k: overridable, not required
     if "top_k" in info and not ("top_k" in stored and any(i.name == "top_k" for i in graph.input)):
@@ -101,7 +122,7 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
 
         raise ExportError("the graph's top_k input was lost in fusion or quantization; report it with the command")
     (tmp / "export.json").write_text(json.dumps(info, indent=1))
-    np.save(tmp / "parity_logits.npy", onnx_logits(tmp / "model.onnx", sample, fixed_length=fixed_len))
+    np.save(tmp / "parity_logits.npy", onnx_export.onnx_logits(tmp / "model.onnx", sample, fixed_length=fixed_len))
 
 
 def _runtime_top_k(path: Path, model, sample, fixed_len: Optional[int], info: dict) -> None:

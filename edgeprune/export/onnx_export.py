@@ -48,11 +48,14 @@ def eager_attention(model: torch.nn.Module):
 
 
 def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | Path, target: Target,
-                max_tokens: int | None = None) -> str:
+                max_tokens: int | None = None, large: bool = False) -> str:
     """Export to ``out_path``; returns the exporter used (``torch.onnx+dense_dispatch`` or ``torch.onnx+ort_moe`` for
     an MoE, ``torch.onnx`` for a dense model). ``max_tokens``: the longest input the artifact takes (checked where
     the export is exact only up to a length: :func:`~edgeprune.export.torchscript_fixes.check_dsa_length`); the
-    model is traced under :func:`~edgeprune.export.torchscript_fixes.exportable`."""
+    model is traced under :func:`~edgeprune.export.torchscript_fixes.exportable`.
+
+    ``large``: the dynamo exporter, weights into external data one tensor at a time (:mod:`edgeprune.export.large`
+    says why), no run-time top-k input (its symbolic function is TorchScript's); exporter ``torch.onnx.dynamo``."""
     from edgeprune.errors import ModelError
     from edgeprune.export.ort_moe import maps_onto_ort_moe, ort_moe_patch
     from edgeprune.export.torchscript_fixes import check_dsa_length, exportable
@@ -67,9 +70,8 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     except ModelError:
         adapter = None
     b, s = (spec.batch_size, spec.sequence_length) if spec.fixed_shapes else (2, 16)
-    full = {"input_ids": torch.ones(b, s, dtype=torch.long), "attention_mask": torch.ones(b, s, dtype=torch.long),
-            "token_type_ids": torch.zeros(b, s, dtype=torch.long)}
-    feeds = model_inputs(model, full)
+    feeds = model_inputs(model, {"input_ids": torch.ones(b, s, dtype=torch.long), "token_type_ids": torch.zeros(
+        b, s, dtype=torch.long), "attention_mask": torch.ones(b, s, dtype=torch.long)})
     names = [n for n in INPUT_NAMES if n in feeds]
     axes = None if spec.fixed_shapes else {n: {0: "batch_size", 1: "sequence_length"} for n in names}
     if axes is not None:
@@ -81,31 +83,57 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     patch = adapter.export_patch(model) if adapter is not None else contextlib.nullcontext()
     if adapter is not None and spec.moe_operator in ("ort", "qmoe") and maps_onto_ort_moe(adapter, model):
         patch, exporter = ort_moe_patch(adapter, model), "torch.onnx+ort_moe"
-    routing = routing_of(adapter, model) if exporter == "torch.onnx+dense_dispatch" else None
+    routing = routing_of(adapter, model) if exporter == "torch.onnx+dense_dispatch" and not large else None
     if routing is not None:  # the routers' top-k as the graph input top_k (edgeprune.export.runtime_top_k)
         feeds[INPUT], names = torch.tensor([routing[1]]), names + [INPUT]
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, *inputs):
-            kw = dict(zip(names, inputs))
-            with routed_top_k(kw.pop(INPUT), *routing) if routing else contextlib.nullcontext():
-                return self.m(**kw).logits
-
+    args = tuple(feeds[n] for n in names)
     try:
         with patch, eager_attention(model), exportable(model), torch.no_grad():
-            torch.onnx.export(Wrapper(model), tuple(feeds[n] for n in names), str(out_path), input_names=names,
-                              output_names=["logits"], dynamic_axes=axes, opset_version=spec.opset, dynamo=False,
-                              custom_opsets={"com.microsoft": 1})
+            if large:
+                _dynamo_export(_Logits(model, names, routing).eval(), args, out_path, names, axes, spec.opset)
+                exporter = exporter.replace("torch.onnx", "torch.onnx.dynamo")
+            else:
+                torch.onnx.export(_Logits(model, names, routing), args, str(out_path), input_names=names, output_names=["logits"],
+                                  dynamic_axes=axes, opset_version=spec.opset, dynamo=False,
+                                  custom_opsets={"com.microsoft": 1})
     except Exception as exc:
         raise ExportError(f"torch.onnx export of the {model.config.model_type} model failed: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     if routing is not None:
         overridable(out_path, routing[1])
     return exporter
+
+
+class _Logits(torch.nn.Module):
+    """``model``'s logits from positional inputs named ``names`` (the last one ``top_k`` when ``routing`` is given:
+    the routers then route to that many experts)."""
+
+    def __init__(self, model, names: list, routing):
+        super().__init__()
+        self.m, self.names, self.routing = model, names, routing
+
+    def forward(self, *inputs):
+        kw = dict(zip(self.names, inputs))
+        with routed_top_k(kw.pop(INPUT), *self.routing) if self.routing else contextlib.nullcontext():
+            return self.m(**kw).logits
+
+
+LARGE_BYTES = 1 << 30  # weights above this export with the dynamo exporter into external data (export_onnx)
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest opset
+
+
+def _dynamo_export(wrapper, args: tuple, out_path: Path, names: list, axes: dict | None, opset: int) -> None:
+    """``torch.onnx.export(dynamo=True)`` of ``wrapper`` at ``max(opset, 18)``, weights into external data."""
+    shapes = None
+    if axes is not None:
+        batch, seq = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
+        shapes = ({0: batch, 1: seq},) * len(args)
+    program = torch.onnx.export(wrapper, args, input_names=names, output_names=["logits"], dynamo=True,
+                                dynamic_shapes=(shapes,) if shapes else None, opset_version=max(opset, DYNAMO_MIN_OPSET),
+                                optimize=True, verbose=False)
+    program.save(str(out_path), external_data=True)
+    del program
 
 
 def routing_of(adapter, model) -> tuple[int, int] | None:
@@ -149,15 +177,21 @@ def truncate(enc: Encoded, length: int) -> Encoded:
     return Encoded([i[:length] for i in enc.input_ids], [t[:length] for t in enc.token_type_ids], enc.labels, enc.pad_id)
 
 
-def parity(onnx_path: str | Path, model: torch.nn.Module, enc: Encoded, atol: float = 1e-3,
+def reference_logits(model: torch.nn.Module, enc: Encoded, fixed_length: int | None = None) -> np.ndarray:
+    """PyTorch's logits on the examples :func:`parity` compares (cut to ``fixed_length`` for fixed shapes)."""
+    return predict_logits(model, truncate(enc, fixed_length) if fixed_length is not None else enc)
+
+
+def parity(onnx_path: str | Path, model: torch.nn.Module | np.ndarray, enc: Encoded, atol: float = 1e-3,
            min_agreement: float = 0.995, fixed_length: int | None = None,
            batch_sizes: tuple[int, ...] = (1, 7, 32)) -> dict:
     """Compare ONNX and PyTorch logits on real inputs, the ONNX model run at several batch sizes (each batch
     padded to its longest example, so the sequence lengths vary too; a fixed-shape model at its one shape);
-    raise :class:`ExportError` if parity is lost at any of them."""
+    raise :class:`ExportError` if parity is lost at any of them. ``model`` may be PyTorch's logits already
+    (:func:`reference_logits`: a large model is freed before ONNX Runtime loads its graph)."""
+    ref = model if isinstance(model, np.ndarray) else reference_logits(model, enc, fixed_length)
     if fixed_length is not None:
         enc = truncate(enc, fixed_length)
-    ref = predict_logits(model, enc)
     sizes = batch_sizes if fixed_length is None else (None,)
     per_batch, worst, agree = {}, 0.0, 1.0
     for bs in sizes:

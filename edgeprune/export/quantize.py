@@ -37,7 +37,7 @@ def optimize(src: Path, dst: Path, target: Target, num_heads: int, hidden_size: 
     from onnxruntime.transformers.optimizer import optimize_model
 
     if not target.optimization.fuse or model_type != "bert":
-        onnx.save(onnx.load(str(src)), str(dst))
+        copy_graph(src, dst)
         return []
     from onnxruntime.transformers.fusion_options import FusionOptions
 
@@ -59,6 +59,12 @@ def optimize(src: Path, dst: Path, target: Target, num_heads: int, hidden_size: 
     opt.save_model_to_file(str(dst))
     stats = opt.get_fused_operator_statistics()
     return [f"{k}={v}" for k, v in stats.items() if v]
+
+
+def copy_graph(src: Path, dst: Path) -> None:
+    """``src`` saved as ``dst``; weights in external data stay where they are (``dst`` in the same folder names the
+    same data file), so a large graph is not read into memory for a copy."""
+    onnx.save(onnx.load(str(src), load_external_data=False), str(dst))
 
 
 class _PrunedWidth(logging.Filter):
@@ -122,7 +128,7 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
         if target.export.moe_operator == "qmoe" and q.precision.startswith("int8"):
             src = _experts_in_qmoe(src, qmoe, q.moe_bits, info)
         if q.precision == "fp32":
-            onnx.save(onnx.load(str(src)), str(dst))
+            copy_graph(src, dst)
         elif q.precision == "fp16":
             from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -267,7 +273,7 @@ def fix_shapes(path: Path, batch: int, length: int) -> None:
     """Make the batch and sequence dimensions static (NNAPI / CoreML need it)."""
     from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
     for name, value in (("batch_size", batch), ("sequence_length", length)):
         make_dim_param_fixed(model.graph, name, value)
     onnx.save(model, str(path))
