@@ -76,7 +76,7 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
     import onnx
 
     from edgeprune.export import onnx_export
-    from edgeprune.export.large import export_in_child, quantizer_without_copy
+    from edgeprune.export.large import export_in_child, internalize, streaming_quantizer
     from edgeprune.export.quantize import fix_shapes, mark_disabled_optimizers, optimize, quantize
     from edgeprune.models.checkpoint import weight_files
     from edgeprune.models.registry import load_classifier
@@ -106,8 +106,13 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
     trim()  # the parity sessions' memory back to the system before the quantizer loads the graph
     info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, *heads, fuse_as)
     log(f"quantize: {t.quantization.precision}")
-    with quantizer_without_copy() if large else contextlib.nullcontext():
+    if large and t.quantization.embedding_bits == 4:
+        log("quantize: the word embedding stays 8-bit (the 4-bit pass would hold the whole large graph in memory)")
+        t = replace(t, quantization=replace(t.quantization, embedding_bits=8))
+    with streaming_quantizer(tmp) if large else contextlib.nullcontext():  # one weight in memory at a time
         info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample)
+    if large:
+        internalize(tmp / "model.onnx")
     info["variants"] = export_variants(tmp, t, sample, fixed_len)
     info["ort_disabled_optimizers"] = t.optimization.ort_disabled_optimizers
     mark_disabled_optimizers(tmp / "model.onnx", info["ort_disabled_optimizers"])

@@ -8,18 +8,19 @@ Two things held the weights several times over, measured on a 1.1 GB folded Mist
   of file pages) with no Python reference left to drop: something in the export machinery holds the storages. So
   the export runs in a child process (``spawn``): it loads the pruned checkpoint, exports, computes PyTorch's
   logits on the parity sample, and exits, giving everything back; the build process never loads the model.
-* ONNX Runtime's dynamic quantizer. ``ONNXQuantizer.__init__`` re-infers shapes with
-  ``save_and_reload_model_with_shape_infer``, which deep-copies the whole model before saving it (so that the
-  caller's model is not changed): two extra copies of every weight (+1.9 GiB there). :func:`quantizer_without_copy`
-  swaps in the same save-and-reload without the copy (the quantizer's own model is the one saved and replaced, and
-  nothing reads the old one after), for the duration of one quantization.
+* ONNX Runtime's dynamic quantizer (3.0 GiB above the process for the 1.1 GB graph): it loads every weight into
+  the graph, and ``ONNXQuantizer.__init__`` re-infers shapes with ``save_and_reload_model_with_shape_infer``,
+  which deep-copies the whole model before saving and reloading it. :func:`streaming_quantizer` keeps the weights
+  on disk while the quantizer runs and hands it one weight at a time; the 4-bit embedding pass (its own whole-graph
+  quantizer) is left out on this path, the embedding is int8 with the rest.
 """
 from __future__ import annotations
 
 import contextlib
-import resource
 from pathlib import Path
 from typing import Callable, Iterator, Optional
+
+from edgeprune.scale.meter import note_child_peak, peak_gib
 
 
 def _child(pruned_dir: str, out_path: str, target_source: str, max_tokens: int, sample,
@@ -37,8 +38,7 @@ def _child(pruned_dir: str, out_path: str, target_source: str, max_tokens: int, 
 
         fix_shapes(Path(out_path), *fixed)
     ref = reference_logits(model, sample, fixed[1] if fixed else None)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return exporter, ref, describe(model), peak_kib / 1024 ** 2
+    return exporter, ref, describe(model), peak_gib()  # VmHWM: this process's own (ru_maxrss includes the parent's)
 
 
 def export_in_child(pruned_dir: Path, out_path: Path, target, max_tokens: int, sample,
@@ -50,29 +50,74 @@ def export_in_child(pruned_dir: Path, out_path: Path, target, max_tokens: int, s
     from multiprocessing import get_context
 
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_child, str(pruned_dir), str(out_path), target.source, max_tokens, sample, fixed,
-                           describe).result()
+        result = pool.submit(_child, str(pruned_dir), str(out_path), target.source, max_tokens, sample, fixed,
+                             describe).result()
+    note_child_peak(result[3])
+    return result
 
 
 @contextlib.contextmanager
-def quantizer_without_copy() -> Iterator[None]:
-    """ONNX Runtime's dynamic quantizer, its shape re-inference saving and reloading the model it holds without
-    first deep-copying it (see the module docstring)."""
-    import tempfile
+def streaming_quantizer(folder: Path) -> Iterator[None]:
+    """ONNX Runtime's dynamic quantizer on a graph whose weights are in external data in ``folder``, reading one
+    weight at a time (see the module docstring): the graph is loaded and re-inferred without its weights, each
+    weight read from disk into a copy of its tensor when the quantizer asks for it (the graph's own tensor stays a
+    reference), and no deep copy. The weights are the same numbers: the quantized graph equals the one the
+    quantizer writes from the loaded graph, tensor for tensor (tests/test_large_export.py). The working directory
+    is ``folder`` meanwhile (ONNX resolves a tensor's file from there when no folder is given)."""
+    import importlib
+    import os
 
     import onnx
-    from onnxruntime.quantization import onnx_quantizer
-    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+    from onnx.external_data_helper import uses_external_data
+    from onnxruntime.quantization import base_quantizer, onnx_quantizer, quant_utils
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the package re-exports a function
+
+    def load_lazy(path):
+        path = Path(path)
+        inferred = path.with_name(path.stem + "-inferred.onnx")
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+        try:
+            model = onnx.load(str(inferred), load_external_data=False)
+        finally:
+            inferred.unlink(missing_ok=True)
+        quant_utils.add_infer_metadata(model)
+        return model
 
     def save_and_reload(model):
-        with tempfile.TemporaryDirectory(prefix="edgeprune-quant-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True)  # moves the weights out of ``model``
-            return load_model_with_shape_infer(path)
+        path = Path("edgeprune-reinfer.onnx").resolve()  # beside the weights: the references stay valid
+        onnx.save_model(model, str(path))
+        try:
+            return load_lazy(path)
+        finally:
+            path.unlink(missing_ok=True)
 
-    before = onnx_quantizer.save_and_reload_model_with_shape_infer
-    onnx_quantizer.save_and_reload_model_with_shape_infer = save_and_reload
+    def to_array(tensor):
+        if uses_external_data(tensor):  # read into a copy: the graph's tensor stays a reference to the file
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            tensor = copy
+        return quant_utils.tensor_proto_to_array(tensor)
+
+    patches = [(ort_quantize, "load_model_with_shape_infer", load_lazy),
+               (base_quantizer, "save_and_reload_model_with_shape_infer", save_and_reload),
+               (onnx_quantizer, "save_and_reload_model_with_shape_infer", save_and_reload),
+               (base_quantizer, "tensor_proto_to_array", to_array), (onnx_quantizer, "tensor_proto_to_array", to_array)]
+    before, cwd = [(m, n, getattr(m, n)) for m, n, _ in patches], os.getcwd()
+    os.chdir(folder)
+    for module, name, f in patches:
+        setattr(module, name, f)
     try:
         yield
     finally:
-        onnx_quantizer.save_and_reload_model_with_shape_infer = before
+        for module, name, f in before:
+            setattr(module, name, f)
+        os.chdir(cwd)
+
+
+def internalize(path: Path) -> None:
+    """``path`` with every tensor it still reads from external data (the weights the quantizer left in fp32:
+    norms, biases) stored inside it, so that the data files can go."""
+    import onnx
+
+    onnx.save(onnx.load(str(path)), str(path))

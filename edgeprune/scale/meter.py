@@ -2,9 +2,9 @@
 
 The peak is the kernel's ``VmHWM`` (``/proc/self/status``), reset at the start of each stage by writing ``5`` to
 ``/proc/self/clear_refs`` (Linux 4.0+), so a stage's figure is the largest resident set the process reached during
-that stage (what was already resident included); a stage that ran a child process that peaked higher than any
-before (the large export: :mod:`edgeprune.export.large`) adds the child's peak to its own, as if both had peaked at
-once (an upper bound), and records it as ``child_peak_gib``. Where the reset is not allowed or there is no ``/proc``, the figure
+that stage (what was already resident included); a stage that ran a child process (the large export:
+:mod:`edgeprune.export.large`, which reports its own peak through :func:`note_child_peak`) adds the child's peak to
+its own, as if both had peaked at once (an upper bound), and records it as ``child_peak_gib``. Where the reset is not allowed or there is no ``/proc``, the figure
 is the process's peak so far and the record says ``"cumulative": true``. ``results/scale.md`` compares these with
 the checkpoint's size (``python scripts/scale.py --whole-build``).
 """
@@ -28,11 +28,13 @@ def _status_kib(key: str) -> Optional[int]:
     return None
 
 
-def _children_kib() -> int:
-    """The largest peak resident set of this process's finished children (``ru_maxrss``, KiB on Linux)."""
-    import resource
+_CHILD_PEAKS: list[float] = []
 
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+def note_child_peak(gib: float) -> None:
+    """A child process this one ran (and waited for) peaked at ``gib`` (its own ``VmHWM``): the running stage adds
+    it to its peak. (``RUSAGE_CHILDREN`` cannot tell: a forked child starts with its parent's resident set.)"""
+    _CHILD_PEAKS.append(gib)
 
 
 def reset_peak() -> bool:
@@ -59,7 +61,7 @@ class Meter:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         fresh = reset_peak()
-        start, children = _status_kib("VmRSS"), _children_kib()
+        start, children = _status_kib("VmRSS"), len(_CHILD_PEAKS)
         t0 = time.perf_counter()
         try:
             yield
@@ -68,8 +70,8 @@ class Meter:
             row = {"stage": name, "seconds": round(time.perf_counter() - t0, 1),
                    "peak_gib": None if peak is None else round(peak, 3),
                    "start_gib": None if start is None else round(start * 1024 / GIB, 3)}
-            if _children_kib() > children:  # a child process (the large export) peaked higher than any before
-                row["child_peak_gib"] = round(_children_kib() * 1024 / GIB, 3)
+            if len(_CHILD_PEAKS) > children:  # a child process ran (the large export)
+                row["child_peak_gib"] = round(max(_CHILD_PEAKS[children:]), 3)
                 row["peak_gib"] = round((row["peak_gib"] or 0) + row["child_peak_gib"], 3)  # both at once, at worst
             if not fresh:
                 row["cumulative"] = True
