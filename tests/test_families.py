@@ -540,4 +540,5 @@ def test_a_large_model_exports_with_dynamo_into_external_data(k, family_dirs, tm
     assert "top_k" not in report  # no run-time top-k input on this path
     assert not list(out.rglob("*.data")) and not list(next(cache.glob("stages/export-*")).glob("*.data"))
     export = report["stages"][2]
-    assert export["stage"] == "export" and export["child_peak_gib"] > 0.1 and export["peak_gib"] > export["child_peak_gib"]
+    assert export["stage"] == "export" and export["child_peak_gib"] > 0.1 and export["peak_gib"] >= export["own_peak_gib"]
+    assert export["peak_gib"] > export["child_peak_gib"]  # the child's plus what the build process held beside it

@@ -20,7 +20,7 @@ import contextlib
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from edgeprune.scale.meter import note_child_peak, peak_gib
+from edgeprune.scale.meter import note_child_peak, peak_gib, resident_gib
 
 
 def _child(pruned_dir: str, out_path: str, target_source: str, max_tokens: int, sample,
@@ -49,10 +49,11 @@ def export_in_child(pruned_dir: Path, out_path: Path, target, max_tokens: int, s
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
+    beside = resident_gib()
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         result = pool.submit(_child, str(pruned_dir), str(out_path), target.source, max_tokens, sample, fixed,
                              describe).result()
-    note_child_peak(result[3])
+    note_child_peak(result[3], beside)
     return result
 
 

@@ -3,8 +3,8 @@
 The peak is the kernel's ``VmHWM`` (``/proc/self/status``), reset at the start of each stage by writing ``5`` to
 ``/proc/self/clear_refs`` (Linux 4.0+), so a stage's figure is the largest resident set the process reached during
 that stage (what was already resident included); a stage that ran a child process (the large export:
-:mod:`edgeprune.export.large`, which reports its own peak through :func:`note_child_peak`) adds the child's peak to
-its own, as if both had peaked at once (an upper bound), and records it as ``child_peak_gib``. Where the reset is not allowed or there is no ``/proc``, the figure
+:mod:`edgeprune.export.large`, which reports its peak through :func:`note_child_peak`) has as its peak the larger of
+its own and the child's plus what this process held meanwhile (``child_peak_gib``, ``own_peak_gib`` kept). Where the reset is not allowed or there is no ``/proc``, the figure
 is the process's peak so far and the record says ``"cumulative": true``. ``results/scale.md`` compares these with
 the checkpoint's size (``python scripts/scale.py --whole-build``).
 """
@@ -28,13 +28,19 @@ def _status_kib(key: str) -> Optional[int]:
     return None
 
 
-_CHILD_PEAKS: list[float] = []
+_CHILD_PEAKS: list[tuple[float, float]] = []
 
 
-def note_child_peak(gib: float) -> None:
-    """A child process this one ran (and waited for) peaked at ``gib`` (its own ``VmHWM``): the running stage adds
-    it to its peak. (``RUSAGE_CHILDREN`` cannot tell: a forked child starts with its parent's resident set.)"""
-    _CHILD_PEAKS.append(gib)
+def resident_gib() -> float:
+    """The process's resident set now (``VmRSS``), GiB; 0 without ``/proc``."""
+    return (_status_kib("VmRSS") or 0) * 1024 / GIB
+
+
+def note_child_peak(gib: float, beside_gib: float) -> None:
+    """A child process this one ran and waited for peaked at ``gib`` (its own ``VmHWM``) while this one held
+    ``beside_gib``: the running stage's peak is at least their sum. (``RUSAGE_CHILDREN`` cannot tell: a forked
+    child's ``ru_maxrss`` starts from its parent's resident set.)"""
+    _CHILD_PEAKS.append((gib, beside_gib))
 
 
 def reset_peak() -> bool:
@@ -70,9 +76,11 @@ class Meter:
             row = {"stage": name, "seconds": round(time.perf_counter() - t0, 1),
                    "peak_gib": None if peak is None else round(peak, 3),
                    "start_gib": None if start is None else round(start * 1024 / GIB, 3)}
-            if len(_CHILD_PEAKS) > children:  # a child process ran (the large export)
-                row["child_peak_gib"] = round(max(_CHILD_PEAKS[children:]), 3)
-                row["peak_gib"] = round((row["peak_gib"] or 0) + row["child_peak_gib"], 3)  # both at once, at worst
+            if len(_CHILD_PEAKS) > children:  # a child process ran (the large export) while this one waited
+                ran = _CHILD_PEAKS[children:]
+                row["child_peak_gib"] = round(max(c for c, _ in ran), 3)
+                row["own_peak_gib"] = row["peak_gib"]
+                row["peak_gib"] = round(max([row["peak_gib"] or 0] + [c + b for c, b in ran]), 3)
             if not fresh:
                 row["cumulative"] = True
             self.rows.append(row)
