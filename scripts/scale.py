@@ -234,7 +234,9 @@ def render(p: dict) -> list[str]:
            f"allocator's slack), layer-wise {min(ratio['layerwise']):.2f}-{max(ratio['layerwise']):.2f}x.",
            "Layer-wise, the freed layers' memory goes back to the system after each layer (`malloc_trim`): without it "
            "glibc kept them (16 MB tensors sit below its adaptive mmap threshold) and the peak wandered between 1.4 and "
-           "2.7 GiB from run to run (runs before that change, not in this file)."]
+           "2.7 GiB from run to run (runs before that change, not in this file).", "",
+           "The same checkpoint through the whole build (export, int8, parity, validation, report, budgets), stage by "
+           "stage: `results/scale_build.md` (`python scripts/scale_build.py`)."]
     return md
 
 
