@@ -86,7 +86,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="k = 1 only.")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=str(ROOT / "results" / "scale_build"))
+    ap.add_argument("--render", action="store_true", help="Only redraw <out>.md from <out>.json.")
     a = ap.parse_args()
+    if a.render:
+        payload = json.loads(Path(a.out).with_suffix(".json").read_text())
+        Path(a.out).with_suffix(".md").write_text("\n".join(render(payload)) + "\n")
+        return
     work = Path(a.work or tempfile.mkdtemp(prefix="edgeprune-scale-build-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -124,7 +129,8 @@ def render(p: dict) -> list[str]:
     md = ["# A multi-gigabyte MoE through the whole build", "",
           f"Produced by `python scripts/scale_build.py` on the build host (2 cores, 24 GiB): the **{gib:.2f} GiB** "
           "random Mixtral-family classifier of `scripts/scale.py` through `edgeprune build --layerwise --max-memory "
-          f"{p['max_memory_gb']}` (0.35 x the checkpoint, the goal), each build in its own process with an empty "
+          f"{p['max_memory_gb']}` (the goal, 0.35x the checkpoint, is {0.35 * gib * 1024 ** 3 / 1e9:.2f} GB; the cap is "
+          "the memory estimate's, which must fit the layer-wise calibration), each build in its own process with an empty "
           "cache, no recovery. Peak = VmHWM of the build process, reset at the start of each stage (the build's own "
           "`report.json` `stages`).", "",
           "| k | stage | wall s | build process peak GiB | export child peak GiB | together GiB | together / "
