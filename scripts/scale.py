@@ -120,21 +120,31 @@ def same_tensors(a: Path, b: Path) -> bool:
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def checkpoint_options(ap: argparse.ArgumentParser) -> None:
+    """The checkpoint's shape, the calibration set and ``--render`` (also scripts/scale_build.py's)."""
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--examples", type=int, default=256, help="Calibration examples (sst2 training split).")
+    ap.add_argument("--render", action="store_true", help="Only redraw <out>.md from <out>.json.")
+
+
+def rerender(out: str, draw) -> None:
+    """``<out>.md`` redrawn by ``draw`` from ``<out>.json``."""
+    payload = json.loads(Path(out).with_suffix(".json").read_text())
+    Path(out).with_suffix(".md").write_text("\n".join(draw(payload)) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    checkpoint_options(ap)
     ap.add_argument("--work", default=None, help="Working directory (default: a temporary one, removed after).")
     ap.add_argument("--quick", action="store_true", help="Skip the torchrun comparison.")
     ap.add_argument("--out", default=str(ROOT / "results" / "scale"))
-    ap.add_argument("--render", action="store_true", help="Only redraw <out>.md from <out>.json.")
     a = ap.parse_args()
     if a.render:
-        payload = json.loads(Path(a.out).with_suffix(".json").read_text())
-        Path(a.out).with_suffix(".md").write_text("\n".join(render(payload)) + "\n")
+        rerender(a.out, render)
         return
     work = Path(a.work or tempfile.mkdtemp(prefix="edgeprune-scale-"))
     try:

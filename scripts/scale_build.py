@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from edgeprune.validate.results import write_results  # noqa: E402
+from scale import checkpoint_options, rerender, write_checkpoint  # noqa: E402  (scripts/scale.py)
 
 
 def target_file(work: Path, checkpoint_mb: float, k: int) -> Path:
@@ -77,28 +78,20 @@ def build(ckpt: Path, work: Path, k: int, max_memory: float, examples: int, chec
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None, help="An existing checkpoint (else one is written).")
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--width", type=int, default=4096)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--examples", type=int, default=256, help="Calibration examples (sst2 training split).")
+    checkpoint_options(ap)
     ap.add_argument("--max-memory", type=float, default=None, help="GB (default: 0.35 x the checkpoint, the goal).")
     ap.add_argument("--quick", action="store_true", help="k = 1 only.")
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=str(ROOT / "results" / "scale_build"))
-    ap.add_argument("--render", action="store_true", help="Only redraw <out>.md from <out>.json.")
     a = ap.parse_args()
     if a.render:
-        payload = json.loads(Path(a.out).with_suffix(".json").read_text())
-        Path(a.out).with_suffix(".md").write_text("\n".join(render(payload)) + "\n")
+        rerender(a.out, render)
         return
     work = Path(a.work or tempfile.mkdtemp(prefix="edgeprune-scale-build-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         ckpt = Path(a.checkpoint) if a.checkpoint else work / "mixtral"
         if not a.checkpoint:
-            from scale import write_checkpoint
-
             write_checkpoint(ckpt, a.layers, a.hidden, a.width, a.experts)
         size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         cap = a.max_memory or round(0.35 * size / 1e9, 2)

@@ -78,31 +78,31 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
     from edgeprune.export import onnx_export
     from edgeprune.export.large import export_in_child, internalize, streaming_quantizer
     from edgeprune.export.quantize import fix_shapes, mark_disabled_optimizers, optimize, quantize
-    from edgeprune.models.checkpoint import weight_files
     from edgeprune.models.registry import load_classifier
     from edgeprune.pruning.layerwise import trim
+    from edgeprune.scale.lazy import LazyCheckpoint
 
     fixed_len = fixed[1] if fixed else None
-    large = sum(f.stat().st_size for f in weight_files(pruned_dir)) > onnx_export.LARGE_BYTES
+    large = LazyCheckpoint(pruned_dir).total_bytes > onnx_export.LARGE_BYTES  # from the safetensors headers
     info: dict = {}
     log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes")
         + (" (large: the dynamo exporter, weights in external data, in a child process)" if large else ""))
-    if large:  # the model never enters this process (edgeprune.export.large)
-        info["exporter"], model, (heads, fuse_as), child_gib = export_in_child(
+    if large:  # the model never enters this process (edgeprune.export.large): parity against its logits
+        info["exporter"], reference, (heads, fuse_as), child_gib = export_in_child(
             pruned_dir, tmp / "fp32.onnx", t, max_tokens, sample, fixed, describe)
         info["export_child_peak_gib"] = round(child_gib, 3)
     else:
-        model = load_classifier(pruned_dir)  # MoE (k > 1) or folded dense sibling
-        info["exporter"] = onnx_export.export_onnx(model, pruned_dir, tmp / "fp32.onnx", t, max_tokens)
+        reference = load_classifier(pruned_dir)  # MoE (k > 1) or folded dense sibling
+        info["exporter"] = onnx_export.export_onnx(reference, pruned_dir, tmp / "fp32.onnx", t, max_tokens)
         if fixed:
             fix_shapes(tmp / "fp32.onnx", *fixed)
-        heads, fuse_as = describe(model)
+        heads, fuse_as = describe(reference)
     info["moe_operator"] = t.export.moe_operator
-    info["parity_fp32"] = onnx_export.parity(tmp / "fp32.onnx", model, sample, fixed_length=fixed_len)
+    info["parity_fp32"] = onnx_export.parity(tmp / "fp32.onnx", reference, sample, fixed_length=fixed_len)
     log(f"export: parity with PyTorch ok (max logit diff {info['parity_fp32']['max_abs_logit_diff']:.2e})")
     if not large:
-        _runtime_top_k(tmp / "fp32.onnx", model, sample, fixed_len, info)
-    del model
+        _runtime_top_k(tmp / "fp32.onnx", reference, sample, fixed_len, info)
+    del reference
     trim()  # the parity sessions' memory back to the system before the quantizer loads the graph
     info["fusions"] = optimize(tmp / "fp32.onnx", tmp / "opt.onnx", t, *heads, fuse_as)
     log(f"quantize: {t.quantization.precision}")

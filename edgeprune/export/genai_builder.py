@@ -77,10 +77,11 @@ def build_graph(model_dir: Path, out_dir: Path, precision: str = "fp32", name: s
             raise ExportError("onnxruntime-genai's model builder wrote QMoE experts with the geglu activation, "
                               "which ONNX Runtime's CPU kernel does not run")
         try:
-            how += f" (experts of {decompose(graph)} layers as dense dispatch)" if unsupported(graph.graph) else ""
+            rewritten = decompose(graph)
         except ValueError as exc:
             raise ExportError(f"onnxruntime-genai's model builder wrote a MoE node ONNX Runtime's CPU kernel does not "
                               f"run: {exc}") from None
+        how += f" (experts of {rewritten} layers as dense dispatch)" if rewritten else ""
         onnx.save(graph, str(out_dir / name), save_as_external_data=graph.ByteSize() > 1_900_000_000)
         if name == "model.onnx":  # its genai_config.json names the graph's states (convolution, recurrent) as well
             shutil.copy2(Path(tmp) / "out" / "genai_config.json", out_dir / "genai_config.json")

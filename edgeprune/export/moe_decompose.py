@@ -94,7 +94,7 @@ def decompose(model) -> int:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    nodes = unsupported(graph)
+    nodes, replaced = unsupported(graph), set()
     for node in nodes:
         a = attributes(node)
         ins = list(node.input) + [""] * (8 - len(node.input))
@@ -119,8 +119,8 @@ def decompose(model) -> int:
             m.name = f"{w.p}/{m.op_type}_{j}"
             graph.node.insert(at + j, m)
         graph.initializer.extend(w.weights)
-        used = {i for m in graph.node for i in m.input}
-        for name in ins[2:6]:
-            if name and name not in used and name in inits:
-                graph.initializer.remove(inits.pop(name))
+        replaced.update(n for n in ins[2:6] if n)
+    used = {i for m in graph.node for i in m.input}
+    for name in replaced - used:  # the operator's expert tensors, now in the per-expert MatMuls
+        graph.initializer.remove(inits[name])
     return len(nodes)

@@ -70,8 +70,7 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     except ModelError:
         adapter = None
     b, s = (spec.batch_size, spec.sequence_length) if spec.fixed_shapes else (2, 16)
-    feeds = model_inputs(model, {"input_ids": torch.ones(b, s, dtype=torch.long), "token_type_ids": torch.zeros(
-        b, s, dtype=torch.long), "attention_mask": torch.ones(b, s, dtype=torch.long)})
+    feeds = model_inputs(model, _example_inputs(b, s))
     names = [n for n in INPUT_NAMES if n in feeds]
     axes = None if spec.fixed_shapes else {n: {0: "batch_size", 1: "sequence_length"} for n in names}
     if axes is not None:
@@ -94,8 +93,8 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
                 _dynamo_export(_Logits(model, names, routing).eval(), args, out_path, names, axes, spec.opset)
                 exporter = exporter.replace("torch.onnx", "torch.onnx.dynamo")
             else:
-                torch.onnx.export(_Logits(model, names, routing), args, str(out_path), input_names=names, output_names=["logits"],
-                                  dynamic_axes=axes, opset_version=spec.opset, dynamo=False,
+                torch.onnx.export(_Logits(model, names, routing), args, str(out_path), input_names=names,
+                                  output_names=["logits"], dynamic_axes=axes, opset_version=spec.opset, dynamo=False,
                                   custom_opsets={"com.microsoft": 1})
     except Exception as exc:
         raise ExportError(f"torch.onnx export of the {model.config.model_type} model failed: "
@@ -103,6 +102,12 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     if routing is not None:
         overridable(out_path, routing[1])
     return exporter
+
+
+def _example_inputs(b: int, s: int) -> dict[str, torch.Tensor]:
+    """Every input a classifier may take, ``b`` x ``s`` (the trace's example; :func:`model_inputs` keeps the model's)."""
+    return {"input_ids": torch.ones(b, s, dtype=torch.long), "attention_mask": torch.ones(b, s, dtype=torch.long),
+            "token_type_ids": torch.zeros(b, s, dtype=torch.long)}
 
 
 class _Logits(torch.nn.Module):
