@@ -1,7 +1,8 @@
 """Exporting and quantizing a classifier whose weights exceed :data:`~edgeprune.export.onnx_export.LARGE_BYTES`
 within a memory bound (issue 26; measured in ``results/scale_build.md``).
 
-Two things held the weights several times over, measured on a 1.1 GB folded Mistral (``scripts/scale_build.py``):
+Two things held the weights several times over, found by instrumenting the export of the 1.1 GB folded Mistral of
+``scripts/scale_build.py`` step by step (one-off runs; the whole build's figures are in ``results/scale_build.md``):
 
 * the export. The TorchScript exporter peaked at 4.9 GiB; the dynamo exporter writes the weights one by one into
   external data (1.6 GiB), but afterwards the process kept the checkpoint's memory-mapped shards resident (1.1 GiB
