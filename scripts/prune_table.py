@@ -24,6 +24,7 @@ import time
 
 from edgeprune.tasks.spec import DataSpec
 
+from edgeprune.originals.btx import BtxRecipe
 from edgeprune.originals.classifier import OriginalSpec, ensure_original
 
 from edgeprune.models.registry import load_classifier
@@ -43,6 +44,12 @@ METHODS = ["random", "frequency", "chen2022", "chowdhury2024", "reap", "uncurl",
            "chen2022-progressive", "chen2022-eager"]
 
 
+def btx_name(recipe: BtxRecipe) -> str:
+    """The recipe column of a BTX original: its drop fraction, and its branch steps where not the default."""
+    steps = "" if recipe.branch_steps == BtxRecipe.branch_steps else f", {recipe.branch_steps} branch steps"
+    return f"btx (r = {recipe.drop_fraction}{steps})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["sst2", "agnews", "rte"])
@@ -58,6 +65,8 @@ def main() -> None:
                     help="the original: upcycled (Z = --experts) or Branch-Train-MiX (one expert per domain)")
     ap.add_argument("--btx-drop-fraction", type=float, default=0.0,
                     help="with --recipe btx: the branches' Drop-Upcycling share (BtxRecipe.drop_fraction)")
+    ap.add_argument("--btx-branch-steps", type=int, default=BtxRecipe.branch_steps,
+                    help="with --recipe btx: masked-LM steps of each branch (BtxRecipe.branch_steps)")
     ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--router-recovery", action=argparse.BooleanOptionalAction, default=True,
                     help="also recover a copy with only the routers trained (k >= 2; --recovery-steps steps)")
@@ -66,9 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     recipe = None
     if args.recipe == "btx":
-        from edgeprune.originals.btx import BtxRecipe
-
-        recipe = BtxRecipe(drop_fraction=args.btx_drop_fraction)
+        recipe = BtxRecipe(drop_fraction=args.btx_drop_fraction, branch_steps=args.btx_branch_steps)
         args.experts = [len(recipe.domains)]
     rows = []
     for name in args.tasks:
@@ -128,7 +135,7 @@ def main() -> None:
                                 progress=False)
                     after = evaluate(model, va)
                     row = {"task": name, "Z": z, "k": k, "factor": z // k,
-                           "recipe": args.recipe if recipe is None else f"btx (r = {recipe.drop_fraction})",
+                           "recipe": args.recipe if recipe is None else btx_name(recipe),
                            "method": method if seed is None else f"random (seed {seed})",
                            "before": None if before is None else round(before, 4), "after": round(after, 4),
                            "original": round(orig_acc, 4), "dense": dense_acc,

@@ -10,8 +10,7 @@ top-2: 6.27 GiB fp32, one shard per layer) goes through ``edgeprune build --laye
 streamed pruning, no recovery (``--recovery-steps 0``), export (the dynamo exporter into external data above 1 GiB
 of weights), int8, parity, validation against the original computed layer by layer, report, budgets.
 
-Peaks: the build reports each stage's (``report.json`` ``stages``: VmHWM reset at each stage; the export's child
-process reports its own, counted beside what the build process held while it ran). The target is x86_64's graph settings with budgets for this
+Peaks: the build reports each stage's (``report.json`` ``stages``: VmHWM reset at each stage). The target is x86_64's graph settings with budgets for this
 model (its own are MiniLM's: 30 MB): size at most a quarter of the checkpoint at k = 1 (a third at k = 2), accuracy
 drop and agreement not budgeted (a random model's labels are noise: the report still shows them).
 """
@@ -105,18 +104,6 @@ def main() -> None:
     print("\n".join(render(payload)))
 
 
-def own(s: dict) -> float:
-    """The build process's own peak in a stage (older reports added the child's peak into ``peak_gib``)."""
-    return s["own_peak_gib"] if "own_peak_gib" in s else round(s["peak_gib"] - s.get("child_peak_gib", 0), 3)
-
-
-def together(s: dict) -> float:
-    """The stage's peak with the export child counted beside what the build process held when it ran."""
-    if "child_peak_gib" not in s:
-        return s["peak_gib"]
-    return s["peak_gib"] if "own_peak_gib" in s else max(own(s), s["start_gib"] + s["child_peak_gib"])
-
-
 def render(p: dict) -> list[str]:
     gib = p["checkpoint_gib"]
     md = ["# A multi-gigabyte MoE through the whole build", "",
@@ -126,24 +113,20 @@ def render(p: dict) -> list[str]:
           "the memory estimate's, which must fit the layer-wise calibration), each build in its own process with an empty "
           "cache, no recovery. Peak = VmHWM of the build process, reset at the start of each stage (the build's own "
           "`report.json` `stages`).", "",
-          "| k | stage | wall s | build process peak GiB | export child peak GiB | together GiB | together / "
-          "checkpoint |", "|---|---|---|---|---|---|---|"]
+          "| k | stage | wall s | peak GiB | peak / checkpoint |", "|---|---|---|---|---|"]
     for r in p["rows"]:
-        md += [f"| {r['k']} | {s['stage']} | {s['seconds']} | {own(s)} | {s.get('child_peak_gib', '')} | "
-               f"{together(s):.3f} | {together(s) / gib:.3f} |" for s in r["stages"]]
-        worst = max(together(s) for s in r["stages"])
-        md.append(f"| {r['k']} | **whole build** | {r['seconds']} | {max(own(s) for s in r['stages'])} | | "
-                  f"**{worst:.3f}** | **{worst / gib:.3f}** |")
+        md += [f"| {r['k']} | {s['stage']} | {s['seconds']} | {s['peak_gib']:.3f} | {s['peak_gib'] / gib:.3f} |"
+               for s in r["stages"]]
+        worst = max(s["peak_gib"] for s in r["stages"])
+        md.append(f"| {r['k']} | **whole build** | {r['seconds']} | **{worst:.3f}** | **{worst / gib:.3f}** |")
     md += ["", "| k | exporter | fp32 parity (max logit diff) | artifact MB | smaller than the original | "
            "accuracy original / artifact (random model) | agreement | budgets |", "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['k']} | {r['exporter']} | {r['parity_fp32']:.2e} | {r['artifact_mb']} | {r['size_ratio']}x | "
            f"{r['original_accuracy']} / {r['accuracy']} | {r['agreement']} | "
            f"{'hold' if not r['violations'] else '; '.join(r['violations'])} |" for r in p["rows"]]
-    worst = max(together(s) / gib for r in p["rows"] for s in r["stages"])
-    own_worst = max(own(s) / gib for r in p["rows"] for s in r["stages"])
+    worst = max(s["peak_gib"] / gib for r in p["rows"] for s in r["stages"])
     md += ["", f"Goal: the whole build's peak at most 0.35x the checkpoint: {'met' if worst <= 0.35 else 'missed'} "
-           f"({worst:.3f}x at worst, counting the export child beside the build process; the build process alone "
-           f"{own_worst:.3f}x). The accuracy of a random model's labels says nothing; the parity and the "
+           f"({worst:.3f}x at worst). The accuracy of a random model's labels says nothing; the parity and the "
            "agreement say the artifact computes what the pruned model does."]
     return md
 

@@ -1,6 +1,6 @@
 """The large-graph path of the export (edgeprune.export.large): ONNX Runtime's dynamic quantizer reading one weight
 at a time from external data writes the same graph, tensor for tensor, as the quantizer on the loaded graph; the
-tensors it leaves in fp32 are brought inside the file; a child process's peak reaches the stage that ran it."""
+tensors it leaves in fp32 are brought inside the file."""
 from __future__ import annotations
 
 import numpy as np
@@ -74,16 +74,3 @@ def test_the_quantizer_is_itself_again_after_the_stream():
         assert ort_quantize.load_model_with_shape_infer is not before[0]
     assert (ort_quantize.load_model_with_shape_infer, onnx_quantizer.save_and_reload_model_with_shape_infer,
             base_quantizer.tensor_proto_to_array) == before and os.getcwd() == cwd
-
-
-def test_a_child_peak_is_added_to_the_stage_that_ran_it():
-    from edgeprune.scale.meter import Meter, note_child_peak
-
-    meter = Meter()
-    with meter.stage("export"):
-        note_child_peak(50.0, 2.0)  # more than this test process can hold: the child's plus what waited beside it
-    with meter.stage("validate"):
-        pass
-    export, validate = meter.rows
-    assert export["child_peak_gib"] == 50.0 and export["peak_gib"] == 52.0 and export["own_peak_gib"] < 50
-    assert "child_peak_gib" not in validate

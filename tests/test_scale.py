@@ -181,6 +181,37 @@ def test_the_estimate_chooses_layerwise_when_in_memory_would_not_fit(checkpoints
     assert layerwise and keep == est.hidden and "--layerwise" in why
 
 
+def test_an_export_that_cannot_fit_is_refused_before_pruning(checkpoints, tmp_path, monkeypatch):
+    """The artifact over ONNX's 2 GB file limit, or a large export's quantizer above --max-memory, is refused from
+    the checkpoint's headers (check_export), and by the build before its prune stage."""
+    from edgeprune.errors import ConfigError
+    from edgeprune.export import onnx_export
+
+    est = memory.estimate(checkpoints["mixtral"], 2, 128, 64)
+    memory.check_export(est, "int8-dynamic", 0.01, large_bytes=est.pruned)  # not a large export: not bounded here
+    big = memory.MemoryEstimate(**{**est.__dict__, "pruned": 9 * memory.GB})
+    with pytest.raises(ConfigError, match=r"the int8-dynamic artifact would be ~2.25 GB \(9.00 GB of pruned weights\), "
+                                          r"over ONNX's 2 GB limit for one file; keep fewer experts"):
+        memory.check_export(big, "int8-dynamic", None, 0)
+    four = memory.MemoryEstimate(**{**est.__dict__, "pruned": 4 * memory.GB, "largest_tensor": 0})
+    memory.check_export(four, "int8-dynamic", 1.7, 0)  # 0.6 working set + 1 GB of int8 weights
+    with pytest.raises(ConfigError, match=r"the export would need ~1.60 GB \(the int8-dynamic weights 1.00 GB held by "
+                                          r"the quantizer \+ working set\), more than --max-memory 1.5 GB"):
+        memory.check_export(four, "int8-dynamic", 1.5, 0)
+
+    def boom(*a, **k):
+        raise AssertionError("pruned")
+
+    import edgeprune.pruning.pipeline as pipeline
+
+    monkeypatch.setattr(onnx_export, "LARGE_BYTES", 0)
+    monkeypatch.setattr(memory, "ONNX_FILE_LIMIT", 1)  # any artifact is over it
+    monkeypatch.setattr(pipeline, "prune", boom)
+    res = cli(["build", "--model", str(checkpoints["mixtral"]), "--experts", "2", "--target", "x86_64", "--out",
+               str(tmp_path / "art")], code=2)
+    assert "over ONNX's 2 GB limit for one file" in res.output and not (tmp_path / "art").exists()
+
+
 def test_layerwise_refuses_what_it_cannot_do_in_one_line(tmp_path, tiny_tokenizer):
     tok, vocab = tiny_tokenizer
     for family, what in (("switch_transformers", "encoder-decoder"),):

@@ -45,6 +45,16 @@ def fixed_for_family(cfg: BuildConfig, adapter) -> None:
         f"batch 1 x {cfg.task.max_length} tokens (inputs padded)")
 
 
+def export_fits(original_dir: Path, cfg: BuildConfig) -> None:
+    """Refuse up front a build whose export cannot fit (:func:`edgeprune.scale.memory.check_export`)."""
+    from edgeprune.export.onnx_export import LARGE_BYTES
+    from edgeprune.scale import memory
+
+    p = cfg.prune
+    est = memory.estimate(original_dir, p.experts, cfg.task.max_length, p.calibration_examples)
+    memory.check_export(est, cfg.target.quantization.precision, p.max_memory_gb, LARGE_BYTES)
+
+
 def original_logits_cached(cfg: BuildConfig, prep: Prepared, enc) -> np.ndarray:
     """The original's validation logits, a cached stage like the others (sealed and verified when reused),
     computed layer by layer for a layer-wise build."""
@@ -95,6 +105,7 @@ class ClassifierBuild:
         layerwise, _, why = memory_path(original_dir, cfg.task, cfg.prune)
         if layerwise:
             log(f"original: {why}")
+        export_fits(original_dir, cfg)
         p = cfg.prune
         original = skeleton(original_dir, p.dtype, cfg.task, p.prompt, p.verbalisers, p.label_map) if layerwise else \
             load_model(original_dir, task=cfg.task, **p.load_options())

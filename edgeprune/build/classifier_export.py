@@ -76,21 +76,20 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
     import onnx
 
     from edgeprune.export import onnx_export
-    from edgeprune.export.large import export_in_child, internalize, streaming_quantizer
+    from edgeprune.export.large import internalize, streaming_quantizer
     from edgeprune.export.quantize import fix_shapes, mark_disabled_optimizers, optimize, quantize
     from edgeprune.models.registry import load_classifier
-    from edgeprune.pruning.layerwise import trim
+    from edgeprune.scale.meter import trim
     from edgeprune.scale.lazy import LazyCheckpoint
 
     fixed_len = fixed[1] if fixed else None
     large = LazyCheckpoint(pruned_dir).total_bytes > onnx_export.LARGE_BYTES  # from the safetensors headers
     info: dict = {}
     log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes")
-        + (" (large: the dynamo exporter, weights in external data, in a child process)" if large else ""))
-    if large:  # the model never enters this process (edgeprune.export.large): parity against its logits
-        info["exporter"], reference, (heads, fuse_as), child_gib = export_in_child(
-            pruned_dir, tmp / "fp32.onnx", t, max_tokens, sample, fixed, describe)
-        info["export_child_peak_gib"] = round(child_gib, 3)
+        + (" (large: the dynamo exporter on the meta device, weights read one at a time into external data)" if large else ""))
+    if large:  # the model never enters memory whole (edgeprune.export.lazy_weights): parity against its logits
+        info["exporter"], reference, (heads, fuse_as) = _export_large(pruned_dir, tmp / "fp32.onnx", t, max_tokens,
+                                                                     sample, fixed)
     else:
         reference = load_classifier(pruned_dir)  # MoE (k > 1) or folded dense sibling
         info["exporter"] = onnx_export.export_onnx(reference, pruned_dir, tmp / "fp32.onnx", t, max_tokens)
@@ -98,7 +97,8 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
             fix_shapes(tmp / "fp32.onnx", *fixed)
         heads, fuse_as = describe(reference)
     info["moe_operator"] = t.export.moe_operator
-    info["parity_fp32"] = onnx_export.parity(tmp / "fp32.onnx", reference, sample, fixed_length=fixed_len)
+    info["parity_fp32"] = onnx_export.parity(tmp / "fp32.onnx", reference, sample, fixed_length=fixed_len,
+                                             segmented=large)  # a large graph one layer at a time
     log(f"export: parity with PyTorch ok (max logit diff {info['parity_fp32']['max_abs_logit_diff']:.2e})")
     if not large:
         _runtime_top_k(tmp / "fp32.onnx", reference, sample, fixed_len, info)
@@ -110,13 +110,13 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
         log("quantize: the word embedding stays 8-bit (the 4-bit pass would hold the whole large graph in memory)")
         t = replace(t, quantization=replace(t.quantization, embedding_bits=8))
     with streaming_quantizer(tmp) if large else contextlib.nullcontext():  # one weight in memory at a time
-        info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample)
+        info["quantization"] = quantize(tmp / "opt.onnx", tmp / "model.onnx", t, calib=sample, external=large)
     if large:
         internalize(tmp / "model.onnx")
     info["variants"] = export_variants(tmp, t, sample, fixed_len)
     info["ort_disabled_optimizers"] = t.optimization.ort_disabled_optimizers
     mark_disabled_optimizers(tmp / "model.onnx", info["ort_disabled_optimizers"])
-    for f in ("fp32.onnx", "opt.onnx", "fp32.onnx.data"):
+    for f in ("fp32.onnx", "opt.onnx", "fp32.onnx.data", "model.onnx.data"):
         (tmp / f).unlink(missing_ok=True)
     _runtime_formats(tmp, t, info)
     graph = onnx.load(str(tmp / "model.onnx"), load_external_data=False).graph
@@ -128,6 +128,24 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
         raise ExportError("the graph's top_k input was lost in fusion or quantization; report it with the command")
     (tmp / "export.json").write_text(json.dumps(info, indent=1))
     np.save(tmp / "parity_logits.npy", onnx_export.onnx_logits(tmp / "model.onnx", sample, fixed_length=fixed_len))
+
+
+def _export_large(pruned_dir: Path, out: Path, t: Target, max_tokens: int, sample, fixed):
+    """(exporter, PyTorch's logits on ``sample``, ``describe``) of a checkpoint exported from its skeleton on the meta
+    device, the weights read one at a time when the graph is written, and the logits computed one layer at a time
+    (:func:`edgeprune.pruning.layerwise.logits_layerwise`): no step holds the model whole."""
+    from edgeprune.export import onnx_export
+    from edgeprune.export.quantize import fix_shapes
+    from edgeprune.pruning.layerwise import logits_layerwise, skeleton
+
+    model = skeleton(pruned_dir)
+    exporter = onnx_export.export_onnx(model, pruned_dir, out, t, max_tokens, large=True)
+    if fixed:
+        fix_shapes(out, *fixed)
+    how = describe(model)
+    del model
+    cut = onnx_export.truncate(sample, fixed[1]) if fixed else sample
+    return exporter, logits_layerwise(pruned_dir, cut, progress=False), how
 
 
 def _runtime_top_k(path: Path, model, sample, fixed_len: Optional[int], info: dict) -> None:

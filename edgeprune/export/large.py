@@ -6,9 +6,10 @@ Two things held the weights several times over, found by instrumenting the expor
 
 * the export. The TorchScript exporter peaked at 4.9 GiB; the dynamo exporter writes the weights one by one into
   external data (1.6 GiB), but afterwards the process kept the checkpoint's memory-mapped shards resident (1.1 GiB
-  of file pages) with no Python reference left to drop: something in the export machinery holds the storages. So
-  the export runs in a child process (``spawn``): it loads the pruned checkpoint, exports, computes PyTorch's
-  logits on the parity sample, and exits, giving everything back; the build process never loads the model.
+  of file pages) with no Python reference left to drop. So the model is never loaded: its skeleton on the meta
+  device is traced and each weight read from the checkpoint when the graph is written
+  (:mod:`edgeprune.export.lazy_weights`); PyTorch's parity logits are computed one layer at a time
+  (:func:`edgeprune.pruning.layerwise.logits_layerwise`).
 * ONNX Runtime's dynamic quantizer (3.0 GiB above the process for the 1.1 GB graph): it loads every weight into
   the graph, and ``ONNXQuantizer.__init__`` re-infers shapes with ``save_and_reload_model_with_shape_infer``,
   which deep-copies the whole model before saving and reloading it. :func:`streaming_quantizer` keeps the weights
@@ -19,43 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterator, Optional
-
-from edgeprune.scale.meter import note_child_peak, peak_gib, resident_gib
-
-
-def _child(pruned_dir: str, out_path: str, target_source: str, max_tokens: int, sample,
-           fixed: Optional[tuple[int, int]], describe: Callable):
-    """In the child: export ``pruned_dir`` (dynamo, external data), PyTorch's logits on ``sample`` and
-    ``describe(model)``."""
-    from edgeprune.export.onnx_export import export_onnx, reference_logits
-    from edgeprune.models.registry import load_classifier
-    from edgeprune.targets import load_target
-
-    model = load_classifier(pruned_dir)
-    exporter = export_onnx(model, pruned_dir, out_path, load_target(target_source), max_tokens, large=True)
-    if fixed is not None:
-        from edgeprune.export.quantize import fix_shapes
-
-        fix_shapes(Path(out_path), *fixed)
-    ref = reference_logits(model, sample, fixed[1] if fixed else None)
-    return exporter, ref, describe(model), peak_gib()  # VmHWM: this process's own (ru_maxrss includes the parent's)
-
-
-def export_in_child(pruned_dir: Path, out_path: Path, target, max_tokens: int, sample,
-                    fixed: Optional[tuple[int, int]], describe: Callable):
-    """(exporter, PyTorch's parity logits, ``describe(model)``, the child's peak resident memory in GiB) of
-    exporting ``pruned_dir`` in a spawned child process (``describe``: a module-level function, pickled by name);
-    the child's errors are raised here."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    beside = resident_gib()
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        result = pool.submit(_child, str(pruned_dir), str(out_path), target.source, max_tokens, sample, fixed,
-                             describe).result()
-    note_child_peak(result[3], beside)
-    return result
+from typing import Iterator
 
 
 @contextlib.contextmanager
@@ -117,9 +82,48 @@ def streaming_quantizer(folder: Path) -> Iterator[None]:
         os.chdir(cwd)
 
 
-def internalize(path: Path) -> None:
-    """``path`` with every tensor it still reads from external data (the weights the quantizer left in fp32:
-    norms, biases) stored inside it, so that the data files can go."""
-    import onnx
+PROTOBUF_LIMIT = 2 ** 31 - 1  # bytes: the most a serialised ONNX graph may hold
 
-    onnx.save(onnx.load(str(path)), str(path))
+
+def internalize(path: Path) -> None:
+    """``path`` with every tensor it still reads from external data (the quantized weights, written there one at a
+    time, and those the quantizer left in fp32: norms, biases) stored inside it, so that the data files can go.
+
+    Written one tensor at a time: the graph without its initializers, then one ``ModelProto`` per initializer
+    holding only it. Protocol buffers parse concatenated messages as one message merged from them (repeated fields
+    appended), so the file is the graph with its initializers in order: what ``onnx.save`` of the loaded model
+    writes, without the loaded model and its serialised copy in memory together (1.4 GiB over the process for a
+    0.45 GiB graph, measured)."""
+    import os
+
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    from edgeprune.errors import ExportError
+
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    sizes = [_stored_bytes(t) for t in tensors]
+    if model.ByteSize() + sum(sizes) > PROTOBUF_LIMIT:
+        raise ExportError(f"the quantized graph ({(model.ByteSize() + sum(sizes)) / 1e9:.2f} GB) is over ONNX's 2 GB "
+                          "limit for one file; use a smaller --experts or a lower-bit target")
+    del model.graph.initializer[:]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(model.SerializeToString())
+        for t in tensors:
+            if uses_external_data(t):
+                load_external_data_for_tensor(t, str(path.parent))
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
+            piece = onnx.ModelProto()
+            piece.graph.initializer.append(t)
+            f.write(piece.SerializeToString())
+            t.ClearField("raw_data")
+    os.replace(tmp, path)
+
+
+def _stored_bytes(t) -> int:
+    """A tensor's bytes, inside the graph or in external data."""
+    ext = {e.key: e.value for e in t.external_data}
+    return int(ext["length"]) if "length" in ext else t.ByteSize()

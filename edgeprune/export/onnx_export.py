@@ -55,7 +55,9 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     model is traced under :func:`~edgeprune.export.torchscript_fixes.exportable`.
 
     ``large``: the dynamo exporter, weights into external data one tensor at a time (:mod:`edgeprune.export.large`
-    says why), no run-time top-k input (its symbolic function is TorchScript's); exporter ``torch.onnx.dynamo``."""
+    says why), no run-time top-k input (its symbolic function is TorchScript's); exporter ``torch.onnx.dynamo``. A
+    model on the meta device (``large`` only) is traced without weights, which are read from ``model_dir`` when
+    the graph is written (:mod:`edgeprune.export.lazy_weights`)."""
     from edgeprune.errors import ModelError
     from edgeprune.export.ort_moe import maps_onto_ort_moe, ort_moe_patch
     from edgeprune.export.torchscript_fixes import check_dsa_length, exportable
@@ -90,7 +92,8 @@ def export_onnx(model: torch.nn.Module, model_dir: str | Path, out_path: str | P
     try:
         with patch, eager_attention(model), exportable(model), torch.no_grad():
             if large:
-                _dynamo_export(_Logits(model, names, routing).eval(), args, out_path, names, axes, spec.opset)
+                _dynamo_export(_Logits(model, names, routing).eval(), args, out_path, names, axes, spec.opset,
+                               _meta_weights(model, model_dir))
                 exporter = exporter.replace("torch.onnx", "torch.onnx.dynamo")
             else:
                 torch.onnx.export(_Logits(model, names, routing), args, str(out_path), input_names=names,
@@ -124,20 +127,44 @@ class _Logits(torch.nn.Module):
             return self.m(**kw).logits
 
 
+def _meta_weights(model: torch.nn.Module, model_dir):
+    """The checkpoint's tensors under the model's names, read on access, when the model's parameters are on the meta
+    device (a skeleton: :func:`edgeprune.pruning.layerwise.skeleton`); None for a loaded model."""
+    if not next(model.parameters()).is_meta:
+        return None
+    from edgeprune.scale.lazy import LazyCheckpoint
+
+    return LazyCheckpoint(model_dir, extra=getattr(model, "edgeprune_extra", None), model=model)
+
+
 LARGE_BYTES = 1 << 30  # weights above this export with the dynamo exporter into external data (export_onnx)
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest opset
 
 
-def _dynamo_export(wrapper, args: tuple, out_path: Path, names: list, axes: dict | None, opset: int) -> None:
-    """``torch.onnx.export(dynamo=True)`` of ``wrapper`` at ``max(opset, 18)``, weights into external data."""
+def _dynamo_export(wrapper, args: tuple, out_path: Path, names: list, axes: dict | None, opset: int,
+                   weights=None) -> None:
+    """``torch.onnx.export(dynamo=True)`` of ``wrapper`` at ``max(opset, 18)``, weights into external data.
+
+    ``weights`` (a name -> tensor mapping): the model's parameters are on the meta device, and each initializer is
+    read from ``weights`` when the graph is saved, one at a time (:mod:`edgeprune.export.lazy_weights`); the
+    transposed weights and per-expert slices are folded lazily before the exporter's optimizer runs."""
+    import onnx_ir as ir
+    import onnxscript
+
+    from edgeprune.export import lazy_weights
+
     shapes = None
     if axes is not None:
         batch, seq = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
         shapes = ({0: batch, 1: seq},) * len(args)
     program = torch.onnx.export(wrapper, args, input_names=names, output_names=["logits"], dynamo=True,
                                 dynamic_shapes=(shapes,) if shapes else None, opset_version=max(opset, DYNAMO_MIN_OPSET),
-                                optimize=True, verbose=False)
-    program.save(str(out_path), external_data=True)
+                                optimize=weights is None, verbose=False)
+    if weights is not None:
+        lazy_weights.attach(program.model, weights, prefix="m.")
+        lazy_weights.fold_views(program.model)
+        onnxscript.optimizer.optimize(program.model)
+    ir.save(program.model, str(out_path), external_data=out_path.name + ".data")
     del program
 
 
@@ -155,26 +182,47 @@ def routing_of(adapter, model) -> tuple[int, int] | None:
 
 
 def onnx_logits(path: str | Path, enc: Encoded, batch_size: int = 32, fixed_length: int | None = None,
-                threads: int = 2, extra: dict | None = None) -> np.ndarray:
+                threads: int = 2, extra: dict | None = None, segmented: bool = False) -> np.ndarray:
     """Logits of the ONNX model on ``enc`` (padded per batch, or to ``fixed_length`` for fixed shapes); ``extra``:
-    more feeds (``top_k``)."""
-    sess = session(path, threads)
-    names = {i.name for i in sess.get_inputs()}
-    fixed_batch = sess.get_inputs()[0].shape[0] if isinstance(sess.get_inputs()[0].shape[0], int) else None
-    bs = fixed_batch or batch_size
-    order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
+    more feeds (``top_k``). ``segmented``: the graph run one layer at a time (:mod:`edgeprune.export.segments`),
+    for a graph whose weights do not fit in memory beside the build."""
+    if segmented:
+        import onnx
+
+        from edgeprune.export import segments
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        stored = {t.name for t in graph.initializer}
+        inputs = [(i.name, i.type.tensor_type.shape.dim[0]) for i in graph.input if i.name not in stored]
+        first = inputs[0][1]
+        names, fixed_batch = {n for n, _ in inputs}, first.dim_value if first.HasField("dim_value") else None
+        batches = list(_batches(enc, names, fixed_batch or batch_size, fixed_batch, fixed_length))
+        got = segments.run(path, [{**f, **(extra or {})} for _, f in batches], ["logits"], threads)
+        runs = [(idx, out[0]) for (idx, _), out in zip(batches, got)]
+    else:
+        sess = session(path, threads)
+        names = {i.name for i in sess.get_inputs()}
+        fixed_batch = sess.get_inputs()[0].shape[0] if isinstance(sess.get_inputs()[0].shape[0], int) else None
+        runs = ((idx, sess.run(["logits"], {**f, **(extra or {})})[0])
+                for idx, f in _batches(enc, names, fixed_batch or batch_size, fixed_batch, fixed_length))
     out = None
-    for start in range(0, len(order), bs):
-        idx = order[start : start + bs]
-        batch = collate(enc, idx)
-        feeds = {k: v.numpy() for k, v in batch.items() if k in names}
-        if fixed_length is not None or fixed_batch:
-            feeds = pad_to(feeds, fixed_batch or len(idx), fixed_length or feeds["input_ids"].shape[1], enc.pad_id)
-        logits = sess.run(["logits"], {**feeds, **(extra or {})})[0][: len(idx)].astype(np.float32)
+    for idx, logits in runs:
+        logits = logits[: len(idx)].astype(np.float32)
         if out is None:
             out = np.zeros((len(enc), logits.shape[1]), dtype=np.float32)
         out[idx] = logits
     return out
+
+
+def _batches(enc: Encoded, names: set, bs: int, fixed_batch: int | None, fixed_length: int | None):
+    """(example indices, feeds) of ``enc`` in batches of ``bs`` sorted by length, padded to the fixed shape."""
+    order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
+    for start in range(0, len(order), bs):
+        idx = order[start : start + bs]
+        feeds = {k: v.numpy() for k, v in collate(enc, idx).items() if k in names}
+        if fixed_length is not None or fixed_batch:
+            feeds = pad_to(feeds, fixed_batch or len(idx), fixed_length or feeds["input_ids"].shape[1], enc.pad_id)
+        yield idx, feeds
 
 
 def truncate(enc: Encoded, length: int) -> Encoded:
@@ -189,11 +237,12 @@ def reference_logits(model: torch.nn.Module, enc: Encoded, fixed_length: int | N
 
 def parity(onnx_path: str | Path, model: torch.nn.Module | np.ndarray, enc: Encoded, atol: float = 1e-3,
            min_agreement: float = 0.995, fixed_length: int | None = None,
-           batch_sizes: tuple[int, ...] = (1, 7, 32)) -> dict:
+           batch_sizes: tuple[int, ...] = (1, 7, 32), segmented: bool = False) -> dict:
     """Compare ONNX and PyTorch logits on real inputs, the ONNX model run at several batch sizes (each batch
     padded to its longest example, so the sequence lengths vary too; a fixed-shape model at its one shape);
     raise :class:`ExportError` if parity is lost at any of them. ``model`` may be PyTorch's logits already
-    (:func:`reference_logits`: a large model is freed before ONNX Runtime loads its graph)."""
+    (:func:`reference_logits`: a large model is freed before ONNX Runtime loads its graph). ``segmented``: the graph
+    run one layer at a time (:func:`onnx_logits`)."""
     ref = model if isinstance(model, np.ndarray) else reference_logits(model, enc, fixed_length)
     if fixed_length is not None:
         enc = truncate(enc, fixed_length)
@@ -201,7 +250,7 @@ def parity(onnx_path: str | Path, model: torch.nn.Module | np.ndarray, enc: Enco
     per_batch, worst, agree = {}, 0.0, 1.0
     for bs in sizes:
         try:
-            got = onnx_logits(onnx_path, enc, batch_size=bs or 32, fixed_length=fixed_length)
+            got = onnx_logits(onnx_path, enc, batch_size=bs or 32, fixed_length=fixed_length, segmented=segmented)
         except Exception as exc:  # a graph traced for one shape that fails at another
             raise ExportError(f"ONNX export lost parity with PyTorch: ONNX Runtime fails on task inputs at batch size "
                               f"{bs or 'fixed'} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None

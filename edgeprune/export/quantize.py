@@ -107,18 +107,20 @@ def fp32_nodes(path: Path) -> list[str]:
     ``MatMulIntegerToFloat`` refuses their per-channel parameters at run time), and Gathers from anything but a 2-D
     initializer (an embedding table): a per-expert scale indexed by the routed experts (Gemma 4) has no axis to
     quantize along, and the quantizer fails on it; nor does a table of integers (DeepSeek-V4's token-to-expert
-    table)."""
+    table). A Gather of activations (one expert's column of the routing weights) is no weight: not listed."""
     model = onnx.load(str(path), load_external_data=False)
     ranks = {t.name: len(t.dims) for t in model.graph.initializer}
     floats = {t.name for t in model.graph.initializer
               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
     return [n.name for n in model.graph.node
             if (n.op_type == "MatMul" and any(ranks.get(i, 0) > 2 for i in n.input))
-            or (n.op_type == "Gather" and (ranks.get(n.input[0]) != 2 or n.input[0] not in floats))]
+            or (n.op_type == "Gather" and n.input[0] in ranks and (ranks[n.input[0]] != 2 or n.input[0] not in floats))]
 
 
-def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = None) -> dict:
-    """Apply the target's precision to ``src``; returns what was done."""
+def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = None, external: bool = False) -> dict:
+    """Apply the target's precision to ``src``; returns what was done. ``external`` (int8-dynamic): the quantized
+    weights written into external data one at a time (``<dst>.data``) rather than serialised with the graph in
+    memory (a large graph: :mod:`edgeprune.export.large`)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     q = target.quantization
@@ -144,12 +146,14 @@ def quantize(src: Path, dst: Path, target: Target, calib: Optional[Encoded] = No
                 if embed4:  # the word embedding first, block-wise 4-bit
                     gather_4bit(src, block4)
                     info["embedding"] = "GatherBlockQuantized, 4-bit symmetric, block 32 (ONNX Runtime's quantizer)"
+                if external:  # the quantizer refuses to write over a data file
+                    dst.with_name(dst.name + ".data").unlink(missing_ok=True)
                 keep_fp32 = fp32_nodes(src)
                 if keep_fp32:
                     info["fp32_nodes"] = len(keep_fp32)
                 quantize_dynamic(str(block4 if embed4 else src), str(dst), op_types_to_quantize=ops,
                                  per_channel=q.per_channel, reduce_range=q.reduce_range, weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=keep_fp32,
+                                 nodes_to_exclude=keep_fp32, use_external_data_format=external,
                                  extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             finally:
                 block4.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edgeprune.errors import ModelError
+from edgeprune.scale.meter import trim
 from edgeprune.models.registry import adapter_for, class_for
 from edgeprune.pruning.calibration import (LayerStats, add_in_order, block_stats, calibration_batches, capture_input,
                                            empty_stats, logit_rows_per_batch)
@@ -109,8 +110,15 @@ def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prom
 
 
 def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The path (``model.layers``) and module list of the decoder / encoder layers holding the MoE blocks."""
-    adapter = adapter_for(model.config)
+    """The path (``model.layers``) and module list of the decoder / encoder layers holding the MoE blocks; of a
+    dense model (an MoE folded into its dense sibling at k = 1), the module list holding most of its parameters."""
+    try:
+        adapter = adapter_for(model.config)
+    except ModelError:
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+        if not lists:
+            raise
+        return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
     paths = list(adapter.block_paths(model).values())
     m = re.match(r"(.*)\.(\d+)\.", paths[0] + ".") if paths else None
     stack = model.get_submodule(m.group(1)) if m else None
@@ -140,26 +148,6 @@ def unload(module: nn.Module) -> None:
             if p is not None:
                 sub._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=False)
     trim()
-
-
-def trim() -> None:
-    """``malloc_trim(0)`` where the C library is glibc: freed tensors of a layer (16 MB each here, below glibc's
-    adaptive mmap threshold, so on the heap) would otherwise stay in the resident set, layer after layer."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def model_keys(model: nn.Module) -> set[str]:

@@ -25,7 +25,8 @@ from edgeprune.pruning import padding
 from edgeprune.pruning.apply import plan_layer
 from edgeprune.pruning.plan import PrunePlan, validate_plan
 from edgeprune.scale.lazy import LazyCheckpoint, layer_of
-from edgeprune.pruning.layerwise import layer_stack, skeleton, trim
+from edgeprune.pruning.layerwise import layer_stack, skeleton
+from edgeprune.scale.meter import trim
 
 
 class _LayerState(dict):

@@ -42,6 +42,7 @@ class MemoryEstimate:
     pruned: int
     hidden: int
     activations: int
+    largest_tensor: int = 0
 
     stage: str = "prune"  # "score": no pruned copy
 
@@ -98,7 +99,35 @@ def estimate(model_dir: str | Path, experts: Optional[int], max_length: int, exa
         pruned=int(ckpt.total_bytes - (1 - kept) * expert_bytes),
         hidden=examples * max_length * hidden * 4,  # fp32
         activations=batch_size * max_length * (24 * hidden + 4 * top_k * width + heads * max_length) * 4,
-        stage=stage)
+        largest_tensor=max((i.nbytes for i in ckpt.info.values()), default=0), stage=stage)
+
+
+#: bytes of the artifact per fp32 byte of the pruned model, by the target's precision
+PRECISION_SHARE = {"fp32": 1.0, "fp16": 0.5, "int8-dynamic": 0.25, "int8-static": 0.25}
+ONNX_FILE_LIMIT = 2 ** 31 - 1  # one serialised ONNX graph
+
+
+def check_export(est: MemoryEstimate, precision: str, max_memory_gb: Optional[float], large_bytes: int) -> None:
+    """Refuse, before anything is pruned, a build whose export cannot succeed: an artifact over ONNX's 2 GB
+    single-file limit, or (a pruned model above ``large_bytes``, exported one weight at a time:
+    :mod:`edgeprune.export.large`) an export stage above ``--max-memory``. That stage's peak is the larger of the
+    layer-wise parity logits (``O + 2 L + A``, as the pruning, already checked) and the quantizer, which holds
+    the quantized weights until it writes them (``Q``, the pruned model at the precision's share) beside a few
+    weights in fp32 (``3 x`` the largest tensor): measured 1.03 GiB for ``Q`` = 0.45 GiB in
+    ``results/scale_build.md``."""
+    share = PRECISION_SHARE.get(precision, 1.0)
+    artifact = int(est.pruned * share)
+    if artifact > ONNX_FILE_LIMIT:
+        raise ConfigError(f"the {precision} artifact would be ~{artifact / GB:.2f} GB ({est.pruned / GB:.2f} GB of "
+                          "pruned weights), over ONNX's 2 GB limit for one file; keep fewer experts (--experts) or "
+                          "choose a lower-precision target")
+    if max_memory_gb is None or est.pruned <= large_bytes:
+        return
+    need = BASE + artifact + 3 * est.largest_tensor
+    if need > max_memory_gb * GB:
+        raise ConfigError(f"the export would need ~{need / GB:.2f} GB (the {precision} weights {artifact / GB:.2f} GB "
+                          f"held by the quantizer + working set), more than --max-memory {max_memory_gb:g} GB; raise "
+                          "--max-memory or keep fewer experts")
 
 
 def available_bytes() -> int:

@@ -2,14 +2,13 @@
 
 The peak is the kernel's ``VmHWM`` (``/proc/self/status``), reset at the start of each stage by writing ``5`` to
 ``/proc/self/clear_refs`` (Linux 4.0+), so a stage's figure is the largest resident set the process reached during
-that stage (what was already resident included); a stage that ran a child process (the large export:
-:mod:`edgeprune.export.large`, which reports its peak through :func:`note_child_peak`) has as its peak the larger of
-its own and the child's plus what this process held meanwhile (``child_peak_gib``, ``own_peak_gib`` kept). Where the reset is not allowed or there is no ``/proc``, the figure
+that stage (what was already resident included). Where the reset is not allowed or there is no ``/proc``, the figure
 is the process's peak so far and the record says ``"cumulative": true``. ``results/scale.md`` compares these with
 the checkpoint's size (``python scripts/scale.py --whole-build``).
 """
 from __future__ import annotations
 
+import gc
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,19 +27,24 @@ def _status_kib(key: str) -> Optional[int]:
     return None
 
 
-_CHILD_PEAKS: list[tuple[float, float]] = []
+_LIBC = None
 
 
-def resident_gib() -> float:
-    """The process's resident set now (``VmRSS``), GiB; 0 without ``/proc``."""
-    return (_status_kib("VmRSS") or 0) * 1024 / GIB
+def trim() -> None:
+    """``malloc_trim(0)`` where the C library is glibc: freed tensors of a layer (16 MB each here, below glibc's
+    adaptive mmap threshold, so on the heap) would otherwise stay in the resident set, layer after layer."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
 
-
-def note_child_peak(gib: float, beside_gib: float) -> None:
-    """A child process this one ran and waited for peaked at ``gib`` (its own ``VmHWM``) while this one held
-    ``beside_gib``: the running stage's peak is at least their sum. (``RUSAGE_CHILDREN`` cannot tell: a forked
-    child's ``ru_maxrss`` starts from its parent's resident set.)"""
-    _CHILD_PEAKS.append((gib, beside_gib))
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def reset_peak() -> bool:
@@ -67,7 +71,7 @@ class Meter:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         fresh = reset_peak()
-        start, children = _status_kib("VmRSS"), len(_CHILD_PEAKS)
+        start = _status_kib("VmRSS")
         t0 = time.perf_counter()
         try:
             yield
@@ -76,14 +80,11 @@ class Meter:
             row = {"stage": name, "seconds": round(time.perf_counter() - t0, 1),
                    "peak_gib": None if peak is None else round(peak, 3),
                    "start_gib": None if start is None else round(start * 1024 / GIB, 3)}
-            if len(_CHILD_PEAKS) > children:  # a child process ran (the large export) while this one waited
-                ran = _CHILD_PEAKS[children:]
-                row["child_peak_gib"] = round(max(c for c, _ in ran), 3)
-                row["own_peak_gib"] = row["peak_gib"]
-                row["peak_gib"] = round(max([row["peak_gib"] or 0] + [c + b for c, b in ran]), 3)
             if not fresh:
                 row["cumulative"] = True
             self.rows.append(row)
+            gc.collect()  # what the stage freed goes back to the system before the next one starts
+            trim()
 
     def line(self) -> str:
         """One line for the log: each stage's seconds and peak."""

@@ -174,12 +174,11 @@ def stage_lines(r: dict) -> list[str]:
     """The build's stages: wall time and the process's peak resident memory in each (``report["stages"]``)."""
     if not r.get("stages"):
         return []
-    rows = ["", "## Stages", "", "Wall time and peak resident memory (VmHWM, reset at each stage) of the build process; "
-            "where a stage ran a child process (a large model's export), its peak is the child's plus what the build "
-            "process held meanwhile, when that is more. A stage found in the cache takes seconds.", "",
-            "| stage | seconds | peak GiB | of which a child process GiB | resident at start GiB |", "|---|---|---|---|---|"]
+    rows = ["", "## Stages", "", "Wall time and peak resident memory (VmHWM, reset at each stage) of the build process. "
+            "A stage found in the cache takes seconds.", "",
+            "| stage | seconds | peak GiB | resident at start GiB |", "|---|---|---|---|"]
     return rows + [f"| {x['stage']} | {x['seconds']} | {x['peak_gib']}{' (process so far)' if x.get('cumulative') else ''}"
-                   f" | {x.get('child_peak_gib', '')} | {x['start_gib']} |" for x in r["stages"]]
+                   f" | {x['start_gib']} |" for x in r["stages"]]
 
 
 def experts_line(export: dict, target: str) -> str:
