@@ -1,7 +1,9 @@
 """A graph exported from a model whose parameters are on the meta device, its weights read from the checkpoint one
 tensor at a time when the graph is saved (issue 26: the export of a checkpoint larger than memory).
 
-``torch.onnx.export(dynamo=True)`` traces a model on the meta device as it traces a loaded one; the graph's
+``torch.onnx.export(dynamo=True)`` traces a model on the meta device as it traces a loaded one (inputs and buffers
+moved there too: the tracer refuses an operation mixing devices, such as DeepSeek's router adding its real
+correction bias to meta scores; the inputs' values are not read by the trace either way); the graph's
 initializers are then shapes without data. :func:`attach` gives each one an ``onnx_ir.LazyTensor`` that reads its
 tensor from the checkpoint (:class:`~edgeprune.scale.lazy.LazyCheckpoint`: each read maps and unmaps its shard)
 when ``onnx_ir.save`` writes it into external data, so no more than one weight is in memory at a time.
@@ -38,10 +40,11 @@ def _lazy(func: Callable[[], np.ndarray], like, name: str):
     return ir.LazyTensor(lambda: ir.tensor(func()), dtype=like.dtype, shape=like.shape, name=name)
 
 
-def attach(model, weights: Mapping, prefix: str = "") -> int:
+def attach(model, weights: Mapping, prefix: str = "", constants: Mapping | None = None) -> int:
     """Give every initializer of ``model`` (an ``onnx_ir.Model``) whose tensor is on the meta device the tensor
-    ``weights[name without prefix]``, read when needed; returns how many. A name the weights lack is an error
-    (the checkpoint does not match the model that was traced)."""
+    ``constants[name]`` (buffers computed at construction, not in the checkpoint: rotary frequencies) or
+    ``weights[name without prefix]``, read when needed; returns how many. A name neither has is an error (the
+    checkpoint does not match the model that was traced)."""
     from edgeprune.errors import ExportError
 
     n = 0
@@ -49,6 +52,10 @@ def attach(model, weights: Mapping, prefix: str = "") -> int:
         raw = getattr(value.const_value, "raw", None)
         if raw is None or not getattr(raw, "is_meta", False):
             continue  # a real tensor (a buffer computed at construction: rotary frequencies)
+        if constants and name in constants:
+            value.const_value = _lazy(lambda t=constants[name]: _as_numpy(t), value.const_value, name)
+            n += 1
+            continue
         key = name[len(prefix):] if name.startswith(prefix) else name
         if key not in weights:
             raise ExportError(f"the graph's weight {key!r} is not in the checkpoint; is the model the one saved there?")

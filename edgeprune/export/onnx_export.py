@@ -153,15 +153,18 @@ def _dynamo_export(wrapper, args: tuple, out_path: Path, names: list, axes: dict
 
     from edgeprune.export import lazy_weights
 
-    shapes = None
+    shapes, constants = None, None
     if axes is not None:
         batch, seq = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
         shapes = ({0: batch, 1: seq},) * len(args)
+    if weights is not None:  # everything on the meta device (lazy_weights says why); buffers' values kept
+        constants = {n: b for n, b in wrapper.named_buffers() if not b.is_meta}
+        wrapper, args = wrapper.to("meta"), tuple(a.to("meta") for a in args)
     program = torch.onnx.export(wrapper, args, input_names=names, output_names=["logits"], dynamo=True,
                                 dynamic_shapes=(shapes,) if shapes else None, opset_version=max(opset, DYNAMO_MIN_OPSET),
                                 optimize=weights is None, verbose=False)
     if weights is not None:
-        lazy_weights.attach(program.model, weights, prefix="m.")
+        lazy_weights.attach(program.model, weights, prefix="m.", constants=constants)
         lazy_weights.fold_views(program.model)
         onnxscript.optimizer.optimize(program.model)
     ir.save(program.model, str(out_path), external_data=out_path.name + ".data")

@@ -114,12 +114,15 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     dense model (an MoE folded into its dense sibling at k = 1), the module list holding most of its parameters."""
     try:
         adapter = adapter_for(model.config)
+        paths = list(adapter.block_paths(model).values())
     except ModelError:
+        adapter, paths = None, []
+    if not paths:  # a dense model, or an MoE family's class with every layer folded (DeepSeek, GLM-4-MoE)
         lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-        if not lists:
-            raise
-        return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
-    paths = list(adapter.block_paths(model).values())
+        if lists:
+            return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+        if adapter is None:
+            raise ModelError(f"{model.config.model_type}: no list of layers found; the layer-wise path needs one")
     m = re.match(r"(.*)\.(\d+)\.", paths[0] + ".") if paths else None
     stack = model.get_submodule(m.group(1)) if m else None
     if not isinstance(stack, nn.ModuleList):
