@@ -74,3 +74,17 @@ def test_the_quantizer_is_itself_again_after_the_stream():
         assert ort_quantize.load_model_with_shape_infer is not before[0]
     assert (ort_quantize.load_model_with_shape_infer, onnx_quantizer.save_and_reload_model_with_shape_infer,
             base_quantizer.tensor_proto_to_array) == before and os.getcwd() == cwd
+
+
+def test_a_graph_over_onnx_file_limit_is_not_internalized(tmp_path, monkeypatch):
+    import pytest
+
+    from edgeprune.errors import ExportError
+    from edgeprune.export.large import internalize
+    from edgeprune.scale import memory
+
+    src = graph_with_weights(tmp_path, external=True)
+    monkeypatch.setattr(memory, "ONNX_FILE_LIMIT", 1000)  # the weights here are ~7 kB
+    with pytest.raises(ExportError, match=r"the quantized graph \(0.00 GB\) is over ONNX's 2 GB limit for one file"):
+        internalize(src)
+    assert (tmp_path / "fp32.onnx.data").exists() and not list(tmp_path.glob("*.tmp"))

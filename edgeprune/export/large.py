@@ -82,9 +82,6 @@ def streaming_quantizer(folder: Path) -> Iterator[None]:
         os.chdir(cwd)
 
 
-PROTOBUF_LIMIT = 2 ** 31 - 1  # bytes: the most a serialised ONNX graph may hold
-
-
 def internalize(path: Path) -> None:
     """``path`` with every tensor it still reads from external data (the quantized weights, written there one at a
     time, and those the quantizer left in fp32: norms, biases) stored inside it, so that the data files can go.
@@ -100,11 +97,12 @@ def internalize(path: Path) -> None:
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     from edgeprune.errors import ExportError
+    from edgeprune.scale.memory import ONNX_FILE_LIMIT
 
     model = onnx.load(str(path), load_external_data=False)
     tensors = list(model.graph.initializer)
     sizes = [_stored_bytes(t) for t in tensors]
-    if model.ByteSize() + sum(sizes) > PROTOBUF_LIMIT:
+    if model.ByteSize() + sum(sizes) > ONNX_FILE_LIMIT:
         raise ExportError(f"the quantized graph ({(model.ByteSize() + sum(sizes)) / 1e9:.2f} GB) is over ONNX's 2 GB "
                           "limit for one file; use a smaller --experts or a lower-bit target")
     del model.graph.initializer[:]
