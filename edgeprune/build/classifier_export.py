@@ -86,7 +86,8 @@ def _export(tmp: Path, pruned_dir: Path, t: Target, sample, fixed, max_tokens: i
     large = LazyCheckpoint(pruned_dir).total_bytes > onnx_export.LARGE_BYTES  # from the safetensors headers
     info: dict = {}
     log(f"export: ONNX opset {t.export.opset}" + (f", fixed shape {fixed}" if fixed else ", dynamic shapes")
-        + (" (large: the dynamo exporter on the meta device, weights read one at a time into external data)" if large else ""))
+        + (" (large: the dynamo exporter on the meta device, weights read one at a time into external data)"
+           if large else ""))
     if large:  # the model never enters memory whole (edgeprune.export.lazy_weights): parity against its logits
         info["exporter"], reference, (heads, fuse_as) = _export_large(pruned_dir, tmp / "fp32.onnx", t, max_tokens,
                                                                      sample, fixed)
