@@ -1,6 +1,6 @@
 """A multi-gigabyte MoE through the whole build (issue 26, item 1): every stage's wall time and peak memory.
 
-    python scripts/scale_build.py                       # -> results/scale_build.md / .json (about 25 minutes here)
+    python scripts/scale_build.py --max-memory 2.5      # -> results/scale_build.md / .json (about 25 minutes here)
     python scripts/scale_build.py --checkpoint DIR      # a checkpoint scripts/scale.py's writer made already
     python scripts/scale_build.py --layers 2 --quick    # a smoke run of the script itself
 
