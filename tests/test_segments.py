@@ -46,7 +46,7 @@ def test_the_graph_is_cut_at_each_layer_and_computes_the_same_logits(traced):
     assert len(segs) == 3  # one per layer: the embedding joins the first, the head the last
     assert all(segs.keep[i] for i in range(len(segs) - 1)) and segs.keep[-1] == {"logits"}
     whole = session(path)
-    got = segments.run(path, batches(), ["logits"])
+    got = segments.run(segs, batches())
     for b, (logits,) in zip(batches(), got):
         want = whole.run(["logits"], b)[0]
         assert logits.shape == want.shape and np.abs(logits - want).max() <= 1e-5
@@ -66,6 +66,7 @@ def test_a_graph_without_layer_scopes_is_one_segment(tmp_path):
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], [w])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
-    assert len(segments.Segments(tmp_path / "m.onnx")) == 1
+    segs = segments.Segments(tmp_path / "m.onnx")
+    assert len(segs) == 1
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    assert np.array_equal(segments.run(tmp_path / "m.onnx", [{"x": x}], ["logits"])[0][0], x)
+    assert np.array_equal(segments.run(segs, [{"x": x}])[0][0], x)

@@ -89,8 +89,9 @@ def internalize(path: Path) -> None:
     Written one tensor at a time: the graph without its initializers, then one ``ModelProto`` per initializer
     holding only it. Protocol buffers parse concatenated messages as one message merged from them (repeated fields
     appended), so the file is the graph with its initializers in order: what ``onnx.save`` of the loaded model
-    writes, without the loaded model and its serialised copy in memory together (1.4 GiB over the process for a
-    0.45 GiB graph, measured)."""
+    writes, without the loaded model and its serialised copy in memory together (``onnx.save(onnx.load(...))`` took
+    1.4 GiB over the process for the 0.45 GiB k = 2 graph of ``scripts/scale_build.py``, this 0.55: a one-off probe;
+    the whole build's figures are in ``results/scale_build.md``)."""
     import os
 
     import onnx
@@ -101,10 +102,10 @@ def internalize(path: Path) -> None:
 
     model = onnx.load(str(path), load_external_data=False)
     tensors = list(model.graph.initializer)
-    sizes = [_stored_bytes(t) for t in tensors]
-    if model.ByteSize() + sum(sizes) > ONNX_FILE_LIMIT:
-        raise ExportError(f"the quantized graph ({(model.ByteSize() + sum(sizes)) / 1e9:.2f} GB) is over ONNX's 2 GB "
-                          "limit for one file; use a smaller --experts or a lower-bit target")
+    total = model.ByteSize() + sum(_stored_bytes(t) for t in tensors)
+    if total > ONNX_FILE_LIMIT:
+        raise ExportError(f"the quantized graph ({total / 1e9:.2f} GB) is over ONNX's 2 GB limit for one file; use a "
+                          "smaller --experts or a lower-bit target")
     del model.graph.initializer[:]
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:

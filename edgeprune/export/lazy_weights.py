@@ -34,10 +34,11 @@ def _as_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def _lazy(func: Callable[[], np.ndarray], like, name: str):
+def _lazy(func: Callable[[], np.ndarray], dtype, shape, name: str):
+    """A tensor of ``dtype`` and ``shape`` whose data is ``func()``, computed only when it is read."""
     import onnx_ir as ir
 
-    return ir.LazyTensor(lambda: ir.tensor(func()), dtype=like.dtype, shape=like.shape, name=name)
+    return ir.LazyTensor(lambda: ir.tensor(func()), dtype=dtype, shape=ir.Shape(shape), name=name)
 
 
 def attach(model, weights: Mapping, prefix: str = "", constants: Mapping | None = None) -> int:
@@ -49,17 +50,17 @@ def attach(model, weights: Mapping, prefix: str = "", constants: Mapping | None 
 
     n = 0
     for name, value in model.graph.initializers.items():
-        raw = getattr(value.const_value, "raw", None)
-        if raw is None or not getattr(raw, "is_meta", False):
+        like = value.const_value
+        if not getattr(getattr(like, "raw", None), "is_meta", False):
             continue  # a real tensor (a buffer computed at construction: rotary frequencies)
-        if constants and name in constants:
-            value.const_value = _lazy(lambda t=constants[name]: _as_numpy(t), value.const_value, name)
-            n += 1
-            continue
         key = name[len(prefix):] if name.startswith(prefix) else name
-        if key not in weights:
+        if constants and name in constants:
+            read = lambda t=constants[name]: _as_numpy(t)  # noqa: E731
+        elif key in weights:
+            read = lambda key=key: _as_numpy(weights[key])  # noqa: E731
+        else:
             raise ExportError(f"the graph's weight {key!r} is not in the checkpoint; is the model the one saved there?")
-        value.const_value = _lazy(lambda key=key: _as_numpy(weights[key]), value.const_value, name)
+        value.const_value = _lazy(read, like.dtype, like.shape, name)
         n += 1
     return n
 
@@ -110,8 +111,8 @@ def fold_views(model) -> int:
         if out in graph.outputs:
             continue  # a graph output stays computed
         source = src.const_value
-        tensor = ir.LazyTensor(lambda fn=fn, source=source: ir.tensor(np.ascontiguousarray(fn(source.numpy()))),
-                               dtype=source.dtype, shape=ir.Shape(shape), name=out.name)
+        tensor = _lazy(lambda fn=fn, source=source: np.ascontiguousarray(fn(source.numpy())), source.dtype, shape,
+                       out.name)
         value = ir.Value(name=out.name, shape=ir.Shape(shape), type=ir.TensorType(source.dtype), const_value=tensor)
         ir.convenience.replace_all_uses_with(out, value)
         out.name = None

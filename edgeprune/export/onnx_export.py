@@ -190,18 +190,17 @@ def onnx_logits(path: str | Path, enc: Encoded, batch_size: int = 32, fixed_leng
     more feeds (``top_k``). ``segmented``: the graph run one layer at a time (:mod:`edgeprune.export.segments`),
     for a graph whose weights do not fit in memory beside the build."""
     if segmented:
-        import onnx
-
         from edgeprune.export import segments
 
-        graph = onnx.load(str(path), load_external_data=False).graph
-        stored = {t.name for t in graph.initializer}
-        inputs = [(i.name, i.type.tensor_type.shape.dim[0]) for i in graph.input if i.name not in stored]
+        segs = segments.Segments(path)
+        graph = segs.model.graph
+        inputs = [(i.name, i.type.tensor_type.shape.dim[0]) for i in graph.input if i.name not in segs.inits]
         first = inputs[0][1]
         names, fixed_batch = {n for n, _ in inputs}, first.dim_value if first.HasField("dim_value") else None
         batches = list(_batches(enc, names, fixed_batch or batch_size, fixed_batch, fixed_length))
-        got = segments.run(path, [{**f, **(extra or {})} for _, f in batches], ["logits"], threads)
-        runs = [(idx, out[0]) for (idx, _), out in zip(batches, got)]
+        got = segments.run(segs, [{**f, **(extra or {})} for _, f in batches], threads)
+        at = [o.name for o in graph.output].index("logits")
+        runs = [(idx, out[at]) for (idx, _), out in zip(batches, got)]
     else:
         sess = session(path, threads)
         names = {i.name for i in sess.get_inputs()}

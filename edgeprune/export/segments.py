@@ -2,7 +2,8 @@
 the build (issue 26).
 
 A session of the whole fp32 graph holds every weight (ONNX Runtime maps or copies them all; at k = 2 the 6.27 GiB
-checkpoint's pruned graph alone is 1.8 GiB), the one step of the large export that did (``results/scale_build.md``).
+checkpoint's pruned graph alone is 1.8 GiB): it was the large export's peak, 2.62 GiB on that graph in a one-off
+probe, against 0.94 run in segments (the whole build's figures: ``results/scale_build.md``).
 Here the graph's nodes are cut, in their (topological) order, where the transformer layer they were traced in
 changes: the dynamo exporter records each node's module scope (``pkg.torch.onnx.name_scopes``: ``m.model.layers.3``).
 Each segment becomes a graph of its own (its nodes, the initializers they read, in the same external data file;
@@ -75,8 +76,9 @@ class Segments:
         self.writes = [{o for n in p for o in n.output if o} for p in self.parts]
         later: set[str] = set(outputs)
         self.keep: list[set[str]] = [set()] * len(self.parts)
+        self.live: list[set[str]] = [set()] * len(self.parts)  # the values still read after segment i
         for i in reversed(range(len(self.parts))):  # what each segment must hand on
-            self.keep[i] = self.writes[i] & later
+            self.keep[i], self.live[i] = self.writes[i] & later, set(later)
             later = (later - self.writes[i]) | self.reads[i]
 
     def __len__(self) -> int:
@@ -115,17 +117,15 @@ class Segments:
                 tmp.unlink(missing_ok=True)
 
 
-def run(path: str | Path, batches: list[dict[str, np.ndarray]], outputs: list[str], threads: int = 2) -> list[list]:
-    """``outputs`` of the graph at ``path`` on each of ``batches`` (feeds by input name), one segment at a time."""
-    segs = Segments(path)
+def run(segs: Segments, batches: list[dict[str, np.ndarray]], threads: int = 2) -> list[list]:
+    """The graph's outputs on each of ``batches`` (feeds by input name), one segment at a time."""
     values = [dict(b) for b in batches]
     for i, sess in segs.sessions(threads):
         names = [o.name for o in sess.get_outputs()]
         inputs = [x.name for x in sess.get_inputs()]
-        later = set(outputs).union(*segs.reads[i + 1:])
         for v in values:
             v.update(zip(names, sess.run(names, {n: v[n] for n in inputs})))
-            for gone in [n for n in v if n not in later]:
+            for gone in [n for n in v if n not in segs.live[i]]:
                 del v[gone]
         del sess
-    return [[v[o] for o in outputs] for v in values]
+    return [[v[o.name] for o in segs.model.graph.output] for v in values]

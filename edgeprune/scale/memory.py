@@ -113,8 +113,9 @@ def check_export(est: MemoryEstimate, precision: str, max_memory_gb: Optional[fl
     :mod:`edgeprune.export.large`) an export stage above ``--max-memory``. That stage's peak is the larger of the
     layer-wise parity logits (``O + 2 L + A``, as the pruning, already checked) and the quantizer, which holds
     the quantized weights until it writes them (``Q``, the pruned model at the precision's share) beside a few
-    weights in fp32 (``3 x`` the largest tensor): measured 1.03 GiB for ``Q`` = 0.45 GiB in
-    ``results/scale_build.md``."""
+    weights in fp32 (``3 x`` the largest tensor): 1.03 GiB (0.38 of it the process before) for ``Q`` = 0.45 GiB,
+    on the k = 2 graph of ``scripts/scale_build.py`` in a one-off probe; the whole build's export stage peaked at
+    2.05 GiB there (``results/scale_build.md``), under the layer-wise term's bound."""
     share = PRECISION_SHARE.get(precision, 1.0)
     artifact = int(est.pruned * share)
     if artifact > ONNX_FILE_LIMIT:
