@@ -70,3 +70,26 @@ def test_a_graph_without_layer_scopes_is_one_segment(tmp_path):
     assert len(segs) == 1
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     assert np.array_equal(segments.run(segs, [{"x": x}])[0][0], x)
+
+
+def test_a_cut_through_a_value_of_unknown_type_is_a_clear_error(tmp_path):
+    from onnx import TensorProto, helper
+
+    from edgeprune.errors import ExportError
+    from edgeprune.export import segments
+
+    def scoped(node, layer):
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=str(["", "m", f"m.model.layers.{layer}"]))
+        return node
+
+    nodes = [scoped(helper.make_node("Mystery", ["x"], ["h"], domain="org.unknown"), 0),  # no shape inference
+             scoped(helper.make_node("Relu", ["h"], ["logits"]), 1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("org.unknown", 1)])
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    segs = segments.Segments(tmp_path / "m.onnx")
+    assert len(segs) == 2
+    with pytest.raises(ExportError, match=r"^the graph's value 'h' has no type after shape inference; its segments "
+                                          r"cannot be cut there$"):
+        segs.graph(0)
