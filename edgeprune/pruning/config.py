@@ -103,8 +103,7 @@ class PruneConfig:
         if not self.generate:
             return
         for flag, on in (("--ffn-keep", self.ffn_keep < 1), ("--drop-layers", self.drop_layers > 0),
-                         ("--heads-keep", self.heads_keep < 1), ("--vocab-reserve", self.vocab_reserve is not None),
-                         ("--layerwise", bool(self.layerwise))):
+                         ("--heads-keep", self.heads_keep < 1), ("--vocab-reserve", self.vocab_reserve is not None)):
             if on:
                 raise ConfigError(f"--generate prunes experts and folds the language model; {flag} is not there "
                                   "yet for it (drop it)")

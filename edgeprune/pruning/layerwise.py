@@ -49,9 +49,9 @@ class _Stop(Exception):
 
 
 def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prompt: Optional[str] = None,
-             verbalisers=None, label_map=None) -> nn.Module:
-    """The checkpoint's classifier with every parameter on the meta device (buffers real: rotary frequencies,
-    position ids), in the dtype it would be loaded in.
+             verbalisers=None, label_map=None, lm: bool = False) -> nn.Module:
+    """The checkpoint's classifier (with ``lm``: its causal LM, ``--generate``) with every parameter on the meta
+    device (buffers real: rotary frequencies, position ids), in the dtype it would be loaded in.
 
     A language-model checkpoint becomes its label-word classifier as in memory
     (:func:`edgeprune.models.label_words.to_classifier`): the classifier's ``score`` rows are the verbalisers'
@@ -72,7 +72,9 @@ def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prom
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     wdtype = torch_dtype(dtype, raw)
     extra = {}
-    if arch and "SequenceClassification" not in arch:
+    if lm:
+        cls = _lm_class(model_dir, config, arch)
+    elif arch and "SequenceClassification" not in arch:
         if "CausalLM" not in arch or task is None:
             raise ModelError(f"{model_dir}: a {arch} checkpoint has no sequence-classification head the layer-wise "
                              "path can use (a ...ForCausalLM classifies by label words, with the task given)")
@@ -107,6 +109,17 @@ def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prom
     model.edgeprune_extra = extra
     model.edgeprune_skeleton = True  # never whole in memory: not to be run or timed as a model (validate.speed)
     return model.eval()
+
+
+def _lm_class(model_dir, config, arch: str) -> type:
+    """The causal-LM class of a ``...ForCausalLM`` checkpoint (a multimodal one loads whole: refused here)."""
+    from transformers import AutoModelForCausalLM
+
+    if "CausalLM" not in arch:
+        raise ModelError(f"{model_dir}: the layer-wise path of --generate takes a ...ForCausalLM checkpoint, not "
+                         f"{arch or 'one without architectures'}; drop --layerwise (the in-memory path)")
+    adapter_for(config)
+    return AutoModelForCausalLM._model_mapping[type(config)]
 
 
 def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -57,7 +57,7 @@ def score(original_dir: str | Path, task, data: DataSpec, cfg: PruneConfig, mode
     if mcfg.progressive:
         raise ConfigError(f"{cfg.method} makes its plan while fine-tuning; run `edgeprune prune` instead")
     if cfg.generate:
-        return _score_language_model(original_dir, task, data, cfg, model, progress, release)
+        return _score_language_model(original_dir, task, data, cfg, model, progress, release, info)
     layerwise, keep, why = (False, 0, "") if model is not None else memory_path(original_dir, task, cfg, "score")
     if layerwise:  # the in-memory path is the usual one: said only in the record
         _say(f"calibration: {why}", progress)
@@ -101,19 +101,31 @@ def _plan(original_dir, task, cfg: PruneConfig, model, adapter, mcfg, stats) -> 
                      options=dict(cfg.method_options, calibration_examples=cfg.calibration_examples))
 
 
-def _score_language_model(original_dir, task, data, cfg, model, progress, release) -> PrunePlan:
+def _score_language_model(original_dir, task, data, cfg, model, progress, release, info=None) -> PrunePlan:
     """``--generate``: calibrate the language model itself over the prompt and completion tokens of the task's
-    training split (bounded), in memory, then the plan as for any model."""
+    training split (bounded), in memory or, when the checkpoint does not fit, layer by layer on its causal-LM
+    skeleton (the same statistics: the stack pass stops before the head), then the plan as for any model."""
+    from edgeprune.pruning.layerwise import collect_routing_layerwise, skeleton
+
+    layerwise, keep, why = (False, 0, "") if model is not None else memory_path(original_dir, task, cfg, "score")
+    if layerwise:
+        _say(f"calibration: {why}", progress)
+    if info is not None and why:
+        info["calibration"] = {"path": "layer-wise" if layerwise else "in memory", "why": why,
+                               "processes": distributed.world_size()}
     if model is None:
-        if memory_path(original_dir, task, cfg, "score")[0]:
-            raise ConfigError(f"--generate holds the language model in memory and {original_dir} does not fit "
-                              "(see --max-memory); the layer-wise path is for classifiers so far")
-        model = load_language_model(original_dir, cfg.dtype)
+        model = skeleton(original_dir, cfg.dtype, lm=True) if layerwise else load_language_model(original_dir, cfg.dtype)
     adapter = family_of(model)
     check_model(model, adapter, task, cfg, labels=False)
-    enc = lm_examples(original_dir, task, data, cfg, "train", cfg.calibration_examples)
-    stats = collect_routing(model, enc.as_encoded(), max_examples=cfg.calibration_examples, progress=progress,
-                            adapter=adapter, device=cfg.device, output_rows=_output_rows(cfg.method_config()))
+    enc = lm_examples(original_dir, task, data, cfg, "train", cfg.calibration_examples).as_encoded()
+    rows = _output_rows(cfg.method_config())
+    if layerwise:
+        stats, model = collect_routing_layerwise(original_dir, enc, max_examples=cfg.calibration_examples,
+                                                 progress=progress, max_hidden_bytes=keep, offload_dir=cfg.offload_dir,
+                                                 model=model, output_rows=rows)
+    else:
+        stats = collect_routing(model, enc, max_examples=cfg.calibration_examples, progress=progress,
+                                adapter=adapter, device=cfg.device, output_rows=rows)
     if release:
         distributed.release_workers()
     return _plan(original_dir, task, cfg, model, adapter, cfg.method_config(), stats)
@@ -211,7 +223,7 @@ def _prune_streamed(original_dir, task, data, cfg: PruneConfig, plan, progress, 
                        info, t0, progress)
 
 
-def _stream(original_dir, plan, cfg: PruneConfig, task, progress):
+def _stream(original_dir, plan, cfg: PruneConfig, task, progress, lm: bool = False):
     import tempfile
 
     from edgeprune.pruning.save import StreamedCheckpoint
@@ -220,7 +232,7 @@ def _stream(original_dir, plan, cfg: PruneConfig, task, progress):
     streamed = StreamedCheckpoint(tempfile.mkdtemp(prefix="edgeprune-streamed-", dir=cfg.offload_dir))
     try:
         stream_apply(original_dir, plan, streamed.dir, dtype=cfg.dtype, progress=progress, task=task,
-                     prompt=cfg.prompt, verbalisers=cfg.verbalisers)
+                     prompt=cfg.prompt, verbalisers=cfg.verbalisers, lm=lm)
     except BaseException:
         streamed.discard()
         raise
@@ -239,6 +251,8 @@ def _prune_language_model(original_dir, task, data, cfg: PruneConfig, plan, prog
     next-token distribution on the completion tokens (:mod:`edgeprune.pruning.distill`)."""
     from edgeprune.pruning.distill import distill
 
+    if memory_path(original_dir, task, cfg)[0]:
+        return _prune_language_model_streamed(original_dir, task, data, cfg, plan, progress, info)
     t0 = time.perf_counter()
     lm = load_language_model(original_dir, cfg.dtype)
     adapter = family_of(lm)
@@ -253,6 +267,44 @@ def _prune_language_model(original_dir, task, data, cfg: PruneConfig, plan, prog
     distributed.release_workers()
     info["generate"] = {"class": type(pruned).__name__, "recovery": "KL distillation on completion tokens"
                         if cfg.recovery_steps else "none (--recovery-steps 0)"}
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    return pruned, plan, info
+
+
+def _prune_language_model_streamed(original_dir, task, data, cfg: PruneConfig, plan, progress, info):
+    """``--generate`` for a checkpoint that does not fit: the plan from the layer-wise calibration of the language
+    model, applied (and folded into the dense sibling's ``...ForCausalLM`` at k = 1) checkpoint to checkpoint one
+    layer at a time; handed on unloaded when nothing follows, else loaded (it is small) and recovered on the
+    completion tokens' cross-entropy alone (the original, the distillation teacher, is never in memory here)."""
+    from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype
+    from edgeprune.pruning.distill import distill
+    from transformers import AutoModelForCausalLM
+
+    if plan is None and cfg.progressive:
+        raise ConfigError(f"{cfg.method} fine-tunes the whole original while dropping experts, which needs it in "
+                          "memory; use a one-shot method (reap, frequency, ...) for a checkpoint this large")
+    t0 = time.perf_counter()
+    if plan is None:
+        plan = score(original_dir, task, data, cfg, progress=progress, info=info, release=False)
+    else:
+        info["calibration"] = {"path": "layer-wise", "why": "plan given: no calibration"}
+    streamed = _stream(original_dir, plan, cfg, task, progress, lm=True)
+    info["score_and_apply_seconds"] = round(time.perf_counter() - t0, 1)
+    info["generate"] = {"class": read_config(streamed.dir)["architectures"][0],
+                        "recovery": "CE on completion tokens (the original is not loaded on the layer-wise path)"
+                        if cfg.recovery_steps else "none (--recovery-steps 0)"}
+    if cfg.recovery_steps == 0:
+        if not distributed.is_writer():
+            streamed.discard()
+        distributed.release_workers()
+        info["recovery"], info["seconds"] = {"steps": 0, "seconds": 0.0}, round(time.perf_counter() - t0, 1)
+        return streamed, plan, info
+    distributed.release_workers()
+    pruned = load_checked(AutoModelForCausalLM, streamed.dir, dtype=torch_dtype(cfg.dtype, read_config(original_dir)))
+    streamed.discard()
+    train = lm_examples(original_dir, task, data, cfg, "train")
+    info["recovery"] = distill(pruned, None, train, cfg.recovery_steps, seed=cfg.seed, progress=progress,
+                               device=cfg.device)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     return pruned, plan, info
 

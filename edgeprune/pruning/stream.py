@@ -85,13 +85,15 @@ def _layer_tensors(adapter, target_shapes: dict, prefix: str, layer, mapped: dic
 
 def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype: Optional[str] = None,
                  fold: bool = True, progress: bool = True, task=None, prompt: Optional[str] = None,
-                 verbalisers=None) -> Path:
+                 verbalisers=None, lm: bool = False) -> Path:
     """Write the original at ``model_dir`` pruned by ``plan`` (folded at k = 1 where the family has a dense
-    sibling) into ``out`` as a sharded safetensors checkpoint (config + weights; no tokenizer). Returns ``out``."""
+    sibling) into ``out`` as a sharded safetensors checkpoint (config + weights; no tokenizer). Returns ``out``.
+    With ``lm`` (``--generate``) the checkpoint's causal LM is pruned, and folded into the sibling's
+    ``...ForCausalLM``; else its classifier (a language model's label-word classifier)."""
     from accelerate import init_empty_weights
 
     out = Path(out)
-    src_model = skeleton(model_dir, dtype, task, prompt, verbalisers)  # (task etc.: a language model's label words)
+    src_model = skeleton(model_dir, dtype, task, prompt, verbalisers, lm=lm)  # (task etc.: an LM's label words)
     adapter = adapter_for(src_model.config)
     validate_plan(plan, src_model, adapter)
     paths = adapter.block_paths(src_model)
@@ -104,7 +106,8 @@ def stream_apply(model_dir: str | Path, plan: PrunePlan, out: str | Path, dtype:
     with init_empty_weights(include_buffers=False):
         pruned = type(src_model)._from_config(config, dtype=wdtype)
         folding = fold and plan.folds and adapter.dense is not None
-        target = (adapter.dense.classifier_class._from_config(adapter.fold_config(pruned.config), dtype=wdtype)
+        dense_cls = adapter.fold_class(pruned) if folding else None
+        target = (dense_cls._from_config(adapter.fold_config(pruned.config, dense_cls), dtype=wdtype)
                   if folding else pruned)
     prefix, stack = layer_stack(src_model)
     pruned_shapes, target_shapes = _meta_state(pruned), _meta_state(target)

@@ -1,0 +1,87 @@
+"""``--generate`` on a checkpoint that does not fit in memory (issue 26, the causal-LM twin of the whole build):
+the language model calibrated one layer at a time gives the in-memory plan bit for bit, and the streamed prune
+writes the pruned (k = 1: folded into the sibling's ``...ForCausalLM``) language model tensor for tensor as the
+in-memory apply does."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgeprune.pruning.config import PruneConfig
+from edgeprune.tasks import get_task
+from edgeprune.tasks.spec import DataSpec
+from tests.test_generation_build import FOLDS_TO, lm_dirs, tiny_causal_lm  # noqa: F401  (the fixture)
+
+FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3"]
+
+
+def _cfg(layerwise: bool, k: int = 1, **kw) -> PruneConfig:
+    return PruneConfig(**{"generate": True, "recovery_steps": 0, "calibration_examples": 40, "experts": k,
+                          "method": "reap", "layerwise": layerwise, **kw})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layerwise_language_model_calibration_gives_the_in_memory_plan(family, lm_dirs):
+    from edgeprune.pruning.pipeline import score
+
+    task, d = get_task("sst2"), lm_dirs[family]
+    info: dict = {}
+    lw = score(d, task, DataSpec(), _cfg(True), progress=False, info=info)
+    mem = score(d, task, DataSpec(), _cfg(False), progress=False)
+    assert info["calibration"]["path"] == "layer-wise"
+    assert lw.to_json() == mem.to_json()
+
+
+@pytest.mark.parametrize("family,k", [("mixtral", 1), ("mixtral", 2), ("qwen3_moe", 1), ("deepseek_v3", 1)])
+def test_streamed_language_model_prune_equals_the_in_memory_one(family, k, lm_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from edgeprune.pruning.apply import apply_plan
+    from edgeprune.pruning.pipeline import prune
+
+    task, d = get_task("sst2"), lm_dirs[family]
+    streamed, plan, info = prune(d, task, DataSpec(), _cfg(True, k), progress=False)
+    streamed.save_pretrained(tmp_path / "s")
+    assert info["calibration"]["path"] == "layer-wise" and info["recovery"]["steps"] == 0
+    want = apply_plan(AutoModelForCausalLM.from_pretrained(d).eval(), plan)
+    assert info["generate"]["class"] == (FOLDS_TO[family] if k == 1 else type(want).__name__)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    assert type(got) is type(want)
+    written = {}
+    for f in (tmp_path / "s").glob("*.safetensors"):
+        written.update(load_file(f))
+    ref = want.state_dict()
+    assert set(written) <= set(ref)
+    for key, t in written.items():
+        assert torch.equal(t, ref[key]), key
+    x = torch.randint(3, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=x).logits, want(input_ids=x).logits)
+
+
+def test_streamed_language_model_recovery_learns_from_the_completions_alone(lm_dirs):
+    from edgeprune.pruning.pipeline import prune
+
+    pruned, _plan, info = prune(lm_dirs["mixtral"], get_task("sst2"), DataSpec(), _cfg(True, recovery_steps=4),
+                                progress=False)
+    assert type(pruned).__name__ == "MistralForCausalLM"
+    assert info["recovery"]["steps"] == 4 and "0 * KL" in info["recovery"]["objective"]
+    assert "CE on completion tokens" in info["generate"]["recovery"]
+
+
+def test_layerwise_language_model_refusals_are_one_line(lm_dirs, tmp_path):
+    from edgeprune.errors import ConfigError, ModelError
+    from edgeprune.pruning.layerwise import skeleton
+    from edgeprune.pruning.pipeline import prune
+
+    with pytest.raises(ConfigError, match="fine-tunes the whole original while dropping experts"):
+        prune(lm_dirs["mixtral"], get_task("sst2"), DataSpec(), _cfg(True, method="chen2022-progressive", recovery_steps=60),
+              progress=False)
+    cls_dir = tmp_path / "cls"
+    from transformers import MixtralForSequenceClassification
+
+    m = MixtralForSequenceClassification(tiny_causal_lm("mixtral", 300).config)
+    m.save_pretrained(cls_dir)
+    with pytest.raises(ModelError, match="takes a ...ForCausalLM checkpoint, not MixtralForSequenceClassification"):
+        skeleton(cls_dir, lm=True)
