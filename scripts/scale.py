@@ -44,23 +44,36 @@ main()
 """
 
 
-def write_checkpoint(out: Path, layers: int, hidden: int, width: int, experts: int) -> int:
-    """A random MixtralForSequenceClassification written layer by layer; returns its bytes."""
+def write_checkpoint(out: Path, layers: int, hidden: int, width: int, experts: int, lm: bool = False) -> int:
+    """A random MixtralForSequenceClassification (with ``lm``: its causal-LM twin, MixtralForCausalLM with Mixtral's
+    32,000-row vocabulary and a byte-level BPE tokenizer trained here on sst2 text) written layer by layer; returns
+    its bytes."""
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForSequenceClassification
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM, MixtralForSequenceClassification
 
     from edgeprune.originals.upcycle import default_dense_path
     from edgeprune.scale.lazy import layer_of
 
-    tok = AutoTokenizer.from_pretrained(default_dense_path())
-    cfg = MixtralConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=width,
-                        num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=4, num_local_experts=experts,
-                        num_experts_per_tok=2, max_position_embeddings=512, num_labels=2, pad_token_id=tok.pad_token_id,
-                        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
-                        architectures=["MixtralForSequenceClassification"])
+    shape = dict(hidden_size=hidden, intermediate_size=width, num_hidden_layers=layers, num_attention_heads=16,
+                 num_key_value_heads=4, num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=512)
+    if lm:
+        sys.path.insert(0, str(ROOT))
+        from tests.conftest import make_bpe_tokenizer
+
+        tok, _ = make_bpe_tokenizer(out / ".tokenizer", vocab_size=4000)
+        cfg = MixtralConfig(vocab_size=32000, **shape, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+                            architectures=["MixtralForCausalLM"])
+        cls = MixtralForCausalLM
+    else:
+        tok = AutoTokenizer.from_pretrained(default_dense_path())
+        cfg = MixtralConfig(vocab_size=tok.vocab_size, **shape, num_labels=2, pad_token_id=tok.pad_token_id,
+                            id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+                            architectures=["MixtralForSequenceClassification"])
+        cls = MixtralForSequenceClassification
     with init_empty_weights():
-        model = MixtralForSequenceClassification(cfg)
+        model = cls(cfg)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     groups = sorted({layer_of(k, "model.layers") for k in shapes} - {None}) + [None]
     gen = torch.Generator().manual_seed(0)
@@ -82,6 +95,7 @@ def write_checkpoint(out: Path, layers: int, hidden: int, width: int, experts: i
                                                                  "weight_map": weight_map}))
     cfg.save_pretrained(out)
     tok.save_pretrained(out)
+    shutil.rmtree(out / ".tokenizer", ignore_errors=True)
     return total
 
 

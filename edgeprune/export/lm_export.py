@@ -147,14 +147,19 @@ def retie_head(path: Path) -> int:
 def write_decoder(model, model_dir: Path, out: Path, opset: Optional[int] = None, exporter: str = "auto") -> dict:
     """The fp32 graph, tokenizer and ``edgeprune.json`` (``kind: causal-lm``) of ``model`` into ``out``: from
     onnxruntime-genai's model builder (fused decoder operators; ``exporter`` ``auto`` where it supports the
-    architecture, or ``genai``), or torch.onnx (``torch.onnx``, and every other model)."""
+    architecture, or ``genai``), or torch.onnx (``torch.onnx``, and every other model); ``lazy`` (``model`` None):
+    from the checkpoint's skeleton, its weights read one at a time (:mod:`edgeprune.export.lm_large`)."""
     from edgeprune.models.tokenizer import copy_tokenizer
 
     if exporter == "genai" and not builder_supports(model):
         raise ExportError(f"onnxruntime-genai's model builder does not write {type(model).__name__} (or is not "
                           "installed); use [generate].exporter = \"torch.onnx\"")
     with tempfile.TemporaryDirectory(prefix="edgeprune-lm-") as tmp:
-        if exporter in ("auto", "genai") and builder_supports(model):
+        if exporter == "lazy":
+            from edgeprune.export.lm_large import export_lazy
+
+            how = export_lazy(Path(model_dir), Path(tmp))
+        elif exporter in ("auto", "genai") and builder_supports(model):
             how = build_graph(model_dir, Path(tmp))
         else:
             how = export_graph(model, Path(tmp), opset)

@@ -193,7 +193,7 @@ def _experts_in_qmoe(src: Path, dst: Path, bits: int, info: dict) -> Path:
     return dst
 
 
-def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], block: int = 32,
+def weight_only(src, dst: Path, bits: int, op_types: tuple[str, ...], block: int = 32,
                 accuracy_level: Optional[int] = None, algorithm: str = "rtn", calibration=None,
                 symmetric: bool = True, exclude: Optional[list[str]] = None) -> None:
     """ONNX Runtime's weight-only quantizer: ``MatMul`` -> ``MatMulNBits``, ``Gather`` of an initializer ->
@@ -202,7 +202,8 @@ def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], bloc
     2023; asymmetric, scale and zero point fitted per block without data), MatMul only; ``gptq``: GPTQ (Frantar
     et al. 2023: each column rounded in turn and the rest of its block corrected by the inverse Hessian of the
     layer's inputs), 4-bit MatMul only, on ``calibration`` (an onnxruntime ``CalibrationDataReader`` of the graph's
-    inputs); ``exclude``: node names left as they are."""
+    inputs); ``exclude``: node names left as they are. ``src``: a path, or a loaded ``onnx.ModelProto`` (its weights
+    may stay in external data: the quantizer reads each when it quantizes it)."""
     root = logging.getLogger().level
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
@@ -223,7 +224,7 @@ def weight_only(src: Path, dst: Path, bits: int, op_types: tuple[str, ...], bloc
     else:
         cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, accuracy_level=accuracy_level,
                                            bits=bits, op_types_to_quantize=op_types, quant_axes=axes)
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=symmetric,
+    q = MatMulNBitsQuantizer(src if isinstance(src, onnx.ModelProto) else onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=symmetric,
                              accuracy_level=accuracy_level, op_types_to_quantize=op_types, quant_axes=axes,
                              algo_config=cfg, nodes_to_exclude=exclude or [])
     q.process()

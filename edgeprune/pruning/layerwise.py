@@ -25,7 +25,6 @@ that a recorder does not see.
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +39,7 @@ from edgeprune.models.registry import adapter_for, class_for
 from edgeprune.pruning.calibration import (LayerStats, add_in_order, block_stats, calibration_batches, capture_input,
                                            empty_stats, logit_rows_per_batch)
 from edgeprune.scale import distributed
+from edgeprune.scale.hidden_store import HiddenStore
 from edgeprune.scale.lazy import LazyCheckpoint, layer_of
 from edgeprune.tasks.encoding import Encoded, model_inputs
 
@@ -112,13 +112,17 @@ def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prom
 
 
 def _lm_class(model_dir, config, arch: str) -> type:
-    """The causal-LM class of a ``...ForCausalLM`` checkpoint (a multimodal one loads whole: refused here)."""
+    """The causal-LM class of a ``...ForCausalLM`` checkpoint, MoE or dense (a multimodal one loads whole: refused
+    here)."""
     from transformers import AutoModelForCausalLM
 
     if "CausalLM" not in arch:
         raise ModelError(f"{model_dir}: the layer-wise path of --generate takes a ...ForCausalLM checkpoint, not "
                          f"{arch or 'one without architectures'}; drop --layerwise (the in-memory path)")
-    adapter_for(config)
+    try:
+        adapter_for(config)  # a family's file registers its classes
+    except ModelError:
+        pass  # a dense causal LM (an MoE folded at k = 1)
     return AutoModelForCausalLM._model_mapping[type(config)]
 
 
@@ -170,48 +174,6 @@ def model_keys(model: nn.Module) -> set[str]:
     return set(model.state_dict(keep_vars=True).keys())
 
 
-class HiddenStore:
-    """Per-batch hidden states between layers: in memory up to ``max_bytes``, the rest in files."""
-
-    def __init__(self, max_bytes: Optional[int], offload_dir: Optional[str | Path] = None):
-        self.max_bytes = max_bytes
-        self.in_memory: dict[int, torch.Tensor] = {}
-        self.bytes = 0
-        self._tmp = None
-        self.dir = Path(offload_dir) if offload_dir else None
-
-    def _path(self, b: int) -> Path:
-        if self.dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="edgeprune-hidden-")
-            self.dir = Path(self._tmp.name)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        return self.dir / f"hidden-{b}.pt"
-
-    def put(self, b: int, t: torch.Tensor) -> None:
-        self.pop(b)
-        size = t.numel() * t.element_size()
-        if self.max_bytes is None or self.bytes + size <= self.max_bytes:
-            self.in_memory[b] = t
-            self.bytes += size
-        else:
-            torch.save(t, self._path(b))
-
-    def get(self, b: int) -> torch.Tensor:
-        if b in self.in_memory:
-            return self.in_memory[b]
-        return torch.load(self._path(b), weights_only=True)
-
-    def pop(self, b: int) -> None:
-        t = self.in_memory.pop(b, None)
-        if t is not None:
-            self.bytes -= t.numel() * t.element_size()
-
-    def close(self) -> None:
-        self.in_memory.clear()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-
 def _first_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -223,13 +185,15 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _run_stack(model: nn.Module, ckpt: LazyCheckpoint, batches, store: HiddenStore, progress: bool,
-               last: Optional[int] = None, on_output=None, head: bool = False, desc: str = "layer-wise"):
+               last: Optional[int] = None, on_output=None, head: bool = False, desc: str = "layer-wise",
+               reduce=None):
     """The core of the layer-wise pass (see the module docstring): ``batches`` are ``(index, batch)``; layers
     ``0..last`` run one at a time, ``on_output(layer, batch index, mask)`` is called after each layer's batch
     (the calibration reads the MoE block's input there). With ``head``, every layer runs and a replay pass
     (every layer returning its stored output) lets the model's own code apply the final norm, pooling and head:
-    returns ``{batch index: logits}``."""
+    returns ``{batch index: logits}`` (``reduce(batch index, logits)`` of them, where given)."""
     run = _StackPass(model, store)
+    run.reduce = reduce
     last = len(run.stack) - 1 if last is None or head else last
     run.patched(run.recorder, run.record, batches)
     for i, layer in enumerate(tqdm(run.stack, desc=desc, disable=not progress, unit="layer")):
@@ -259,6 +223,7 @@ class _StackPass:
         self.inputs_of: dict[int, dict] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.now: dict = {}
+        self.reduce = None
 
     def recorder(self, i: int):
         def forward(*args, **kwargs):
@@ -320,7 +285,8 @@ class _StackPass:
             unload(layer)
 
     def read_head(self, b, _batch) -> None:
-        self.logits[b] = self.model(**self.inputs_of[b]).logits.float()
+        logits = self.model(**self.inputs_of[b]).logits.float()
+        self.logits[b] = self.reduce(b, logits) if self.reduce is not None else logits
 
 
 def _open(model_dir, dtype, model):
@@ -383,20 +349,37 @@ def collect_routing_layerwise(model_dir: str | Path, enc: Encoded, max_examples:
 @torch.no_grad()
 def logits_layerwise(model_dir: str | Path, enc: Encoded, batch_size: int = 64, progress: bool = True,
                      dtype: Optional[str] = None, max_hidden_bytes: Optional[int] = None,
-                     offload_dir: Optional[str | Path] = None, model: Optional[nn.Module] = None) -> np.ndarray:
+                     offload_dir: Optional[str | Path] = None, model: Optional[nn.Module] = None,
+                     lm: bool = False, reduce=None):
     """The original's logits on every example of ``enc`` (in ``enc``'s order), one layer at a time: what the
-    build validates the artifact against when the original does not fit in memory."""
+    build validates the artifact against when the original does not fit in memory. With ``lm`` (a causal LM,
+    ``--generate``): a list, per example, of ``reduce(logits over its positions [length, vocab], example index)``
+    (default: those logits), each batch reduced as soon as its head has run."""
     from edgeprune.tasks.encoding import collate
 
+    model = model if model is not None or not lm else skeleton(model_dir, dtype, lm=True)
     ckpt, model = _open(model_dir, dtype, model)
     order = sorted(range(len(enc)), key=lambda i: len(enc.input_ids[i]))
     chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     store = HiddenStore(max_hidden_bytes, offload_dir)
+    keep = reduce or (lambda z, i: z)
+
+    def per_example(b, logits):
+        return [keep(logits[r, : len(enc.input_ids[i])].numpy(), i) for r, i in enumerate(chunks[b])]
+
     try:
-        batches = [(b, {k: v for k, v in collate(enc, idx).items() if k != "labels"}) for b, idx in enumerate(chunks)]
-        out = _run_stack(model, ckpt, batches, store, progress, head=True, desc="original logits (layer-wise)")
+        drop = ("labels", "token_type_ids") if lm else ("labels",)
+        batches = [(b, {k: v for k, v in collate(enc, idx).items() if k not in drop}) for b, idx in enumerate(chunks)]
+        out = _run_stack(model, ckpt, batches, store, progress, head=True, desc="original logits (layer-wise)",
+                         reduce=per_example if lm else None)
     finally:
         store.close()
+    if lm:
+        result = [None] * len(enc)
+        for b, idx in enumerate(chunks):
+            for i, value in zip(idx, out[b]):
+                result[i] = value
+        return result
     logits = np.zeros((len(enc), next(iter(out.values())).shape[-1]), dtype=np.float32)
     for b, idx in enumerate(chunks):
         logits[idx] = out[b].numpy()
