@@ -25,10 +25,44 @@ from edgeprune.export.lm_export import FILES
 
 def stage_export(pruned_dir: Path, spec, prompts: list[str], calibration: list[list[int]]) -> Path:
     """The fp32 KV-cache graph (parity-gated) and the target's weight variants, cached by their inputs
-    (``calibration``: GPTQ's token sequences)."""
+    (``calibration``: GPTQ's token sequences); a model whose weights exceed ``LARGE_BYTES`` by the large path."""
+    large = is_large(pruned_dir)
     stage = Stage("export-lm", dir_sha256(pruned_dir), spec.settings(), prompts,
-                  calibration if spec.algorithm == "gptq" else None, label="export")
-    return stage.run(lambda tmp: _export(tmp, pruned_dir, spec, prompts, calibration))
+                  calibration if spec.algorithm == "gptq" and not large else None, large, label="export")
+    return stage.run(lambda tmp: (_export_large if large else _export)(tmp, pruned_dir, spec, prompts, calibration))
+
+
+def is_large(pruned_dir: Path) -> bool:
+    """The pruned model's weights exceed :data:`~edgeprune.export.onnx_export.LARGE_BYTES`: it is exported, quantized
+    and checked without being loaded whole (:mod:`edgeprune.export.lm_large`)."""
+    from edgeprune.export import onnx_export
+
+    return sum(f.stat().st_size for f in Path(pruned_dir).glob("*.safetensors")) > onnx_export.LARGE_BYTES
+
+
+def _export_large(tmp: Path, pruned_dir: Path, spec, prompts: list[str], _calibration) -> None:
+    from edgeprune.export.lm_export import write_decoder
+    from edgeprune.export.lm_large import parity_lazy, quantize_lazy
+    from edgeprune.export.quantize import size_mb
+
+    log("export: the pruned model exceeds the in-memory export's share: ONNX with a KV cache from its skeleton on the "
+        "meta device, weights read one at a time (dynamo exporter)")
+    manifest = write_decoder(None, pruned_dir, tmp, exporter="lazy")
+    manifest["parity"] = parity_lazy(pruned_dir, tmp, prompts, 8, spec.parity_atol)
+    log(f"export: greedy tokens equal on {len(prompts)} prompts (whole-sequence steps, layer by layer), logits within "
+        f"{manifest['parity']['max_abs_logit_diff']:.2e}")
+    manifest["variants"] = {}
+    for precision in spec.precisions():
+        if precision == "fp32":
+            continue
+        log(f"quantize: {precision} weight-only (RTN, blocks of {spec.block_size}), one weight at a time"
+            + (f"; {spec.algorithm.upper()} needs the whole graph: RTN instead" if spec.algorithm != "rtn" else ""))
+        name = FILES[precision]
+        v = quantize_lazy(tmp, precision, Path(name).name, spec.block_size, spec.accuracy_level, spec.symmetric,
+                          spec.embedding_weights)
+        manifest["variants"][precision] = {**v, "model_file": name, "size_mb": size_mb(tmp / name)}
+    manifest["large"] = True
+    (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
 
 
 def _export(tmp: Path, pruned_dir: Path, spec, prompts: list[str], calibration: list[list[int]]) -> None:
@@ -80,8 +114,15 @@ class DecoderBuild:
         from edgeprune.pruning.config import check_model
         from edgeprune.pruning.lm_data import lm_examples, verbaliser_ids
 
+        from edgeprune.pruning.layerwise import skeleton
+        from edgeprune.pruning.pipeline import memory_path
+
         spec = cfg.target.generate
-        original = load_language_model(original_dir, cfg.prune.dtype)
+        layerwise, _, why = memory_path(original_dir, cfg.task, cfg.prune)
+        if layerwise:
+            log(f"original: {why}; validated one layer at a time")
+        original = (skeleton(original_dir, cfg.prune.dtype, lm=True) if layerwise
+                    else load_language_model(original_dir, cfg.prune.dtype))
         check_model(original, family_of(original), cfg.task, cfg.prune, labels=False)
         positions = getattr(original.config, "max_position_embeddings", None)
         if positions and cfg.task.max_length + spec.new_tokens > positions:
@@ -89,7 +130,8 @@ class DecoderBuild:
                               f"{spec.new_tokens} exceed the model's {positions} positions; lower new_tokens")
         val = lm_examples(original_dir, cfg.task, cfg.data, cfg.prune, "validation", cfg.eval_examples)
         return Prepared(original_dir, dir_sha256(original_dir), original,
-                        {"val": val, "label_ids": verbaliser_ids(original_dir, cfg.task, cfg.prune, cfg.data)})
+                        {"val": val, "label_ids": verbaliser_ids(original_dir, cfg.task, cfg.prune, cfg.data),
+                         "layerwise": layerwise, "why": why})
 
     def export(self, cfg: BuildConfig, pruned_dir: Path, prep: Prepared) -> Path:
         from edgeprune.models.tokenizer import load_tokenizer
@@ -106,20 +148,27 @@ class DecoderBuild:
         from edgeprune.runtime import EdgeLM
         from edgeprune.validate.decoder import evaluate
 
+        from edgeprune.validate.decoder_reference import LayerwiseReference
+
         spec, t, val = cfg.target.generate, cfg.target, prep.extra["val"]
-        measured = ["fp32"] + [p for p in spec.precisions() if p != "fp32"]
-        log(f"validate: {len(val)} validation examples; the original in PyTorch and {', '.join(measured)} in ONNX "
+        export_info = json.loads((export_dir / "edgeprune.json").read_text())
+        # the large path leaves the fp32 graph out: an ONNX Runtime session of it holds every fp32 weight
+        measured = ([] if export_info.get("large") else ["fp32"]) + [p for p in spec.precisions() if p != "fp32"]
+        measured = measured or ["fp32"]
+        where = "one layer at a time from its checkpoint" if prep.extra["layerwise"] else "in PyTorch"
+        log(f"validate: {len(val)} validation examples; the original {where} and {', '.join(measured)} in ONNX "
             f"Runtime, {t.runtime.threads} thread(s)")
         graphs = {p: EdgeLM(export_dir, threads=t.runtime.threads, model_file=FILES[p]) for p in measured}
-        v = evaluate(prep.original, graphs, val, prep.extra["label_ids"], new_tokens=spec.new_tokens,
+        original = (LayerwiseReference(prep.original_dir, val, prep.extra["label_ids"]) if prep.extra["layerwise"]
+                    else prep.original)
+        v = evaluate(original, graphs, val, prep.extra["label_ids"], new_tokens=spec.new_tokens,
                      threads=t.runtime.threads)
         v["models"]["artifact"] = art = v["models"][spec.weights]
-        if spec.weights != "fp32":
+        if spec.weights != "fp32" and "fp32" in v["models"]:
             v["quantization_perplexity_ratio"] = round(art["perplexity"] / v["models"]["fp32"]["perplexity"], 4)
         if "label_accuracy" in art:
             v["label_accuracy_drop_points"] = round(100 * (v["models"]["original"]["label_accuracy"]
                                                            - art["label_accuracy"]), 2)
-        export_info = json.loads((export_dir / "edgeprune.json").read_text())
         report = _report(cfg, prep, pruned_dir, export_dir, export_info, v, measured)
         return report, _manifest(cfg, prep, report, export_info)
 
@@ -170,7 +219,10 @@ def _report(cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path
                                                                "score_and_apply_seconds")},
         "export": {k: export_info.get(k) for k in ("exporter", "parity", "variants")},
         "validation": v,
-        "memory": {p: process_memory(export_dir, FILES[p], t.runtime.threads) for p in spec.precisions()},
+        "memory": {p: process_memory(export_dir, FILES[p], t.runtime.threads) for p in spec.precisions()
+                   if p in measured},
+        "original_memory": {"path": "layer-wise" if prep.extra["layerwise"] else "in memory",
+                            "why": prep.extra["why"]},
         "size": {"original_mb": original_mb, "artifact_mb": sizes[spec.weights], "graphs_mb": sizes,
                  "size_ratio": round(original_mb / sizes[spec.weights], 2)},
         "weights": spec.settings(), "budgets": spec.settings(budgets=True),

@@ -96,7 +96,8 @@ def _summary(final: Path, report: dict) -> None:
                    f"agreement {a['next_token_agreement']}" +
                    (f"; label accuracy {a['label_accuracy']} (original {o['label_accuracy']})" if "label_accuracy" in a
                     else "") + f"; {report['size']['artifact_mb']:.1f} MB ({report['size']['size_ratio']}x smaller); "
-                   f"decode {a['decode_tokens_per_s']} tokens/s ({a['decode_speedup']}x the original)")
+                   f"decode {a['decode_tokens_per_s']} tokens/s" +
+                   (f" ({a['decode_speedup']}x the original)" if "decode_speedup" in a else " (the original's: not measured)"))
     else:
         q, sp, size = report["quality"], report["speed"], report["size"]
         click.echo(f"accuracy {q['artifact_accuracy']:.4f} (original {q['original_accuracy']:.4f}, drop "

@@ -67,7 +67,7 @@ def decoder_violations(report: dict, spec) -> list[str]:
              "perplexity {:.4g}x the fp32 graph's"),
             ("min_next_token_agreement", m["next_token_agreement"], "<", "next-token agreement {:.4f}"),
             ("max_label_accuracy_drop", v.get("label_accuracy_drop_points"), ">", "label accuracy drop {:.2f} points"),
-            ("min_decode_speedup", m["decode_speedup"], "<", "decode speed {:.2f}x the original's"),
+            ("min_decode_speedup", m.get("decode_speedup"), "<", "decode speed {:.2f}x the original's"),
             ("max_ttft_ms", m["ttft_ms"], ">", "time to first token {:.2f} ms"))
     return over(((key, value, op, lambda x, b, key=key, op=op, what=what:
                   f"{what.format(x)} {'exceeds' if op == '>' else 'is below'} the budget {key} = {b}")

@@ -29,98 +29,88 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def _logp(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def _torch_logits(model, ids: list[int]) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
-def _torch_greedy(model, ids: list[int], new_tokens: int, eos: set) -> list[int]:
-    import torch
-
-    with torch.no_grad():
-        x = torch.tensor([ids])
-        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=model.config.get_text_config().pad_token_id or 0, eos_token_id=sorted(eos) or None)
-    return out[0, len(ids):].tolist()
-
-
 def evaluate(original, artifacts: dict, enc, label_ids: Optional[Sequence[int]] = None, greedy_prompts: int = 16,
              new_tokens: int = 32, repeats: int = 3, threads: int = 1, speed_prompt: Optional[list[int]] = None,
              progress: bool = True) -> dict:
-    """``original``: the PyTorch causal LM; ``artifacts``: name -> EdgeLM; ``enc``: an ``LMEncoded`` validation
-    split. See the module docstring for what is measured."""
+    """``original``: the PyTorch causal LM, or a :class:`~edgeprune.validate.decoder_reference.LayerwiseReference`
+    (an original that does not fit: its figures computed one layer at a time, its speed not measured);
+    ``artifacts``: name -> EdgeLM; ``enc``: an ``LMEncoded`` validation split. See the module docstring for what is
+    measured."""
     import torch
 
+    from edgeprune.validate.decoder_reference import InMemoryReference
+
+    ref = original if hasattr(original, "row") else InMemoryReference(original)
     torch.set_num_threads(threads)
     names = ["original", *artifacts]
     acc = {n: {"nll": 0.0, "text_nll": 0.0, "agree": 0, "correct": 0, "exact": 0, "prefix": 0.0} for n in names}
-    counts = _teacher_forced(original, artifacts, enc, label_ids, acc, progress)
-    greedy_n = _greedy(original, artifacts, enc, min(greedy_prompts, len(enc)), new_tokens, acc)
+    counts = _teacher_forced(ref, artifacts, enc, label_ids, acc, progress)
+    greedy_n = _greedy(ref, artifacts, enc, min(greedy_prompts, len(enc)), new_tokens, acc)
     out = {name: _row(name, acc[name], counts, greedy_n) for name in names}
     prompt = speed_prompt if speed_prompt is not None else enc.prompt_ids(0)
-    speeds = {n: {"ttft": [], "rate": []} for n in names}
+    timed = [n for n in names if n != "original" or getattr(ref, "speed", True)]
+    speeds = {n: {"ttft": [], "rate": []} for n in timed}
     for _ in range(repeats):  # alternating rounds: the machine's drift hits every model alike
-        _torch_speed(original, prompt, new_tokens, speeds["original"])
+        if "original" in timed:
+            _torch_speed(original, prompt, new_tokens, speeds["original"])
         for name, lm in artifacts.items():
             _onnx_speed(lm, prompt, new_tokens, speeds[name])
-    for name in names:
+    for name in timed:
         out[name]["ttft_ms"] = round(median(speeds[name]["ttft"]), 3)
         out[name]["decode_tokens_per_s"] = round(median(speeds[name]["rate"]), 1)
     for name in artifacts:
         o, a = out["original"], out[name]
-        a["decode_speedup"] = round(a["decode_tokens_per_s"] / o["decode_tokens_per_s"], 2)
-        a["ttft_speedup"] = round(o["ttft_ms"] / a["ttft_ms"], 2)
+        if "original" in timed:
+            a["decode_speedup"] = round(a["decode_tokens_per_s"] / o["decode_tokens_per_s"], 2)
+            a["ttft_speedup"] = round(o["ttft_ms"] / a["ttft_ms"], 2)
         a["perplexity_ratio"] = round(a["perplexity"] / o["perplexity"], 4)
     return {"examples": len(enc), "completion_tokens": counts["completion"], "tokens": counts["all"],
             "labelled": counts["labelled"], "greedy_prompts": greedy_n, "new_tokens": new_tokens, "threads": threads,
-            "speed_prompt_tokens": len(prompt), "models": out}
+            "speed_prompt_tokens": len(prompt), "models": out,
+            **({} if "original" in timed else {"original_speed": "not measured: the original does not fit in memory "
+                                                                  "(validated one layer at a time)"})}
 
 
-def _teacher_forced(original, artifacts: dict, enc, label_ids, acc: dict, progress: bool) -> dict:
+def _teacher_forced(ref, artifacts: dict, enc, label_ids, acc: dict, progress: bool) -> dict:
     """Completion and whole-text negative log-likelihood, next-token agreement with the original and label
     accuracy, accumulated into ``acc`` over the split; returns the token counts."""
     from tqdm.auto import tqdm
 
+    from edgeprune.validate.decoder_reference import row_of
+
     counts = {"completion": 0, "all": 0, "labelled": 0}
     for i in tqdm(range(len(enc)), desc="validate", disable=not progress, unit="example"):
         ids, start = enc.input_ids[i], enc.starts[i]
-        ref = _torch_logits(original, ids)
-        choice = ref[:-1].argmax(-1)
-        nxt = np.asarray(ids[1:])
         span = slice(start - 1, len(ids) - 1)
         label = enc.labels[i] if label_ids else None
-        for name in acc:
-            z = ref if name == "original" else artifacts[name].logits(ids)
-            token_lp = _logp(z[:-1])[np.arange(len(nxt)), nxt]
+        rows = {"original": ref.row(enc, i, label_ids)}
+        rows.update({name: row_of(lm.logits(ids), ids, start, label_ids) for name, lm in artifacts.items()})
+        choice = rows["original"][1]
+        for name, (token_lp, best, label_z) in rows.items():
             acc[name]["nll"] -= float(token_lp[span].sum())
             acc[name]["text_nll"] -= float(token_lp.sum())
-            acc[name]["agree"] += int((z[:-1].argmax(-1) == choice).sum())
+            acc[name]["agree"] += int((best == choice).sum())
             if label is not None:
-                acc[name]["correct"] += int(int(np.argmax(z[start - 1][list(label_ids)])) == label)
+                acc[name]["correct"] += int(int(np.argmax(label_z)) == label)
         counts["completion"] += len(ids) - start
         counts["all"] += len(ids) - 1
         counts["labelled"] += label is not None
     return counts
 
 
-def _greedy(original, artifacts: dict, enc, n: int, new_tokens: int, acc: dict) -> int:
+def _greedy(ref, artifacts: dict, enc, n: int, new_tokens: int, acc: dict) -> int:
     """Greedy continuations of the first ``n`` prompts against the original's: exact and common-prefix share."""
-    for i in range(n):
-        prompt = enc.prompt_ids(i)
-        ref = _torch_greedy(original, prompt, new_tokens, next(iter(artifacts.values())).eos if artifacts else set())
+    eos = next(iter(artifacts.values())).eos if artifacts else set()
+    prompts = [enc.prompt_ids(i) for i in range(n)]
+    if hasattr(ref, "prepare_greedy"):
+        ref.prepare_greedy(prompts, new_tokens, eos)
+    for prompt in prompts:
+        want = ref.greedy(prompt, new_tokens, eos)
         for name, lm in artifacts.items():
             got = list(lm.generate_ids(prompt, new_tokens))
-            same = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
-            acc[name]["exact"] += int(got == ref)
-            acc[name]["prefix"] += same / max(1, len(ref))
+            same = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            acc[name]["exact"] += int(got == want)
+            acc[name]["prefix"] += same / max(1, len(want))
     return n
 
 

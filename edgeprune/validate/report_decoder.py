@@ -29,8 +29,10 @@ def report_markdown(r: dict) -> str:
              f"{v['speed_prompt_tokens']}-token prompt (the original in PyTorch with its cache, the graphs in ONNX "
              "Runtime with theirs; the build host is a proxy for the device).", "", *_table(v, sizes), "",
              f"Parity (fp32 graph vs PyTorch): greedy tokens equal on {r['export']['parity']['prompts']} prompts, "
-             f"first-step logits within {r['export']['parity']['max_abs_logit_diff']:.2e} "
-             f"(tolerance {r['export']['parity']['atol']}).", "",
+             f"{'logits' if 'how' in r['export']['parity'] else 'first-step logits'} within "
+             f"{r['export']['parity']['max_abs_logit_diff']:.2e} (tolerance {r['export']['parity']['atol']}"
+             + (f"; {r['export']['parity']['how']}" if "how" in r['export']['parity'] else "") + ").", "",
+             *([f"Original: {v['original_speed']}."] if "original_speed" in v else []),
              "Peak memory of a process that loads the graph and generates: " +
              ", ".join(f"{p} {m.get('peak_mb', m.get('error'))} MB" for p, m in r["memory"].items()) + ".", "",
              "Budgets: " + (", ".join(f"{k} = {b}" for k, b in r["budgets"].items() if b is not None) or "none") + ".",
@@ -49,7 +51,9 @@ def model_card(r: dict, manifest: dict) -> str:
         f"- perplexity on the validation completions {art['perplexity']} (original {r['validation']['models']['original']['perplexity']})",
         f"- next-token agreement with the original {art['next_token_agreement']}; greedy continuations equal on "
         f"{art['greedy_exact']:.0%} of the prompts",
-        f"- decode {art['decode_tokens_per_s']} tokens/s ({art['decode_speedup']}x the original), first token "
+        f"- decode {art['decode_tokens_per_s']} tokens/s ("
+        + (f"{art['decode_speedup']}x the original" if "decode_speedup" in art else "the original's not measured")
+        + "), first token "
         f"{art['ttft_ms']} ms; {r['size']['artifact_mb']} MB ({r['size']['size_ratio']}x smaller)", "",
         "Use it without PyTorch:", "", "```python", "from edgeprune.runtime import EdgeLM",
         "lm = EdgeLM('.')  # onnxruntime + tokenizers + numpy",
