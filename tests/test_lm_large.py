@@ -74,9 +74,10 @@ def test_the_lazy_int4_variant_is_the_in_memory_quantizers_graph(pruned, tmp_pat
     info = quantize_lazy(tmp_path, "int4", "model_lazy_q4.onnx", block=32)
     assert info["bits"] == 4
     weight_variant(tmp_path, "int4", PROMPTS, 4, block=32)  # the in-memory quantizer, from the same fp32 graph
-    lazy = onnx.load(str(tmp_path / "onnx" / "model_lazy_q4.onnx"))
+    lazy = onnx.load(str(tmp_path / "onnx" / "model_lazy_q4.onnx"))  # its weights in model_lazy_q4.onnx.data
     mem = onnx.load(str(tmp_path / FILES["int4"]))
-    assert not any(t.external_data for t in lazy.graph.initializer)
+    assert (tmp_path / "onnx" / "model_lazy_q4.onnx.data").is_file()
+    assert {o.domain: o.version for o in lazy.opset_import} == {o.domain: o.version for o in mem.opset_import}
     assert sorted(n.op_type for n in lazy.graph.node) == sorted(n.op_type for n in mem.graph.node)
     assert sum(n.op_type == "MatMulNBits" for n in lazy.graph.node) > 0
     a = {t.name: numpy_helper.to_array(t) for t in lazy.graph.initializer}

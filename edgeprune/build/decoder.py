@@ -183,7 +183,9 @@ class DecoderBuild:
         spec = cfg.target.generate
         (tmp / "onnx").mkdir()
         for p in spec.precisions():
-            shutil.copy2(export_dir / FILES[p], tmp / FILES[p])
+            for f in (FILES[p], FILES[p] + ".data"):  # (a large model's variants keep their weights beside them)
+                if (export_dir / f).is_file():
+                    shutil.copy2(export_dir / f, tmp / f)
         for f in export_dir.iterdir():
             if f.is_file() and not f.name.startswith(("edgeprune", ".")):
                 shutil.copy2(f, tmp / f.name)
@@ -205,13 +207,14 @@ DECODER = DecoderBuild()
 
 def _report(cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path, export_info: dict, v: dict,
             measured: list) -> dict:
+    from edgeprune.export.quantize import size_mb
     from edgeprune.pruning.plan import PrunePlan
     from edgeprune.validate.decoder import process_memory
 
     spec, t = cfg.target.generate, cfg.target
     prune_info = json.loads((pruned_dir / "edgeprune_prune.json").read_text())
     original_mb = round(sum(f.stat().st_size for f in prep.original_dir.glob("*.safetensors")) / 1e6, 3)
-    sizes = {p: round((export_dir / FILES[p]).stat().st_size / 1e6, 3) for p in measured}
+    sizes = {p: size_mb(export_dir / FILES[p]) for p in measured}
     return {
         "kind": "causal-lm", "task": cfg.task.name, "target": t.name, "original": str(prep.original_dir),
         "original_sha256": prep.original_hash, "plan": PrunePlan.load(pruned_dir / "prune_plan.json").summary(),

@@ -10,8 +10,8 @@ within a memory bound (issue 26: the causal-LM twin of the multi-gigabyte build,
   .value`` -> ``logits``, ``present.{i}.*``), so :class:`~edgeprune.runtime.decoder.EdgeLM` runs it as it is.
 * **weights** (:func:`quantize_lazy`): ONNX Runtime's weight-only quantizer on the graph loaded without its
   weights; it reads each MatMul weight when it quantizes it (``onnx_ir``: from the external data file, relative to
-  the working directory, which is the graph's folder meanwhile), then the quantized graph is made self-contained
-  one tensor at a time (:func:`edgeprune.export.large.internalize`) and its word embedding 4-bit.
+  the working directory, which is the graph's folder meanwhile), then the word embedding 4-bit, and the variant is
+  written with its own external data, tensor by tensor.
 * **parity** (:func:`parity_lazy`): the greedy continuation of every prompt, both sides recomputing the whole
   sequence at each step (no cache): ONNX Runtime one layer segment at a time (:mod:`edgeprune.export.segments`),
   PyTorch one layer at a time (:func:`edgeprune.pruning.layerwise.logits_layerwise`); the tokens equal and the
@@ -113,28 +113,35 @@ def export_lazy(model_dir: Path, out_dir: Path) -> str:
 def quantize_lazy(out: Path, precision: str, dst_name: str, block: int = 32, accuracy_level: int = 0,
                   symmetric: bool = True, embedding: str = "int4") -> dict:
     """``out/onnx/model.onnx``'s weight-only variant ``dst_name`` (``MatMulNBits`` of ``precision``'s bits, RTN,
-    blocks of ``block``; the word embedding 4-bit with ``embedding`` ``int4``), one weight in memory at a time
-    (see the module docstring)."""
+    blocks of ``block``; the word embedding 4-bit with ``embedding`` ``int4``), one fp32 weight in memory at a time:
+    the quantizer reads each from the fp32 graph's external data when it takes it (see the module docstring); the
+    variant is written with its weights in ``<dst_name>.data`` (as the model builder writes its graphs), tensor by
+    tensor, so that the graph is never serialised whole beside itself. The same graph as the in-memory quantizer's
+    (:func:`~edgeprune.export.lm_export.weight_variant`), tensor for tensor."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-    from edgeprune.export.large import internalize
     from edgeprune.export.lm_export import untie_head
-    from edgeprune.export.quantize import gather_4bit, weight_only
+    from edgeprune.export.quantize import gather_4bit_model, weight_only
 
     bits = {"int4": 4, "int8": 8}[precision]
     folder = out / "onnx"
-    mm = folder / ".edgeprune-mm.onnx"
+    for old in (folder / dst_name, folder / (dst_name + ".data")):
+        old.unlink(missing_ok=True)
     with _inside(folder):
         g = onnx.load("model.onnx", load_external_data=False)
         untied = untie_head(g)
-        weight_only(g, mm, bits, ("MatMul",), block=block, accuracy_level=accuracy_level or None,
-                    symmetric=symmetric)
-    internalize(mm)
-    if embedding == "int4":
-        gather_4bit(mm, folder / dst_name)
-        mm.unlink()
-    else:
-        os.replace(mm, folder / dst_name)
+        g = weight_only(g, None, bits, ("MatMul",), block=block, accuracy_level=accuracy_level or None,
+                        symmetric=symmetric)
+        if embedding == "int4":
+            g = gather_4bit_model(g)
+    for t in g.graph.initializer:  # what stayed fp32 (norms, biases) moves from the fp32 graph's data into the variant's
+        if uses_external_data(t):
+            load_external_data_for_tensor(t, str(folder))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    onnx.save_model(g, str(folder / dst_name), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst_name + ".data", size_threshold=1024)
     return {"bits": bits, "block_size": block, "algorithm": "RTN", "symmetric": symmetric,
             "accuracy_level": accuracy_level, "embedding": embedding, "untied_heads": untied,
             "note": "quantized one weight at a time (the fp32 graph is larger than the export's memory share)"}

@@ -101,14 +101,15 @@ class _Reader:
         self.it = iter(self.batches)
 
 
-def fp32_nodes(path: Path) -> list[str]:
+def fp32_nodes(path) -> list[str]:
     """Nodes ONNX Runtime's int8 quantizer must leave in fp32: MatMuls whose weight is a 3-D (or higher) initializer
     (experts stacked in one tensor, e.g. Inkling's shared experts: the int8 MatMul kernels take 2-D weights only, and
     ``MatMulIntegerToFloat`` refuses their per-channel parameters at run time), and Gathers from anything but a 2-D
     initializer (an embedding table): a per-expert scale indexed by the routed experts (Gemma 4) has no axis to
     quantize along, and the quantizer fails on it; nor does a table of integers (DeepSeek-V4's token-to-expert
-    table). A Gather of activations (one expert's column of the routing weights) is no weight: not listed."""
-    model = onnx.load(str(path), load_external_data=False)
+    table). A Gather of activations (one expert's column of the routing weights) is no weight: not listed. ``path``:
+    a graph's path or the graph (``onnx.ModelProto``)."""
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
     ranks = {t.name: len(t.dims) for t in model.graph.initializer}
     floats = {t.name for t in model.graph.initializer
               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
@@ -193,7 +194,7 @@ def _experts_in_qmoe(src: Path, dst: Path, bits: int, info: dict) -> Path:
     return dst
 
 
-def weight_only(src, dst: Path, bits: int, op_types: tuple[str, ...], block: int = 32,
+def weight_only(src, dst: Optional[Path], bits: int, op_types: tuple[str, ...], block: int = 32,
                 accuracy_level: Optional[int] = None, algorithm: str = "rtn", calibration=None,
                 symmetric: bool = True, exclude: Optional[list[str]] = None) -> None:
     """ONNX Runtime's weight-only quantizer: ``MatMul`` -> ``MatMulNBits``, ``Gather`` of an initializer ->
@@ -203,7 +204,8 @@ def weight_only(src, dst: Path, bits: int, op_types: tuple[str, ...], block: int
     et al. 2023: each column rounded in turn and the rest of its block corrected by the inverse Hessian of the
     layer's inputs), 4-bit MatMul only, on ``calibration`` (an onnxruntime ``CalibrationDataReader`` of the graph's
     inputs); ``exclude``: node names left as they are. ``src``: a path, or a loaded ``onnx.ModelProto`` (its weights
-    may stay in external data: the quantizer reads each when it quantizes it)."""
+    may stay in external data: the quantizer reads each when it quantizes it); ``dst`` None: the quantized model is
+    returned instead of written."""
     root = logging.getLogger().level
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig,
@@ -228,6 +230,8 @@ def weight_only(src, dst: Path, bits: int, op_types: tuple[str, ...], block: int
                              accuracy_level=accuracy_level, op_types_to_quantize=op_types, quant_axes=axes,
                              algo_config=cfg, nodes_to_exclude=exclude or [])
     q.process()
+    if dst is None:
+        return q.model.model
     q.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
@@ -241,17 +245,31 @@ def gather_4bit(src: Path, dst: Path) -> None:
     (bit-identical outputs, tested) in the same bytes, and the graph keeps its own opset."""
     weight_only(src, dst, 4, ("Gather",), exclude=fp32_nodes(src))
     model = onnx.load(str(dst))
+    packed_gathers(model, onnx.load(str(src), load_external_data=False))
+    onnx.save(model, str(dst))
+
+
+def gather_4bit_model(model):
+    """:func:`gather_4bit` of a graph in memory (its other weights may stay in external data); returns it."""
+    before = onnx.ModelProto()
+    before.ir_version = model.ir_version
+    before.opset_import.extend(model.opset_import)
+    out = weight_only(model, None, 4, ("Gather",), exclude=fp32_nodes(model))
+    packed_gathers(out, before)
+    return out
+
+
+def packed_gathers(model, before) -> None:
+    """:func:`pack_int4_gathers`, and where no int4 tensor is left, the opset and IR version of ``before`` (the
+    graph before the Gather pass): the quantizer raised them to 21 / 10 for the int4 type, and at 21 an opset-17
+    ReduceMean's axes attribute is not valid."""
     if pack_int4_gathers(model) and not any(i.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
                                             for i in model.graph.initializer):
-        # the quantizer raised the opset to 21 (and the IR to 10) for the int4 type; with no int4 left the graph goes
-        # back to its own opset, where it is valid (at 21 an opset-17 ReduceMean's axes attribute is not)
-        before = onnx.load(str(src), load_external_data=False)
         model.ir_version = before.ir_version
         own = {o.domain: o.version for o in before.opset_import}
         for o in model.opset_import:
             if o.domain in ("", "ai.onnx") and "" in own:
                 o.version = own[""]
-    onnx.save(model, str(dst))
 
 
 def pack_int4_gathers(model) -> int:

@@ -58,11 +58,9 @@ def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prom
     LM-head rows (divided by Granite's ``logits_scaling``), read row by row from the shards and kept on the model as
     ``edgeprune_extra`` (a tensor that is in no shard: :class:`LazyCheckpoint` serves it from there)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
-    from edgeprune.models import label_words
     from edgeprune.models.checkpoint import read_config, torch_dtype
-    from edgeprune.models.tokenizer import load_tokenizer
 
     raw = read_config(model_dir)
     arch = " ".join(raw.get("architectures") or [])
@@ -75,27 +73,7 @@ def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prom
     if lm:
         cls = _lm_class(model_dir, config, arch)
     elif arch and "SequenceClassification" not in arch:
-        if "CausalLM" not in arch or task is None:
-            raise ModelError(f"{model_dir}: a {arch} checkpoint has no sequence-classification head the layer-wise "
-                             "path can use (a ...ForCausalLM classifies by label words, with the task given)")
-        adapter_for(config)  # a supported family (its file registers a classifier class where transformers has none)
-        words = label_words.for_task(task, prompt, verbalisers).resolve(load_tokenizer(model_dir))
-        cls = AutoModelForSequenceClassification._model_mapping.get(type(config), None)
-        if cls is None:
-            raise ModelError(f"{config.model_type}: no sequence-classification class to score label words with")
-        config.num_labels = task.num_labels
-        config.id2label = dict(enumerate(task.labels))
-        config.label2id = {l: i for i, l in enumerate(task.labels)}
-        config.architectures = [cls.__name__]
-        setattr(config, label_words.CONFIG_KEY, words.to_dict())
-        ckpt = LazyCheckpoint(model_dir)
-        head = "lm_head.weight" if "lm_head.weight" in ckpt else next(
-            (k for k in ckpt if k.endswith("embed_tokens.weight")), None)
-        if head is None:
-            raise ModelError(f"{model_dir}: no lm_head.weight (nor a tied embed_tokens.weight) for the label rows")
-        scale = float(raw.get("logits_scaling", 1.0) or 1.0)
-        extra["score.weight"] = (ckpt.rows(head, words.token_ids).float() / scale).to(wdtype)
-        config.tie_word_embeddings = False
+        cls, extra = _label_word_class(model_dir, config, raw, arch, task, prompt, verbalisers, wdtype)
     else:
         from edgeprune.models.labels import label_order
 
@@ -109,6 +87,37 @@ def skeleton(model_dir: str | Path, dtype: Optional[str] = None, task=None, prom
     model.edgeprune_extra = extra
     model.edgeprune_skeleton = True  # never whole in memory: not to be run or timed as a model (validate.speed)
     return model.eval()
+
+
+def _label_word_class(model_dir, config, raw: dict, arch: str, task, prompt, verbalisers, wdtype) -> tuple:
+    """(the sequence-classification class, ``{"score.weight": the verbalisers' LM-head rows}``) of a causal-LM
+    checkpoint scored by label words; ``config`` is made the classifier's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from edgeprune.models import label_words
+    from edgeprune.models.tokenizer import load_tokenizer
+
+    if "CausalLM" not in arch or task is None:
+        raise ModelError(f"{model_dir}: a {arch} checkpoint has no sequence-classification head the layer-wise "
+                         "path can use (a ...ForCausalLM classifies by label words, with the task given)")
+    adapter_for(config)  # a supported family (its file registers a classifier class where transformers has none)
+    words = label_words.for_task(task, prompt, verbalisers).resolve(load_tokenizer(model_dir))
+    cls = AutoModelForSequenceClassification._model_mapping.get(type(config), None)
+    if cls is None:
+        raise ModelError(f"{config.model_type}: no sequence-classification class to score label words with")
+    config.num_labels = task.num_labels
+    config.id2label = dict(enumerate(task.labels))
+    config.label2id = {l: i for i, l in enumerate(task.labels)}
+    config.architectures = [cls.__name__]
+    setattr(config, label_words.CONFIG_KEY, words.to_dict())
+    ckpt = LazyCheckpoint(model_dir)
+    head = "lm_head.weight" if "lm_head.weight" in ckpt else next(
+        (k for k in ckpt if k.endswith("embed_tokens.weight")), None)
+    if head is None:
+        raise ModelError(f"{model_dir}: no lm_head.weight (nor a tied embed_tokens.weight) for the label rows")
+    scale = float(raw.get("logits_scaling", 1.0) or 1.0)
+    config.tie_word_embeddings = False
+    return cls, {"score.weight": (ckpt.rows(head, words.token_ids).float() / scale).to(wdtype)}
 
 
 def _lm_class(model_dir, config, arch: str) -> type:
