@@ -146,6 +146,18 @@ def main() -> None:
     print("\n".join(draw(payload)))
 
 
+def stage_table(p: dict) -> list[str]:
+    """Each build's stages, then its whole build: wall time and peak memory, also against the checkpoint."""
+    gib = p["checkpoint_gib"]
+    md = ["| k | stage | wall s | peak GiB | peak / checkpoint |", "|---|---|---|---|---|"]
+    for r in p["rows"]:
+        md += [f"| {r['k']} | {s['stage']} | {s['seconds']} | {s['peak_gib']:.3f} | {s['peak_gib'] / gib:.3f} |"
+               for s in r["stages"]]
+        md.append(f"| {r['k']} | **whole build** | {r['seconds']} | **{r['peak_gib']:.3f}** | "
+                  f"**{r['peak_gib'] / gib:.3f}** |")
+    return md
+
+
 def render(p: dict) -> list[str]:
     gib = p["checkpoint_gib"]
     md = ["# A multi-gigabyte MoE through the whole build", "",
@@ -155,12 +167,7 @@ def render(p: dict) -> list[str]:
           "the memory estimate's, which must fit the layer-wise calibration), each build in its own process with an empty "
           "cache, no recovery. Peak = VmHWM of the build process, reset at the start of each stage (the build's own "
           "`report.json` `stages`).", "",
-          "| k | stage | wall s | peak GiB | peak / checkpoint |", "|---|---|---|---|---|"]
-    for r in p["rows"]:
-        md += [f"| {r['k']} | {s['stage']} | {s['seconds']} | {s['peak_gib']:.3f} | {s['peak_gib'] / gib:.3f} |"
-               for s in r["stages"]]
-        md.append(f"| {r['k']} | **whole build** | {r['seconds']} | **{r['peak_gib']:.3f}** | "
-                  f"**{r['peak_gib'] / gib:.3f}** |")
+          *stage_table(p)]
     md += ["", "| k | exporter | fp32 parity (max logit diff) | artifact MB | smaller than the original | "
            "accuracy original / artifact (random model) | agreement | budgets |", "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['k']} | {r['exporter']} | {r['parity_fp32']:.2e} | {r['artifact_mb']} | {r['size_ratio']}x | "
@@ -183,12 +190,7 @@ def render_lm(p: dict) -> list[str]:
           f"{0.35 * gib * 1024 ** 3 / 1e9:.2f} GB), each build in its own process with an empty cache, no recovery. "
           "Peak = VmHWM of the build process (children counted beside it), reset at the start of each stage "
           "(`report.json` `stages`).", "",
-          "| k | stage | wall s | peak GiB | peak / checkpoint |", "|---|---|---|---|---|"]
-    for r in p["rows"]:
-        md += [f"| {r['k']} | {s['stage']} | {s['seconds']} | {s['peak_gib']:.3f} | {s['peak_gib'] / gib:.3f} |"
-               for s in r["stages"]]
-        md.append(f"| {r['k']} | **whole build** | {r['seconds']} | **{r['peak_gib']:.3f}** | "
-                  f"**{r['peak_gib'] / gib:.3f}** |")
+          *stage_table(p)]
     md += ["", "| k | exporter | fp32 parity (greedy equal; max logit diff) | artifact | MB | smaller than the original "
            "| perplexity original / artifact (random model) | next-token agreement | greedy exact | decode tokens/s | "
            "budgets |", "|---|---|---|---|---|---|---|---|---|---|---|"]
