@@ -130,3 +130,30 @@ def test_build_generate_of_a_checkpoint_that_does_not_fit(lm_dirs, tmp_path, cac
     assert "fp32" not in v["models"] and "not measured" in v["original_speed"]
     assert 0 <= v["models"]["artifact"]["next_token_agreement"] <= 1 and report["violations"] == []
     assert "Original: not measured" in (out / "report.md").read_text()
+
+
+def test_a_layerwise_decoder_export_that_cannot_fit_is_refused_before_pruning(lm_dirs, tmp_path, monkeypatch):
+    """The quantizer holds the largest variant's weights: above --max-memory the build stops before its prune stage,
+    in one line; a decoder's variants keep external data, so ONNX's one-file limit does not apply."""
+    from edgeprune.errors import ConfigError
+    from edgeprune.export import onnx_export
+    from edgeprune.scale import memory
+    import edgeprune.pruning.pipeline as pipeline
+    from tests.test_families import cli
+
+    est = memory.estimate(lm_dirs["mixtral"], 1, 128, 64)
+    big = memory.MemoryEstimate(**{**est.__dict__, "pruned": 9 * memory.GB, "largest_tensor": 0})
+    memory.check_export(big, "int8", None, 0, one_file=False)  # 2.6 GB of int8 weights in external data: no limit
+    with pytest.raises(ConfigError, match=r"the export would need ~2.0\d GB \(the int4 weights 1.4\d GB held by the "
+                                          r"quantizer \+ working set\), more than --max-memory 1.5 GB"):
+        memory.check_export(big, "int4", 1.5, 0, one_file=False)
+
+    def boom(*a, **k):
+        raise AssertionError("pruned")
+
+    monkeypatch.setattr(onnx_export, "LARGE_BYTES", 0)
+    monkeypatch.setattr(memory, "PRECISION_SHARE", {"int8": 1e6, "int4": 1e6})  # weights far over the cap
+    monkeypatch.setattr(pipeline, "prune", boom)
+    res = cli(["build", "--generate", "--model", str(lm_dirs["mixtral"]), "--layerwise", "--max-memory", "1",
+               "--out", str(tmp_path / "art")], code=2)
+    assert "the export would need" in res.output and not (tmp_path / "art").exists()

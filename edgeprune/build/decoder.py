@@ -97,6 +97,20 @@ def _export(tmp: Path, pruned_dir: Path, spec, prompts: list[str], calibration: 
     (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
 
 
+def _export_fits(original_dir: Path, cfg: BuildConfig) -> None:
+    """Refuse up front a layer-wise build whose export cannot fit ``--max-memory``: the quantizer holds the largest
+    variant's weights (:func:`edgeprune.scale.memory.check_export`)."""
+    from edgeprune.export.onnx_export import LARGE_BYTES
+    from edgeprune.scale import memory
+
+    p, spec = cfg.prune, cfg.target.generate
+    est = memory.estimate(original_dir, p.experts, cfg.task.max_length, p.calibration_examples)
+    quantized = [x for x in spec.precisions() if x != "fp32"]  # (the fp32 graph is written one weight at a time)
+    if quantized:
+        heaviest = max(quantized, key=lambda x: memory.PRECISION_SHARE[x])
+        memory.check_export(est, heaviest, p.max_memory_gb, LARGE_BYTES, one_file=False)
+
+
 class DecoderBuild:
     """The decoder's stages for :func:`edgeprune.build.spine.run`."""
 
@@ -121,6 +135,8 @@ class DecoderBuild:
         layerwise, _, why = memory_path(original_dir, cfg.task, cfg.prune)
         if layerwise:
             log(f"original: {why}; validated one layer at a time")
+        if layerwise:
+            _export_fits(original_dir, cfg)
         original = (skeleton(original_dir, cfg.prune.dtype, lm=True) if layerwise
                     else load_language_model(original_dir, cfg.prune.dtype))
         check_model(original, family_of(original), cfg.task, cfg.prune, labels=False)

@@ -103,11 +103,14 @@ def estimate(model_dir: str | Path, experts: Optional[int], max_length: int, exa
 
 
 #: bytes of the artifact per fp32 byte of the pruned model, by the target's precision
-PRECISION_SHARE = {"fp32": 1.0, "fp16": 0.5, "int8-dynamic": 0.25, "int8-static": 0.25}
+# the bytes of a weight at a precision against fp32; the decoders' weight-only int8 / int4 carry one fp32 scale and
+# one zero point per block of 32 (the most a target profile uses for them: blocks of 32)
+PRECISION_SHARE = {"fp32": 1.0, "fp16": 0.5, "int8-dynamic": 0.25, "int8-static": 0.25, "int8": 0.29, "int4": 0.165}
 ONNX_FILE_LIMIT = 2 ** 31 - 1  # one serialised ONNX graph
 
 
-def check_export(est: MemoryEstimate, precision: str, max_memory_gb: Optional[float], large_bytes: int) -> None:
+def check_export(est: MemoryEstimate, precision: str, max_memory_gb: Optional[float], large_bytes: int,
+                 one_file: bool = True) -> None:
     """Refuse, before anything is pruned, a build whose export cannot succeed: an artifact over ONNX's 2 GB
     single-file limit, or (a pruned model above ``large_bytes``, exported one weight at a time:
     :mod:`edgeprune.export.large`) an export stage above ``--max-memory``. That stage's peak is the larger of the
@@ -115,10 +118,12 @@ def check_export(est: MemoryEstimate, precision: str, max_memory_gb: Optional[fl
     the quantized weights until it writes them (``Q``, the pruned model at the precision's share) beside a few
     weights in fp32 (``3 x`` the largest tensor): 1.03 GiB (0.38 of it the process before) for ``Q`` = 0.45 GiB,
     on the k = 2 graph of ``scripts/scale_build.py`` in a one-off probe; the whole build's export stage peaked at
-    2.05 GiB there (``results/scale_build.md``), under the layer-wise term's bound."""
+    2.05 GiB there (``results/scale_build.md``), under the layer-wise term's bound. A decoder's large variants keep
+    their weights in external data (not ``one_file``): no file limit, the same memory term
+    (:mod:`edgeprune.export.lm_large`)."""
     share = PRECISION_SHARE.get(precision, 1.0)
     artifact = int(est.pruned * share)
-    if artifact > ONNX_FILE_LIMIT:
+    if one_file and artifact > ONNX_FILE_LIMIT:
         raise ConfigError(f"the {precision} artifact would be ~{artifact / GB:.2f} GB ({est.pruned / GB:.2f} GB of "
                           "pruned weights), over ONNX's 2 GB limit for one file; keep fewer experts (--experts) or "
                           "choose a lower-precision target")
