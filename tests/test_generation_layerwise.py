@@ -99,13 +99,13 @@ def test_the_layerwise_reference_is_the_in_memory_one(lm_dirs):
     task, d, cfg = get_task("sst2"), lm_dirs["mixtral"], _cfg(True)
     enc = lm_examples(d, task, DataSpec(), cfg, "validation", 12)
     labels = verbaliser_ids(d, task, cfg, DataSpec())
-    lw = LayerwiseReference(d, enc, labels, progress=False, batch_size=5)
+    lw = LayerwiseReference(d, enc, labels, greedy_prompts=4, new_tokens=6, eos=frozenset({2}), progress=False,
+                            batch_size=5)
     mem = InMemoryReference(AutoModelForCausalLM.from_pretrained(d).eval())
     for i in range(len(enc)):
         for a, b in zip(lw.row(enc, i, labels), mem.row(enc, i, labels)):
             assert np.abs(np.asarray(a, float) - np.asarray(b, float)).max() < 1e-5
     prompts = [enc.prompt_ids(i) for i in range(4)]
-    lw.prepare_greedy(prompts, 6, {2})
     assert all(lw.greedy(p, 6, {2}) == mem.greedy(p, 6, {2}) for p in prompts)
 
 

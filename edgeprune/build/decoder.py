@@ -97,6 +97,9 @@ def _export(tmp: Path, pruned_dir: Path, spec, prompts: list[str], calibration: 
     (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
 
 
+GREEDY_PROMPTS = 16  # validation prompts whose greedy continuations are compared with the original's
+
+
 def _export_fits(original_dir: Path, cfg: BuildConfig) -> None:
     """Refuse up front a layer-wise build whose export cannot fit ``--max-memory``: the quantizer holds the largest
     variant's weights (:func:`edgeprune.scale.memory.check_export`)."""
@@ -174,11 +177,13 @@ class DecoderBuild:
         where = "one layer at a time from its checkpoint" if prep.extra["layerwise"] else "in PyTorch"
         log(f"validate: {len(val)} validation examples; the original {where} and {', '.join(measured)} in ONNX "
             f"Runtime, {t.runtime.threads} thread(s)")
+        # the layer-wise reference first: no graph's weights beside the original's layers
+        original = (LayerwiseReference(prep.original_dir, val, prep.extra["label_ids"], GREEDY_PROMPTS,
+                                       spec.new_tokens, frozenset(export_info["eos_token_ids"]))
+                    if prep.extra["layerwise"] else prep.original)
         graphs = {p: EdgeLM(export_dir, threads=t.runtime.threads, model_file=FILES[p]) for p in measured}
-        original = (LayerwiseReference(prep.original_dir, val, prep.extra["label_ids"]) if prep.extra["layerwise"]
-                    else prep.original)
-        v = evaluate(original, graphs, val, prep.extra["label_ids"], new_tokens=spec.new_tokens,
-                     threads=t.runtime.threads)
+        v = evaluate(original, graphs, val, prep.extra["label_ids"], greedy_prompts=GREEDY_PROMPTS,
+                     new_tokens=spec.new_tokens, threads=t.runtime.threads)
         v["models"]["artifact"] = art = v["models"][spec.weights]
         if spec.weights != "fp32" and "fp32" in v["models"]:
             v["quantization_perplexity_ratio"] = round(art["perplexity"] / v["models"]["fp32"]["perplexity"], 4)

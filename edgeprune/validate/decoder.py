@@ -102,8 +102,6 @@ def _greedy(ref, artifacts: dict, enc, n: int, new_tokens: int, acc: dict) -> in
     """Greedy continuations of the first ``n`` prompts against the original's: exact and common-prefix share."""
     eos = next(iter(artifacts.values())).eos if artifacts else set()
     prompts = [enc.prompt_ids(i) for i in range(n)]
-    if hasattr(ref, "prepare_greedy"):
-        ref.prepare_greedy(prompts, new_tokens, eos)
     for prompt in prompts:
         want = ref.greedy(prompt, new_tokens, eos)
         for name, lm in artifacts.items():

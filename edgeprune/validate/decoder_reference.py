@@ -57,12 +57,14 @@ class InMemoryReference:
 
 
 class LayerwiseReference:
-    """The original's figures computed from its checkpoint one layer at a time (see the module docstring): the
-    rows of every example of ``enc`` at once, the greedy continuations when first asked for (all prompts batched)."""
+    """The original's figures computed from its checkpoint one layer at a time (see the module docstring), all of
+    them here, before any graph is loaded beside them: the rows of every example of ``enc`` and the greedy
+    continuations of its first ``greedy_prompts`` prompts (``new_tokens`` each, stopping at ``eos``; all batched)."""
 
     speed = False  # never run whole: no time to first token or decode rate
 
-    def __init__(self, model_dir: str | Path, enc, label_ids, progress: bool = True, batch_size: int = 16):
+    def __init__(self, model_dir: str | Path, enc, label_ids, greedy_prompts: int = 0, new_tokens: int = 0,
+                 eos: frozenset = frozenset(), progress: bool = True, batch_size: int = 16):
         from edgeprune.pruning.layerwise import logits_layerwise
 
         self.model_dir, self.pad = Path(model_dir), enc.pad_id
@@ -70,6 +72,9 @@ class LayerwiseReference:
             model_dir, enc.as_encoded(), batch_size=batch_size, progress=progress, lm=True,
             reduce=lambda z, i: row_of(z, enc.input_ids[i], enc.starts[i], label_ids))
         self._greedy: dict[tuple, list[int]] = {}
+        n = min(greedy_prompts, len(enc))
+        if n and new_tokens:
+            self.prepare_greedy([enc.prompt_ids(i) for i in range(n)], new_tokens, set(eos))
 
     def row(self, enc, i: int, label_ids) -> tuple:
         return self.rows[i]
@@ -92,4 +97,7 @@ class LayerwiseReference:
             self._greedy[tuple(p)] = s[len(p):]
 
     def greedy(self, prompt: list[int], new_tokens: int, eos: set) -> list[int]:
+        if tuple(prompt) not in self._greedy:
+            raise ValueError("LayerwiseReference: greedy continuations are computed at construction "
+                             "(greedy_prompts, new_tokens); this prompt was not among them")
         return self._greedy[tuple(prompt)]
