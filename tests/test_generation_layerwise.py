@@ -117,7 +117,7 @@ def test_build_generate_of_a_checkpoint_that_does_not_fit(lm_dirs, tmp_path, cac
     from edgeprune.export import onnx_export
     from tests.test_generation_build import build, gen_targets
 
-    gen_targets(tmp_path, monkeypatch)
+    gen_targets(tmp_path, monkeypatch, min_decode_speedup=1000.0)  # relative to a speed that is not measured
     monkeypatch.setattr(onnx_export, "LARGE_BYTES", 0)
     out = tmp_path / "art"
     res = build(lm_dirs["mixtral"], out, "--layerwise", "--experts", "2", "--recovery-steps", "0")
@@ -130,6 +130,7 @@ def test_build_generate_of_a_checkpoint_that_does_not_fit(lm_dirs, tmp_path, cac
     assert "fp32" not in v["models"] and "not measured" in v["original_speed"]
     assert 0 <= v["models"]["artifact"]["next_token_agreement"] <= 1 and report["violations"] == []
     assert "Original: not measured" in (out / "report.md").read_text()
+    assert "min_decode_speedup not checked" in res.output and "is not checked" in v["original_speed"]
 
 
 def test_a_layerwise_decoder_export_that_cannot_fit_is_refused_before_pruning(lm_dirs, tmp_path, monkeypatch):

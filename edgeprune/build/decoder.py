@@ -185,6 +185,9 @@ class DecoderBuild:
         v = evaluate(original, graphs, val, prep.extra["label_ids"], greedy_prompts=GREEDY_PROMPTS,
                      new_tokens=spec.new_tokens, threads=t.runtime.threads)
         v["models"]["artifact"] = art = v["models"][spec.weights]
+        if "original_speed" in v and spec.min_decode_speedup is not None:
+            v["original_speed"] += f"; the budget min_decode_speedup = {spec.min_decode_speedup} is not checked"
+            log(f"budgets: min_decode_speedup not checked ({v['original_speed']})")
         if spec.weights != "fp32" and "fp32" in v["models"]:
             v["quantization_perplexity_ratio"] = round(art["perplexity"] / v["models"]["fp32"]["perplexity"], 4)
         if "label_accuracy" in art:
