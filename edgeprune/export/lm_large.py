@@ -73,7 +73,7 @@ def export_lazy(model_dir: Path, out_dir: Path) -> str:
         moe = bool(adapter.blocks(model))
     except ModelError:
         adapter, moe = None, False
-    wrapper = WithPast(model)
+    wrapper = WithPast(model).eval()
     constants = {n: b for n, b in wrapper.named_buffers() if not b.is_meta}
     wrapper = wrapper.to("meta")
     patch = adapter.export_patch(model) if moe else contextlib.nullcontext()
