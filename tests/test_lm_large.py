@@ -59,6 +59,7 @@ def test_the_lazily_written_graph_generates_as_pytorch_does(k, pruned, tmp_path)
         assert np.abs(lm.logits(ids) - z).max() < 1e-4
     info = parity_lazy(pruned[k], tmp_path, PROMPTS, 6, 1e-4)
     assert info["greedy_equal"] and info["max_abs_logit_diff"] < 1e-4
+    assert info["tokens"] == [list(lm.tokens(p, 6)) for p in PROMPTS]  # the fp32 graph's own greedy tokens
     with pytest.raises(ExportError, match="parity: ONNX Runtime's greedy continuation"):
         parity_lazy(pruned[3 - k], tmp_path, PROMPTS, 2, 1e-4)  # against another model: the gate fails
 
@@ -73,6 +74,12 @@ def test_the_lazy_int4_variant_is_the_in_memory_quantizers_graph(pruned, tmp_pat
     write_decoder(None, pruned[2], tmp_path, exporter="lazy")
     info = quantize_lazy(tmp_path, "int4", "model_lazy_q4.onnx", block=32)
     assert info["bits"] == 4
+    from edgeprune.export.lm_export import greedy_agreement
+    from edgeprune.export.lm_large import parity_lazy, variant_agreement
+
+    parity = parity_lazy(pruned[2], tmp_path, PROMPTS, 4, 1e-4)
+    assert variant_agreement(tmp_path, "onnx/model_lazy_q4.onnx", PROMPTS, parity) == \
+        greedy_agreement(tmp_path, "onnx/model_lazy_q4.onnx", PROMPTS, 4)
     weight_variant(tmp_path, "int4", PROMPTS, 4, block=32)  # the in-memory quantizer, from the same fp32 graph
     lazy = onnx.load(str(tmp_path / "onnx" / "model_lazy_q4.onnx"))  # its weights in model_lazy_q4.onnx.data
     mem = onnx.load(str(tmp_path / FILES["int4"]))

@@ -42,7 +42,7 @@ def is_large(pruned_dir: Path) -> bool:
 
 def _export_large(tmp: Path, pruned_dir: Path, spec, prompts: list[str], _calibration) -> None:
     from edgeprune.export.lm_export import write_decoder
-    from edgeprune.export.lm_large import parity_lazy, quantize_lazy
+    from edgeprune.export.lm_large import parity_lazy, quantize_lazy, variant_agreement
     from edgeprune.export.quantize import size_mb
 
     log("export: the pruned model exceeds the in-memory export's share: ONNX with a KV cache from its skeleton on the "
@@ -60,7 +60,8 @@ def _export_large(tmp: Path, pruned_dir: Path, spec, prompts: list[str], _calibr
         name = FILES[precision]
         v = quantize_lazy(tmp, precision, Path(name).name, spec.block_size, spec.accuracy_level, spec.symmetric,
                           spec.embedding_weights)
-        manifest["variants"][precision] = {**v, "model_file": name, "size_mb": size_mb(tmp / name)}
+        manifest["variants"][precision] = {**v, "model_file": name, "size_mb": size_mb(tmp / name),
+                                           **variant_agreement(tmp, name, prompts, manifest["parity"])}
     manifest["large"] = True
     (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
 

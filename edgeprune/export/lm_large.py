@@ -195,7 +195,7 @@ def parity_lazy(model_dir: Path, out: Path, prompts: Sequence[str], max_new_toke
     segs = Segments(out / "onnx" / "model.onnx")
     past = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in segs.model.graph.input
             if i.name.startswith("past_key_values.")}
-    worst, done = 0.0, [False] * len(seqs)
+    worst, done, starts = 0.0, [False] * len(seqs), [len(q) for q in seqs]
     for _step in range(max_new_tokens):
         ort_z = onnx_step_logits(segs, seqs, pad, past, threads)
         ref_z = torch_step_logits(model_dir, seqs, pad)
@@ -216,4 +216,19 @@ def parity_lazy(model_dir: Path, out: Path, prompts: Sequence[str], max_new_toke
             break
     return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "greedy_equal": True,
             "max_abs_logit_diff": worst, "atol": atol, "how": "whole-sequence recomputation at each step: ONNX "
-            "Runtime in layer segments, PyTorch one layer at a time"}
+            "Runtime in layer segments, PyTorch one layer at a time",
+            "tokens": [q[n:] for q, n in zip(seqs, starts)]}
+
+
+def variant_agreement(out: Path, file: str, prompts: Sequence[str], parity: dict) -> dict:
+    """The share of the variant ``file``'s greedy tokens equal to the fp32 graph's (which the parity gate found equal
+    to PyTorch's: ``parity["tokens"]``), as :func:`~edgeprune.export.lm_export.greedy_agreement` measures it,
+    without a session of the fp32 graph."""
+    from edgeprune.runtime.decoder import EdgeLM
+
+    lm, same, total = EdgeLM(out, model_file=file), 0, 0
+    for prompt, want in zip(prompts, parity["tokens"]):
+        got = list(lm.tokens(prompt, parity["max_new_tokens"]))
+        same += sum(x == y for x, y in zip(got, want))
+        total += max(len(got), len(want))
+    return {"greedy_token_agreement_with_fp32": round(same / max(1, total), 4)}

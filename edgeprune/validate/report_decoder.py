@@ -26,8 +26,11 @@ def report_markdown(r: dict) -> str:
              f"{r['prune'].get('recovery', {}).get('steps', 0)} steps.", "",
              f"Validation: {v['examples']} examples ({v['completion_tokens']} completion tokens), greedy agreement on "
              f"{v['greedy_prompts']} prompts x {v['new_tokens']} tokens, speed at batch 1, {v['threads']} thread(s), "
-             f"{v['speed_prompt_tokens']}-token prompt (the original in PyTorch with its cache, the graphs in ONNX "
-             "Runtime with theirs; the build host is a proxy for the device).", "", *_table(v, sizes), "",
+             f"{v['speed_prompt_tokens']}-token prompt (" + ("the original computed one layer at a time from its "
+                                                               "checkpoint, not timed" if "original_speed" in v
+                                                               else "the original in PyTorch with its cache")
+             + ", the graphs in ONNX Runtime with theirs; the build host is a proxy for the device).", "",
+             *_table(v, sizes), "",
              f"Parity (fp32 graph vs PyTorch): greedy tokens equal on {r['export']['parity']['prompts']} prompts, "
              f"{'logits' if 'how' in r['export']['parity'] else 'first-step logits'} within "
              f"{r['export']['parity']['max_abs_logit_diff']:.2e} (tolerance {r['export']['parity']['atol']}"
