@@ -139,7 +139,6 @@ class DecoderBuild:
         layerwise, _, why = memory_path(original_dir, cfg.task, cfg.prune)
         if layerwise:
             log(f"original: {why}; validated one layer at a time")
-        if layerwise:
             _export_fits(original_dir, cfg)
         original = (skeleton(original_dir, cfg.prune.dtype, lm=True) if layerwise
                     else load_language_model(original_dir, cfg.prune.dtype))

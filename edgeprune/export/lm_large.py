@@ -76,9 +76,8 @@ def export_lazy(model_dir: Path, out_dir: Path) -> str:
     wrapper = WithPast(model).eval()
     constants = {n: b for n, b in wrapper.named_buffers() if not b.is_meta}
     wrapper = wrapper.to("meta")
-    patch = adapter.export_patch(model) if moe else contextlib.nullcontext()
-    with patch:  # (the MoE forward of transformers 5 runs grouped_mm, which the meta device takes in bf16 only)
-        shapes = _cache_shapes(model)
+    with (adapter.export_patch(model) if moe else contextlib.nullcontext()):  # (the MoE forward of transformers 5
+        shapes = _cache_shapes(model)  # runs grouped_mm, which the meta device takes in bf16 only)
     b, s, p = 1, 3, 2
     feeds = (torch.ones(b, s, dtype=torch.long), torch.ones(b, s + p, dtype=torch.long),
              torch.arange(p, p + s, dtype=torch.long)[None])
@@ -180,6 +179,26 @@ def torch_step_logits(model_dir: Path, seqs: Sequence[Sequence[int]], pad: int) 
     return out
 
 
+def greedy_layerwise(model_dir: Path, prompts: Sequence[Sequence[int]], pad: int, new_tokens: int, eos: set,
+                     check=None) -> list[list[int]]:
+    """The greedy continuations of ``prompts`` (token ids, all batched) by ``model_dir``'s causal LM, ``new_tokens``
+    whole-sequence steps one layer at a time, each stopping after an ``eos`` token; ``check(step, sequences,
+    logits)`` sees every step's logits before the next tokens are appended."""
+    seqs, done = [list(q) for q in prompts], [False] * len(prompts)
+    for step in range(new_tokens):
+        z = torch_step_logits(model_dir, seqs, pad)
+        if check is not None:
+            check(step, seqs, z)
+        for r, q in enumerate(seqs):
+            if not done[r]:
+                tok = int(z[r, len(q) - 1].argmax())
+                q.append(tok)
+                done[r] = tok in eos
+        if all(done):
+            break
+    return [q[len(p):] for q, p in zip(seqs, prompts)]
+
+
 def parity_lazy(model_dir: Path, out: Path, prompts: Sequence[str], max_new_tokens: int, atol: float,
                 threads: int = 2) -> dict:
     """The large graph's parity gate (see the module docstring); else :class:`ExportError`."""
@@ -195,29 +214,23 @@ def parity_lazy(model_dir: Path, out: Path, prompts: Sequence[str], max_new_toke
     segs = Segments(out / "onnx" / "model.onnx")
     past = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in segs.model.graph.input
             if i.name.startswith("past_key_values.")}
-    worst, done, starts = 0.0, [False] * len(seqs), [len(q) for q in seqs]
-    for _step in range(max_new_tokens):
-        ort_z = onnx_step_logits(segs, seqs, pad, past, threads)
-        ref_z = torch_step_logits(model_dir, seqs, pad)
-        for r, s in enumerate(seqs):
-            n = len(s)
-            worst = max(worst, float(np.abs(ort_z[r, :n] - ref_z[r, :n]).max()))
+    worst = [0.0]
+
+    def check(step: int, now: list[list[int]], ref_z: np.ndarray) -> None:
+        ort_z = onnx_step_logits(segs, now, pad, past, threads)
+        for r, q in enumerate(now):
+            n = len(q)
+            worst[0] = max(worst[0], float(np.abs(ort_z[r, :n] - ref_z[r, :n]).max()))
             a, b = int(ort_z[r, n - 1].argmax()), int(ref_z[r, n - 1].argmax())
-            if a != b or worst > atol:
+            if a != b or worst[0] > atol:
                 raise ExportError(f"parity: ONNX Runtime's greedy continuation of {prompts[r][:60]!r} differs from "
-                                  f"PyTorch's ({a} vs {b} at step {_step}; logits differ by {worst:.2e}, tolerance "
+                                  f"PyTorch's ({a} vs {b} at step {step}; logits differ by {worst[0]:.2e}, tolerance "
                                   f"{atol})")
-        for r in range(len(seqs)):
-            if not done[r]:
-                nxt = int(ref_z[r, len(seqs[r]) - 1].argmax())
-                seqs[r].append(nxt)
-                done[r] = nxt in eos
-        if all(done):
-            break
+
+    tokens = greedy_layerwise(model_dir, seqs, pad, max_new_tokens, eos, check)
     return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "greedy_equal": True,
-            "max_abs_logit_diff": worst, "atol": atol, "how": "whole-sequence recomputation at each step: ONNX "
-            "Runtime in layer segments, PyTorch one layer at a time",
-            "tokens": [q[n:] for q, n in zip(seqs, starts)]}
+            "max_abs_logit_diff": worst[0], "atol": atol, "how": "whole-sequence recomputation at each step: ONNX "
+            "Runtime in layer segments, PyTorch one layer at a time", "tokens": tokens}
 
 
 def variant_agreement(out: Path, file: str, prompts: Sequence[str], parity: dict) -> dict:

@@ -195,16 +195,11 @@ def _prune_streamed(original_dir, task, data, cfg: PruneConfig, plan, progress, 
     from edgeprune.models.checkpoint import load_checked, read_config, torch_dtype
     from edgeprune.models.registry import class_for
 
-    if plan is None and cfg.progressive:
-        raise ConfigError(f"{cfg.method} fine-tunes the whole original while dropping experts, which needs it in "
-                          "memory; use a one-shot method (reap, frequency, ...) for a checkpoint this large")
+    _refuse_progressive(cfg, plan)
     tok = load_tokenizer(original_dir)
     tok_json = _wordpiece_json(original_dir, cfg)
     t0 = time.perf_counter()
-    if plan is None:
-        plan = score(original_dir, task, data, cfg, progress=progress, info=info, release=False)
-    else:
-        info["calibration"] = {"path": "layer-wise", "why": "plan given: no calibration"}
+    plan = _layerwise_plan(original_dir, task, data, cfg, plan, progress, info)
     raw = read_config(original_dir)
     streamed = _stream(original_dir, plan, cfg, task, progress)
     if _nothing_after_plan(cfg, plan):  # the streamed checkpoint is the result: never loaded as a whole
@@ -221,6 +216,20 @@ def _prune_streamed(original_dir, task, data, cfg: PruneConfig, plan, progress, 
     info["teacher"] = "none: the original is not loaded on the layer-wise path (recovery on labels only)"
     return _after_plan(pruned, None, family_of(original_dir), plan, task, data, cfg, tok, tok_json, train_enc,
                        info, t0, progress)
+
+
+def _refuse_progressive(cfg: PruneConfig, plan) -> None:
+    if plan is None and cfg.progressive:
+        raise ConfigError(f"{cfg.method} fine-tunes the whole original while dropping experts, which needs it in "
+                          "memory; use a one-shot method (reap, frequency, ...) for a checkpoint this large")
+
+
+def _layerwise_plan(original_dir, task, data, cfg: PruneConfig, plan, progress, info):
+    """The plan given, or made by the layer-wise calibration (recorded in ``info`` either way)."""
+    if plan is None:
+        return score(original_dir, task, data, cfg, progress=progress, info=info, release=False)
+    info["calibration"] = {"path": "layer-wise", "why": "plan given: no calibration"}
+    return plan
 
 
 def _stream(original_dir, plan, cfg: PruneConfig, task, progress, lm: bool = False):
@@ -280,14 +289,9 @@ def _prune_language_model_streamed(original_dir, task, data, cfg: PruneConfig, p
     from edgeprune.pruning.distill import distill
     from transformers import AutoModelForCausalLM
 
-    if plan is None and cfg.progressive:
-        raise ConfigError(f"{cfg.method} fine-tunes the whole original while dropping experts, which needs it in "
-                          "memory; use a one-shot method (reap, frequency, ...) for a checkpoint this large")
+    _refuse_progressive(cfg, plan)
     t0 = time.perf_counter()
-    if plan is None:
-        plan = score(original_dir, task, data, cfg, progress=progress, info=info, release=False)
-    else:
-        info["calibration"] = {"path": "layer-wise", "why": "plan given: no calibration"}
+    plan = _layerwise_plan(original_dir, task, data, cfg, plan, progress, info)
     streamed = _stream(original_dir, plan, cfg, task, progress, lm=True)
     info["score_and_apply_seconds"] = round(time.perf_counter() - t0, 1)
     info["generate"] = {"class": read_config(streamed.dir)["architectures"][0],

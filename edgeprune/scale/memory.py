@@ -102,9 +102,8 @@ def estimate(model_dir: str | Path, experts: Optional[int], max_length: int, exa
         largest_tensor=max((i.nbytes for i in ckpt.info.values()), default=0), stage=stage)
 
 
-#: bytes of the artifact per fp32 byte of the pruned model, by the target's precision
-# the bytes of a weight at a precision against fp32; the decoders' weight-only int8 / int4 carry one fp32 scale and
-# one zero point per block of 32 (the most a target profile uses for them: blocks of 32)
+#: bytes of the artifact per fp32 byte of the pruned model, by the target's precision (the decoders' weight-only
+#: int8 / int4 with one fp32 scale and one zero point per block of 32, the smallest block a profile uses for them)
 PRECISION_SHARE = {"fp32": 1.0, "fp16": 0.5, "int8-dynamic": 0.25, "int8-static": 0.25, "int8": 0.29, "int4": 0.165}
 ONNX_FILE_LIMIT = 2 ** 31 - 1  # one serialised ONNX graph
 

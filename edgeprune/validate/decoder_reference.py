@@ -81,20 +81,10 @@ class LayerwiseReference:
 
     def prepare_greedy(self, prompts: list[list[int]], new_tokens: int, eos: set) -> None:
         """The greedy continuations of ``prompts``, ``new_tokens`` whole-sequence steps, every prompt batched."""
-        from edgeprune.export.lm_large import torch_step_logits
+        from edgeprune.export.lm_large import greedy_layerwise
 
-        seqs, done = [list(p) for p in prompts], [False] * len(prompts)
-        for _ in range(new_tokens):
-            z = torch_step_logits(self.model_dir, seqs, self.pad)
-            for r, s in enumerate(seqs):
-                if not done[r]:
-                    tok = int(z[r, len(s) - 1].argmax())
-                    s.append(tok)
-                    done[r] = tok in eos
-            if all(done):
-                break
-        for p, s in zip(prompts, seqs):
-            self._greedy[tuple(p)] = s[len(p):]
+        for p, tokens in zip(prompts, greedy_layerwise(self.model_dir, prompts, self.pad, new_tokens, eos)):
+            self._greedy[tuple(p)] = tokens
 
     def greedy(self, prompt: list[int], new_tokens: int, eos: set) -> list[int]:
         if tuple(prompt) not in self._greedy:
