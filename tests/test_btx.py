@@ -184,3 +184,40 @@ def test_build_recipe_btx_with_a_model_is_one_line(tmp_path, cache):
     res = CliRunner().invoke(main, ["build", "--task", "sst2", "--recipe", "btx", "--model", str(tmp_path / "m"),
                                     "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--recipe picks the default original; with --model DIR drop it" in res.output
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_an_interrupted_btx_build_goes_on_at_its_next_stage_and_equals_the_whole_run(dense_dir, tmp_path,
+                                                                                      monkeypatch, drop):
+    from safetensors.torch import load_file
+
+    import edgeprune.originals.btx as btx
+
+    recipe = BtxRecipe(domains=("seed", "movies", "sports", "world"), head_steps=2, branch_steps=2, mix_steps=2,
+                       texts_per_domain=200, held_texts=20, chunk=16, batch_size=4, drop_fraction=drop)
+    build_btx(dense_dir, tmp_path / "whole", recipe, progress=False)
+    real, calls = btx.mlm_train, []
+
+    def dies_on_the_third_branch(*args, **kwargs):
+        calls.append(args[5])
+        if "3/4" in args[5]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    kept = tmp_path / "kept"
+    monkeypatch.setattr(btx, "mlm_train", dies_on_the_third_branch)
+    with pytest.raises(KeyboardInterrupt):
+        build_btx(dense_dir, tmp_path / "first", recipe, progress=False, resume_dir=kept)
+    assert sorted(p.name for p in kept.glob("*.safetensors")) == ["branch-movies.safetensors", "head.safetensors"]
+    calls.clear()
+    monkeypatch.setattr(btx, "mlm_train", lambda *a, **k: (calls.append(a[5]), real(*a, **k))[1])
+    record = build_btx(dense_dir, tmp_path / "resumed", recipe, progress=False, resume_dir=kept)
+    assert calls == ["btx: branch 3/4 (sports)", "btx: branch 4/4 (world)", "btx: router + MoE on the mixture"]
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # bit for bit
+    assert set(record["stages"]) == {"head", "branch movies", "branch sports", "branch world", "router"}
+    other = replace(recipe, branch_steps=3)  # a kept stage of another recipe is not used
+    calls.clear()
+    build_btx(dense_dir, tmp_path / "other", other, progress=False, resume_dir=kept)
+    assert calls[0] == "btx: masked-LM head on the seed"

@@ -197,14 +197,59 @@ def domain_chunks(recipe: BtxRecipe, tok, train: bool = True) -> tuple[list[list
     return train_chunks, held_chunks
 
 
-def build_btx(dense_dir: Path, out_dir: Path, recipe: BtxRecipe, progress: bool = True) -> dict:
-    """Branch, mix and train the router (module docstring); writes the BERT-MoE and its record to ``out_dir``."""
+def _trained_head(lm: "MaskedLM", mixture, tok, recipe: BtxRecipe, stages, record: dict, progress: bool) -> None:
+    """Stage 0: the masked-LM head on the frozen seed (or the kept one)."""
+    kept = stages.load("head")
+    if kept is not None:
+        lm.head.load_state_dict(kept[0])
+        record["stages"]["head"] = kept[1]
+        return
+    record["stages"]["head"] = mlm_train(lm, MaskedBatches(mixture, tok, recipe.batch_size, recipe.seed),
+                                         recipe.head_steps, 1e-3, 1e-3, "btx: masked-LM head on the seed",
+                                         only_head=True, progress=progress)
+    stages.save("head", lm.head.state_dict(), record["stages"]["head"])
+
+
+def _trained_branches(seed_body, head, train_chunks, tok, recipe: BtxRecipe, moe_layers, stages, record: dict,
+                      progress: bool) -> tuple[list, list]:
+    """Stage 1: one copy of the seed (body and head) per domain, trained on its text; kept branches are loaded."""
+    bodies, heads = [], []
+    for i, name in enumerate(recipe.domains):
+        body, bhead = copy.deepcopy(seed_body), copy.deepcopy(head)
+        if train_chunks[i]:
+            if recipe.drop_fraction > 0:
+                _drop_units(body, moe_layers, recipe.drop_fraction, stages.gen)
+            kept = stages.load(f"branch {name}")
+            if kept is not None:
+                MaskedLM(body, bhead).load_state_dict(kept[0])
+                record["stages"][f"branch {name}"] = kept[1]
+            else:
+                branch = MaskedLM(body, bhead)
+                record["stages"][f"branch {name}"] = mlm_train(
+                    branch, MaskedBatches(train_chunks[i], tok, recipe.batch_size, recipe.seed + i),
+                    recipe.branch_steps, recipe.learning_rate, recipe.router_learning_rate,
+                    f"btx: branch {i + 1}/{len(recipe.domains)} ({name})", progress=progress)
+                stages.save(f"branch {name}", branch.state_dict(), record["stages"][f"branch {name}"])
+        bodies.append(body)
+        heads.append(bhead)
+    return bodies, heads
+
+
+def build_btx(dense_dir: Path, out_dir: Path, recipe: BtxRecipe, progress: bool = True,
+              resume_dir: Optional[Path] = None) -> dict:
+    """Branch, mix and train the router (module docstring); writes the BERT-MoE and its record to ``out_dir``.
+    With ``resume_dir`` every finished stage is kept there and a rerun goes on from the next one
+    (:mod:`edgeprune.originals.btx_stages`)."""
     from transformers import AutoModel
 
+    from edgeprune.models.bert_moe import BertMoeConfig
     from edgeprune.models.tokenizer import copy_tokenizer, load_tokenizer
+    from edgeprune.originals.btx_stages import BtxStages
     from edgeprune.originals.specialisation import specialisation, usage_by_domain
 
     torch.manual_seed(recipe.seed)
+    stages = BtxStages(resume_dir, {"recipe": recipe.to_dict(), "dense": str(dense_dir)},
+                       torch.Generator().manual_seed(recipe.seed))
     tok = load_tokenizer(dense_dir)
     train_chunks, held_chunks = domain_chunks(recipe, tok)
     mixture = [c for cs in train_chunks for c in cs]
@@ -212,26 +257,10 @@ def build_btx(dense_dir: Path, out_dir: Path, recipe: BtxRecipe, progress: bool 
                     "chunks": {n: len(c) for n, c in zip(recipe.domains, train_chunks)}, "stages": {}}
     seed_body = AutoModel.from_pretrained(dense_dir, add_pooling_layer=True).eval()
     lm = MaskedLM(seed_body)
-    record["stages"]["head"] = mlm_train(lm, MaskedBatches(mixture, tok, recipe.batch_size, recipe.seed),
-                                         recipe.head_steps, 1e-3, 1e-3, "btx: masked-LM head on the seed",
-                                         only_head=True, progress=progress)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    bodies, heads = [], []
-    from edgeprune.models.bert_moe import BertMoeConfig
-
+    _trained_head(lm, mixture, tok, recipe, stages, record, progress)
     moe_layers = BertMoeConfig(num_hidden_layers=seed_body.config.num_hidden_layers).moe_layers
-    for i, name in enumerate(recipe.domains):
-        body, head = copy.deepcopy(seed_body), copy.deepcopy(lm.head)
-        if train_chunks[i]:
-            if recipe.drop_fraction > 0:
-                _drop_units(body, moe_layers, recipe.drop_fraction, gen)
-            branch = MaskedLM(body, head)
-            record["stages"][f"branch {name}"] = mlm_train(
-                branch, MaskedBatches(train_chunks[i], tok, recipe.batch_size, recipe.seed + i),
-                recipe.branch_steps, recipe.learning_rate, recipe.router_learning_rate,
-                f"btx: branch {i + 1}/{len(recipe.domains)} ({name})", progress=progress)
-        bodies.append(body)
-        heads.append(head)
+    bodies, heads = _trained_branches(seed_body, lm.head, train_chunks, tok, recipe, moe_layers, stages, record,
+                                      progress)
     moe = mix(seed_body, bodies, moe_layers)
     head = copy.deepcopy(heads[0])
     head.load_state_dict({k: torch.stack([h.state_dict()[k].float() for h in heads]).mean(0)

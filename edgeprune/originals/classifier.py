@@ -13,6 +13,7 @@ Each checkpoint directory holds config.json, model.safetensors, tokenizer.json a
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,9 +121,11 @@ def ensure_pretrained(spec: OriginalSpec, progress: bool = True) -> Path:
             print(f"[edgeprune] Branch-Train-MiX: {len(spec.btx.domains) - 1} branches of "
                   f"{spec.btx.branch_steps} masked-LM steps, then {spec.btx.mix_steps} steps on the mixture "
                   f"(about {estimate_btx_minutes(spec.btx):.0f} min on 2 cores) -> {entry.dir}", flush=True)
+        kept = cache_root() / "partial" / entry.dir.name  # an interrupted build goes on at its next stage
         with entry.write() as tmp:
             record = build_btx(Path(spec.dense_dir) if spec.dense_dir else default_dense_path(), tmp, spec.btx,
-                               progress=progress)
+                               progress=progress, resume_dir=kept)
+        shutil.rmtree(kept, ignore_errors=True)
         if progress:
             print(f"[edgeprune] {describe(record)}", flush=True)
         return entry.dir
