@@ -20,7 +20,12 @@ Schema (every key checked; an unknown key or a bad value is a one-line error nam
     [generate]      decoder artifacts (``build --generate``): weights = "int4" | "int8" | "fp32" (the artifact's
                     graph: weight-only MatMulNBits), variants (more of those beside it), exporter = "auto" |
                     "genai" | "torch.onnx" (the fp32 graph: onnxruntime-genai's model builder, fused, where it
-                    writes the architecture; torch.onnx otherwise; "optimum" is read as "torch.onnx"), block_size,
+                    writes the architecture; torch.onnx otherwise; "optimum" is read as "torch.onnx"),
+                    moe_operator = "auto" | "dense" | "qmoe" (k > 1 experts: dense dispatch, every kept expert
+                    a MatMulNBits pair; or com.microsoft.MoE in the fp32 graph and QMoE with the variant's bits,
+                    written by the model builder for its MoE families and by edgeprune's own export for those
+                    that map onto the operator; "auto": the builder's operator where it writes the family,
+                    dense dispatch elsewhere), block_size,
                     accuracy_level, algorithm = "rtn" | "hqq" | "gptq" (int4; an int8 graph takes rtn;
                     calibration_examples: GPTQ's training sequences), symmetric (false: a zero point per block),
                     embedding_weights = "int4" | "fp32" (the word embedding as
@@ -113,6 +118,7 @@ class Budgets:
 
 WEIGHTS = ("int4", "int8", "fp32")
 ALGORITHMS = ("rtn", "hqq", "gptq")
+GENERATE_MOE_OPERATORS = ("auto", "dense", "qmoe")
 
 
 @dataclass
@@ -122,6 +128,7 @@ class GenerateSpec:
     weights: str = "int4"
     variants: list = field(default_factory=list)
     exporter: str = "auto"  # the fp32 graph: "genai" (onnxruntime-genai's model builder), "torch.onnx", "auto" (genai where it can)
+    moe_operator: str = "auto"  # k > 1 experts: "dense" dispatch, "qmoe" (com.microsoft.MoE / QMoE), "auto" (the exporter's)
     block_size: int = 32
     accuracy_level: int = 0  # MatMulNBits: 0 the kernel's default, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
     algorithm: str = "rtn"
@@ -277,6 +284,9 @@ def validate_generate(g: GenerateSpec, where: str) -> None:
             raise ConfigError(f"{where}: [generate] precision {v!r} is not one of {', '.join(WEIGHTS)}")
     if g.exporter not in ("auto", "genai", "torch.onnx", "optimum"):  # optimum: the name before transformers 5
         raise ConfigError(f"{where}: [generate].exporter {g.exporter!r} is not one of auto, genai, torch.onnx")
+    if g.moe_operator not in GENERATE_MOE_OPERATORS:
+        raise ConfigError(f"{where}: [generate].moe_operator {g.moe_operator!r} is not one of "
+                          f"{', '.join(GENERATE_MOE_OPERATORS)}")
     if g.algorithm not in ALGORITHMS:
         raise ConfigError(f"{where}: [generate].algorithm {g.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
     if g.block_size < 16 or g.block_size & (g.block_size - 1):

@@ -61,7 +61,9 @@ def gen_targets(tmp_path, monkeypatch, **budgets) -> None:
     tdir.mkdir(exist_ok=True)
     for f in (Path(__file__).resolve().parents[1] / "targets").glob("*.toml"):
         text = re.sub(r"\n(max|min)_[a-z_]+ = [0-9.e+-]+(?=[^\[]*$)", "", f.read_text())  # the last section's budgets
-        text = text.replace("[generate]\n", "[generate]\n" + "".join(f"{k} = {v}\n" for k, v in budgets.items()), 1)
+        head, sep, gen = text.partition("[generate]\n")
+        gen = re.sub(rf"(?m)^({'|'.join(budgets) or '(?!)'}) = .*\n", "", gen)  # the profile's own, replaced
+        text = head + sep + "".join(f"{k} = {v}\n" for k, v in budgets.items()) + gen
         (tdir / f.name).write_text(text)
     monkeypatch.setenv("EDGEPRUNE_TARGETS", str(tdir))
 

@@ -1,12 +1,13 @@
 """``build --generate`` at k = 2 of the MoE decoders onnxruntime-genai's model builder writes (LFM2-MoE, gpt-oss):
 the fp32 graph keeps the experts in ``com.microsoft.MoE`` (one per layer), greedy tokens equal PyTorch's through
 EdgeLM (LFM2's convolution state carried step to step), and the int4 variant puts the experts in ``QMoE`` where the
-builder can (LFM2-MoE; its gpt-oss path quantizes only the released MXFP4 experts: fp32 experts, said)."""
+builder can (LFM2-MoE; its gpt-oss path quantizes only the released MXFP4 experts: edgeprune's own QMoE rewrite)."""
 from __future__ import annotations
 
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 
 from tests.test_generation_build import build, gen_targets
@@ -36,8 +37,13 @@ def test_a_k2_decoder_keeps_its_experts_in_the_moe_operator(family, bpe_tokenize
     if family == "lfm2_moe":
         assert int4["experts"].startswith("com.microsoft.QMoE (2 layers")
         assert "experts in QMoE" in res.output
-    else:
-        assert int4["experts"].startswith("fp32 in com.microsoft.MoE") and "MXFP4" in int4["experts"]
+    else:  # the builder's int4 takes only the released MXFP4 experts: its MoE nodes are made QMoE here instead
+        assert int4["experts"].startswith("com.microsoft.QMoE (2 layers, 4-bit symmetric")
+        from edgeprune.runtime.decoder import EdgeLM
+
+        fp32, q = EdgeLM(fp32_dir), EdgeLM(fp32_dir, model_file="onnx/model_q4.onnx")
+        ids = fp32.prompt_ids("a gorgeous , witty film about nothing", 4)
+        assert np.abs(q.logits(ids) - fp32.logits(ids)).max() < 0.5  # 4-bit weights and embedding
     manifest = json.loads((out / "edgeprune.json").read_text())
     assert manifest["model_file"] == "onnx/model_q4.onnx" and (out / manifest["model_file"]).is_file()
 

@@ -46,7 +46,9 @@ def _export_large(tmp: Path, pruned_dir: Path, spec, prompts: list[str], _calibr
     from edgeprune.export.quantize import size_mb
 
     log("export: the pruned model exceeds the in-memory export's share: ONNX with a KV cache from its skeleton on the "
-        "meta device, weights read one at a time (dynamo exporter)")
+        "meta device, weights read one at a time (dynamo exporter"
+        + ("; k > 1 experts as dense dispatch on this path, whatever [generate].moe_operator says)"
+           if spec.moe_operator == "qmoe" else ")"))
     manifest = write_decoder(None, pruned_dir, tmp, exporter="lazy")
     manifest["parity"] = parity_lazy(pruned_dir, tmp, prompts, 8, spec.parity_atol)
     log(f"export: greedy tokens equal on {len(prompts)} prompts (whole-sequence steps, layer by layer), logits within "
@@ -71,28 +73,35 @@ def _export(tmp: Path, pruned_dir: Path, spec, prompts: list[str], calibration: 
     from edgeprune.export.lm_export import FILES, parity, weight_variant, write_decoder
     from edgeprune.models.loading import load_language_model
 
+    from edgeprune.export.lm_moe import no_operator
+
     model = load_language_model(pruned_dir, moe=False)
     log(f"export: ONNX with a KV cache ({spec.exporter} exporter)")
-    manifest = write_decoder(model, pruned_dir, tmp, exporter=spec.exporter)
+    manifest = write_decoder(model, pruned_dir, tmp, exporter=spec.exporter, moe_operator=spec.moe_operator)
+    if no_operator(spec.moe_operator, manifest["exporter"]):
+        log(f"export: moe_operator = \"qmoe\", but the {manifest['model_type']} experts do not map onto ONNX Runtime's "
+            "MoE operator: dense dispatch")
     manifest["parity"] = parity(model, tmp, prompts, 8, spec.parity_atol)
     log(f"export: greedy tokens equal on {len(prompts)} prompts, first-step logits within "
         f"{manifest['parity']['max_abs_logit_diff']:.2e}")
     manifest["variants"] = {}
     moe = moe_operators(tmp / FILES["fp32"])
+    builder_moe = moe and not manifest["exporter"].startswith("torch.onnx")
     for precision in spec.precisions():
         if precision == "fp32":
             continue
-        if moe:
+        if builder_moe:
             log(f"quantize: {precision} by onnxruntime-genai's model builder (experts in QMoE in {moe} layers, the "
-                f"other weights MatMulNBits, RTN, blocks of {spec.block_size}; where it cannot, the experts stay fp32)")
+                f"other weights MatMulNBits, RTN, blocks of {spec.block_size}; where it cannot, edgeprune's QMoE rewrite)")
         else:
             log(f"quantize: {precision} weight-only ({spec.algorithm.upper()}, blocks of {spec.block_size}"
-                + (", 4-bit embedding)" if spec.embedding_weights == "int4" else ")"))
+                + (", 4-bit embedding" if spec.embedding_weights == "int4" else "")
+                + (f"; experts of {moe} layers in QMoE)" if moe else ")"))
         algorithm = spec.algorithm if precision == "int4" or spec.algorithm != "gptq" else "rtn"
         manifest["variants"][precision] = v = weight_variant(tmp, precision, prompts, 8, spec.block_size,
                                                              spec.accuracy_level, algorithm, spec.embedding_weights,
                                                              calibration=calibration, symmetric=spec.symmetric,
-                                                             source=pruned_dir if moe else None)
+                                                             source=pruned_dir if builder_moe else None)
         if "experts" in v:
             log(f"quantize: experts as {v['experts']}")
     (tmp / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
@@ -182,6 +191,11 @@ class DecoderBuild:
                                        spec.new_tokens, frozenset(export_info["eos_token_ids"]))
                     if prep.extra["layerwise"] else prep.original)
         graphs = {p: EdgeLM(export_dir, threads=t.runtime.threads, model_file=FILES[p]) for p in measured}
+        tk = export_info.get("top_k")
+        for k in range(1, tk["max"] + 1) if tk else ():  # the artifact's graph at every other run-time top-k
+            if k != tk["default"]:
+                graphs[f"{spec.weights} top-k {k}"] = EdgeLM(export_dir, threads=t.runtime.threads,
+                                                             model_file=FILES[spec.weights], top_k=k)
         v = evaluate(original, graphs, val, prep.extra["label_ids"], greedy_prompts=GREEDY_PROMPTS,
                      new_tokens=spec.new_tokens, threads=t.runtime.threads)
         v["models"]["artifact"] = art = v["models"][spec.weights]
@@ -244,7 +258,7 @@ def _report(cfg: BuildConfig, prep: Prepared, pruned_dir: Path, export_dir: Path
         "original_sha256": prep.original_hash, "plan": PrunePlan.load(pruned_dir / "prune_plan.json").summary(),
         "prune": {k: x for k, x in prune_info.items() if k in ("recovery", "generate", "seconds",
                                                                "score_and_apply_seconds")},
-        "export": {k: export_info.get(k) for k in ("exporter", "parity", "variants")},
+        "export": {k: export_info.get(k) for k in ("exporter", "parity", "variants", "top_k", "top_k_fixed")},
         "validation": v,
         "memory": {p: process_memory(export_dir, FILES[p], t.runtime.threads) for p in spec.precisions()
                    if p in measured},
@@ -268,7 +282,7 @@ def _manifest(cfg: BuildConfig, prep: Prepared, report: dict, export_info: dict)
                          for p in spec.precisions() if p != spec.weights},
             "weights": report["weights"], "prune_plan": report["plan"], "source_checkpoint": str(prep.original_dir),
             "source_sha256": prep.original_hash, "versions": versions(), "command": cfg.command,
-            "budgets": report["budgets"]}
+            "budgets": report["budgets"], **{k: export_info[k] for k in ("top_k", "top_k_fixed") if k in export_info}}
 
 
 def export_lm_artifact(model_dir, out: Path, prompts, int4: bool, original_dir=None, task_name: str = "sst2",

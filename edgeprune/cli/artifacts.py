@@ -71,11 +71,16 @@ def predict(directory, texts, pairs, proba, top_k) -> None:
 @click.option("--seed", type=int, help="Sampling seed (default: random).")
 @click.option("--stop", multiple=True, help="Stop before this string; repeatable.")
 @click.option("--variant", help="A variant of the artifact (e.g. int4) instead of its fp32 graph.")
-def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, stop, variant) -> None:
+@click.option("--top-k", type=int, help="Experts per token, for a k > 1 artifact whose routers read it at run time "
+                                        "(fewer is faster).")
+def generate(directory, prompt, max_new_tokens, temperature, top_p, seed, stop, variant, top_k) -> None:
     """Generate from a decoder artifact with its KV cache (onnxruntime + tokenizers only), streaming."""
     from edgeprune.runtime import EdgeLM
 
-    lm = EdgeLM(directory, variant=variant)
+    try:
+        lm = EdgeLM(directory, variant=variant, top_k=top_k)
+    except ValueError as exc:  # the artifact's routing cannot take it, or outside 1..Z
+        raise ConfigError(f"--top-k: {exc}") from None
     for piece in lm.stream(prompt, max_new_tokens, temperature, top_p, stop, seed):
         click.echo(piece, nl=False)
     click.echo()

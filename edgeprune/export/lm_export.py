@@ -44,6 +44,11 @@ def cache_shapes(model) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     with torch.no_grad():
         out = model(input_ids=torch.ones(1, 2, dtype=torch.long), use_cache=True)
     cache = out.cache
+    other = [type(layer).__name__ for layer in cache.layers if not hasattr(layer, "keys")]
+    if other:  # LFM2's convolution, Qwen3.5's linear attention: states the flat KV-cache graph does not carry
+        raise ExportError(f"torch.onnx's KV-cache export takes decoders whose every layer caches keys and values; "
+                          f"{type(model).__name__} has {other[0]} layers (onnxruntime-genai's model builder writes "
+                          "it: [generate].exporter = \"auto\" and moe_operator = \"auto\" or \"qmoe\")")
     return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
 
 
@@ -53,25 +58,34 @@ class WithPast(torch.nn.Module):
     ``past_key_values.{i}.key / .value`` [batch, kv heads, past, head] -> ``logits``, ``present.{i}.key / .value``.
     The past goes into a transformers ``DynamicCache``; the present is that cache after the step."""
 
-    def __init__(self, model):
+    def __init__(self, model, routing: Optional[tuple[int, int]] = None):
         super().__init__()
-        self.model = model
+        self.model, self.routing = model, routing  # routing (Z, k): the last input is the routers' top_k
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
+        from edgeprune.export.runtime_top_k import routed_top_k
+
+        routed = routed_top_k(past[-1], *self.routing) if self.routing else contextlib.nullcontext()
+        past = past[:-1] if self.routing else past
         cache = DynamicCache(config=self.model.config)
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, use_cache=True)
+        with routed:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=True)
         present = out.cache
         return (out.logits, *[t for layer in present.layers for t in (layer.keys, layer.values)])
 
 
-def export_graph(model, out_dir: Path, opset: Optional[int] = None) -> str:
+def export_graph(model, out_dir: Path, opset: Optional[int] = None, moe_operator: str = "auto") -> str:
     """``model`` -> ``out_dir/model.onnx`` (+ config.json, generation_config.json) by ``torch.onnx.export`` of
-    :class:`WithPast` (an MoE under its adapter's export patch); returns how it was exported."""
+    :class:`WithPast` (an MoE under its adapter's export patch, or its experts as ``com.microsoft.MoE`` where
+    ``moe_operator`` is ``qmoe``: :mod:`edgeprune.export.lm_moe`); returns how it was exported."""
+    from edgeprune.export.lm_moe import export_patch
+    from edgeprune.export.onnx_export import routing_of
+    from edgeprune.export.runtime_top_k import INPUT as TOP_K, overridable
     from edgeprune.models.registry import adapter_for
 
     try:
@@ -92,20 +106,25 @@ def export_graph(model, out_dir: Path, opset: Optional[int] = None) -> str:
             "position_ids": {0: "batch_size", 1: "sequence_length"}, "logits": {0: "batch_size", 1: "sequence_length"}}
     axes.update({x: {0: "batch_size", 2: "past_length"} for x in past_names})
     axes.update({x: {0: "batch_size", 2: "total_length"} for x in outputs[1:]})
-    patch = adapter.export_patch(model) if moe else contextlib.nullcontext()
+    patch, how = export_patch(adapter, model, moe_operator) if moe else (contextlib.nullcontext(), "")
+    routing = routing_of(adapter, model) if how == "+dense_dispatch" else None
+    if routing is not None:  # the routers' top-k as the overridable input top_k (edgeprune.export.runtime_top_k)
+        past, names = past + (torch.tensor([routing[1]]),), names + [TOP_K]
     model.eval()
     try:
         with patch, torch.no_grad():
-            torch.onnx.export(WithPast(model), feeds + past, str(out_dir / "model.onnx"), input_names=names,
+            torch.onnx.export(WithPast(model, routing), feeds + past, str(out_dir / "model.onnx"), input_names=names,
                               output_names=outputs, dynamic_axes=axes, opset_version=opset or 17, dynamo=False)
     except Exception as exc:
         raise ExportError(f"the KV-cache export of the {model.config.model_type} model failed "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
     retie_head(out_dir / "model.onnx")
+    if routing is not None:
+        overridable(out_dir / "model.onnx", routing[1])
     model.config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
-    return "torch.onnx" + ("+dense_dispatch" if moe else "")
+    return "torch.onnx" + how
 
 
 def retie_head(path: Path) -> int:
@@ -144,11 +163,14 @@ def retie_head(path: Path) -> int:
 
 
 # architectures onnxruntime-genai 0.11's model builder writes (its create_model); MoE blocks excluded (PhiMoE's own)
-def write_decoder(model, model_dir: Path, out: Path, opset: Optional[int] = None, exporter: str = "auto") -> dict:
+def write_decoder(model, model_dir: Path, out: Path, opset: Optional[int] = None, exporter: str = "auto",
+                  moe_operator: str = "auto") -> dict:
     """The fp32 graph, tokenizer and ``edgeprune.json`` (``kind: causal-lm``) of ``model`` into ``out``: from
     onnxruntime-genai's model builder (fused decoder operators; ``exporter`` ``auto`` where it supports the
     architecture, or ``genai``), or torch.onnx (``torch.onnx``, and every other model); ``lazy`` (``model`` None):
-    from the checkpoint's skeleton, its weights read one at a time (:mod:`edgeprune.export.lm_large`)."""
+    from the checkpoint's skeleton, its weights read one at a time (:mod:`edgeprune.export.lm_large`). k > 1
+    experts as ``moe_operator`` says (:mod:`edgeprune.export.lm_moe`)."""
+    from edgeprune.export.lm_moe import use_builder
     from edgeprune.models.tokenizer import copy_tokenizer
 
     if exporter == "genai" and not builder_supports(model):
@@ -159,10 +181,10 @@ def write_decoder(model, model_dir: Path, out: Path, opset: Optional[int] = None
             from edgeprune.export.lm_large import export_lazy
 
             how = export_lazy(Path(model_dir), Path(tmp))
-        elif exporter in ("auto", "genai") and builder_supports(model):
+        elif use_builder(model, exporter, moe_operator):
             how = build_graph(model_dir, Path(tmp))
         else:
-            how = export_graph(model, Path(tmp), opset)
+            how = export_graph(model, Path(tmp), opset, moe_operator)
         (out / "onnx").mkdir(parents=True, exist_ok=True)
         for f in Path(tmp).iterdir():
             onnx_file = f.suffix in (".onnx", ".onnx_data", ".data") or f.name.endswith(".onnx.data")
@@ -177,6 +199,10 @@ def write_decoder(model, model_dir: Path, out: Path, opset: Optional[int] = None
                 "context": int(raw.get("max_position_embeddings") or 2048),
                 "eos_token_ids": eos if isinstance(eos, list) else [eos] if eos is not None else [],
                 "bos_token_id": gen.get("bos_token_id", raw.get("bos_token_id")), "precision": "fp32"}
+    if model is not None:
+        from edgeprune.export.lm_moe import check_top_k
+
+        manifest.update(check_top_k(out, model))
     (out / "edgeprune.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -315,11 +341,13 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
     :data:`BUILDER_MOE` families): the variant is rebuilt by the builder from that checkpoint instead, the experts
     as ``QMoE`` (int4 / int8, symmetric round to nearest, blocks of ``block``), the other MatMuls as
     ``MatMulNBits``; ONNX Runtime's quantizers do not touch a contrib operator's weights, so post-quantizing would
-    leave the experts fp32.
+    leave the experts fp32. The ``MoE`` nodes of edgeprune's own export become ``QMoE`` with the variant's bits
+    (:func:`edgeprune.export.lm_moe.experts_in_qmoe`) before the other weights are quantized.
     Where the builder cannot (its gpt-oss path quantizes only the released MXFP4 expert tensors), the variant is
-    post-quantized as any other graph and says that its experts stay fp32."""
+    post-quantized as any other graph, its MoE nodes made ``QMoE`` by edgeprune's own rewrite (said in ``experts``)."""
     import onnx
 
+    from edgeprune.export.lm_moe import experts_in_qmoe
     from edgeprune.export.quantize import gather_4bit, size_mb, weight_only
 
     bits = {"int4": 4, "int8": 8}[precision]
@@ -339,6 +367,7 @@ def weight_variant(out: Path, precision: str, prompts: Sequence[str], max_new_to
         untied = Path(tmp) / "untied.onnx"
         g = onnx.load(str(src))
         n_untied = untie_head(g)
+        experts = experts_in_qmoe(g, bits) or experts  # edgeprune's own MoE nodes: QMoE with the variant's bits
         onnx.save(g, str(untied))
         reader = CalibrationReader(untied, calibration, out / "config.json") if algorithm == "gptq" and calibration else None
         weight_only(untied, Path(tmp) / "mm.onnx", bits, ("MatMul",), block=block,

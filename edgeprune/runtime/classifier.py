@@ -68,16 +68,9 @@ class EdgeModel:
         self.tokenizer.no_padding()
 
     def _top_k(self, top_k: Optional[int]) -> Optional[np.ndarray]:
-        spec = self.manifest.get("top_k")
-        if top_k is None:
-            return None
-        if not spec:
-            raise ValueError(f"top_k={top_k}: this artifact's routing has a fixed top-k (one expert per layer, "
-                             "ONNX Runtime's MoE operator, or a family whose graph fixes it); build a k > 1 artifact")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= spec["max"]:
-            raise ValueError(f"top_k={top_k!r}: this artifact keeps {spec['max']} experts per layer; give 1.."
-                             f"{spec['max']} (its own is {spec['default']})")
-        return np.array([top_k], dtype=np.int64)
+        from edgeprune.runtime.manifest import top_k_feed
+
+        return top_k_feed(self.manifest, top_k)
 
     def _feeds(self, texts: Sequence[str], pairs: Optional[Sequence[str]]) -> dict[str, np.ndarray]:
         if pairs is not None and len(pairs) != len(texts):

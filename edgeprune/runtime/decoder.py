@@ -34,9 +34,27 @@ def config_head_dim(cfg: dict):
     return cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
 
 
+def _model_path(d: Path, manifest: dict, variant: Optional[str], model_file: Optional[str]) -> Path:
+    """The graph an :class:`EdgeLM` runs: ``model_file``, the manifest's ``variant``, or the artifact's own."""
+    from edgeprune.runtime.layout import file_inside
+
+    if variant and not model_file:
+        known = manifest.get("variants") or {}
+        if variant not in known:
+            raise ConfigError(f"{d}: no {variant!r} variant (has: {', '.join(known) or 'none'}); list it in the "
+                              "target's [generate] variants (or `edgeprune export-lm --int4`)")
+        model_file = known[variant]["model_file"]
+    model = file_inside(d, model_file or manifest.get("model_file", "model.onnx"), "model_file")
+    if not model.is_file():
+        model = next((p for p in (d / "onnx" / "model.onnx", d / "model.onnx") if p.is_file()), model)
+    return model
+
+
 class EdgeLM:
     def __init__(self, directory: str | Path, threads: Optional[int] = None, variant: Optional[str] = None,
-                 model_file: Optional[str] = None):
+                 model_file: Optional[str] = None, top_k: Optional[int] = None):
+        """``top_k``: experts per token for a k > 1 artifact whose routers read it at run time (the manifest's
+        ``top_k``: default and maximum; fewer is faster, as llama.cpp's expert_used_count); None: the model's own."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -48,17 +66,10 @@ class EdgeLM:
         from edgeprune.runtime.manifest import read_decoder_manifest, session_threads
 
         manifest = read_decoder_manifest(d)
-        if variant and not model_file:
-            known = manifest.get("variants") or {}
-            if variant not in known:
-                raise ConfigError(f"{d}: no {variant!r} variant (has: {', '.join(known) or 'none'}); list it in the "
-                                  "target's [generate] variants (or `edgeprune export-lm --int4`)")
-            model_file = known[variant]["model_file"]
-        from edgeprune.runtime.layout import file_inside
+        from edgeprune.runtime.manifest import top_k_feed
 
-        model = file_inside(d, model_file or manifest.get("model_file", "model.onnx"), "model_file")
-        if not model.is_file():
-            model = next((p for p in (d / "onnx" / "model.onnx", d / "model.onnx") if p.is_file()), model)
+        self.top_k = top_k_feed(manifest, top_k)
+        model = _model_path(d, manifest, variant, model_file)
         if not model.is_file() or not (d / "tokenizer.json").is_file():
             raise ModelError(f"{d}: needs the ONNX model ({model.name}) and tokenizer.json; is it a decoder artifact?")
         cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
@@ -119,6 +130,8 @@ class EdgeLM:
     def _feeds(self, step_ids: list[int], past: dict, total: int) -> dict[str, np.ndarray]:
         """One step's inputs: ``step_ids`` after ``total - len(step_ids)`` cached positions."""
         feeds = {"input_ids": np.array([step_ids], dtype=np.int64), **past}
+        if self.top_k is not None:  # the routers' run-time top-k (an overridable initializer of the graph)
+            feeds["top_k"] = self.top_k
         if "attention_mask" in self.inputs:
             feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
         if "position_ids" in self.inputs:

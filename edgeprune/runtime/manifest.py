@@ -60,6 +60,32 @@ def _integer(m: dict, path: Path, key: str, low: int, high: Optional[int], defau
         raise _bad(path, key, f"must be an integer from {low}" + (f" to {high}" if high is not None else " up"))
 
 
+def _check_top_k(m: dict, path: Path) -> None:
+    top_k = m.get("top_k")
+    if top_k is not None and not (isinstance(top_k, dict) and all(
+            isinstance(top_k.get(f), int) and not isinstance(top_k.get(f), bool) for f in ("default", "max"))
+            and 1 <= top_k["default"] <= top_k["max"]):
+        raise _bad(path, "top_k", "must be null or {\"input\": \"top_k\", \"default\": k, \"max\": Z} with 1 <= k <= Z")
+
+
+def top_k_feed(manifest: dict, top_k: Optional[int]):
+    """The ``top_k`` input an app feeds (int64 [1]) for ``top_k`` experts per token, or None for the model's own;
+    ``ValueError`` naming the range where the artifact's routers cannot read it or ``top_k`` is outside 1..Z."""
+    import numpy as np
+
+    spec = manifest.get("top_k")
+    if top_k is None:
+        return None
+    if not spec:
+        raise ValueError(f"top_k={top_k}: this artifact's routing has a fixed top-k (one expert per layer, "
+                         "ONNX Runtime's MoE operator, or a family whose graph fixes it); build a k > 1 artifact "
+                         "with dense dispatch")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= spec["max"]:
+        raise ValueError(f"top_k={top_k!r}: this artifact keeps {spec['max']} experts per layer; give 1.."
+                         f"{spec['max']} (its own is {spec['default']})")
+    return np.array([top_k], dtype=np.int64)
+
+
 def read_decoder_manifest(d: Path) -> dict:
     """``edgeprune.json`` of a decoder artifact (``{}`` for a plain KV-cache export without one), checked: the
     files it names stay inside the folder, token ids are integers, the context and threads are in range."""
@@ -81,6 +107,7 @@ def read_decoder_manifest(d: Path) -> dict:
         raise _bad(path, "eos_token_ids", "must be a list of token ids (integers >= 0)")
     _integer(m, path, "context", 1, MAX_CONTEXT, default=1)
     _integer(m, path, "threads", 1, MAX_THREADS, default=1)
+    _check_top_k(m, path)
     return m
 
 
@@ -127,11 +154,7 @@ def read_manifest(directory: str | Path) -> dict:
     names = m.get("input_names")
     if names is not None and (not isinstance(names, list) or not names or not set(names) <= set(INPUTS)):
         raise _bad(path, "input_names", f"must be a non-empty list among {', '.join(INPUTS)}")
-    top_k = m.get("top_k")
-    if top_k is not None and not (isinstance(top_k, dict) and all(
-            isinstance(top_k.get(f), int) and not isinstance(top_k.get(f), bool) for f in ("default", "max"))
-            and 1 <= top_k["default"] <= top_k["max"]):
-        raise _bad(path, "top_k", "must be null or {\"input\": \"top_k\", \"default\": k, \"max\": Z} with 1 <= k <= Z")
+    _check_top_k(m, path)
     budgets = m.get("budgets")
     if budgets is not None:
         from edgeprune.targets import Budgets

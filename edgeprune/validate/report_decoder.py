@@ -16,6 +16,28 @@ def _table(v: dict, sizes: dict) -> list[str]:
     return rows
 
 
+def experts_line(r: dict) -> list[str]:
+    """How a k > 1 decoder holds its experts, and the target setting that chose it; empty where no routed expert
+    is left in the graph (k = 1, folded)."""
+    exporter = r["export"]["exporter"]
+    in_variant = {v.get("experts") for v in (r["export"].get("variants") or {}).values()} - {None}
+    if "ort_moe" in exporter or in_variant:
+        how = "; ".join(sorted(in_variant)) or "com.microsoft.MoE, fp32 expert weights"
+        how = f"in ONNX Runtime's MoE operator (fp32 graph: com.microsoft.MoE; variants: {how})"
+    elif "dense_dispatch" in exporter:
+        how = "dense dispatch: every kept expert as MatMulNBits pairs, combined by the routing weights"
+    else:
+        return []
+    op = r["weights"].get("moe_operator", "auto")
+    tk, fixed = r["export"].get("top_k"), r["export"].get("top_k_fixed")
+    run_time = ([f"Top-k at run time: the routers read their top-k from the input `top_k` (default {tk['default']}, "
+                 f"1..{tk['max']}): `EdgeLM(DIR, top_k=k)`, `edgeprune generate DIR --top-k k`; the rows "
+                 f"\"{r['weights']['weights']} top-k k\" above are the artifact's graph at that k.", ""] if tk else
+                [f"Top-k fixed in the graph: {fixed}.", ""] if fixed else [])
+    return run_time + [f"Experts: {how} (target {r['target']}: `[generate].moe_operator = \"{op}\"`; dense dispatch and QMoE "
+            "decoding measured side by side in results/moe_operators_lm.md).", ""]
+
+
 def report_markdown(r: dict) -> str:
     v = r["validation"]
     sizes = {"original": r["size"]["original_mb"], **r["size"]["graphs_mb"]}
@@ -35,6 +57,7 @@ def report_markdown(r: dict) -> str:
              f"{'logits' if 'how' in r['export']['parity'] else 'first-step logits'} within "
              f"{r['export']['parity']['max_abs_logit_diff']:.2e} (tolerance {r['export']['parity']['atol']}"
              + (f"; {r['export']['parity']['how']}" if "how" in r['export']['parity'] else "") + ").", "",
+             *experts_line(r),
              *([f"Original: {v['original_speed']}."] if "original_speed" in v else []),
              "Peak memory of a process that loads the graph and generates: " +
              ", ".join(f"{p} {m.get('peak_mb', m.get('error'))} MB" for p, m in r["memory"].items()) + ".", "",
