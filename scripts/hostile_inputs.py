@@ -460,6 +460,7 @@ def target_cases() -> list[Case]:
         target_case("sequence_length -4", "[export]\nfixed_shapes = true\nsequence_length = -4\n"),
         target_case("sequence_length beyond the model's positions", "[export]\nfixed_shapes = true\nsequence_length = 100000\n"),
         target_case("moe_operator unknown", '[export]\nmoe_operator = "fast"\n'),
+        target_case("[generate].moe_operator unknown", '[generate]\nmoe_operator = "ort"\n'),
         target_case("precision unknown", '[quantization]\nprecision = "int3"\n'),
         target_case("calibration_examples 0", '[quantization]\nprecision = "int8-static"\ncalibration_examples = 0\n'),
         target_case("threads 0", "[runtime]\nthreads = 0\n"),
