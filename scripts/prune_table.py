@@ -19,6 +19,7 @@ import argparse
 import copy
 import itertools
 import json
+from pathlib import Path
 import statistics
 import time
 
@@ -70,6 +71,9 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--router-recovery", action=argparse.BooleanOptionalAction, default=True,
                     help="also recover a copy with only the routers trained (k >= 2; --recovery-steps steps)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the cells already in OUT.json (same settings) and run only the missing ones: a table "
+                         "interrupted by the end of a session goes on where it stopped")
     ap.add_argument("--test-file", help="held-out examples of the task (TSV, CSV or JSONL with its columns): every "
                                         "accuracy is also measured on them, and the summary claims on them")
     args = ap.parse_args()
@@ -77,7 +81,8 @@ def main() -> None:
     if args.recipe == "btx":
         recipe = BtxRecipe(drop_fraction=args.btx_drop_fraction, branch_steps=args.btx_branch_steps)
         args.experts = [len(recipe.domains)]
-    rows = []
+    rows = done_rows(args) if args.resume else []
+    done = {cell_key(r) for r in rows}
     for name in args.tasks:
         task = get_task(name)
         data = DataSpec()
@@ -106,6 +111,9 @@ def main() -> None:
                 runs = [(m, s) for m in args.methods for s in (range(args.random_seeds) if m == "random" else [None])]
                 for method, seed in runs:
                     if method == "chen2022-eager" and k != 1:
+                        continue
+                    label = method if seed is None else f"random (seed {seed})"
+                    if (name, z, k, args.recipe if recipe is None else btx_name(recipe), label) in done:
                         continue
                     t0 = time.perf_counter()
                     progressive = methods.get(method).progressive
@@ -136,7 +144,7 @@ def main() -> None:
                     after = evaluate(model, va)
                     row = {"task": name, "Z": z, "k": k, "factor": z // k,
                            "recipe": args.recipe if recipe is None else btx_name(recipe),
-                           "method": method if seed is None else f"random (seed {seed})",
+                           "method": label,
                            "before": None if before is None else round(before, 4), "after": round(after, 4),
                            "original": round(orig_acc, 4), "dense": dense_acc,
                            "retained": round(after / orig_acc, 4), "kept": plan.summary()["kept"],
@@ -182,11 +190,33 @@ def compare(task, k, group, rand, aware, prefix: str) -> list[str]:
     return out
 
 
+def cell_key(r: dict) -> tuple:
+    return r["task"], r["Z"], r["k"], r["recipe"], r["method"]
+
+
+def done_rows(args) -> list[dict]:
+    """The rows of ``OUT.json`` measured with the same settings (none if it is missing or differs)."""
+    path = Path(f"{args.out}.json")
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    if old.get("settings") != settings_of(args):
+        print(f"--resume: {path} was measured with other settings; starting afresh", flush=True)
+        return []
+    print(f"--resume: {len(old['rows'])} cells kept from {path}", flush=True)
+    return old["rows"]
+
+
+def settings_of(args) -> str:
+    return (f"calibration {args.calibration_examples} training examples; recovery {args.recovery_steps} steps "
+            f"(batch 32, distilled from the original, alpha 0.5); accuracy on {args.eval_examples} validation "
+            f"examples (a seeded subsample, the same for every column, the dense baseline's included)")
+
+
 def write(args, rows) -> None:
     cmd = command_line()
-    settings = (f"calibration {args.calibration_examples} training examples; recovery {args.recovery_steps} steps "
-                f"(batch 32, distilled from the original, alpha 0.5); accuracy on {args.eval_examples} validation "
-                f"examples (a seeded subsample, the same for every column, the dense baseline's included)")
+    rows = sorted(rows, key=lambda r: (r["task"], r["Z"], r["k"]))  # (resumed cells first otherwise)
+    settings = settings_of(args)
     lines = ["# Expert pruning: methods x k", "", f"Produced by `{cmd}`.", "", f"Settings (CPU budget): {settings}.",
              "`before` = right after pruning (router renormalised / folded), `after` = after recovery;"
              " `retained` = after / original.", "",
