@@ -80,3 +80,40 @@ def test_a_router_without_a_selection_bias_keeps_one_k_per_model():
     with pytest.raises(ConfigError, match="^mixtral stores one expert count for all layers and its router has no "
                                           "selection bias"):
         apply_plan(model, plan_per_layer(KEPT), fold=False)
+
+
+@pytest.mark.parametrize("op", ["ort", "qmoe"])
+def test_padded_slots_are_left_out_of_the_moe_operator(op, tmp_path):
+    """gpt-oss padded per layer, exported with com.microsoft.MoE / QMoE: the padded slot is not in the node (its
+    weights and its logit column left out) and the graph computes the padded model (fp32: 1e-4)."""
+    from dataclasses import replace
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from edgeprune.export.onnx_export import export_onnx
+    from edgeprune.export.qmoe import to_qmoe
+    from edgeprune.targets import load_target
+
+    model = tiny_family_model("gpt_oss", vocab=100)
+    pruned = apply_plan(model, plan_per_layer(KEPT), fold=False).eval()
+    base = load_target("x86_64")
+    t = replace(base, export=replace(base.export, moe_operator=op))
+    path = tmp_path / "m.onnx"
+    assert export_onnx(pruned, tmp_path, path, t) == "torch.onnx+ort_moe"
+    g = onnx.load(str(path))
+    tensors = {i.name: i for i in g.graph.initializer}
+    tensors.update({n.output[0]: n.attribute[0].t for n in g.graph.node if n.op_type == "Constant"})
+    experts = [numpy_helper.to_array(tensors[n.input[2]]).shape[0] for n in g.graph.node if n.op_type == "MoE"]
+    assert experts == [3, 4]  # layer 0 keeps 3 of its 4 slots (one padded), layer 1 all 4
+    if op == "qmoe":
+        to_qmoe(g, 4)
+        onnx.save(g, str(path))
+    x = batch(100)
+    feeds = {i.name: x[i.name].numpy() for i in ort.InferenceSession(str(path)).get_inputs() if i.name in x}
+    got = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
+    with torch.no_grad():
+        want = pruned(**x).logits.numpy()
+    assert np.abs(got - want).max() < (1e-4 if op == "ort" else 0.1)

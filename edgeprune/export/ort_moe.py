@@ -51,16 +51,17 @@ class _MoE(torch.autograd.Function):
         return out
 
 
-def expert_weights(adapter: MoEAdapter, block: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+def expert_weights(adapter: MoEAdapter, block: torch.nn.Module, experts=None) -> tuple[torch.Tensor, ...]:
     """fc1 [Z, 2I, H] (gate and up rows interleaved), its bias, fc2 [Z, H, I] and its bias, from the adapter's
-    roles: the first ``in`` tensor is the gate, the second the up projection (zeros where a family has no bias)."""
+    roles: the first ``in`` tensor is the gate, the second the up projection (zeros where a family has no bias);
+    ``experts``: only those slots, in that order (default every one)."""
     state = {f"b.{k}": v for k, v in block.state_dict().items()}
     roles = adapter.expert_roles
     ins = [n for n, r in roles.items() if r == "in"]
     in_b = [n for n, r in roles.items() if r == "in_bias"]
     out, out_b = next(n for n, r in roles.items() if r == "out"), [n for n, r in roles.items() if r == "out_bias"]
     fc1, b1, fc2, b2 = [], [], [], []
-    for e in range(adapter.num_experts(block)):
+    for e in range(adapter.num_experts(block)) if experts is None else experts:
         t = adapter.expert_tensors(state, "b", e)
         gate, up = t[ins[0]], t[ins[1]]
         fc1.append(torch.stack([gate, up], dim=1).reshape(-1, gate.shape[1]))
@@ -83,16 +84,26 @@ def maps_onto_ort_moe(adapter: MoEAdapter, model: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def ort_moe_patch(adapter: FusedAdapter, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Every MoE block's experts module runs as one ``com.microsoft.MoE`` node, fed with the logits of the family's own
-    router (caught by a forward hook); the rest of the block is the family's code. Undone on exit, whatever happens."""
+    router (caught by a forward hook); the rest of the block is the family's code. Slots that per-layer pruning
+    padded (:func:`~edgeprune.models.adapter.padded_slots`: a -1e9 router bias, never selected) are left out of
+    the node, weights and logits alike: the softmax gives them 0, so the node computes the same. Undone on exit,
+    whatever happens."""
+    from edgeprune.models.adapter import padded_slots
+
     seen, hooks = {}, []
+    layers = {id(b): layer for layer, b in adapter.blocks(model).items()}
 
     def make(block, ex):
-        ws, spec = expert_weights(adapter, block), adapter.ort_moe
+        skip = padded_slots(model.config, layers[id(block)])
+        keep = [e for e in range(adapter.num_experts(block)) if e not in skip]
+        ws, spec = expert_weights(adapter, block, keep), adapter.ort_moe
         hooks.append(adapter.router(block).register_forward_hook(lambda _m, _a, out: seen.__setitem__(id(block), out[0])))
 
         def forward(hidden, idx, weight):
             flat = hidden.reshape(-1, hidden.shape[-1])
-            out = _MoE.apply(flat, seen.pop(id(block)), *ws, adapter.top_k(block), bool(adapter.renormalise(block)),
+            logits = seen.pop(id(block))
+            logits = logits[..., keep] if skip else logits
+            out = _MoE.apply(flat, logits, *ws, adapter.top_k(block), bool(adapter.renormalise(block)),
                              float(spec["alpha"]), float(spec["beta"]), float(spec["limit"]))
             return out.to(hidden.dtype).reshape(hidden.shape)
         return forward
