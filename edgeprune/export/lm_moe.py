@@ -12,12 +12,10 @@
   manifest's ``exporter``.
 - ``auto``: the builder's operator where the builder writes the family, dense dispatch elsewhere.
 
-Which one a profile takes is measured side by side on decoding (``python scripts/moe_operators.py --generate``,
+Which one a profile takes is measured side by side on decoding (``python scripts/moe_operators_lm.py``,
 ``results/moe_operators_lm.md``).
 """
 from __future__ import annotations
-
-import contextlib
 
 from edgeprune.errors import ExportError
 
