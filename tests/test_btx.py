@@ -133,7 +133,7 @@ def test_tiny_btx_build_writes_a_bert_moe_with_its_record_and_fine_tunes(dense_d
 @pytest.mark.parametrize("args, message", [
     (["--branch-steps", "3"], "--branch-steps is an option of --recipe btx"),
     (["--recipe", "btx", "--num-experts", "4"], "a BTX original has one expert per shipped domain"),
-    (["--recipe", "btx", "--family", "mixtral"], "--recipe btx builds the BERT classifier original"),
+    (["--recipe", "btx", "--family", "mixtral", "--num-experts", "3"], "one expert per shipped domain (4)"),
 ])
 def test_original_recipe_options_that_do_not_fit_are_one_line(args, message, cache):
     from click.testing import CliRunner

@@ -130,11 +130,12 @@ class DecoderBuild:
     def default_original(self, cfg: BuildConfig) -> Path:
         """Without ``--model``: the decoder original of the task (``edgeprune original --family mixtral``), built
         on first use and cached."""
+        from edgeprune.originals.btx_lm import LmBtxRecipe
         from edgeprune.originals.decoder import ensure_lm_original
 
-        log(f"original: the default decoder MoE for {cfg.task.name} (SmolLM2 upcycled into Mixtral; built once, "
-            "then cached)")
-        return ensure_lm_original(cfg.task, cfg.data)
+        how = "its Branch-Train-MiX" if cfg.recipe == "btx" else "upcycled into Mixtral"
+        log(f"original: the default decoder MoE for {cfg.task.name} (SmolLM2 {how}; built once, then cached)")
+        return ensure_lm_original(cfg.task, cfg.data, btx=LmBtxRecipe() if cfg.recipe == "btx" else None)
 
     def prepare(self, cfg: BuildConfig, original_dir: Path) -> Prepared:
         from edgeprune.models.loading import family_of, load_language_model

@@ -34,7 +34,8 @@ from edgeprune.errors import BudgetError, ConfigError
                    "against x86_64 on the validation data (`edgeprune emulate setup` once; classifiers).")
 @click.option("--recipe", type=click.Choice(["upcycle", "btx"]), default="upcycle", show_default=True,
               help="Without --model: the default original upcycled, or by Branch-Train-MiX (`edgeprune original "
-                   "--recipe btx`; the target's [prune] preset was chosen on the upcycled one and is not applied).")
+                   "--recipe btx`, with --generate `--family mixtral --recipe btx`; the target's [prune] preset was "
+                   "chosen on the upcycled one and is not applied).")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Artifact directory [default: build/<task>-<target>, build/<task>-<target>-generate with --generate].")
 def build(task, data, prune_cfg, model_dir, given, target_name, plan_file, eval_examples, latency_iters,

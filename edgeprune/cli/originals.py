@@ -47,9 +47,12 @@ def upcycle(dense_dir, num_experts, top_k, drop_fraction, moe_layers, seed, out)
 @click.option("--recipe", type=click.Choice(["upcycle", "btx"]), default="upcycle", show_default=True,
               help="How the MoE is made before the task fine-tune: sparse upcycling (experts are near copies), or "
                    "Branch-Train-MiX (one expert per shipped domain, trained apart by masked LM; about 30 min on "
-                   "2 cores the first time, then cached).")
-@click.option("--branch-steps", type=click.IntRange(1), help="btx: masked-LM steps of each branch [default: 300].")
-@click.option("--mix-steps", type=click.IntRange(1), help="btx: steps of the mixed MoE on all domains [default: 300].")
+                   "2 cores the first time, then cached; with --family: SmolLM2 branches by next-token loss, the "
+                   "seed and 3 domains).")
+@click.option("--branch-steps", type=click.IntRange(1),
+              help="btx: training steps of each branch [default: 300; with --family 100].")
+@click.option("--mix-steps", type=click.IntRange(1),
+              help="btx: steps of the mixed MoE on all domains [default: 300; with --family 100].")
 def original(task, data, num_experts, drop_fraction, steps, dense_dir, force, family, recipe, branch_steps,
              mix_steps) -> None:
     """Build (or reuse) the original MoE: upcycle the packaged MiniLM (or mix branches trained apart, --recipe
@@ -65,7 +68,7 @@ def original(task, data, num_experts, drop_fraction, steps, dense_dir, force, fa
             raise ConfigError("--dense upcycles a BERT; the --family original starts from SmolLM2")
         out = ensure_lm_original(task, data, family, num_experts=num_experts if "num_experts" in given else 4,
                                  drop_fraction=drop_fraction if "drop_fraction" in given else 0.1,
-                                 steps=steps or 150, force=force)
+                                 steps=steps or 150, force=force, btx=btx)
     else:
         from edgeprune.originals.classifier import OriginalSpec, ensure_original
 
@@ -83,13 +86,13 @@ def btx_recipe(recipe: str, given: set, drop_fraction: float, branch_steps, mix_
             if value is not None:
                 raise ConfigError(f"{flag} is an option of --recipe btx; add --recipe btx or drop it")
         return None
-    if family:
-        raise ConfigError("--recipe btx builds the BERT classifier original; drop --family or --recipe")
     if "num_experts" in given:
-        raise ConfigError("--num-experts: a BTX original has one expert per shipped domain (8); drop it")
+        raise ConfigError(f"--num-experts: a BTX original has one expert per shipped domain "
+                          f"({4 if family else 8}); drop it")
     from edgeprune.originals.btx import BtxRecipe
+    from edgeprune.originals.btx_lm import LmBtxRecipe
 
-    r = BtxRecipe()
+    r = LmBtxRecipe() if family else BtxRecipe()
     return replace(r, branch_steps=branch_steps or r.branch_steps, mix_steps=mix_steps or r.mix_steps,
                    drop_fraction=drop_fraction if "drop_fraction" in given else r.drop_fraction)
 

@@ -89,16 +89,18 @@ class MaskedLM(torch.nn.Module):
 
 
 def mlm_train(model: MaskedLM, batches, steps: int, lr: float, router_lr: float, desc: str,
-              only_head: bool = False, progress: bool = True) -> dict:
-    """AdamW with linear warm-up (6%) and decay; word embeddings (and the tied decoder) frozen."""
+              only_head: bool = False, progress: bool = True, frozen: str = "word_embeddings",
+              router_marker: str = ".router.") -> dict:
+    """AdamW with linear warm-up (6%) and decay; word embeddings (and the tied decoder) frozen (parameters named
+    with ``frozen``); routers (named with ``router_marker``) at ``router_lr``."""
     from edgeprune.training.loop import cpu_has_bf16
 
     groups: dict[str, list] = {"base": [], "router": []}
     for name, p in model.named_parameters():
-        train = ("word_embeddings" not in name) and (not only_head or name.startswith("head."))
+        train = (frozen not in name) and (not only_head or name.startswith("head."))
         p.requires_grad_(train)
         if train:
-            groups["router" if ".router." in name else "base"].append(p)
+            groups["router" if router_marker in name else "base"].append(p)
     opt = torch.optim.AdamW([{"params": groups["base"], "lr": lr}, {"params": groups["router"], "lr": router_lr}],
                             weight_decay=0.01)
     warm = max(1, int(0.06 * steps))
@@ -158,9 +160,12 @@ def mix(seed_body: torch.nn.Module, branches: list[torch.nn.Module], moe_layers:
 
 def centroid_routers(moe, chunks: list[list[list[int]]], per_domain: int = 64) -> None:
     """Each MoE layer's router from the domain centroids of its input, layer by layer (a layer's input depends on
-    the routers before it): row i = c_i - mean_j c_j, normalised; then scaled so the logits have unit spread."""
-    blocks = moe.moe_blocks()
-    for layer, block in blocks.items():
+    the routers before it): row i = c_i - mean_j c_j, normalised; then scaled so the logits have unit spread. Any
+    family the registry knows (the BERT-MoE here, the decoder BTX's Mixtral: :mod:`edgeprune.originals.btx_lm`)."""
+    from edgeprune.models.registry import adapter_for
+
+    adapter = adapter_for(moe.config)
+    for layer, block in adapter.blocks(moe).items():
         seen: list[torch.Tensor] = []
         hook = block.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
         cents = []
@@ -182,7 +187,7 @@ def centroid_routers(moe, chunks: list[list[list[int]]], per_domain: int = 64) -
         w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         with torch.no_grad():
             spread = (torch.cat(seen) @ w.T).std().clamp_min(1e-6) if seen else torch.tensor(1.0)
-            block.router.weight.copy_(w / spread)
+            adapter.router(block).weight.copy_(w / spread)
 
 
 def domain_chunks(recipe: BtxRecipe, tok, train: bool = True) -> tuple[list[list[list[int]]], dict]:

@@ -121,8 +121,9 @@ def upcycle_lm(dense: torch.nn.Module, num_experts: int = 4, top_k: int = 2, dro
 
 def ensure_lm_original(task, data, family: str = "mixtral", num_experts: int = 4, top_k: int = 2,
                        drop_fraction: float = 0.1, steps: int = 150, batch_size: int = 8, learning_rate: float = 1e-4,
-                       seed: int = 0, force: bool = False, progress: bool = True) -> Path:
-    """The upcycled SmolLM2 MoE fine-tuned on ``task`` (built once, cached): ``edgeprune original --family``."""
+                       seed: int = 0, force: bool = False, progress: bool = True, btx=None) -> Path:
+    """The upcycled SmolLM2 MoE (or with ``btx``, an :class:`~edgeprune.originals.btx_lm.LmBtxRecipe`, its
+    Branch-Train-MiX) fine-tuned on ``task`` (built once, cached): ``edgeprune original --family [--recipe btx]``."""
     from edgeprune.tasks.generation import encode_lm, load_examples
     from edgeprune.models.checkpoint import load_checked
     from edgeprune.tasks.prompts import for_task
@@ -133,10 +134,15 @@ def ensure_lm_original(task, data, family: str = "mixtral", num_experts: int = 4
     if top_k > num_experts:
         raise ConfigError(f"--top-k {top_k} is larger than --num-experts {num_experts}")
     dense_dir = ensure_dense_lm(progress)
+    if btx is not None:
+        num_experts, top_k, drop_fraction = len(btx.domains), btx.top_k, btx.drop_fraction
     key = fingerprint("lm-original", family, task.name, data.key(), num_experts, top_k, drop_fraction, steps,
-                      batch_size, learning_rate, seed)
+                      batch_size, learning_rate, seed, *([btx.to_dict()] if btx is not None else []))
     pretrained = cache_root() / "pretrained" / f"smollm2-{family}-z{num_experts}-" \
         f"{fingerprint('lm-pretrained', num_experts, top_k, drop_fraction, seed)}"
+    if btx is not None:
+        pretrained = cache_root() / "pretrained" / f"smollm2-{family}-btx{num_experts}-" \
+            f"{fingerprint('lm-btx', btx.to_dict())}"
     entry = Entry(cache_root() / "original" / f"{task.name}-smollm2-{family}-z{num_experts}-{key}")
     if not force and entry.reuse():
         return entry.dir
@@ -144,10 +150,7 @@ def ensure_lm_original(task, data, family: str = "mixtral", num_experts: int = 4
 
     tok = load_tokenizer(dense_dir)
     if not Entry(pretrained).reuse():
-        moe = upcycle_lm(load_checked(AutoModelForCausalLM, dense_dir), num_experts, top_k, drop_fraction, seed)
-        with Entry(pretrained).write() as tmp:
-            moe.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        _pretrain(dense_dir, pretrained, tok, num_experts, top_k, drop_fraction, seed, btx, progress)
     model = load_checked(AutoModelForCausalLM, pretrained)
     words = for_task(task)
     train = encode_lm(load_examples(task, data, "train", words), tok, task.max_length)
@@ -164,13 +167,42 @@ def ensure_lm_original(task, data, family: str = "mixtral", num_experts: int = 4
             "validation": {"examples": len(val), **{k: seen[k] for k in ("perplexity", "text_perplexity",
                                                                            "label_accuracy") if k in seen}},
             "pretrained_moe": str(pretrained), "train": run, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "upcycling": {"num_experts": num_experts, "num_experts_per_tok": top_k, "drop_fraction": drop_fraction},
+            "upcycling": {"num_experts": num_experts, "num_experts_per_tok": top_k, "drop_fraction": drop_fraction,
+                          "recipe": "btx" if btx is not None else "upcycle"},
+            **({"btx": btx.to_dict()} if btx is not None else {}),
             "parameters": sum(p.numel() for p in model.parameters()), "torch_threads": torch.get_num_threads()}
     with entry.write() as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "edgeprune_original.json").write_text(json.dumps(meta, indent=1))
     return entry.dir
+
+
+def _pretrain(dense_dir: Path, pretrained: Path, tok, num_experts: int, top_k: int, drop_fraction: float, seed: int,
+              btx, progress: bool) -> None:
+    """The pretrained MoE: SmolLM2 upcycled, or its Branch-Train-MiX (each finished branch kept under ``partial/``
+    so an interrupted run goes on at the next one)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from edgeprune.models.checkpoint import load_checked
+
+    if btx is not None:
+        from edgeprune.originals.btx_lm import build_lm_btx
+
+        if progress:
+            print(f"[edgeprune] Branch-Train-MiX of SmolLM2: {len(btx.domains) - 1} branches of {btx.branch_steps} "
+                  f"next-token steps, then {btx.mix_steps} on the mixture -> {pretrained}", flush=True)
+        kept = cache_root() / "partial" / pretrained.name
+        with Entry(pretrained).write() as tmp:
+            build_lm_btx(dense_dir, tmp, btx, progress=progress, resume_dir=kept)
+        shutil.rmtree(kept, ignore_errors=True)
+        return
+    moe = upcycle_lm(load_checked(AutoModelForCausalLM, dense_dir), num_experts, top_k, drop_fraction, seed)
+    with Entry(pretrained).write() as tmp:
+        moe.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
 
 
 def fine_tune(model, enc, steps: int, batch_size: int, learning_rate: float, seed: int, progress: bool) -> dict:

@@ -16,21 +16,31 @@ import torch
 
 def usage_by_domain(body: torch.nn.Module, chunks: dict[str, list[list[int]]], batch_size: int = 32,
                     adapter=None) -> dict[int, dict[str, list[float]]]:
-    """``{layer: {domain: usage shares}}`` of a BERT-MoE body (or a model holding one) on each domain's chunks."""
+    """``{layer: {domain: usage shares}}`` of a BERT-MoE body (or a model holding one), or of any family's MoE
+    (top-1 = the router's largest logit, caught by a hook), on each domain's chunks."""
     from edgeprune.models.registry import adapter_for
 
     adapter = adapter or adapter_for(body.config)
     blocks = adapter.blocks(body)
     counts = {i: {d: np.zeros(adapter.num_experts(b)) for d in chunks} for i, b in blocks.items()}
+    logits: dict[int, torch.Tensor] = {}
+    hooks = [] if all(hasattr(b, "last") for b in blocks.values()) else [
+        adapter.router(b).register_forward_hook(lambda _m, _a, out, i=i: logits.__setitem__(
+            i, (out[0] if isinstance(out, tuple) else out).reshape(-1, adapter.num_experts(blocks[i]))))
+        for i, b in blocks.items()]
     body.eval()
-    with torch.no_grad():
-        for d, rows in chunks.items():
-            for s in range(0, len(rows), batch_size):
-                ids = torch.tensor(rows[s:s + batch_size])
-                body(input_ids=ids, attention_mask=torch.ones_like(ids))
-                for i, b in blocks.items():
-                    top = b.last.top_idx[:, 0].numpy()
-                    counts[i][d] += np.bincount(top, minlength=len(counts[i][d]))
+    try:
+        with torch.no_grad():
+            for d, rows in chunks.items():
+                for s in range(0, len(rows), batch_size):
+                    ids = torch.tensor(rows[s:s + batch_size])
+                    body(input_ids=ids, attention_mask=torch.ones_like(ids))
+                    for i, b in blocks.items():
+                        top = (logits[i].argmax(-1) if hooks else b.last.top_idx[:, 0]).numpy()
+                        counts[i][d] += np.bincount(top, minlength=len(counts[i][d]))
+    finally:
+        for h in hooks:
+            h.remove()
     return {i: {d: (c / max(c.sum(), 1)).round(4).tolist() for d, c in per.items()} for i, per in counts.items()}
 
 
