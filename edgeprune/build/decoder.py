@@ -71,9 +71,8 @@ def _export_large(tmp: Path, pruned_dir: Path, spec, prompts: list[str], _calibr
 def _export(tmp: Path, pruned_dir: Path, spec, prompts: list[str], calibration: list[list[int]]) -> None:
     from edgeprune.export.genai_builder import moe_operators
     from edgeprune.export.lm_export import FILES, parity, weight_variant, write_decoder
-    from edgeprune.models.loading import load_language_model
-
     from edgeprune.export.lm_moe import no_operator
+    from edgeprune.models.loading import load_language_model
 
     model = load_language_model(pruned_dir, moe=False)
     log(f"export: ONNX with a KV cache ({spec.exporter} exporter)")
