@@ -67,7 +67,7 @@ def check_top_k(out, model, prompt: str = "a gorgeous , witty , seductive movie 
     import torch
 
     from edgeprune.export.onnx_export import routing_of
-    from edgeprune.export.runtime_top_k import INPUT, fix, routed_top_k
+    from edgeprune.export.runtime_top_k import INPUT, compare_every_k, fix
     from edgeprune.models.registry import adapter_for
     from edgeprune.runtime.decoder import EdgeLM
 
@@ -76,20 +76,13 @@ def check_top_k(out, model, prompt: str = "a gorgeous , witty , seductive movie 
         return {}
     z, default = routing_of(adapter_for(model.config), model)
     ids = lm.prompt_ids(prompt, 1)
-    diffs, why = {}, ""
-    for k in range(1, z + 1):
+
+    def graph(k: int) -> np.ndarray:
         feeds = {**lm._feeds(ids, lm._empty_past(), len(ids)), INPUT: np.array([k], dtype=np.int64)}
-        with routed_top_k(torch.tensor([k]), z, default), torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0].float().numpy()
-        try:
-            got = lm.session.run(["logits"], feeds)[0][0]
-        except Exception as exc:  # ONNX Runtime's own failure: a shape the trace fixed at the model's k
-            why = f"the graph fails at top-k {k} ({str(exc).split(' : ')[-1].splitlines()[0][:120]})"
-            break
-        diffs[str(k)] = float(np.abs(ref - got).max())
-        if not diffs[str(k)] <= atol:
-            why = f"at top-k {k} the graph differs from PyTorch by {diffs[str(k)]:.2e}"
-            break
+        return lm.session.run(["logits"], feeds)[0][0]
+
+    diffs, why = compare_every_k(z, default, lambda k: model(torch.tensor([ids])).logits[0].float().numpy(), graph,
+                                 atol)
     if why:
         del lm
         fix(out / "onnx" / "model.onnx")

@@ -79,29 +79,39 @@ def overridable(path: Path, default: int) -> int:
 
 
 
-def check(path: Path, model: torch.nn.Module, enc, z: int, default: int, atol: float = 1e-3,
-          fixed_length=None) -> tuple[dict, str]:
-    """The graph at every top-k from 1 to Z against PyTorch routing to that k (the same patch, eager): the max
-    logit difference per k, and why the input cannot stay ('' when it can: every k runs and agrees within
-    ``atol``). A family whose graph fixes k elsewhere (a shape traced with the model's own k) fails here."""
+def compare_every_k(z: int, default: int, reference, graph, atol: float) -> tuple[dict, str]:
+    """The graph at every top-k from 1 to Z against PyTorch routing to that k (``reference(k)`` runs the model
+    under :func:`routed_top_k`, ``graph(k)`` the exported graph fed ``top_k = k``): the max logit difference per
+    k, and why the input cannot stay ('' when it can: every k runs and agrees within ``atol``)."""
     import numpy as np
 
-    from edgeprune.export.onnx_export import onnx_logits, truncate
-    from edgeprune.training.loop import predict_logits
-
-    enc = truncate(enc, fixed_length) if fixed_length else enc
     diffs: dict[str, float] = {}
     for k in range(1, z + 1):
-        with routed_top_k(torch.tensor([k]), z, default):
-            ref = predict_logits(model, enc)
+        with routed_top_k(torch.tensor([k]), z, default), torch.no_grad():
+            ref = reference(k)
         try:
-            got = onnx_logits(path, enc, fixed_length=fixed_length, extra={INPUT: np.array([k], dtype=np.int64)})
+            got = graph(k)
         except Exception as exc:  # ONNX Runtime's own failures: a shape the trace fixed at the model's k
             return diffs, f"the graph fails at top-k {k} ({str(exc).split(' : ')[-1].splitlines()[0][:120]})"
         diffs[str(k)] = float(np.abs(ref - got).max())
         if not diffs[str(k)] <= atol:
             return diffs, f"at top-k {k} the graph differs from PyTorch by {diffs[str(k)]:.2e}"
     return diffs, ""
+
+
+def check(path: Path, model: torch.nn.Module, enc, z: int, default: int, atol: float = 1e-3,
+          fixed_length=None) -> tuple[dict, str]:
+    """:func:`compare_every_k` of a classifier graph on ``enc``. A family whose graph fixes k elsewhere (a shape
+    traced with the model's own k) fails here."""
+    import numpy as np
+
+    from edgeprune.export.onnx_export import onnx_logits, truncate
+    from edgeprune.training.loop import predict_logits
+
+    enc = truncate(enc, fixed_length) if fixed_length else enc
+    return compare_every_k(z, default, lambda k: predict_logits(model, enc),
+                           lambda k: onnx_logits(path, enc, fixed_length=fixed_length,
+                                                 extra={INPUT: np.array([k], dtype=np.int64)}), atol)
 
 
 def fix(path: Path) -> None:

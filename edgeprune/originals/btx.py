@@ -146,9 +146,7 @@ def mix(seed_body: torch.nn.Module, branches: list[torch.nn.Module], moe_layers:
     adapter = upcycle_adapter_for(seed_body.config)
     states = [b.state_dict() for b in branches]
     dst = moe.state_dict()
-    for key in dst:
-        if key in states[0]:
-            dst[key] = torch.stack([s[key].float() for s in states]).mean(0).to(dst[key].dtype)
+    mean_into(dst, states)
     prefix, ffn_map = adapter.extra["expert_prefix"], adapter.extra["ffn_map"]
     for layer in moe.config.moe_layers:
         for e, s in enumerate(states):
@@ -190,29 +188,31 @@ def centroid_routers(moe, chunks: list[list[list[int]]], per_domain: int = 64) -
             adapter.router(block).weight.copy_(w / spread)
 
 
-def domain_chunks(recipe: BtxRecipe, tok, train: bool = True) -> tuple[list[list[list[int]]], dict]:
-    """Each domain's masked-LM training chunks, in the recipe's order (none without ``train``), and the held-aside
-    chunks of every domain that has text (what the specialisation is measured on)."""
+def domain_chunks(recipe, tok, train: bool = True, chunker=mlm_chunks) -> tuple[list[list[list[int]]], dict]:
+    """Each domain's training chunks (``chunker``: masked-LM's, or the decoder's ``btx_lm.causal_chunks``), in the
+    recipe's order (none without ``train``), and the held-aside chunks of every domain that has text (what the
+    specialisation is measured on)."""
     train_chunks, held_chunks = [], {}
     for name in recipe.domains:
         texts, held = domain_texts(name, recipe.texts_per_domain if train else 0, recipe.held_texts, recipe.seed)
-        train_chunks.append(mlm_chunks(texts, tok, recipe.chunk))
+        train_chunks.append(chunker(texts, tok, recipe.chunk))
         if held:
-            held_chunks[name] = mlm_chunks(held, tok, recipe.chunk)
+            held_chunks[name] = chunker(held, tok, recipe.chunk)
     return train_chunks, held_chunks
+
+
+def mean_into(dst: dict, states: list[dict]) -> None:
+    """Every tensor of ``dst`` that the ``states`` hold becomes their mean (BTX's merge of everything but the experts)."""
+    for key in dst:
+        if key in states[0]:
+            dst[key] = torch.stack([s[key].float() for s in states]).mean(0).to(dst[key].dtype)
 
 
 def _trained_head(lm: "MaskedLM", mixture, tok, recipe: BtxRecipe, stages, record: dict, progress: bool) -> None:
     """Stage 0: the masked-LM head on the frozen seed (or the kept one)."""
-    kept = stages.load("head")
-    if kept is not None:
-        lm.head.load_state_dict(kept[0])
-        record["stages"]["head"] = kept[1]
-        return
-    record["stages"]["head"] = mlm_train(lm, MaskedBatches(mixture, tok, recipe.batch_size, recipe.seed),
-                                         recipe.head_steps, 1e-3, 1e-3, "btx: masked-LM head on the seed",
-                                         only_head=True, progress=progress)
-    stages.save("head", lm.head.state_dict(), record["stages"]["head"])
+    stages.run("head", lm.head, lambda: mlm_train(
+        lm, MaskedBatches(mixture, tok, recipe.batch_size, recipe.seed), recipe.head_steps, 1e-3, 1e-3,
+        "btx: masked-LM head on the seed", only_head=True, progress=progress), record)
 
 
 def _trained_branches(seed_body, head, train_chunks, tok, recipe: BtxRecipe, moe_layers, stages, record: dict,
@@ -224,17 +224,11 @@ def _trained_branches(seed_body, head, train_chunks, tok, recipe: BtxRecipe, moe
         if train_chunks[i]:
             if recipe.drop_fraction > 0:
                 _drop_units(body, moe_layers, recipe.drop_fraction, stages.gen)
-            kept = stages.load(f"branch {name}")
-            if kept is not None:
-                MaskedLM(body, bhead).load_state_dict(kept[0])
-                record["stages"][f"branch {name}"] = kept[1]
-            else:
-                branch = MaskedLM(body, bhead)
-                record["stages"][f"branch {name}"] = mlm_train(
-                    branch, MaskedBatches(train_chunks[i], tok, recipe.batch_size, recipe.seed + i),
-                    recipe.branch_steps, recipe.learning_rate, recipe.router_learning_rate,
-                    f"btx: branch {i + 1}/{len(recipe.domains)} ({name})", progress=progress)
-                stages.save(f"branch {name}", branch.state_dict(), record["stages"][f"branch {name}"])
+            branch = MaskedLM(body, bhead)
+            stages.run(f"branch {name}", branch, lambda: mlm_train(
+                branch, MaskedBatches(train_chunks[i], tok, recipe.batch_size, recipe.seed + i),
+                recipe.branch_steps, recipe.learning_rate, recipe.router_learning_rate,
+                f"btx: branch {i + 1}/{len(recipe.domains)} ({name})", progress=progress), record)
         bodies.append(body)
         heads.append(bhead)
     return bodies, heads
@@ -268,8 +262,9 @@ def build_btx(dense_dir: Path, out_dir: Path, recipe: BtxRecipe, progress: bool 
                                       progress)
     moe = mix(seed_body, bodies, moe_layers)
     head = copy.deepcopy(heads[0])
-    head.load_state_dict({k: torch.stack([h.state_dict()[k].float() for h in heads]).mean(0)
-                          for k in head.state_dict()})
+    mixed_head = head.state_dict()
+    mean_into(mixed_head, [h.state_dict() for h in heads])
+    head.load_state_dict(mixed_head)
     del bodies, heads
     if recipe.centroid_router:
         centroid_routers(moe, train_chunks)

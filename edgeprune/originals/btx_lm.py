@@ -27,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from edgeprune.originals.btx import centroid_routers, mlm_train
+from edgeprune.originals.btx import centroid_routers, domain_chunks, mean_into, mlm_train
+from edgeprune.originals.decoder import drop_gated_units, upcycle_lm
 
 RECORD = "edgeprune_btx.json"
 
@@ -99,14 +100,10 @@ def _train(model, chunks, recipe: LmBtxRecipe, steps: int, seed: int, desc: str,
 
 def mix_lm(seed: torch.nn.Module, branches: list[torch.nn.Module], top_k: int):
     """The decoder BTX MoE: expert i of every layer = branch i's MLP, every other parameter the branches' mean."""
-    from edgeprune.originals.decoder import upcycle_lm
-
     moe = upcycle_lm(seed, num_experts=len(branches), top_k=top_k, drop_fraction=0.0)
     states = [b.state_dict() for b in branches]
     dst = moe.state_dict()
-    for key in dst:
-        if key in states[0]:
-            dst[key] = torch.stack([s[key].float() for s in states]).mean(0).to(dst[key].dtype)
+    mean_into(dst, states)
     for layer in range(moe.config.num_hidden_layers):
         mlp = f"model.layers.{layer}.mlp."
         for e, s in enumerate(states):
@@ -114,16 +111,6 @@ def mix_lm(seed: torch.nn.Module, branches: list[torch.nn.Module], top_k: int):
             dst[mlp + "experts.down_proj"][e] = s[mlp + "down_proj.weight"]
     moe.load_state_dict(dst)
     return moe.eval()
-
-
-def _drop_gated(mlp: torch.nn.Module, fraction: float, gen: torch.Generator) -> None:
-    """Drop-Upcycling in a dense branch's gated MLP: ``fraction`` of its units (gate and up rows, down columns)
-    re-initialised from each weight's own mean and std, in place (as :func:`decoder.upcycle_lm` does per expert)."""
-    gate, up, down = (m.weight.data for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    idx = torch.randperm(gate.shape[0], generator=gen)[: int(round(fraction * gate.shape[0]))]
-    for w in (gate, up):
-        w[idx] = torch.randn(len(idx), w.shape[1], generator=gen) * w.std() + w.mean()
-    down[:, idx] = torch.randn(down.shape[0], len(idx), generator=gen) * down.std() + down.mean()
 
 
 def _branches(seed, chunks, recipe: LmBtxRecipe, stages, record: dict, progress: bool) -> list:
@@ -134,16 +121,12 @@ def _branches(seed, chunks, recipe: LmBtxRecipe, stages, record: dict, progress:
         if chunks[i]:
             if recipe.drop_fraction > 0:
                 for layer in branch.model.layers:
-                    _drop_gated(layer.mlp, recipe.drop_fraction, stages.gen)
-            kept = stages.load(f"branch {name}")
-            if kept is not None:
-                branch.load_state_dict(kept[0])
-                record["stages"][f"branch {name}"] = kept[1]
-            else:
-                record["stages"][f"branch {name}"] = _train(
-                    branch, chunks[i], recipe, recipe.branch_steps, recipe.seed + i,
-                    f"btx-lm: branch {i + 1}/{len(recipe.domains)} ({name})", progress)
-                stages.save(f"branch {name}", branch.state_dict(), record["stages"][f"branch {name}"])
+                    m = layer.mlp
+                    drop_gated_units(m.gate_proj.weight.data, m.up_proj.weight.data, m.down_proj.weight.data,
+                                     recipe.drop_fraction, stages.gen)
+            stages.run(f"branch {name}", branch, lambda: _train(
+                branch, chunks[i], recipe, recipe.branch_steps, recipe.seed + i,
+                f"btx-lm: branch {i + 1}/{len(recipe.domains)} ({name})", progress), record)
         branches.append(branch)
     return branches
 
@@ -154,19 +137,13 @@ def build_lm_btx(dense_dir: Path, out_dir: Path, recipe: LmBtxRecipe, progress: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgeprune.originals.btx_stages import BtxStages
-    from edgeprune.originals.domains import domain_texts
     from edgeprune.originals.specialisation import specialisation, usage_by_domain
 
     torch.manual_seed(recipe.seed)
     stages = BtxStages(resume_dir, {"recipe": recipe.to_dict(), "dense": str(dense_dir), "kind": "lm"},
                        torch.Generator().manual_seed(recipe.seed))
     tok = AutoTokenizer.from_pretrained(dense_dir)
-    chunks, held = [], {}
-    for name in recipe.domains:
-        texts, aside = domain_texts(name, recipe.texts_per_domain, recipe.held_texts, recipe.seed)
-        chunks.append(causal_chunks(texts, tok, recipe.chunk))
-        if aside:
-            held[name] = causal_chunks(aside, tok, recipe.chunk)
+    chunks, held = domain_chunks(recipe, tok, chunker=causal_chunks)
     record: dict = {"recipe": recipe.to_dict(), "dense": str(dense_dir), "kind": "causal-lm",
                     "chunks": {n: len(c) for n, c in zip(recipe.domains, chunks)}, "stages": {}}
     seed = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()

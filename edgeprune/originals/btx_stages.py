@@ -62,6 +62,17 @@ class BtxStages:
         os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
         os.replace(str(path) + ".tmp", path)
 
+    def run(self, name: str, module: torch.nn.Module, train, record: dict) -> None:
+        """The stage ``name``: ``module`` loaded from its kept state, or trained by ``train()`` (which returns the
+        stage's record) and kept; the record goes to ``record["stages"][name]`` either way."""
+        kept = self.load(name)
+        if kept is not None:
+            module.load_state_dict(kept[0])
+            record["stages"][name] = kept[1]
+            return
+        record["stages"][name] = train()
+        self.save(name, module.state_dict(), record["stages"][name])
+
     def clear(self) -> None:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)

@@ -101,22 +101,29 @@ def upcycle_lm(dense: torch.nn.Module, num_experts: int = 4, top_k: int = 2, dro
         if key in src:
             dst[key] = src[key].clone()
     gen = torch.Generator().manual_seed(seed)
-    width = c.intermediate_size
     for layer in range(c.num_hidden_layers):
         mlp = f"model.layers.{layer}.mlp."  # the dense MLP in, transformers 5's fused experts out
         for e in range(num_experts):
             w1, w3, w2 = (src[mlp + n].clone() for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
-            drop = torch.randperm(width, generator=gen)[: int(round(drop_fraction * width))]
-            for w, dim in ((w1, 0), (w3, 0), (w2, 1)):
-                fresh = torch.randn(w.shape, generator=gen) * w.std() + w.mean()
-                if dim == 0:
-                    w[drop] = fresh[drop]
-                else:
-                    w[:, drop] = fresh[:, drop]
+            drop_gated_units(w1, w3, w2, drop_fraction, gen)
             dst[mlp + "experts.gate_up_proj"][e] = torch.cat([w1, w3])  # [2I, H]: gate rows, then up rows
             dst[mlp + "experts.down_proj"][e] = w2  # [H, I]
     moe.load_state_dict(dst)
     return moe.eval()
+
+
+def drop_gated_units(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, fraction: float,
+                     gen: torch.Generator) -> None:
+    """Drop-Upcycling (Nakamura et al. 2025) of a gated MLP, in place: ``fraction`` of its hidden units (gate and up
+    rows, down columns) re-initialised from each weight's own mean and std."""
+    width = gate.shape[0]
+    drop = torch.randperm(width, generator=gen)[: int(round(fraction * width))]
+    for w, dim in ((gate, 0), (up, 0), (down, 1)):
+        fresh = torch.randn(w.shape, generator=gen) * w.std() + w.mean()
+        if dim == 0:
+            w[drop] = fresh[drop]
+        else:
+            w[:, drop] = fresh[:, drop]
 
 
 def ensure_lm_original(task, data, family: str = "mixtral", num_experts: int = 4, top_k: int = 2,

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from edgeprune.errors import ModelError
 from edgeprune.runtime import layout
-from edgeprune.runtime.manifest import MANIFEST, check_against, read_manifest, session_threads
+from edgeprune.runtime.manifest import MANIFEST, check_against, read_manifest, session_threads, top_k_feed
 from edgeprune.tasks.prompts import LabelWords
 
 
@@ -31,7 +31,7 @@ class EdgeModel:
         ``top_k``: default and maximum; fewer is faster, as llama.cpp's expert_used_count); None: the model's own."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.top_k = self._top_k(top_k)
+        self.top_k = top_k_feed(self.manifest, top_k)
         self.labels: list[str] = list(self.manifest["labels"])
         self.max_length: int = int(self.manifest["max_length"])
         self.fixed = self.manifest.get("fixed_shape")  # [batch, length] or None
@@ -66,11 +66,6 @@ class EdgeModel:
         self.tokenizer.enable_truncation(self.max_length if not self.fixed else min(self.max_length, self.fixed[1]),
                                          direction="left" if self.label_words else "right")
         self.tokenizer.no_padding()
-
-    def _top_k(self, top_k: Optional[int]) -> Optional[np.ndarray]:
-        from edgeprune.runtime.manifest import top_k_feed
-
-        return top_k_feed(self.manifest, top_k)
 
     def _feeds(self, texts: Sequence[str], pairs: Optional[Sequence[str]]) -> dict[str, np.ndarray]:
         if pairs is not None and len(pairs) != len(texts):
